@@ -1,0 +1,1 @@
+"""Labeling: the label store, the annotators' Gradio app, pair expansion, export and statistics."""

