@@ -94,8 +94,31 @@ def resolve_model(name: str) -> str:
     return name  # a hub id; loading reports if it cannot be found
 
 
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub's host resolves. Without this check an offline machine spends ~50 s in
+    the hub client's retries before failing; with it we switch to offline mode (the local cache still works)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
 def _load(loader, name: str, **kwargs):
     resolved = resolve_model(name)
+    if resolved == name and not _hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True
     try:
         return loader(resolved, **kwargs)
     except OSError as exc:

@@ -1,0 +1,146 @@
+"""Export the store's rankings as reward-model training data, split by prompt.
+
+Files written into the output folder, each atomically (temporary file + rename):
+
+- `rankings.jsonl` / `rankings.parquet`: one line per stored ranking (`RankedTask.to_dict()`) plus a
+  `split` field, "train" or "test". The split is the prompt's, the same as in the pair files, so a
+  listwise reward model can hold out exactly the prompts that `test.jsonl` holds out
+  (`RankedTask.from_dict` ignores the extra field).
+- `train.jsonl` / `train.parquet`, `test.jsonl` / `test.parquet`: preference pairs in TRL's format
+  (`Pair.to_dict()`: prompt, chosen, rejected, task_id, annotator, rank_chosen, rank_rejected).
+
+Split by prompt text, never by row: all rankings and pairs of a prompt land on the same side, or the
+test set would measure memorised prompts. Prompts are ordered by a hash of (seed, prompt) and the
+first round(test_fraction * prompts) form the test set: deterministic, independent of the store's
+row order, and a prompt rarely changes side when more data is added.
+
+Aggregation: "none" keeps every annotator's C(K,2) pairs (InstructGPT trains on all of them);
+"majority" keeps one pair per (task, completion pair), oriented by the majority of the annotators who
+ordered it, and drops pairs whose votes tie (contradicted); those pairs carry annotator "majority" and
+no ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+
+from labeling.pairs import expand_pairs, pair_indices
+from labeling.store import LabelStore
+from rlhf.errors import UserError
+from rlhf.jsonl import atomic_write, write_jsonl
+from rlhf.records import Pair, RankedTask
+
+AGGREGATIONS = ("none", "majority")
+
+
+def split_prompts(prompts: set[str] | list[str], test_fraction: float, seed: int) -> set[str]:
+    """The prompts that form the test set: the first round(test_fraction * n) in (seed, prompt)-hash order
+    (at least one when test_fraction > 0 and there are two or more prompts; never all of them)."""
+    unique = sorted(set(prompts), key=lambda p: hashlib.sha256(f"{seed}\x00{p}".encode("utf-8")).hexdigest())
+    n_test = round(test_fraction * len(unique))
+    if test_fraction > 0 and len(unique) >= 2:
+        n_test = min(max(n_test, 1), len(unique) - 1)
+    return set(unique[:n_test])
+
+
+def majority_pairs(ranked: list[RankedTask]) -> tuple[list[Pair], int]:
+    """One pair per completion pair of one task, by majority vote over its annotators' rankings.
+
+    Returns (pairs, dropped): a completion pair that got as many votes each way is dropped. Pairs are
+    ordered by the first ranking's pair order, then any pair only later rankings expressed."""
+    votes: dict[tuple[int, int], int] = defaultdict(int)  # (i, j) with i < j -> (#i better) - (#j better)
+    order: list[tuple[int, int]] = []
+    for r in ranked:
+        for better, worse in pair_indices(r.ranks):
+            key = (min(better, worse), max(better, worse))
+            if key not in votes:
+                order.append(key)
+            votes[key] += 1 if better == key[0] else -1
+    first = ranked[0]
+    pairs, dropped = [], 0
+    for i, j in order:
+        if votes[(i, j)] == 0:
+            dropped += 1
+            continue
+        better, worse = (i, j) if votes[(i, j)] > 0 else (j, i)
+        pairs.append(Pair(first.prompt, first.texts[better], first.texts[worse], first.task_id, "majority"))
+    return pairs, dropped
+
+
+def _pair_table(rows: list[dict]):
+    import pyarrow as pa
+
+    schema = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
+                        ("task_id", pa.string()), ("annotator", pa.string()), ("rank_chosen", pa.int64()),
+                        ("rank_rejected", pa.int64())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _ranking_table(rows: list[dict]):
+    import pyarrow as pa
+
+    completion = pa.struct([("id", pa.string()), ("text", pa.string()), ("rank", pa.int64())])
+    schema = pa.schema([("task_id", pa.string()), ("annotator", pa.string()), ("prompt", pa.string()),
+                        ("completions", pa.list_(completion)), ("split", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _write_parquet(path: Path, table) -> None:
+    import pyarrow.parquet as pq
+
+    with atomic_write(path, "wb") as handle:
+        pq.write_table(table, handle)
+
+
+def export(store: LabelStore, out_dir, test_fraction: float = 0.1, seed: int = 0, aggregate: str = "none") -> dict:
+    """Write rankings, train and test pairs (JSONL + Parquet) into `out_dir`; returns a summary dict
+    (counts per split, dropped contradicted pairs, file paths). See the module docstring for the files."""
+    if not 0 <= test_fraction < 1:
+        raise UserError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    if aggregate not in AGGREGATIONS:
+        raise UserError(f"--aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    ranked = list(store.export_ranked_tasks())
+    test_prompts = split_prompts({r.prompt for r in ranked}, test_fraction, seed)
+
+    rankings_rows, by_task = [], defaultdict(list)
+    for r in ranked:
+        rankings_rows.append({**r.to_dict(), "split": "test" if r.prompt in test_prompts else "train"})
+        by_task[r.task_id].append(r)
+    pairs: dict[str, list[dict]] = {"train": [], "test": []}
+    dropped = 0
+    for task_rankings in by_task.values():  # insertion order = task import order
+        split = "test" if task_rankings[0].prompt in test_prompts else "train"
+        if aggregate == "majority":
+            task_pairs, n_dropped = majority_pairs(task_rankings)
+            dropped += n_dropped
+        else:
+            task_pairs = [p for r in task_rankings for p in expand_pairs(r)]
+        pairs[split].extend(p.to_dict() for p in task_pairs)
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, rows, table in (("rankings", rankings_rows, _ranking_table),
+                              ("train", pairs["train"], _pair_table), ("test", pairs["test"], _pair_table)):
+        write_jsonl(out / f"{name}.jsonl", rows)
+        _write_parquet(out / f"{name}.parquet", table(rows))
+        files[name] = [str(out / f"{name}.jsonl"), str(out / f"{name}.parquet")]
+    n_prompts = len({r.prompt for r in ranked})
+    summary = {
+        "rankings": len(ranked),
+        "prompts": n_prompts,
+        "train_prompts": n_prompts - len(test_prompts),
+        "test_prompts": len(test_prompts),
+        "train_pairs": len(pairs["train"]),
+        "test_pairs": len(pairs["test"]),
+        "dropped_contradicted": dropped,
+        "aggregate": aggregate,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "files": files,
+    }
+    return summary

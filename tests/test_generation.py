@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+
+from rlhf.cli import main
+from rlhf.generation import (SamplingParams, completion_lengths, encode_prompts, generate_tasks,
+                             sample_batch)
+from rlhf.models import format_prompt, load_causal_lm, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_causal_lm(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+
+
+def test_encode_prompts_left_pads_and_truncates_from_the_left(tiny):
+    _, tok = tiny
+    enc = encode_prompts(tok, ["hi", "a much longer prompt about a fox and a key"], max_prompt_tokens=1000)
+    short, long = enc.attention_mask
+    assert long.all() and not short[0] and short[-1]  # padding sits on the left
+    assert enc.input_ids[1].tolist() == tok(format_prompt(tok, "a much longer prompt about a fox and a key"),
+                                            add_special_tokens=False)["input_ids"]
+    cut = encode_prompts(tok, ["a much longer prompt about a fox and a key"], max_prompt_tokens=5)
+    assert cut.truncated == [True] and cut.input_ids.shape[1] == 5
+    assert cut.input_ids[0].tolist() == enc.input_ids[1, -5:].tolist()  # the end (generation prompt) is kept
+
+
+def test_completion_lengths_stop_at_first_eos():
+    responses = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 2, 2, 2, 2]])
+    lengths, finished = completion_lengths(responses, [2])
+    assert lengths.tolist() == [2, 5, 0]
+    assert finished.tolist() == [True, False, True]
+
+
+def test_batched_sampling_matches_one_at_a_time(tiny):
+    """Left padding + attention mask must not change what a prompt generates (near-greedy sampling)."""
+    model, tok = tiny
+    params = SamplingParams(temperature=1e-4, max_new_tokens=8)
+    prompts = ["fox", "Tell a story about a tall tree and a brave bear"]
+    _, batched = sample_batch(model, tok, prompts, 1, params, generator_seed=0)
+    for i, prompt in enumerate(prompts):
+        _, alone = sample_batch(model, tok, [prompt], 1, params, generator_seed=0)
+        n = alone.shape[1]
+        assert batched[i, :n].tolist() == alone[0].tolist()
+
+
+def test_generate_tasks_shape_order_and_reproducibility(tiny):
+    model, tok = tiny
+    prompts = [("p1", "Write a poem"), (None, "Tell a much longer story about a small fox"), ("p3", "Hi")]
+    params = SamplingParams(max_new_tokens=6)
+    run = lambda seed: list(generate_tasks(model, tok, prompts, 3, params, model_name="tiny", seed=seed,
+                                           batch_size=4))
+    tasks = run(0)
+    assert [t.prompt for t in tasks] == [p for _, p in prompts]  # input order kept despite length sorting
+    assert tasks[0].id == "p1" and tasks[1].id.startswith("t-")
+    for task in tasks:
+        assert len(task.completions) == 3
+        assert len({c.id for c in task.completions}) == 3
+        assert all(c.model == "tiny" and 1 <= c.num_tokens <= 6 for c in task.completions)
+    assert run(0) == tasks
+    assert run(1) != tasks
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_cli_generate_writes_tasks(tiny_model_dir, tmp_path, capsys):
+    prompts = _write(tmp_path / "p.jsonl", [json.dumps({"id": f"q{i}", "prompt": f"Tell me about {w}"})
+                                            for i, w in enumerate(["cats", "dogs", "the sea"])])
+    out = tmp_path / "tasks.jsonl"
+    assert main(["generate", "--prompts", prompts, "--k", "2", "--out", str(out), "--model", tiny_model_dir,
+                 "--max-new-tokens", "4", "--limit", "2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q0", "q1"]
+    assert all(len(r["completions"]) == 2 for r in rows)
+
+
+@pytest.mark.parametrize("lines, args, message", [
+    (None, [], "no such file"),
+    (['{"prompt": "ok"}', '{"prompt": '], [], "p.jsonl:2: not valid JSON"),
+    (['{"prompt": "ok"}', '{"prompt": "  "}'], [], "p.jsonl:2: 'prompt' must be a non-empty string"),
+    (['{"prompt": "ok"}'], ["--k", "1"], "--k must be at least 2"),
+    (['{"prompt": "ok"}'], ["--model", "/nonexistent/model-dir"], "cannot load model"),
+])
+def test_cli_generate_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys, lines, args,
+                                                               message):
+    prompts = _write(tmp_path / "p.jsonl", lines) if lines is not None else str(tmp_path / "p.jsonl")
+    out = tmp_path / "tasks.jsonl"
+    out.write_text("previous\n")
+    argv = ["generate", "--prompts", prompts, "--out", str(out), "--model", tiny_model_dir, "--max-new-tokens", "3"]
+    assert main(argv + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert out.read_text() == "previous\n"
+
+
+def test_model_dir_without_config_is_a_clear_error(tmp_path):
+    from rlhf.errors import UserError
+    with pytest.raises(UserError, match="has no config.json"):
+        load_tokenizer(str(tmp_path))
