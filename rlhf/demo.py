@@ -1,0 +1,242 @@
+"""`rlhf demo`: the whole pipeline end to end on the embedded defaults, with scripted annotators.
+
+    generate -> label (import + simulate) -> export -> reward model -> policy (PPO) -> report
+
+Every stage writes its outputs under OUT and, when it succeeds, `OUT/stages/<stage>.json` with its
+summary. `--resume` skips the stages that have that file, so a crash late in PPO redoes neither the
+labeling nor the reward model. A failing stage is named in the one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rlhf.errors import UserError
+
+PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
+
+
+@dataclass
+class DemoConfig:
+    """The demo's settings. `quick()` gives a run of a few minutes; the defaults take ~15-20 minutes on a
+    2-core CPU with the default model."""
+
+    out: str = "runs/demo"
+    """Folder for every stage's outputs and the report."""
+    model: str = "default"
+    """SFT model: 'default' (SmolLM2-135M-Instruct), a local folder or a HF id."""
+    prompts: str = str(PROMPTS_FILE)
+    """Prompt set; the first `label_prompts` are labeled, the last `eval_prompts` are held out for PPO eval."""
+    label_prompts: int = 96
+    """Prompts whose completions the scripted annotators rank (each gives overlap * C(K,2) pairs)."""
+    eval_prompts: int = 24
+    """Held-out prompts (the end of the prompt file) for the policy evaluation and the report's samples."""
+    k: int = 4
+    """Completions per prompt."""
+    max_new_tokens: int = 48
+    """Completion length for generation and for PPO responses."""
+    temperature: float = 0.7
+    """Sampling temperature of generation and PPO."""
+    oracle: str = "alliteration"
+    """The scripted annotators' preference (the seed's alliteration reward), also the report's true score."""
+    annotators: int = 3
+    """Scripted annotators."""
+    overlap: int = 2
+    """Rankings per task."""
+    noise: float = 0.1
+    """Annotator noise (Bradley-Terry sampling temperature relative to a task's score range)."""
+    rm_epochs: int = 2
+    """Reward-model epochs over the training rankings."""
+    rm_lr: float = 3e-4
+    """Reward-model learning rate (LoRA + score head)."""
+    ppo_steps: int = 40
+    """PPO steps."""
+    ppo_batch_size: int = 16
+    """Rollouts per PPO step."""
+    ppo_lr: float = 1e-4
+    """PPO learning rate."""
+    kl_coef: float = 0.05
+    """beta of the per-token KL penalty."""
+    eval_every: int = 10
+    """PPO evaluation interval in steps."""
+    dtype: str = "float32"
+    """Backbone dtype for the reward model's training."""
+    seed: int = 0
+    """Seed of every stage."""
+    resume: bool = False
+    """Skip the stages whose outputs are complete."""
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "DemoConfig":
+        settings = dict(label_prompts=24, eval_prompts=8, max_new_tokens=32, rm_epochs=1, ppo_steps=6,
+                        ppo_batch_size=8, eval_every=3)
+        settings.update(overrides)
+        return cls(**settings)
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    run: Callable[["DemoConfig", Path, dict], dict]
+
+
+def _generate(cfg: DemoConfig, out: Path, done: dict) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from rlhf.generation import SamplingParams, generate_tasks
+    from rlhf.jsonl import write_jsonl
+    from rlhf.models import DEFAULT_MODEL, is_default_model, load_causal_lm, load_tokenizer
+    from rlhf.prompts import read_prompts
+
+    prompts = read_prompts(cfg.prompts)[:cfg.label_prompts]
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, dtype=torch.float32).eval()
+    params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    name = DEFAULT_MODEL if is_default_model(cfg.model) else cfg.model
+    with tqdm(total=len(prompts), desc="generate", unit="prompt") as bar:
+        tasks = generate_tasks(model, tokenizer, prompts, cfg.k, params, model_name=name, seed=cfg.seed,
+                               on_progress=bar.update)
+        count = write_jsonl(out / "tasks.jsonl", (t.to_dict() for t in tasks))
+    return {"tasks": count, "k": cfg.k, "file": str(out / "tasks.jsonl")}
+
+
+def _label(cfg: DemoConfig, out: Path, done: dict) -> dict:
+    from tqdm import tqdm
+
+    from labeling.simulate import simulate
+    from labeling.stats import compute_stats
+    from labeling.store import open_store
+    from rlhf.jsonl import read_jsonl
+    from rlhf.oracles import load_oracle
+    from rlhf.records import Task
+
+    db = out / "labels.db"
+    for suffix in ("", "-wal", "-shm"):  # a half-done earlier attempt: start the store afresh
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    tasks = [Task.from_dict(obj) for _, obj in read_jsonl(out / "tasks.jsonl")]
+    store = open_store(db)
+    try:
+        added, _ = store.import_tasks(tasks)
+        with tqdm(total=added * cfg.overlap, desc="label (scripted annotators)", unit="ranking") as bar:
+            summary = simulate(store, load_oracle(cfg.oracle), annotators=cfg.annotators, overlap=cfg.overlap,
+                               noise=cfg.noise, seed=cfg.seed, on_progress=bar.update)
+        stats = compute_stats(store, overlap=cfg.overlap)
+    finally:
+        store.close()
+    return {"db": str(db), "imported": added, "simulate": summary, "stats": stats}
+
+
+def _export(cfg: DemoConfig, out: Path, done: dict) -> dict:
+    from labeling.export import export
+    from labeling.store import open_store
+
+    store = open_store(out / "labels.db", create=False)
+    try:
+        return export(store, out / "pairs", test_fraction=0.15, seed=cfg.seed)
+    finally:
+        store.close()
+
+
+def _reward_model(cfg: DemoConfig, out: Path, done: dict) -> dict:
+    from reward_model.config import RewardTrainingConfig
+    from reward_model.train import train_reward_model
+
+    config = RewardTrainingConfig(data=str(out / "pairs"), out=str(out / "rm"), model=cfg.model,
+                                  epochs=cfg.rm_epochs, lr=cfg.rm_lr, seed=cfg.seed, dtype=cfg.dtype,
+                                  max_length=384, resume=cfg.resume)
+    return train_reward_model(config)
+
+
+def _policy(cfg: DemoConfig, out: Path, done: dict) -> dict:
+    from policy.config import PPOConfig
+    from policy.trainer import train_policy
+    from rlhf.jsonl import write_jsonl
+    from rlhf.prompts import read_prompts
+
+    prompts = read_prompts(cfg.prompts)
+    if len(prompts) <= cfg.eval_prompts:
+        raise UserError(f"{cfg.prompts}: needs more than {cfg.eval_prompts} prompts")
+    # RL needs prompts only; hold the last `eval_prompts` out for evaluation and the report's samples.
+    write_jsonl(out / "ppo_train_prompts.jsonl", ({"id": i, "prompt": p} for i, p in prompts[:-cfg.eval_prompts]))
+    write_jsonl(out / "ppo_eval_prompts.jsonl", ({"id": i, "prompt": p} for i, p in prompts[-cfg.eval_prompts:]))
+    config = PPOConfig(prompts=str(out / "ppo_train_prompts.jsonl"), eval_prompts=str(out / "ppo_eval_prompts.jsonl"),
+                       out=str(out / "ppo"), rm=str(out / "rm"), reward="rm", model=cfg.model,
+                       steps=cfg.ppo_steps, batch_size=cfg.ppo_batch_size, response_length=cfg.max_new_tokens,
+                       temperature=cfg.temperature, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef, eval_every=cfg.eval_every,
+                       eval_size=cfg.eval_prompts, oracle=cfg.oracle, seed=cfg.seed, resume=cfg.resume,
+                       checkpoint_every=max(1, cfg.eval_every))
+    return train_policy(config)
+
+
+def _report(cfg: DemoConfig, out: Path, done: dict) -> dict:
+    from rlhf.report import write_report
+
+    return write_report(out, asdict(cfg), done)
+
+
+STAGES = [
+    Stage("generate", "1/6 generate: sample K completions per prompt from the SFT model", _generate),
+    Stage("label", "2/6 label: import tasks, scripted annotators rank them", _label),
+    Stage("export", "3/6 export: rankings -> C(K,2) preference pairs, split by prompt", _export),
+    Stage("reward_model", "4/6 reward model: LoRA + score head, K-wise loss", _reward_model),
+    Stage("policy", "5/6 policy: PPO against the reward model with a KL penalty", _policy),
+    Stage("report", "6/6 report: report.html and report.md", _report),
+]
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run (or resume) every stage; returns {stage: summary}."""
+    out = Path(cfg.out)
+    stages_dir = out / "stages"
+    if out.exists() and any(out.iterdir()) and not cfg.resume:
+        raise UserError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
+    stages_dir.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict] = {}
+    for stage in STAGES:
+        marker = stages_dir / f"{stage.name}.json"
+        if cfg.resume and marker.is_file() and stage.name != "report":
+            done[stage.name] = json.loads(marker.read_text())
+            print(f"[demo] {stage.title}: done earlier, skipped (--resume)", flush=True)
+            continue
+        print(f"[demo] {stage.title}", flush=True)
+        start = time.perf_counter()
+        try:
+            summary = stage.run(cfg, out, done)
+        except UserError as exc:
+            raise UserError(f"stage '{stage.name}' failed: {exc}") from None
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # report the stage; the traceback goes to the log with --verbose
+            raise UserError(f"stage '{stage.name}' failed: {type(exc).__name__}: {exc}") from exc
+        summary = dict(summary, seconds=round(time.perf_counter() - start, 1))
+        marker.write_text(json.dumps(summary, indent=2, default=str))
+        done[stage.name] = summary
+        print(f"[demo] {stage.name} done in {summary['seconds']:.0f} s", flush=True)
+    return done
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline end to end with scripted annotators and write a report",
+                       description=__doc__.split("\n\n")[0] + " Writes OUT/report.html and OUT/report.md.")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a small run of a few minutes (fewer prompts and steps)")
+    p.add_argument("--resume", action="store_true", help="continue a run: skip the stages already done")
+    p.add_argument("--model", default="default", help="SFT model: 'default', a local folder or a HF id")
+    p.add_argument("--prompts", default=str(PROMPTS_FILE), help="prompt set (default: the bundled data/prompts.jsonl)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.set_defaults(func=run_demo_command)
+
+
+def run_demo_command(args) -> None:
+    make = DemoConfig.quick if args.quick else DemoConfig
+    cfg = make(out=args.out, model=args.model, prompts=args.prompts, seed=args.seed, resume=args.resume)
+    start = time.perf_counter()
+    done = run_demo(cfg)
+    report = done["report"]
+    print(f"[demo] finished in {time.perf_counter() - start:.0f} s: open {report['html']}")

@@ -1,0 +1,402 @@
+"""The labeling app's handlers, called directly (no browser), and its HTTP layer through a test client."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+import pytest
+
+from labeling import handlers
+from labeling.app import SESSION_COOKIE, bind_socket, create_app, run_label
+from labeling.handlers import AppSettings, Forbidden, NotSignedIn, RequestError, Sessions
+from labeling.store import InvalidRanking, UnknownTask, display_order, open_store
+from rlhf.errors import UserError
+from rlhf.records import Task
+
+HOSTILE = [
+    '<img src=x onerror="window.__pwned=1">',
+    "<script>window.__pwned=1</script></div></pre>",
+    "**bold** [link](javascript:alert(1)) {{7*7}} ${7*7} &lt;b&gt; &amp;",
+    "\u202eevil bidi override\u202c and a very long line " + "x" * 3000,
+]
+PASSWORD = "correct horse"
+
+
+def make_task(task_id: str, texts: list[str], prompt: str | None = None) -> Task:
+    return Task.from_dict({"id": task_id, "prompt": prompt or f"prompt of {task_id}",
+                           "completions": [{"id": f"{task_id}-c{i}", "text": t} for i, t in enumerate(texts)]})
+
+
+@pytest.fixture()
+def store(tmp_path):
+    store = open_store(tmp_path / "labels.db")
+    store.import_tasks([make_task(f"t{i}", [f"answer {i}.{j}" for j in range(3)]) for i in range(3)]
+                       + [make_task("evil", HOSTILE, prompt="<script>window.__pwned=1</script> {{7*7}}")])
+    store.add_annotator("alice", PASSWORD)
+    store.add_annotator("bob", PASSWORD)
+    yield store
+    store.close()
+
+
+SETTINGS = AppSettings(overlap=2, guidelines_html="<p>be kind</p>", admins=frozenset({"alice"}))
+
+
+def ranks_for(task: dict, order: list[int]) -> dict[str, int]:
+    """Ranks {completion id: rank} giving the shown completion i the rank order[i]."""
+    return {c["id"]: r for c, r in zip(task["completions"], order)}
+
+
+def nothing_stored(store) -> bool:
+    return store.export_rankings() == [] and store.events() == []
+
+
+# ------------------------------------------------------------------------------------------ login
+
+def test_login_checks_the_password_and_gives_a_session(store):
+    sessions = Sessions()
+    for payload in ({"username": "alice", "password": "wrong password"},
+                    {"username": "mallory", "password": PASSWORD},
+                    {"username": "alice"},
+                    {"username": ["alice"], "password": PASSWORD}):
+        with pytest.raises(NotSignedIn):
+            handlers.login(store, sessions, SETTINGS, payload)
+    with pytest.raises(RequestError):
+        handlers.login(store, sessions, SETTINGS, ["alice", PASSWORD])
+    token, info = handlers.login(store, sessions, SETTINGS, {"username": "alice", "password": PASSWORD})
+    assert sessions.annotator(token) == "alice"
+    assert info == {"annotator": "alice", "progress": {"ranked": 0, "skipped": 0, "total_tasks": 4},
+                    "guidelines_html": "<p>be kind</p>", "can_view_stats": True}
+    sessions.end(token)
+    assert sessions.annotator(token) is None
+
+
+def test_sessions_expire_after_idle_time():
+    now = [0.0]
+    sessions = Sessions(ttl=10, clock=lambda: now[0])
+    token = sessions.create("alice")
+    now[0] = 9.0
+    assert sessions.annotator(token) == "alice"  # use extends the session
+    now[0] = 18.0
+    assert sessions.annotator(token) == "alice"
+    now[0] = 28.5
+    assert sessions.annotator(token) is None
+    assert sessions.annotator("forged-token") is None and sessions.annotator(None) is None
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: handlers.session_info(s, None, SETTINGS),
+    lambda s: handlers.next_task(s, None, SETTINGS),
+    lambda s: handlers.open_task(s, None, SETTINGS, "t0"),
+    lambda s: handlers.submit_ranking(s, None, SETTINGS, {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2,
+                                                                                     "t0-c2": 3}}),
+    lambda s: handlers.skip_task(s, None, SETTINGS, {"task_id": "t0"}),
+    lambda s: handlers.history(s, None, SETTINGS),
+    lambda s: handlers.stats(s, None, SETTINGS),
+])
+def test_every_handler_requires_login(store, call):
+    with pytest.raises(NotSignedIn):
+        call(store)
+    assert nothing_stored(store)
+
+
+# ------------------------------------------------------------------------------------------ queue
+
+def test_next_task_shows_the_annotators_order_with_stable_labels(store):
+    first = handlers.next_task(store, "alice", SETTINGS)
+    again = handlers.next_task(store, "alice", SETTINGS)
+    assert first == again  # nothing changed: same task, same order
+    task = first["task"]
+    stored = store.get_task(task["id"])
+    assert [c["label"] for c in task["completions"]] == ["A", "B", "C", "D"][: len(stored.completions)]
+    assert [c["id"] for c in task["completions"]] == display_order("alice", task["id"],
+                                                                   [c.id for c in stored.completions])
+    assert {c["id"]: c["text"] for c in task["completions"]} == {c.id: c.text for c in stored.completions}
+    assert first["progress"] == {"ranked": 0, "skipped": 0, "total_tasks": 4}
+
+
+def test_completion_labels():
+    assert [handlers.completion_label(i) for i in (0, 1, 25, 26, 27, 51, 52)] == \
+        ["A", "B", "Z", "AA", "AB", "AZ", "BA"]
+
+
+# ------------------------------------------------------------------------------------------ submit
+
+def test_valid_ranking_is_stored_and_the_queue_moves_on(store):
+    task = handlers.next_task(store, "alice", SETTINGS)["task"]
+    ranks = ranks_for(task, [2, 1, 3, 3][: len(task["completions"])])
+    result = handlers.submit_ranking(store, "alice", SETTINGS,
+                                     {"task_id": task["id"], "ranks": ranks, "request_id": "r1", "seconds": 4.5})
+    assert result["action"] == "submit"
+    assert result["progress"] == {"ranked": 1, "skipped": 0, "total_tasks": 4}
+    stored = store.get_own_ranking("alice", task["id"])
+    assert stored.ranks == ranks and stored.seconds == 4.5 and stored.request_id == "r1"
+    following = handlers.next_task(store, "alice", SETTINGS)
+    assert following["task"]["id"] != task["id"]
+    assert following["progress"] == {"ranked": 1, "skipped": 0, "total_tasks": 4}
+
+
+@pytest.mark.parametrize("ranks, error", [
+    ({"t0-c0": 1, "t0-c1": 2}, InvalidRanking),                                  # a completion missing
+    ({"t0-c0": 1, "t0-c1": 2, "t0-c2": 3, "t1-c0": 4}, InvalidRanking),          # a foreign completion
+    ({"t0-c0": 1, "t0-c1": 1, "t0-c2": 1}, InvalidRanking),                      # all tie: says nothing
+    ({"t0-c0": 0, "t0-c1": 1, "t0-c2": 2}, InvalidRanking),                      # rank 0
+    ({"t0-c0": True, "t0-c1": 2, "t0-c2": 3}, InvalidRanking),                   # a bool is not a rank
+    ({"t0-c0": "1", "t0-c1": 2, "t0-c2": 3}, InvalidRanking),                    # nor a string
+    ({"t0-c0": 1.5, "t0-c1": 2, "t0-c2": 3}, InvalidRanking),                    # nor a float
+    ([1, 2, 3], RequestError),                                                   # not a mapping
+])
+def test_invalid_rankings_are_refused_and_store_nothing(store, ranks, error):
+    with pytest.raises(error):
+        handlers.submit_ranking(store, "alice", SETTINGS, {"task_id": "t0", "ranks": ranks, "request_id": "r"})
+    assert nothing_stored(store)
+
+
+@pytest.mark.parametrize("payload, error", [
+    ({"task_id": "nope", "ranks": {"a": 1, "b": 2}}, UnknownTask),
+    ({"task_id": "", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}}, RequestError),
+    ({"task_id": 7, "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}}, RequestError),
+    ({"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}, "request_id": 5}, InvalidRanking),
+    ({"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}, "request_id": "x" * 500}, InvalidRanking),
+    ({"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}, "seconds": -1}, InvalidRanking),
+    ("not an object", RequestError),
+])
+def test_malformed_submissions_are_refused(store, payload, error):
+    with pytest.raises(error):
+        handlers.submit_ranking(store, "alice", SETTINGS, payload)
+    assert nothing_stored(store)
+
+
+def test_resent_request_stores_one_ranking(store):
+    payload = {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}, "request_id": "same"}
+    first = handlers.submit_ranking(store, "alice", SETTINGS, payload)
+    second = handlers.submit_ranking(store, "alice", SETTINGS, payload)
+    assert (first["action"], second["action"]) == ("submit", "duplicate")
+    assert second["progress"]["ranked"] == 1
+    assert len(store.export_rankings()) == 1
+    assert [e["kind"] for e in store.events()] == ["submit"]
+
+
+def test_editing_an_earlier_ranking_replaces_it(store):
+    handlers.submit_ranking(store, "alice", SETTINGS,
+                            {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}, "request_id": "a"})
+    opened = handlers.open_task(store, "alice", SETTINGS, "t0")
+    assert opened["own"] == {"ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}}
+    assert opened["task"]["id"] == "t0" and len(opened["task"]["completions"]) == 3
+    result = handlers.submit_ranking(store, "alice", SETTINGS,
+                                     {"task_id": "t0", "ranks": {"t0-c0": 3, "t0-c1": 1, "t0-c2": 1},
+                                      "request_id": "b"})
+    assert result["action"] == "edit"
+    assert result["ranks"] == {"t0-c0": 2, "t0-c1": 1, "t0-c2": 1}  # dense ranks, ties kept
+    assert store.get_own_ranking("alice", "t0").ranks == {"t0-c0": 2, "t0-c1": 1, "t0-c2": 1}
+    assert len(store.export_rankings()) == 1
+    assert [e["kind"] for e in store.events()] == ["submit", "edit"]
+    assert result["progress"]["ranked"] == 1
+    [item] = handlers.history(store, "alice", SETTINGS)["items"]
+    assert (item["task_id"], item["status"]) == ("t0", "ranked")
+
+
+def test_open_task_of_unknown_id(store):
+    with pytest.raises(UnknownTask):
+        handlers.open_task(store, "alice", SETTINGS, "no-such-task")
+    with pytest.raises(RequestError):
+        handlers.open_task(store, "alice", SETTINGS, "")
+
+
+# ------------------------------------------------------------------------------------------ skip
+
+def test_skip_with_reason_leaves_the_queue_and_shows_in_history(store):
+    task_id = handlers.next_task(store, "alice", SETTINGS)["task"]["id"]
+    result = handlers.skip_task(store, "alice", SETTINGS,
+                                {"task_id": task_id, "reason": "  off-topic  ", "request_id": "s1"})
+    assert result["action"] == "skip" and result["progress"] == {"ranked": 0, "skipped": 1, "total_tasks": 4}
+    again = handlers.skip_task(store, "alice", SETTINGS, {"task_id": task_id, "reason": "x", "request_id": "s1"})
+    assert again["action"] == "duplicate"
+    assert [(e["kind"], e["payload"]) for e in store.events()] == [("skip", {"reason": "off-topic"})]
+    assert handlers.next_task(store, "alice", SETTINGS)["task"]["id"] != task_id
+    assert [(h["task_id"], h["status"]) for h in handlers.history(store, "alice", SETTINGS)["items"]] == \
+        [(task_id, "skipped")]
+    with pytest.raises(InvalidRanking):
+        handlers.skip_task(store, "alice", SETTINGS, {"task_id": task_id, "reason": "r" * 501})
+    # A skipped task can still be ranked later from the history; that replaces the skip.
+    task = handlers.open_task(store, "alice", SETTINGS, task_id)["task"]
+    handlers.submit_ranking(store, "alice", SETTINGS, {"task_id": task_id, "ranks": ranks_for(task, [1, 2, 3, 4])})
+    assert [(h["task_id"], h["status"]) for h in handlers.history(store, "alice", SETTINGS)["items"]] == \
+        [(task_id, "ranked")]
+
+
+def test_a_ranked_task_cannot_be_skipped(store):
+    handlers.submit_ranking(store, "alice", SETTINGS, {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}})
+    with pytest.raises(InvalidRanking):
+        handlers.skip_task(store, "alice", SETTINGS, {"task_id": "t0"})
+    assert store.get_own_ranking("alice", "t0") is not None
+
+
+# ------------------------------------------------------------------------------------------ isolation
+
+def test_annotators_only_see_and_change_their_own_work(store):
+    handlers.submit_ranking(store, "alice", SETTINGS,
+                            {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}, "request_id": "r"})
+    # Bob sees the task to rank it himself, but not Alice's ranking, and not in his history.
+    assert handlers.open_task(store, "bob", SETTINGS, "t0")["own"] is None
+    assert handlers.history(store, "bob", SETTINGS)["items"] == []
+    # A body naming another annotator changes nothing: the session decides who acts. Bob reusing
+    # Alice's request id is his own, new request.
+    result = handlers.submit_ranking(store, "bob", SETTINGS,
+                                     {"task_id": "t0", "annotator": "alice", "request_id": "r",
+                                      "ranks": {"t0-c0": 3, "t0-c1": 2, "t0-c2": 1}})
+    assert result["action"] == "submit"
+    assert store.get_own_ranking("alice", "t0").ranks == {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}
+    assert store.get_own_ranking("bob", "t0").ranks == {"t0-c0": 3, "t0-c1": 2, "t0-c2": 1}
+    assert handlers.session_info(store, "bob", SETTINGS)["progress"]["ranked"] == 1
+    assert handlers.session_info(store, "alice", SETTINGS)["progress"]["ranked"] == 1
+    # Bob's shuffled order differs from Alice's for some task (position bias is spread out).
+    orders = {name: [[c["id"] for c in handlers.open_task(store, name, SETTINGS, t)["task"]["completions"]]
+                     for t in ("t0", "t1", "t2", "evil")] for name in ("alice", "bob")}
+    assert orders["alice"] != orders["bob"]
+
+
+def test_statistics_only_for_admins(store):
+    handlers.submit_ranking(store, "alice", SETTINGS, {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}})
+    handlers.submit_ranking(store, "bob", SETTINGS, {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 3, "t0-c2": 2}})
+    with pytest.raises(Forbidden):
+        handlers.stats(store, "bob", SETTINGS)
+    result = handlers.stats(store, "alice", SETTINGS)
+    assert result["stats"]["rankings"] == 2 and result["stats"]["complete"] == 1
+    assert result["stats"]["agreement"]["pairwise_agreement"] == pytest.approx(2 / 3)
+    assert "alice vs bob" in result["text"]
+
+
+# ------------------------------------------------------------------------------------------ hostile text
+
+def test_hostile_text_round_trips_unchanged(store):
+    opened = handlers.open_task(store, "alice", SETTINGS, "evil")
+    assert opened["task"]["prompt"] == "<script>window.__pwned=1</script> {{7*7}}"
+    assert sorted(c["text"] for c in opened["task"]["completions"]) == sorted(HOSTILE)
+    ranks = ranks_for(opened["task"], [1, 2, 3, 4])
+    handlers.submit_ranking(store, "alice", SETTINGS, {"task_id": "evil", "ranks": ranks})
+    [ranked] = list(store.export_ranked_tasks())
+    assert ranked.prompt == "<script>window.__pwned=1</script> {{7*7}}"
+    assert set(ranked.texts) == set(HOSTILE)
+    shown = {c["id"]: c["text"] for c in opened["task"]["completions"]}
+    assert {shown[i]: r for i, r in ranks.items()} == dict(zip(ranked.texts, ranked.ranks))
+
+
+# ------------------------------------------------------------------------------------------ HTTP layer
+
+@pytest.fixture()
+def client(store):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(store, SETTINGS)) as client:
+        yield client
+
+
+def login(client, name="alice"):
+    response = client.post("/api/login", json={"username": name, "password": PASSWORD})
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_http_requires_login_and_sets_a_strict_cookie(client, store):
+    assert client.get("/api/next").status_code == 401
+    assert client.post("/api/rankings", json={"task_id": "t0", "ranks": {}}).status_code == 401
+    assert client.post("/api/login", json={"username": "alice", "password": "nope-nope"}).status_code == 401
+    cookie = login(client).headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert client.get("/api/next").json()["task"] is not None
+    client.post("/api/logout", json={})
+    assert client.get("/api/next").status_code == 401
+    assert nothing_stored(store)
+
+
+def test_http_submit_and_errors_map_to_status_codes(client, store):
+    login(client)
+    task = client.get("/api/next").json()["task"]
+    body = {"task_id": task["id"], "ranks": ranks_for(task, [1, 2, 3, 4]), "request_id": "q1"}
+    assert client.post("/api/rankings", json=body).json()["action"] == "submit"
+    assert client.post("/api/rankings", json=body).json()["action"] == "duplicate"
+    assert client.post("/api/rankings", json={**body, "request_id": "q2", "ranks": {}}).status_code == 422
+    assert client.get("/api/task", params={"id": "missing"}).status_code == 404
+    assert client.get("/api/task", params={"id": task["id"]}).json()["own"]["ranks"] == body["ranks"]
+    # A cross-site form post (not JSON) is refused before anything happens.
+    form = client.post("/api/skip", data={"task_id": "t1"})
+    assert form.status_code == 400 and "application/json" in form.json()["error"]
+    assert client.post("/api/skip", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+    assert client.get("/api/stats").status_code == 200  # alice is an admin
+    assert len(store.export_rankings()) == 1 and len(store.events()) == 1
+
+
+def test_http_page_is_served_with_a_strict_content_security_policy(client):
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="rank-view"' in page.text
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
+    assert page.headers["x-content-type-options"] == "nosniff"
+    script = client.get("/static/app.js")
+    assert script.status_code == 200 and "innerHTML = session.guidelines_html" in script.text
+    # The only innerHTML in the page script is the owner's guidelines; model text goes through textContent.
+    assert script.text.count(".innerHTML") == 1
+
+
+def test_no_stats_for_non_admins_over_http(client):
+    login(client, "bob")
+    assert client.get("/api/stats").status_code == 403
+
+
+# ------------------------------------------------------------------------------------------ command
+
+def label_args(db, **kw):
+    return argparse.Namespace(**{"db": str(db), "host": "127.0.0.1", "port": 0, "overlap": 2, "guidelines": None,
+                                 "admin": [], **kw})
+
+
+def test_label_command_refuses_missing_or_empty_databases(tmp_path):
+    with pytest.raises(UserError, match="no label database"):
+        run_label(label_args(tmp_path / "missing.db"))
+    open_store(tmp_path / "empty.db").close()
+    with pytest.raises(UserError, match="holds no tasks"):
+        run_label(label_args(tmp_path / "empty.db"))
+    (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(UserError):
+        run_label(label_args(tmp_path / "junk.db"))
+
+
+def test_label_command_refuses_bad_options(store):
+    with pytest.raises(UserError, match="--guidelines"):
+        run_label(label_args(store.path, guidelines="/no/such/guidelines.md"))
+    with pytest.raises(UserError, match="unknown annotators"):
+        run_label(label_args(store.path, admin=["carol"]))
+    with pytest.raises(UserError, match="--overlap"):
+        run_label(label_args(store.path, overlap=0))
+
+
+def test_port_in_use_is_a_one_line_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is already in use") as info:
+            bind_socket("127.0.0.1", port)
+        assert "\n" not in str(info.value)
+
+
+def test_listening_socket_is_tcp_so_responses_are_not_delayed():
+    # asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets; with proto 0 every response waited 40 ms
+    # for the client's delayed ACK.
+    sock = bind_socket("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
+
+
+def test_guidelines_markdown_is_rendered_without_raw_html(tmp_path):
+    from labeling.app import render_guidelines
+
+    path = tmp_path / "guide.md"
+    path.write_text("# Rank by *helpfulness*\n\n<script>alert(1)</script>\n\n[x](javascript:alert(1))\n")
+    html = render_guidelines(str(path))
+    assert "<h1>Rank by <em>helpfulness</em></h1>" in html
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert 'href="javascript' not in html
