@@ -1,15 +1,19 @@
-"""`rlhf label`: the annotators' web app, a JSON API over the label store plus one static page.
+"""`rlhf label`: the annotators' web app: a Gradio UI at / and a JSON API under /api, on one server.
 
-Why not Gradio components: ranking by keyboard, click and drag-and-drop needs custom JavaScript in any
-case, and Gradio pages need inline scripts, which rules out a strict Content-Security-Policy, our
-second line of defence against hostile model output. So the page (labeling/static) is a small
-dependency-free script that talks to the JSON API below and builds the DOM with textContent only;
-the same API serves integrations and the load benchmark. Each endpoint is a thin wrapper over a
-plain function in `labeling.handlers`.
+The UI (labeling/gradio_ui.py) is a Gradio Blocks page around a custom ranker widget (keyboard, click,
+drag-and-drop). The JSON API serves integrations, the load benchmark and the crash test; each endpoint is
+a thin wrapper over a plain function in `labeling.handlers`.
 
-Security: the session cookie is HttpOnly and SameSite=Strict, and every write must be a JSON
-request (a cross-site form cannot send one without a CORS preflight, which we never grant), so
-another site cannot submit as a signed-in annotator.
+One login for both: the sign-in page (static/login.html) posts to /api/login, which sets an HttpOnly,
+SameSite=Strict session cookie; the API reads it, and Gradio reads it through `auth_dependency`, so every
+Gradio event handler gets the annotator as `request.username` from the server's session table. A request
+to / without a session is sent to the sign-in page; Gradio answers its own routes with 401.
+
+Security: every API write must be a JSON request (a cross-site form cannot send one without a CORS
+preflight, which we never grant) and the cookie is SameSite=Strict, so another site cannot act as a
+signed-in annotator. The sign-in page and the API get a strict Content-Security-Policy; Gradio pages need
+inline and evaluated scripts, so theirs still forbids every foreign origin, plugins and framing, and model
+output is kept inert by the widget itself (textContent only).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request) at
@@ -32,15 +36,20 @@ SESSION_COOKIE = "rlhf_label_session"
 MAX_BODY_BYTES = 256 * 1024
 
 SECURITY_HEADERS = {
-    # No inline script, no foreign origin, no plugin, no framing: even text that slipped into the
-    # page as markup could not run.
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                               "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
 }
+STRICT_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+              "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+"""The sign-in page and the API: no inline script, no foreign origin, no plugin, no framing."""
+GRADIO_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval'; "
+              "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
+              "connect-src 'self'; object-src 'none'; form-action 'self'; base-uri 'self'; frame-ancestors 'none'")
+"""The Gradio UI: Gradio's page needs inline and evaluated scripts (js_on_load), but nothing may come from
+or go to another origin."""
+OWN_PATHS = ("/api/", "/login", "/logout", "/auth/")
+"""Paths this module serves; everything else is the mounted Gradio app."""
 
 
 def _status_of(exc: UserError) -> int:
@@ -72,22 +81,34 @@ def render_guidelines(path: str | None) -> str:
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
-def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessions | None" = None):
-    """The FastAPI app: the page at /, its assets under /static, the JSON API under /api."""
+def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessions | None" = None, *,
+               ui: bool = True):
+    """The FastAPI app: the Gradio UI at / (when `ui`), the sign-in page at /login, the JSON API under /api."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, Response
-    from fastapi.staticfiles import StaticFiles
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
     from starlette.concurrency import run_in_threadpool
 
     sessions = sessions or Sessions()
     app = FastAPI(title="rlhf label", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.settings, app.state.sessions = store, settings, sessions
+    # No origin may read or call us across origins. (Without a CORS policy of ours, Gradio adds its own,
+    # which lets pages served from localhost call the UI's events with the annotator's cookie.)
+    app.add_middleware(CORSMiddleware, allow_origins=[])
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
-        response = await call_next(request)
+        path = request.url.path
+        own = path.startswith(OWN_PATHS)
+        if path == "/" and request.method in ("GET", "HEAD") and annotator_of(request) is None:
+            response = RedirectResponse("login", status_code=303)  # the UI needs a session: sign in first
+        else:
+            response = await call_next(request)
         for key, value in SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
+        response.headers["Content-Security-Policy"] = STRICT_CSP if own else GRADIO_CSP
+        if own or path == "/":
+            response.headers["Cache-Control"] = "no-store"
         return response
 
     @app.exception_handler(UserError)
@@ -113,11 +134,25 @@ def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessio
         # Store calls block (SQLite, scrypt): run them in the thread pool, not on the event loop.
         return JSONResponse(await run_in_threadpool(handler, store, *args))
 
-    @app.get("/", include_in_schema=False)
-    async def index():
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+    @app.get("/login", include_in_schema=False)
+    async def login_page():
+        return FileResponse(STATIC_DIR / "login.html", media_type="text/html; charset=utf-8")
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    @app.get("/auth/login.js", include_in_schema=False)
+    async def login_script():
+        return FileResponse(STATIC_DIR / "login.js", media_type="text/javascript; charset=utf-8")
+
+    @app.get("/auth/login.css", include_in_schema=False)
+    async def login_style():
+        return FileResponse(STATIC_DIR / "login.css", media_type="text/css; charset=utf-8")
+
+    @app.get("/logout", include_in_schema=False)
+    async def logout_page(request: Request):
+        # A plain link from the UI. SameSite=Strict: another site's link arrives without the cookie.
+        sessions.end(request.cookies.get(SESSION_COOKIE))
+        response = RedirectResponse("login?signed_out=1", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
 
     @app.post("/api/login")
     async def api_login(request: Request):
@@ -170,6 +205,17 @@ def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessio
     async def api_health():
         return Response("ok", media_type="text/plain")
 
+    if ui:
+        import gradio as gr
+
+        from labeling import gradio_ui
+
+        # Mounted last: the routes above take precedence over Gradio's catch-all mount at /.
+        # No uploads in this UI: Gradio's upload route (signed-in only) takes at most 1 KB. No run history:
+        # Gradio would keep every event's inputs and outputs in the browser's storage and offer to upload them.
+        gr.mount_gradio_app(app, gradio_ui.build_ui(store, settings), path="/", auth_dependency=annotator_of,
+                            ssr_mode=False, theme=gradio_ui.theme(), css=gradio_ui.css(), footer_links=[],
+                            show_error=False, max_file_size=1024, run_history=False)
     return app
 
 
@@ -231,9 +277,10 @@ def serve(store: SQLiteLabelStore, settings: AppSettings, host: str, port: int, 
 
 def add_label_command(sub) -> None:
     p = sub.add_parser("label", help="serve the ranking app to annotators (login required)",
-                       description="Serve the annotators' web app: each signed-in annotator ranks the completions "
-                                   "of the tasks in their queue (keyboard, click or drag-and-drop), skips, and "
-                                   "edits earlier answers. Also serves a JSON API under /api.")
+                       description="Serve the annotators' Gradio app at /: each signed-in annotator ranks the "
+                                   "completions of the tasks in their queue (keyboard, click or drag-and-drop), "
+                                   "ties, skips, and edits earlier answers. The same server answers a JSON API "
+                                   "under /api (same login).")
     p.add_argument("--db", required=True, help="label database (SQLite) made by `rlhf import`")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for your network)")

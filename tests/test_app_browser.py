@@ -1,5 +1,6 @@
-"""The labeling page in headless Chromium: sign in, rank by keyboard, skip, edit by click and drag-and-drop,
-and check that hostile model output is shown as literal text and never runs.
+"""The Gradio labeling UI in headless Chromium: sign in, rank by keyboard (undo, ties), skip with a reason,
+edit from the history by click and drag-and-drop, and check that hostile model output is shown as literal
+text and never runs.
 
 RLHF_SCREENSHOT=1 also saves the ranking screen to docs/screenshot-label.png (used by the README).
 """
@@ -34,16 +35,17 @@ STORY = [
     "blinking its lamp twice before vanishing into the fog.",
     '<img src=x onerror="window.__pwned=1"> Every evening Mara climbed the tower; every morning the sea '
     "returned something she had lost.",
-    "Lighthouse lighthouse light light light. Keeper keeps keeping the keeping.",
+    "Lighthouse lighthouse light light light. Keeper keeps keeping the keeping. {{7*7}} ${7*7}",
     "**Old Tom** polished the lens for forty years. [Click me](javascript:window.__pwned=1) "
     "When they automated the light, he kept polishing anyway.",
 ]
-OTHER_PROMPT = "Summarise the plot of Hamlet in one line. {{7*7}} ${7*7}"
+OTHER_PROMPT = "Summarise the plot of Hamlet in one line. {{7*7}} ${7*7} <b>bold?</b>"
 OTHER = [
     "<script>window.__pwned=1</script></div></pre><b>bold?</b>",
     "\u202eA prince avenges his father\u202c &lt;i&gt; &amp; " + "very long line " * 80,
-    "A Danish prince hesitates, and almost everyone dies.",
+    "A Danish prince hesitates, and almost everyone dies. [x](javascript:alert(1))",
 ]
+RANKER = "#ranker"
 
 
 @pytest.fixture()
@@ -62,10 +64,12 @@ def server(tmp_path):
     store.add_annotator("script", None)
     store.submit_ranking("script", "hamlet", {"h0": 1, "h1": 2, "h2": 3})
     sock = bind_socket("127.0.0.1", 0)
-    uvicorn_server = make_server(store, AppSettings(overlap=2, guidelines_html="<p>Prefer <em>helpful</em></p>"))
+    store.add_annotator("carol", PASSWORD)  # an admin (--admin carol)
+    uvicorn_server = make_server(store, AppSettings(overlap=2, guidelines_html="<p>Prefer <em>helpful</em></p>",
+                                                    admins=frozenset({"carol"})))
     thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while not uvicorn_server.started:
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
@@ -82,11 +86,25 @@ def displayed(text: str) -> str:
 
 
 def shown_ids(page) -> list[str]:
-    return page.eval_on_selector_all("#completions .completion", "cards => cards.map(c => c.dataset.id)")
+    return page.eval_on_selector_all(".rk-completions .rk-card", "cards => cards.map(c => c.dataset.id)")
 
 
 def badges(page) -> list[str]:
-    return [b.strip() for b in page.locator("#completions .rank-badge").all_inner_texts()]
+    return [b.strip() for b in page.locator(".rk-completions .rk-badge").all_inner_texts()]
+
+
+def assert_inert(page, task) -> None:
+    """The task's prompt and completions are on the page as literal text, and none became markup."""
+    shown = page.locator(".rk-completions .rk-body").all_inner_texts()
+    assert sorted(shown) == sorted(displayed(c.text) for c in task.completions)
+    assert page.locator(".rk-prompt").inner_text() == displayed(task.prompt)
+    assert page.locator(f"{RANKER} img, {RANKER} script, {RANKER} b, {RANKER} a, {RANKER} i").count() == 0
+
+
+def open_history(page):
+    """The history dropdown's options (opening its list)."""
+    page.locator("#history-list input").click()
+    return page.locator("ul[role=listbox] li[role=option]")
 
 
 def test_rank_skip_and_edit_in_the_browser(server):
@@ -99,10 +117,10 @@ def test_rank_skip_and_edit_in_the_browser(server):
             "--disable-sync", "--no-first-run"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(10_000)
+            page.set_default_timeout(20_000)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(url)
+            page.goto(url)  # no session yet: sent to the sign-in page
 
             # Sign in (a wrong password first).
             page.fill("#login-username", "alice")
@@ -111,20 +129,23 @@ def test_rank_skip_and_edit_in_the_browser(server):
             expect(page.locator("#login-error")).to_contain_text("wrong annotator name or password")
             page.fill("#login-password", PASSWORD)
             page.press("#login-password", "Enter")
-            expect(page.locator("#rank-view")).to_be_visible()
-            expect(page.locator("#progress")).to_contain_text("0 ranked")
-            expect(page.locator("#toggle-stats")).to_be_hidden()  # alice is no admin
+            expect(page.locator(".rk-layout")).to_be_visible()
+            expect(page.locator("#progress")).to_have_text("0 ranked · 2 tasks in all")
+            expect(page.locator("#topbar-text")).to_contain_text("signed in as alice")
+            expect(page.locator("#stats")).to_be_hidden()  # alice is no admin
 
-            # The guidelines panel opens with "?" and shows the owner's (trusted) formatting.
+            # The guidelines open with "?" and show the owner's (trusted) formatting.
             page.keyboard.press("?")
-            expect(page.locator("#guidelines em")).to_have_text("helpful")
+            expect(page.locator("#guidelines-text em")).to_have_text("helpful")
             page.keyboard.press("?")
-            expect(page.locator("#guidelines-panel")).to_be_hidden()
+            expect(page.locator("#guidelines-text em")).to_be_hidden()
 
             # Rank the story by keyboard: B first, then A; a C picked by mistake is undone; C then ties
             # with A ("=" then its key), and D too (Shift+key).
-            first = page.locator("#task-id").text_content()
+            first = page.locator(".rk-task-id").text_content()
             assert first == "story"
+            first_task = store.get_task(first)
+            assert_inert(page, first_task)
             ids = shown_ids(page)
             page.keyboard.press("b")
             page.keyboard.press("1")
@@ -140,58 +161,77 @@ def test_rank_skip_and_edit_in_the_browser(server):
             page.keyboard.press("Shift+D")                # D ties too
             expected_first = {ids[0]: 2, ids[1]: 1, ids[2]: 2, ids[3]: 2}
             page.keyboard.press("Enter")
-            expect(page.locator("#toast")).to_contain_text("Ranking saved")
-            expect(page.locator("#task-id")).to_have_text("hamlet")
-            expect(page.locator("#progress")).to_contain_text("1 ranked")
+            expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+            expect(page.locator(".rk-task-id")).to_have_text("hamlet")
+            expect(page.locator("#progress")).to_have_text("1 ranked · 2 tasks in all")
             second = "hamlet"
-
-            # Hostile text of both tasks was shown literally and nothing ran.
-            texts_first = store.get_task(first)
-            texts_second = store.get_task(second)
-            shown = page.locator("#completions .body").all_inner_texts()
-            assert sorted(shown) == sorted(displayed(c.text) for c in texts_second.completions)
-            assert page.locator("#prompt").inner_text() == displayed(texts_second.prompt)
-            assert page.locator("#completions img, #completions script, #completions b, #prompt script").count() == 0
+            assert_inert(page, store.get_task(second))
 
             # Skip the second task with a reason, from the keyboard.
             page.keyboard.press("s")
             page.keyboard.type("not sure about the plot")
             page.keyboard.press("Enter")
-            expect(page.locator("#done-view")).to_be_visible()
-            expect(page.locator("#progress")).to_contain_text("1 skipped")
+            expect(page.locator(".rk-done")).to_be_visible()
+            expect(page.locator(".rk-toast")).to_have_text("Task skipped.")
+            expect(page.locator("#progress")).to_have_text("1 ranked, 1 skipped · 2 tasks in all")
 
-            # Go back to the first task from the history and change the ranking by click and drag-and-drop.
-            page.click("#toggle-history")
-            expect(page.locator("#history-list li")).to_have_count(2)
-            page.click(f'#history-list button[data-task-id="{first}"]')
-            expect(page.locator("#edit-banner")).to_be_visible()
-            assert sorted(page.locator("#completions .body").all_inner_texts()) == \
-                sorted(displayed(c.text) for c in texts_first.completions)
-            assert page.locator("#prompt").inner_text() == displayed(texts_first.prompt)
-            assert page.locator("#completions img, #prompt script").count() == 0
+            # Go back to the first task from the history (its hostile prompt previews are plain text) and
+            # change the ranking by click and drag-and-drop.
+            page.locator("#history button.label-wrap").click()
+            options = open_history(page)
+            expect(options).to_have_count(2)
+            assert options.nth(0).inner_text().startswith("skipped · hamlet · Summarise the plot of Hamlet")
+            assert "<b>bold?</b>" in options.nth(0).inner_text()
+            assert options.nth(1).inner_text().startswith("ranked · story · Write a two-sentence story")
+            assert "keeper. <script>window.__pwned=1" in options.nth(1).inner_text()  # (preview cut)
+            assert page.locator("#history script, #history b").count() == 0
+            options.nth(1).click()
+            expect(page.locator(".rk-banner")).to_be_visible()
+            expect(page.locator(".rk-task-id")).to_have_text(first)
+            assert_inert(page, first_task)
             assert badges(page) == ["rank 2 (tie)", "rank 1", "rank 2 (tie)", "rank 2 (tie)"]  # as stored
-            page.keyboard.press("Escape")                 # clear
-            cards = page.locator("#completions .completion header")
+            page.keyboard.press("Escape")                 # clear (the keyboard is the ranker's again)
+            assert badges(page) == ["", "", "", ""]
+            cards = page.locator(".rk-completions .rk-card header")
             cards.nth(2).click()                          # C first
             cards.nth(0).click()                          # A second
             # Drag B onto rank 1 (tie with C), D into the ranking's end, and D's chip back to "unranked"
             # and again to the end.
-            completions = page.locator("#completions .completion")
-            completions.nth(1).drag_to(page.locator('.rank-row[data-rank="1"]'))
-            completions.nth(3).drag_to(page.locator(".ranking .gap").last)
+            completions = page.locator(".rk-completions .rk-card")
+            completions.nth(1).drag_to(page.locator('.rk-row[data-rank="1"]'))
+            completions.nth(3).drag_to(page.locator(".rk-ranking .rk-gap").last)
             assert badges(page) == ["rank 2", "rank 1 (tie)", "rank 1 (tie)", "rank 3"]
-            page.locator('.rank-row[data-rank="3"] .chip').drag_to(page.locator(".rank-row.unranked"))
+            page.locator('.rk-row[data-rank="3"] .rk-chip').drag_to(page.locator(".rk-row.rk-unranked"))
             assert badges(page) == ["rank 2", "rank 1 (tie)", "rank 1 (tie)", ""]
-            page.locator(".rank-row.unranked .chip").drag_to(page.locator(".ranking .gap").last)
+            page.locator(".rk-row.rk-unranked .rk-chip").drag_to(page.locator(".rk-ranking .rk-gap").last)
             assert badges(page) == ["rank 2", "rank 1 (tie)", "rank 1 (tie)", "rank 3"]
-            page.click("#submit")
-            expect(page.locator("#toast")).to_contain_text("Ranking updated")
-            expect(page.locator("#done-view")).to_be_visible()
-            # The open history list follows the edit: the edited task is now the newest entry.
-            expect(page.locator("#history-list li").first).to_contain_text("ranked")
-            assert page.locator("#history-list button").first.get_attribute("data-task-id") == first
+            page.click(".rk-submit")
+            expect(page.locator(".rk-toast")).to_have_text("Ranking updated.")
+            expect(page.locator(".rk-done")).to_be_visible()
+            expect(page.locator("#progress")).to_have_text("1 ranked, 1 skipped · 2 tasks in all")
+            # The history follows the edit: the edited task is now the newest entry.
+            options = open_history(page)
+            expect(options.first).to_contain_text("ranked · story")
 
             assert page.evaluate("typeof window.__pwned") == "undefined"
+            assert errors == []
+
+            # Signing out ends the session: the UI sends you to the sign-in page again.
+            page.keyboard.press("Escape")
+            page.click("#sign-out")
+            expect(page.locator("#login-error")).to_have_text("Signed out.")
+            page.goto(url)
+            expect(page.locator("#login-form")).to_be_visible()
+
+            # An admin sees the statistics view, with everyone's counts.
+            page.fill("#login-username", "carol")
+            page.fill("#login-password", PASSWORD)
+            page.press("#login-password", "Enter")
+            expect(page.locator(".rk-layout")).to_be_visible()
+            page.locator("#stats button.label-wrap").click()
+            stats = page.locator("#stats-text textarea")
+            expect(stats).to_have_value(re.compile(r"rankings: 2  skips: 1"))
+            assert re.search(r"alice\s+1\s+1", stats.input_value())
             assert errors == []
         finally:
             browser.close()

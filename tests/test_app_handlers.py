@@ -288,7 +288,7 @@ def test_hostile_text_round_trips_unchanged(store):
 def client(store):
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(store, SETTINGS)) as client:
+    with TestClient(create_app(store, SETTINGS, ui=False)) as client:  # the API alone (the UI: test_app_gradio.py)
         yield client
 
 
@@ -327,16 +327,16 @@ def test_http_submit_and_errors_map_to_status_codes(client, store):
     assert len(store.export_rankings()) == 1 and len(store.events()) == 1
 
 
-def test_http_page_is_served_with_a_strict_content_security_policy(client):
-    page = client.get("/")
-    assert page.status_code == 200 and 'id="rank-view"' in page.text
-    policy = page.headers["content-security-policy"]
-    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
-    assert page.headers["x-content-type-options"] == "nosniff"
-    script = client.get("/static/app.js")
-    assert script.status_code == 200 and "innerHTML = session.guidelines_html" in script.text
-    # The only innerHTML in the page script is the owner's guidelines; model text goes through textContent.
-    assert script.text.count(".innerHTML") == 1
+def test_sign_in_page_and_api_get_a_strict_content_security_policy(client):
+    page = client.get("/login")
+    assert page.status_code == 200 and 'id="login-form"' in page.text
+    for response in (page, client.get("/api/next")):
+        policy = response.headers["content-security-policy"]
+        assert "script-src 'self'" in policy and "unsafe-inline" not in policy
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["cache-control"] == "no-store"
+    script = client.get("/auth/login.js")
+    assert script.status_code == 200 and 'fetch("api/login"' in script.text and "innerHTML" not in script.text
 
 
 def test_no_stats_for_non_admins_over_http(client):

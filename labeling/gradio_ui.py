@@ -1,0 +1,216 @@
+"""The annotators' Gradio UI of `rlhf label`: a Blocks page around one custom ranker widget.
+
+The ranker is a `gr.HTML` whose template is a fixed skeleton (static/ranker.html, no data in it) and whose
+`js_on_load` (static/ranker.js) builds the task's cards with textContent only, so model output stays inert
+text whatever it contains. The server sends the widget its view as a JSON string (the component's value);
+the widget sends rankings back with `trigger('submit', {...})`, skips with `trigger('skip', {...})`.
+History, guidelines and statistics are ordinary Gradio components.
+
+Every event handler takes the annotator from `request.username`, which Gradio fills from the server-side
+session (`auth_dependency` in labeling/app.py), never from what the browser sends; the payloads go to the
+plain functions in `labeling.handlers`, which validate them (the store checks ranks against the task's
+real completion ids, and request ids make a re-sent submit idempotent).
+"""
+
+
+import html
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from labeling import handlers
+from labeling.handlers import AppSettings
+from labeling.store import SQLiteLabelStore
+from rlhf.errors import UserError
+
+STATIC_DIR = Path(__file__).parent / "static"
+HISTORY_PREVIEW_CHARS = 120
+_CONTROL_CHARS = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+_nonce = itertools.count()
+
+
+def ranker_value(task: dict | None, *, own: dict | None = None, editing: bool = False, notice: str | None = None,
+                 error: str | None = None) -> str:
+    """The ranker widget's value: its view as JSON (`task` None: the queue is finished). Each value differs
+    (a counter), so the widget hears every answer, even one equal to the last. '<', '>' and '&' are
+    JSON-escaped: the value holds no markup at all, wherever it might end up."""
+    view: dict[str, Any] = {"n": next(_nonce), "task": task, "own": own, "editing": editing, "notice": notice,
+                            "error": error}
+    return _json(view)
+
+
+def refused_value(error: str, task_id: Any) -> str:
+    """The widget's value when the server refused an answer (or could not store it): the widget keeps the
+    annotator's work on the task and shows `error`."""
+    return _json({"n": next(_nonce), "keep": True, "error": error,
+                  "task_id": task_id if isinstance(task_id, str) else None})
+
+
+def _json(view: dict) -> str:
+    text = json.dumps(view, ensure_ascii=False)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def topbar_html(annotator: str, progress: dict) -> str:
+    """Who is signed in and their progress, as escaped HTML."""
+    line = f"{progress['ranked']} ranked"
+    if progress["skipped"]:
+        line += f", {progress['skipped']} skipped"
+    line += f" · {progress['total_tasks']} tasks in all"
+    return (f'<div class="topbar-text"><span class="brand">RLHF labeling</span>'
+            f'<span class="progress" id="progress">{html.escape(line)}</span>'
+            f'<span class="who">signed in as <b>{html.escape(annotator)}</b></span></div>')
+
+
+def history_choices(items: list[dict]) -> list[tuple[str, str]]:
+    """(label, task id) per history item. Labels are shown as text by Gradio; invisible control characters
+    become visible U+XXXX markers so a preview cannot disguise itself."""
+    choices = []
+    for item in items:
+        preview = " ".join(item["prompt"].split())
+        if len(preview) > HISTORY_PREVIEW_CHARS:
+            preview = preview[:HISTORY_PREVIEW_CHARS - 1] + "…"
+        preview = _CONTROL_CHARS.sub(lambda m: f"U+{ord(m[0]):04X}", preview)
+        choices.append((f"{item['status']} · {item['task_id']} · {preview}", item["task_id"]))
+    return choices
+
+
+# ------------------------------------------------------------------ what each event does (no Gradio here)
+
+class LabelUI:
+    """The UI's event logic over the store: plain methods of (annotator, payload), testable without Gradio.
+    Each returns the ranker's new value (and what else the page shows)."""
+
+    def __init__(self, store: SQLiteLabelStore, settings: AppSettings):
+        self.store, self.settings = store, settings
+
+    def next_view(self, annotator: str, notice: str | None = None) -> tuple[str, dict]:
+        result = handlers.next_task(self.store, annotator, self.settings)
+        return ranker_value(result["task"], notice=notice), result["progress"]
+
+    def submit(self, annotator: str, payload: Any) -> tuple[str, dict | None]:
+        """Store a ranking from the widget, then serve the next task. A refused ranking keeps the widget's work."""
+        try:
+            result = handlers.submit_ranking(self.store, annotator, self.settings, payload)
+        except UserError as exc:
+            return refused_value(str(exc), _task_id_of(payload)), None
+        notice = {"edit": "Ranking updated.", "duplicate": "Ranking already saved."}.get(result["action"],
+                                                                                        "Ranking saved.")
+        return self.next_view(annotator, notice)
+
+    def skip(self, annotator: str, payload: Any) -> tuple[str, dict | None]:
+        try:
+            handlers.skip_task(self.store, annotator, self.settings, payload)
+        except UserError as exc:
+            return refused_value(str(exc), _task_id_of(payload)), None
+        return self.next_view(annotator, "Task skipped.")
+
+    def open(self, annotator: str, task_id: Any) -> str:
+        """A task from the history, with the annotator's own ranking to edit."""
+        try:
+            result = handlers.open_task(self.store, annotator, self.settings, task_id)
+        except UserError as exc:
+            return refused_value(str(exc), task_id)
+        return ranker_value(result["task"], own=result["own"], editing=True)
+
+    def history(self, annotator: str) -> list[tuple[str, str]]:
+        return history_choices(handlers.history(self.store, annotator, self.settings)["items"])
+
+    def stats_text(self, annotator: str) -> str:
+        try:
+            return handlers.stats(self.store, annotator, self.settings)["text"]
+        except UserError as exc:
+            return str(exc)
+
+
+def _task_id_of(payload: Any) -> str | None:
+    value = payload.get("task_id") if isinstance(payload, dict) else None
+    return value if isinstance(value, str) else None
+
+
+# ------------------------------------------------------------------ the Blocks page
+
+def theme():
+    import gradio as gr
+
+    # System fonts: the default theme fetches web fonts from Google, which an offline annotation
+    # server cannot reach (and the Content-Security-Policy forbids).
+    return gr.themes.Default(primary_hue="blue",
+                             font=["system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
+                             font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
+
+
+def css() -> str:
+    return (STATIC_DIR / "ranker.css").read_text(encoding="utf-8")
+
+
+def build_ui(store: SQLiteLabelStore, settings: AppSettings):
+    """The Blocks page. Mount it with `gr.mount_gradio_app(..., auth_dependency=...)` (labeling/app.py)."""
+    # Gradio's queue rebuilds a pandas summary of its last (up to 10,000) events after every event, for a
+    # monitoring page we do not serve: work on every submit that grows with the session. Read once, when the
+    # Blocks' queue is made.
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000000000")
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
+    import gradio as gr
+
+    ui = LabelUI(store, settings)
+    # The handlers' `request.username` comes from the session cookie checked by auth_dependency.
+    events = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+
+    with gr.Blocks(title="RLHF labeling", analytics_enabled=False) as demo:
+        with gr.Row(elem_id="topbar", equal_height=True):
+            topbar = gr.HTML("", elem_id="topbar-text", padding=False)
+            gr.Button("Sign out", link="logout", size="sm", scale=0, min_width=100, elem_id="sign-out")
+        ranker = gr.HTML(
+            "", elem_id="ranker", apply_default_css=False, padding=False,
+            html_template=(STATIC_DIR / "ranker.html").read_text(encoding="utf-8"),
+            js_on_load=(STATIC_DIR / "ranker.js").read_text(encoding="utf-8"))
+        with gr.Accordion("History: your earlier answers (open one to edit it)", open=False, elem_id="history"):
+            history = gr.Dropdown(choices=[], value=None, label="Ranked and skipped tasks, newest first",
+                                  filterable=True, interactive=True, elem_id="history-list")
+        with gr.Accordion("Guidelines", open=False, elem_id="guidelines"):
+            # The owner's Markdown, rendered by the server with raw HTML escaped (trusted text).
+            gr.HTML(settings.guidelines_html or "<p>No guidelines were given for this project.</p>",
+                    elem_id="guidelines-text", padding=True)
+        with gr.Accordion("Statistics", open=False, visible=False, elem_id="stats") as stats_box:
+            stats_text = gr.Textbox(show_label=False, lines=8, max_lines=40, interactive=False, elem_id="stats-text")
+            refresh_stats = gr.Button("Refresh", size="sm")
+
+        def on_load(request: gr.Request):
+            annotator = request.username
+            value, progress = ui.next_view(annotator)
+            is_admin = annotator in settings.admins
+            return (topbar_html(annotator, progress), value, gr.Dropdown(choices=ui.history(annotator), value=None),
+                    gr.Accordion(visible=is_admin), ui.stats_text(annotator) if is_admin else "")
+
+        def after_answer(annotator: str, value: str, progress: dict | None):
+            if progress is None:  # refused: only the widget changes
+                return value, gr.skip(), gr.skip()
+            return (value, topbar_html(annotator, progress),
+                    gr.Dropdown(choices=ui.history(annotator), value=None))
+
+        def on_submit(evt: gr.EventData, request: gr.Request):
+            return after_answer(request.username, *ui.submit(request.username, evt._data))
+
+        def on_skip(evt: gr.EventData, request: gr.Request):
+            return after_answer(request.username, *ui.skip(request.username, evt._data))
+
+        def on_back(request: gr.Request):
+            return ui.next_view(request.username)[0]
+
+        def on_open(task_id, request: gr.Request):
+            return ui.open(request.username, task_id), gr.Dropdown(value=None)
+
+        def on_stats(request: gr.Request):
+            return ui.stats_text(request.username)
+
+        demo.load(on_load, outputs=[topbar, ranker, history, stats_box, stats_text], **events)
+        ranker.submit(on_submit, outputs=[ranker, topbar, history], **events)
+        ranker.skip(on_skip, outputs=[ranker, topbar, history], **events)
+        ranker.back(on_back, outputs=[ranker], **events)
+        history.input(on_open, inputs=[history], outputs=[ranker, history], **events)
+        refresh_stats.click(on_stats, outputs=[stats_text], **events)
+    return demo

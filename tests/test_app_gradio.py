@@ -1,0 +1,182 @@
+"""The Gradio UI's event logic (labeling.gradio_ui.LabelUI, no browser) and how the UI is served: one session
+for the sign-in page, the API and Gradio; Gradio refuses every request without one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from labeling import gradio_ui
+from labeling.app import SESSION_COOKIE, create_app
+from labeling.gradio_ui import LabelUI, history_choices, ranker_value, refused_value, topbar_html
+from labeling.handlers import AppSettings
+from labeling.store import open_store
+from rlhf.records import Task
+
+PASSWORD = "correct horse"
+HOSTILE = ['<img src=x onerror="window.__pwned=1">', "<script>window.__pwned=1</script>",
+           "**b** [x](javascript:alert(1)) {{7*7}} ${7*7} &amp;"]
+SETTINGS = AppSettings(overlap=2, guidelines_html="<p>be kind</p>", admins=frozenset({"alice"}))
+
+
+@pytest.fixture()
+def store(tmp_path):
+    store = open_store(tmp_path / "labels.db")
+    store.import_tasks([
+        Task.from_dict({"id": "evil", "prompt": "<b>hi</b>\u202e {{7*7}}",
+                        "completions": [{"id": f"e{i}", "text": t} for i, t in enumerate(HOSTILE)]}),
+        Task.from_dict({"id": "t1", "prompt": "plain", "completions": [{"id": "a", "text": "x"},
+                                                                        {"id": "b", "text": "y"}]}),
+    ])
+    store.add_annotator("alice", PASSWORD)
+    store.add_annotator("bob", PASSWORD)
+    yield store
+    store.close()
+
+
+def view(value: str) -> dict:
+    return json.loads(value)
+
+
+def ranks_for(task: dict, order: list[int]) -> dict[str, int]:
+    return {c["id"]: r for c, r in zip(task["completions"], order)}
+
+
+# ------------------------------------------------------------------------------------------ the widget's value
+
+def test_ranker_value_carries_hostile_text_exactly_and_no_markup():
+    task = {"id": "evil", "prompt": "</script><b>x</b>", "completions": [
+        {"id": "e0", "label": "A", "text": HOSTILE[0]}, {"id": "e1", "label": "B", "text": HOSTILE[1]}]}
+    value = ranker_value(task, notice="Ranking saved.")
+    assert "<" not in value and ">" not in value and "&" not in value
+    assert view(value)["task"] == task and view(value)["notice"] == "Ranking saved."
+    assert ranker_value(task) != ranker_value(task)  # every answer is new to the widget, even an equal one
+    refused = view(refused_value("rank every completion <C>", "evil"))
+    assert refused == {"n": refused["n"], "keep": True, "error": "rank every completion <C>", "task_id": "evil"}
+
+
+def test_topbar_and_history_labels_are_escaped_text():
+    html = topbar_html("a<b>", {"ranked": 2, "skipped": 1, "total_tasks": 9})
+    assert "a&lt;b&gt;" in html and "<b>a<b>" not in html
+    assert ">2 ranked, 1 skipped · 9 tasks in all<" in html
+    items = [{"task_id": "t<1>", "prompt": "line\none \u202eevil" + " x" * 200, "status": "ranked", "at": 0}]
+    [(label, value)] = history_choices(items)
+    assert value == "t<1>"
+    assert label.startswith("ranked · t<1> · line one U+202Eevil x x")  # Gradio shows labels as text
+    assert label.endswith("…") and len(label) < 160 and "\u202e" not in label
+
+
+# ------------------------------------------------------------------------------------------ events
+
+def test_submit_stores_once_and_serves_the_next_task(store):
+    ui = LabelUI(store, SETTINGS)
+    value, progress = ui.next_view("alice")
+    assert view(value)["task"]["id"] in ("evil", "t1") and progress == {"ranked": 0, "skipped": 0, "total_tasks": 2}
+    task = view(ui.open("alice", "evil"))["task"]
+    assert sorted(c["text"] for c in task["completions"]) == sorted(HOSTILE)
+    payload = {"task_id": "evil", "ranks": ranks_for(task, [1, 2, 2]), "request_id": "r1", "seconds": 3.5}
+    value, progress = ui.submit("alice", payload)
+    assert view(value)["notice"] == "Ranking saved." and view(value)["task"]["id"] == "t1"
+    assert progress == {"ranked": 1, "skipped": 0, "total_tasks": 2}
+    value, progress = ui.submit("alice", payload)  # the same request again (a double Enter)
+    assert view(value)["notice"] == "Ranking already saved." and progress["ranked"] == 1
+    assert len(store.events()) == 1
+    assert store.get_own_ranking("alice", "evil").ranks == payload["ranks"]
+
+
+@pytest.mark.parametrize("payload, error", [
+    ({"task_id": "evil", "ranks": {"e0": 1, "e1": 2}}, "e2"),                    # a completion left out
+    ({"task_id": "evil", "ranks": {"e0": 1, "e1": 1, "e2": 1}}, "tie"),          # all tied
+    ({"task_id": "evil", "ranks": {"e0": 1, "e1": 2, "e2": 3, "zz": 4}}, "zz"),  # a foreign id
+    ({"task_id": "evil", "ranks": ["e0", "e1", "e2"]}, "ranks"),
+    ({"task_id": "nope", "ranks": {"e0": 1}}, "nope"),
+    (None, "JSON object"),
+])
+def test_refused_rankings_keep_the_widgets_work_and_store_nothing(store, payload, error):
+    value, progress = LabelUI(store, SETTINGS).submit("alice", payload)
+    refused = view(value)
+    assert progress is None and refused["keep"] is True and error in refused["error"]
+    assert refused["task_id"] == (payload or {}).get("task_id")
+    assert store.events() == [] and store.export_rankings() == []
+
+
+def test_skip_then_edit_from_the_history(store):
+    ui = LabelUI(store, SETTINGS)
+    value, progress = ui.skip("alice", {"task_id": "evil", "reason": " unclear ", "request_id": "s1"})
+    assert view(value)["notice"] == "Task skipped." and progress["skipped"] == 1
+    assert [v for _, v in ui.history("alice")] == ["evil"] and ui.history("bob") == []
+    task = view(ui.next_view("alice")[0])["task"]
+    ui.submit("alice", {"task_id": task["id"], "ranks": ranks_for(task, [2, 1]), "request_id": "r1"})
+    assert view(ui.next_view("alice")[0])["task"] is None  # queue finished
+    assert [label.split(" · ")[:2] for label, _ in ui.history("alice")] == [["ranked", "t1"], ["skipped", "evil"]]
+    opened = view(ui.open("alice", "t1"))
+    assert opened["editing"] is True and opened["own"] == {"ranks": ranks_for(task, [2, 1])}
+    assert view(ui.open("bob", "t1"))["own"] is None  # bob never sees alice's answers
+    value, _ = ui.submit("alice", {"task_id": "t1", "ranks": ranks_for(task, [1, 2]), "request_id": "r2"})
+    assert view(value)["notice"] == "Ranking updated."
+    assert [e["kind"] for e in store.events()] == ["skip", "submit", "edit"]
+    missing = view(ui.open("alice", "no-such-task"))
+    assert missing["keep"] is True and "no-such-task" in missing["error"]
+
+
+def test_statistics_text_only_for_admins(store):
+    ui = LabelUI(store, SETTINGS)
+    assert "--admin" in ui.stats_text("bob")
+    assert "rankings" in ui.stats_text("alice")
+
+
+# ------------------------------------------------------------------------------------------ serving
+
+@pytest.fixture()
+def client(store):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(store, SETTINGS), follow_redirects=False) as client:
+        yield client
+
+
+def test_the_ui_needs_the_same_session_as_the_api(client):
+    first = client.get("/")
+    assert first.status_code == 303 and first.headers["location"] == "login"
+    assert client.get("/config").status_code == 401          # Gradio itself refuses too
+    assert client.post("/gradio_api/queue/join", json={}).status_code == 401
+    client.post("/api/login", json={"username": "alice", "password": PASSWORD}).raise_for_status()
+    page = client.get("/")
+    assert page.status_code == 200 and "gradio" in page.text.lower()
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy and "http" not in policy
+    config = client.get("/config").json()
+    assert config["username"] == "alice"
+    assert client.get("/gradio_api/runs").status_code == 404  # no run history kept in the browser
+    ranker = next(c for c in config["components"] if c["props"].get("elem_id") == "ranker")
+    # The widget's template holds no data: the value is never interpolated as HTML.
+    assert "${value}" not in ranker["props"]["html_template"] and "textContent" in ranker["props"]["js_on_load"]
+    assert not any(sink in ranker["props"]["js_on_load"] for sink in (".innerHTML", ".outerHTML", "insertAdjacentHTML",
+                                                                      "document.write"))
+    out = client.get("/logout")
+    assert out.status_code == 303 and out.headers["location"] == "login?signed_out=1"
+    assert client.get("/").status_code == 303 and client.get("/config").status_code == 401
+
+
+def test_no_cross_origin_calls_even_from_localhost(client):
+    client.post("/api/login", json={"username": "alice", "password": PASSWORD}).raise_for_status()
+    for origin in ("http://localhost:8888", "http://evil.example", "null"):
+        preflight = client.options("/gradio_api/queue/join", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+        assert "access-control-allow-origin" not in preflight.headers
+        assert "access-control-allow-origin" not in client.get("/config", headers={"Origin": origin}).headers
+
+
+def test_a_forged_cookie_is_no_session(client):
+    client.cookies.set(SESSION_COOKIE, "forged-token")
+    assert client.get("/").status_code == 303
+    assert client.get("/config").status_code == 401
+
+
+def test_ui_assets_exist():
+    for name in ("ranker.html", "ranker.js", "ranker.css", "login.html", "login.js", "login.css"):
+        assert (gradio_ui.STATIC_DIR / name).stat().st_size > 0
+    template = (gradio_ui.STATIC_DIR / "ranker.html").read_text()
+    # Gradio evaluates the template as Handlebars and then as a JS template literal: keep it inert.
+    assert not any(token in template for token in ("{{", "${", "`", "\\"))
