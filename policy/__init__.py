@@ -1,0 +1,2 @@
+"""The policy stage: PPO with a KL penalty to the frozen reference, and RLOO, on one shared base model
+(actor, critic, reward and reference as LoRA adapters / adapters-off on the same weights)."""

@@ -1,0 +1,120 @@
+"""PPOConfig: every setting of `rlhf ppo` with its default (kept free of torch so `rlhf --help` is fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf.errors import UserError
+
+
+@dataclass
+class PPOConfig:
+    """Everything `rlhf ppo` and the demo set. Defaults follow the papers cited in the module docstring."""
+
+    prompts: str = "data/prompts.jsonl"
+    """JSONL prompt file ({"prompt": ...} per line); the RL data set is prompts only."""
+    out: str = "runs/ppo"
+    """Output folder: train_log.csv, eval.csv, eval_samples.jsonl, plots/, samples.jsonl, policy/, checkpoint/."""
+    rm: str | None = None
+    """Reward model directory (`rlhf train-rm`); needed when `reward` is "rm"."""
+    reward: str = "rm"
+    """"rm" for the reward model, or an oracle (`alliteration`, `length`, `module:function`) instead."""
+    model: str | None = None
+    """Base (SFT) model; default: the RM's base model, else 'default' (SmolLM2-135M-Instruct)."""
+    algo: str = "ppo"
+    """"ppo" (clipped surrogate + critic + GAE) or "rloo" (REINFORCE leave-one-out, no critic)."""
+    steps: int = 100
+    """Number of RL steps (one batch of rollouts and its update each)."""
+    batch_size: int = 8
+    """Rollouts (sequences) per step. RLOO uses batch_size / rloo_k prompts with rloo_k samples each."""
+    response_length: int = 48
+    """Most new tokens per response; a response that reaches it without EOS is penalised."""
+    temperature: float = 0.7
+    """Sampling temperature; logprobs are computed at the same temperature (Huang et al. 2024)."""
+    lr: float = 1e-4
+    """Adam learning rate for the LoRA adapters and the value head (LoRA needs ~10x full fine-tuning's)."""
+    kl_coef: float = 0.05
+    """beta: weight of the KL penalty to the reference in the reward (initial value when adaptive)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimate in the reward: k1 = log p/p_ref, k2 = (log p/p_ref)^2/2, k3 = (r-1)-log r."""
+    target_kl: float | None = None
+    """When set, beta adapts to keep the per-sequence KL near this many nats (Ziegler et al. 2019)."""
+    kl_horizon: int = 10_000
+    """Horizon of the adaptive KL controller, in rollouts (Ziegler et al. 2019)."""
+    ppo_epochs: int = 4
+    """Passes over each batch of rollouts (PPO only; RLOO makes one on-policy update)."""
+    minibatch_size: int | None = None
+    """PPO: rollouts per gradient step; default: the whole batch (one minibatch per epoch). RLOO always
+    makes one on-policy step per batch."""
+    micro_batch_size: int = 4
+    """Rollouts per forward/backward pass; gradients accumulate up to the minibatch, so this bounds
+    memory without changing the update."""
+    gamma: float = 1.0
+    """Discount (1: the episode is one short response)."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """PPO ratio clipping epsilon."""
+    vf_clip: float = 0.2
+    """Value clipping range around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    stop_kl: float | None = 0.1
+    """Stop a step's PPO epochs early once the mean approx KL(old || new) per token exceeds this."""
+    missing_eos_penalty: float | None = -1.0
+    """Score given to responses that end without EOS (Huang et al. 2024); None keeps their score."""
+    rloo_k: int = 4
+    """RLOO: samples per prompt (the baseline of each is the mean reward of the other k-1)."""
+    lora_r: int = 16
+    """Rank of the actor's (and a fresh critic's) LoRA adapter."""
+    lora_alpha: int = 32
+    """LoRA alpha (scale = alpha / r)."""
+    eval_every: int = 10
+    """Evaluate on the held-out prompts every N steps (and before the first and after the last)."""
+    eval_prompts: str | None = None
+    """Held-out prompt file; default: a held-out fraction of `prompts`."""
+    eval_fraction: float = 0.1
+    """Fraction of `prompts` held out for evaluation when `eval_prompts` is not given."""
+    eval_size: int = 32
+    """Most held-out prompts used per evaluation."""
+    oracle: str | None = None
+    """Also score evaluation samples with this oracle (e.g. alliteration) as `objective/oracle`."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    resume: bool = False
+    """Continue from OUT/checkpoint."""
+    save_merged: bool = False
+    """Also write the base model with the actor adapter merged into OUT/merged (a plain HF model)."""
+    seed: int = 0
+    """Random seed (adapter init, prompt order, sampling)."""
+    max_bad_updates: int = 3
+    """Stop with an error after this many consecutive updates with a non-finite loss or gradient."""
+    max_steps_time: float | None = None
+    """Stop after this many seconds of training (benchmarks); None: run all steps."""
+
+    def check(self) -> None:
+        if self.algo not in ("ppo", "rloo"):
+            raise UserError(f"--algo must be ppo or rloo, got {self.algo!r}")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise UserError(f"--kl-estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        if self.reward == "rm" and not self.rm:
+            raise UserError("--rm DIR is required unless --reward names an oracle (e.g. --reward alliteration)")
+        if self.temperature <= 0:
+            raise UserError("--temperature must be > 0")
+        if self.kl_coef < 0:
+            raise UserError("--kl-coef must be >= 0")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise UserError("--target-kl must be > 0")
+        for name in ("steps", "batch_size", "response_length", "ppo_epochs"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.algo == "rloo" and (self.rloo_k < 2 or self.batch_size % self.rloo_k):
+            raise UserError(f"--batch-size ({self.batch_size}) must be a multiple of --rloo-k ({self.rloo_k}) >= 2")
+        if self.minibatch_size is not None and not 1 <= self.minibatch_size <= self.batch_size:
+            raise UserError("--minibatch-size must be between 1 and --batch-size")
+        if self.micro_batch_size < 1:
+            raise UserError("--micro-batch-size must be >= 1")
+        if not 0 <= self.eval_fraction < 1:
+            raise UserError("--eval-fraction must be in [0, 1)")

@@ -1,0 +1,196 @@
+"""The four PPO roles on ONE base model in memory (actor, critic, reward, reference).
+
+The base causal LM is loaded once and wrapped with peft; the roles differ only in which LoRA adapter
+runs and which head reads the hidden states:
+
+- actor: adapter "actor" (fresh LoRA, trainable) + the base LM head -> token logits;
+- critic: adapter "critic" (initialised from the RM's adapter, trainable) + `value_head` (initialised
+  from the RM's score head): critic and RM start from the same model, as in InstructGPT/Ziegler et al.;
+- reward: adapter "reward" (the RM's adapter, frozen) + `score_head` (frozen) at the last real token;
+- reference: the same base with every adapter DISABLED; its weights are never updated.
+
+With an oracle reward there is no RM: the critic is a fresh LoRA on the base with a fresh value head,
+and there is no reward adapter.
+
+peft's `set_adapter` and `disable_adapter` toggle `requires_grad` (only the active adapter trains);
+`_activate` restores it after every switch, so the actor and the critic both train and the reward
+adapter and base weights never do.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from reward_model.model import (final_hidden_states, lora_target_modules, position_ids_from_mask, read_meta)
+from rlhf.models import load_causal_lm, load_tokenizer
+
+ACTOR, CRITIC, REWARD = "actor", "critic", "reward"
+POLICY_META = "policy.json"
+
+
+class PolicyRoles(nn.Module):
+    """The shared peft model plus the value and score heads; one method per role."""
+
+    def __init__(self, peft_model, value_head: nn.Linear, score_head: nn.Linear | None, reward_bias: float):
+        super().__init__()
+        self.model = peft_model
+        self.value_head = value_head
+        self.score_head = score_head
+        self.reward_bias = reward_bias
+        if score_head is not None:
+            score_head.requires_grad_(False)
+        # Decided by name, once: peft's requires_grad flags depend on which adapter was set last.
+        self._trainable = {name for name, _ in self.named_parameters()
+                           if ("lora_" in name and (f".{ACTOR}." in name or f".{CRITIC}." in name))
+                           or name.startswith("value_head.")}
+        self._restore_trainable()
+
+    def _restore_trainable(self) -> None:
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in self._trainable)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if name in self._trainable]
+
+    def parameters_of(self, role: str) -> dict[str, Tensor]:
+        """Named parameters of one adapter ("actor", "critic", "reward") or "base" (everything else in
+        the peft model), for tests and checks."""
+        if role == "base":
+            return {n: p for n, p in self.model.named_parameters() if "lora_" not in n}
+        return {n: p for n, p in self.model.named_parameters() if f".{role}." in n}
+
+    @contextmanager
+    def _activate(self, adapter: str | None):
+        """Run the block with `adapter` active (None = all disabled: the reference)."""
+        if adapter is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(adapter)
+            yield
+        self._restore_trainable()
+
+    @property
+    def reference(self):
+        """Context manager: inside it, the model is the frozen reference (adapters disabled)."""
+        return self._activate(None)
+
+    def actor(self):
+        return self._activate(ACTOR)
+
+    def response_logits(self, adapter: str | None, input_ids: Tensor, attention_mask: Tensor,
+                        response_length: int) -> Tensor:
+        """Logits [B, T, V] that predict the last T tokens of `input_ids` (the response), computed only
+        at those positions: a 49k-vocabulary head over the prompt would be wasted work."""
+        with self._activate(adapter):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids_from_mask(attention_mask),
+                             logits_to_keep=response_length + 1, use_cache=False)
+        return out.logits[:, :-1]
+
+    def values(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
+        """Critic values [B, T]: V of the state before each response token (prompt + earlier tokens)."""
+        with self._activate(CRITIC):
+            hidden = final_hidden_states(self.model, input_ids, attention_mask)
+        hidden = hidden[:, -response_length - 1:-1]
+        return self.value_head(hidden.float()).squeeze(-1)
+
+    @torch.no_grad()
+    def scores(self, input_ids: Tensor, attention_mask: Tensor, last_index: Tensor) -> Tensor:
+        """The reward model's score [B] read at `last_index` of each row (its last real token)."""
+        if self.score_head is None:
+            raise RuntimeError("no reward model loaded (the reward is an oracle)")
+        with self._activate(REWARD):
+            hidden = final_hidden_states(self.model, input_ids, attention_mask)
+        last = hidden[torch.arange(hidden.shape[0]), last_index]
+        return self.score_head(last.float()).squeeze(-1) - self.reward_bias
+
+
+def _lora_config(targets: list[str], r: int, alpha: int):
+    from peft import LoraConfig
+
+    # dropout 0: the rollout's logprobs and values must be what the update recomputes (Huang et al.
+    # 2024 disable dropout in the policy and value networks for the same reason).
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                      target_modules=targets)
+
+
+def build_roles(model_name: str, rm_dir: str | None, *, lora_r: int = 16, lora_alpha: int = 32,
+                dtype: torch.dtype = torch.float32):
+    """(PolicyRoles, tokenizer) on one base model: actor and critic trainable, reward and base frozen."""
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    tokenizer = load_tokenizer(model_name)
+    base = load_causal_lm(model_name, dtype=dtype)
+    base.requires_grad_(False)
+    hidden_size = base.config.hidden_size
+    targets = lora_target_modules(base)  # before peft wraps the projections
+    model = get_peft_model(base, _lora_config(targets, lora_r, lora_alpha), adapter_name=ACTOR)
+    value_head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+    score_head = None
+    reward_bias = 0.0
+    if rm_dir is not None:
+        meta = read_meta(rm_dir)
+        model.load_adapter(str(rm_dir), adapter_name=CRITIC, is_trainable=True)
+        model.load_adapter(str(rm_dir), adapter_name=REWARD, is_trainable=False)
+        head = load_file(str(Path(rm_dir) / "score_head.safetensors"))
+        reward_bias = float(meta.get("reward_bias", 0.0))
+        score_head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        with torch.no_grad():
+            score_head.weight.copy_(head["weight"])
+            score_head.bias.copy_(head["bias"] - reward_bias)
+            value_head.weight.copy_(head["weight"])
+            value_head.bias.copy_(head["bias"] - reward_bias)
+        reward_bias = 0.0  # folded into the heads' biases above
+    else:
+        model.add_adapter(CRITIC, _lora_config(targets, lora_r, lora_alpha))
+        # Fresh value head at zero: V = 0 makes the first advantages the plain reward-to-go, where
+        # random initial values would drown a small oracle reward in noise. It still learns (h != 0).
+        nn.init.zeros_(value_head.weight)
+        nn.init.zeros_(value_head.bias)
+    model.set_adapter(ACTOR)
+    model.eval()  # no dropout anywhere; gradients still flow
+    roles = PolicyRoles(model, value_head, score_head, reward_bias)
+    return roles, tokenizer
+
+
+def save_actor(roles: PolicyRoles, out_dir: str | Path, meta: dict) -> Path:
+    """Write the actor adapter as a standalone peft adapter folder (loads with PeftModel.from_pretrained)
+    plus policy.json ({"base_model", "temperature", ...})."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(roles.model, adapter_name=ACTOR)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"))
+    config = roles.model.peft_config[ACTOR]
+    config.save_pretrained(str(out_dir))
+    (out_dir / POLICY_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def load_policy(policy_dir: str | Path, model_name: str | None = None, dtype: torch.dtype = torch.float32):
+    """(peft model with the trained actor as its "default" adapter, tokenizer, policy.json meta).
+    The reference is the same model under `with model.disable_adapter():`."""
+    from peft import PeftModel
+
+    from rlhf.errors import UserError
+
+    policy_dir = Path(policy_dir)
+    meta_path = policy_dir / POLICY_META
+    if not meta_path.is_file() or not (policy_dir / "adapter_model.safetensors").is_file():
+        raise UserError(f"{policy_dir} is not a policy directory (no {POLICY_META} or adapter); "
+                        f"train one with `rlhf ppo`")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    name = model_name or meta["base_model"]
+    tokenizer = load_tokenizer(name)
+    base = load_causal_lm(name, dtype=dtype)
+    model = PeftModel.from_pretrained(base, str(policy_dir), is_trainable=False).eval()
+    return model, tokenizer, meta
