@@ -60,11 +60,13 @@ def main() -> None:
         seconds = time.perf_counter() - start
         rows.append(("batched (all prompts x K, one call)", sum(c.num_tokens for t in tasks for c in t.completions),
                      seconds))
+        print(f"batched: {rows[-1][1]} tokens in {seconds:.1f} s", flush=True)
         for label, per_call in [("plain generate, one prompt x K per call", args.k),
                                 ("plain generate, one sequence per call", 1)]:
             start = time.perf_counter()
             tokens = plain_generate(model, tokenizer, prompts, args.k, params, per_call)
             rows.append((label, tokens, time.perf_counter() - start))
+            print(f"{label}: {tokens} tokens in {rows[-1][2]:.1f} s", flush=True)
 
     print(f"model {args.model} ({args.dtype}), {args.prompts} prompts x K={args.k}, {args.max_new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads; load from cache {load_s:.2f} s")

@@ -61,6 +61,10 @@ class DemoConfig:
     """PPO learning rate."""
     kl_coef: float = 0.05
     """beta of the per-token KL penalty."""
+    missing_eos_penalty: float | None = None
+    """Score of a PPO response cut off without EOS. Off in the demo: completions are capped at
+    `max_new_tokens` for speed, so most SFT completions (which the RM learned from) are cut off too, and a
+    penalty would teach brevity instead of the annotators' preference."""
     eval_every: int = 10
     """PPO evaluation interval in steps."""
     dtype: str = "float32"
@@ -170,6 +174,7 @@ def _policy(cfg: DemoConfig, out: Path, done: dict) -> dict:
                        steps=cfg.ppo_steps, batch_size=cfg.ppo_batch_size, response_length=cfg.max_new_tokens,
                        temperature=cfg.temperature, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef, eval_every=cfg.eval_every,
                        eval_size=cfg.eval_prompts, oracle=cfg.oracle, seed=cfg.seed, resume=cfg.resume,
+                       missing_eos_penalty=cfg.missing_eos_penalty,
                        checkpoint_every=max(1, cfg.eval_every))
     return train_policy(config)
 

@@ -1,0 +1,117 @@
+"""How good is a reward model on held-out preferences: pairwise accuracy, mean margin, calibration,
+and, where several annotators judged the same comparison, how often humans agree with each other
+(the ceiling a reward model trained on their labels can be expected to reach)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from reward_model.data import parse_record, read_records, to_example
+from reward_model.model import encode_sample_ids, score_rows
+from rlhf.records import Pair, RankedTask
+
+
+def expected_calibration_error(probs: Sequence[float], bins: int = 10) -> float:
+    """ECE (Guo et al. 2017) of p = sigmoid(r_chosen - r_rejected) = P(chosen preferred).
+
+    Each comparison counts in both orientations, (p, outcome 1) and (1 - p, outcome 0), so the
+    reliability diagram over 10 equal-width bins of [0, 1] does not depend on which side was listed
+    first; ECE = sum over bins of (bin size / total) * |mean predicted - observed frequency|.
+    """
+    points = [(p, 1.0) for p in probs] + [(1.0 - p, 0.0) for p in probs]
+    if not points:
+        return float("nan")
+    totals = [[0, 0.0, 0.0] for _ in range(bins)]
+    for p, outcome in points:
+        b = min(int(p * bins), bins - 1)
+        totals[b][0] += 1
+        totals[b][1] += p
+        totals[b][2] += outcome
+    return sum(abs(s_p - s_o) for n, s_p, s_o in totals if n) / len(points)
+
+
+def _comparisons(records: Iterable[RankedTask | Pair]):
+    """(prompt, better text, worse text, annotator, task id) for every non-tied, non-identical pair."""
+    for record in records:
+        ex = to_example(record)
+        for b, w, _ in ex.pairs:
+            if ex.texts[b] != ex.texts[w]:
+                yield ex.prompt, ex.texts[b], ex.texts[w], ex.annotator, ex.task_id
+
+
+def human_agreement(comparisons: Sequence[tuple[str, str, str, str, str]],
+                    model_prefers: dict[tuple[str, str, str], bool] | None = None) -> dict[str, Any]:
+    """Leave-one-out agreement: for each annotator's judgement of a comparison that others also judged,
+    does it match the majority of the OTHER annotators (ties among the others are left out)?
+
+    With `model_prefers` ((prompt, a, b) -> model prefers a), the model's agreement with the same
+    individual judgements is reported beside it, on exactly the same denominator.
+    """
+    votes: dict[tuple[str, str, str], dict[str, int]] = defaultdict(dict)  # key -> annotator -> +1/-1
+    for prompt, better, worse, annotator, _ in comparisons:
+        a, b = sorted((better, worse))
+        votes[(prompt, a, b)][annotator] = 1 if better == a else -1
+    judged = agree = model_agree = 0
+    for key, by_annotator in votes.items():
+        if len(by_annotator) < 2:
+            continue
+        for annotator, vote in by_annotator.items():
+            others = sum(v for other, v in by_annotator.items() if other != annotator)
+            if others == 0:
+                continue
+            judged += 1
+            agree += (vote > 0) == (others > 0)
+            if model_prefers is not None:
+                model_agree += (vote > 0) == model_prefers[key]
+    result: dict[str, Any] = {"multi_annotated_judgements": judged}
+    if judged:
+        result["human_agreement"] = agree / judged
+        if model_prefers is not None:
+            result["model_agreement_same_judgements"] = model_agree / judged
+    return result
+
+
+@torch.no_grad()
+def evaluate_reward_model(rm, tokenizer, path_or_records: str | Path | Iterable[Any],
+                          max_length: int | None = None, batch_size: int = 32) -> dict[str, Any]:
+    """Metrics of `rm` on a rankings/pairs JSONL file, or on records (RankedTask, Pair or their dicts).
+
+    Every distinct (prompt, completion) is scored once. Returns: pairs, accuracy (a tie in reward
+    counts half), mean_margin (mean r_better - r_worse), ece (10 bins), and human_agreement beside
+    model_agreement_same_judgements when several annotators judged the same comparison.
+    """
+    if isinstance(path_or_records, (str, Path)):
+        records = [record for _, record in read_records(path_or_records)]
+    else:
+        records = [parse_record(r) if isinstance(r, dict) else r for r in path_or_records]
+    max_length = max_length or getattr(rm, "meta", {}).get("max_length", 512)
+    comparisons = list(_comparisons(records))
+    if not comparisons:
+        return {"pairs": 0}
+    keys = sorted({(c[0], text) for c in comparisons for text in (c[1], c[2])})
+    rows = [encode_sample_ids(tokenizer, prompt, text, max_length)[0] for prompt, text in keys]
+    was_training = rm.training
+    rm.eval()
+    try:
+        reward = dict(zip(keys, score_rows(rm, rows, tokenizer.pad_token_id, batch_size)))
+    finally:
+        rm.train(was_training)
+    diffs = [reward[(p, better)] - reward[(p, worse)] for p, better, worse, _, _ in comparisons]
+    probs = [1.0 / (1.0 + math.exp(-d)) for d in diffs]
+    result = {
+        "pairs": len(diffs),
+        "accuracy": sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs),
+        "mean_margin": sum(diffs) / len(diffs),
+        "ece": expected_calibration_error(probs),
+    }
+    model_prefers = {}
+    for p, better, worse, _, _ in comparisons:
+        a, b = sorted((better, worse))
+        model_prefers[(p, a, b)] = reward[(p, a)] > reward[(p, b)]
+    result.update(human_agreement(comparisons, model_prefers))
+    return result

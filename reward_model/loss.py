@@ -1,0 +1,82 @@
+"""The ranking loss: Bradley-Terry on every comparison a ranking of K completions expresses.
+
+InstructGPT (Ouyang et al. 2022, sec. 3.5, eq. 1):
+
+    loss(theta) = -1/C(K,2) * E_{(x, y_w, y_l)} [ log sigmoid(r(x, y_w) - r(x, y_l)) ]
+
+and "we train on all C(K,2) comparisons from each prompt as a single batch element": the K
+completions are scored once and every pair loss is built from those K scores. With ties fewer than
+C(K,2) pairs exist; the average is over the pairs that do. The optional margin subtracts
+m * (rank gap) inside the sigmoid, like Llama 2's margin loss (Touvron et al. 2023, eq. 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from labeling.pairs import pair_indices
+
+
+def pairwise_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | float = 0.0) -> Tensor:
+    """Per-pair loss -log sigmoid(r_chosen - r_rejected - margin) (logsigmoid: stable for large gaps)."""
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+@dataclass
+class PairIndex:
+    """Which rows of a flat reward vector form the batch's comparisons, and how each is weighted."""
+
+    better: Tensor  # [P] row of the preferred completion
+    worse: Tensor   # [P] row of the other one
+    gap: Tensor     # [P] rank difference (>= 1), for the margin
+    weight: Tensor  # [P] 1 / (pairs in its ranking * rankings in the batch): the loss is their weighted sum
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.better.numel())
+
+
+def build_pair_index(rankings: Sequence[Sequence[tuple[int, int, int]]], sizes: Sequence[int]) -> PairIndex:
+    """Lay out the pairs of a batch of rankings whose completions are concatenated into one flat batch.
+
+    `rankings[j]` lists ranking j's pairs as (better, worse, rank gap) with indices local to the
+    ranking; `sizes[j]` is its number of completions (rows). Rankings without pairs are not allowed.
+    """
+    better, worse, gap, weight = [], [], [], []
+    offset = 0
+    for pairs, size in zip(rankings, sizes, strict=True):
+        if not pairs:
+            raise ValueError("a ranking in the batch has no pairs")
+        for b, w, g in pairs:
+            better.append(offset + b)
+            worse.append(offset + w)
+            gap.append(g)
+            weight.append(1.0 / (len(pairs) * len(rankings)))
+        offset += size
+    return PairIndex(torch.tensor(better, dtype=torch.long), torch.tensor(worse, dtype=torch.long),
+                     torch.tensor(gap, dtype=torch.float32), torch.tensor(weight, dtype=torch.float32))
+
+
+def ranking_pairs(ranks: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(better, worse, rank gap) for every non-tied pair of one ranking (rank 1 best)."""
+    return [(b, w, ranks[w] - ranks[b]) for b, w in pair_indices(tuple(ranks))]
+
+
+def ranking_loss(rewards: Tensor, index: PairIndex, margin: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean over rankings of the mean pair loss within each ranking (InstructGPT's 1/C(K,2)).
+
+    `rewards` [N] is float32; returns the scalar loss and detached per-batch metrics: `accuracy`
+    (fraction of pairs ranked right, a tie counts as wrong) and `margin` (mean r_better - r_worse).
+    """
+    index = PairIndex(*(t.to(rewards.device) for t in (index.better, index.worse, index.gap, index.weight)))
+    diff = rewards[index.better] - rewards[index.worse]
+    losses = pairwise_loss(rewards[index.better], rewards[index.worse], margin * index.gap)
+    loss = (losses * index.weight).sum()
+    with torch.no_grad():
+        metrics = {"accuracy": (diff > 0).float().mean(), "margin": diff.mean()}
+    return loss, metrics

@@ -1,0 +1,158 @@
+"""reward_model.loss / evaluate metrics on hand-made numbers."""
+
+import math
+
+import pytest
+import torch
+
+from reward_model.data import DataStats, build_examples, collate, epoch_order
+from reward_model.evaluate import expected_calibration_error, human_agreement
+from reward_model.loss import build_pair_index, pairwise_loss, ranking_loss, ranking_pairs
+from rlhf.records import Pair, RankedTask
+
+
+def log1p_exp(x):
+    return math.log1p(math.exp(x))
+
+
+def test_pairwise_loss_closed_form():
+    chosen, rejected = torch.tensor([2.0, 0.0, -1.0, 40.0]), torch.tensor([1.0, 0.0, 1.0, -40.0])
+    got = pairwise_loss(chosen, rejected)
+    # -log sigmoid(d) = log(1 + exp(-d))
+    expected = [log1p_exp(-1.0), math.log(2.0), log1p_exp(2.0), 0.0]
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+    assert torch.isfinite(pairwise_loss(torch.tensor([-200.0]), torch.tensor([200.0]))).all()  # stable
+    # Margin is subtracted inside the sigmoid.
+    assert pairwise_loss(torch.tensor([2.0]), torch.tensor([1.0]), 0.5).item() == pytest.approx(log1p_exp(-0.5))
+
+
+def test_ranking_pairs_gaps_and_ties():
+    # ranks: c0=2, c1=1, c2=3, c3=1 -> c1 and c3 tie (no pair)
+    assert ranking_pairs([2, 1, 3, 1]) == [(1, 0, 1), (1, 2, 2), (3, 0, 1), (3, 2, 2), (0, 2, 1)]
+
+
+def test_kwise_loss_equals_mean_of_pairwise_and_same_gradients():
+    # Two rankings: K=3 (ranks 1,2,3) and K=4 (ranks 2,1,4,3), flattened into 7 rewards.
+    scores = [0.3, -0.2, 0.9, 1.5, 0.1, -0.7, 0.4]
+    r1, r2 = ranking_pairs([1, 2, 3]), ranking_pairs([2, 1, 4, 3])
+    assert len(r1) == 3 and len(r2) == 6
+    rewards = torch.tensor(scores, requires_grad=True)
+    loss, metrics = ranking_loss(rewards, build_pair_index([r1, r2], [3, 4]))
+    loss.backward()
+
+    # Reference: every pair as a separate (chosen, rejected) example, each ranking's pairs averaged,
+    # then the rankings averaged: what a pairwise trainer computes with 1/C(K,2) weights.
+    ref = torch.tensor(scores, requires_grad=True)
+    per_ranking = []
+    for pairs, offset in ((r1, 0), (r2, 3)):
+        losses = [-torch.nn.functional.logsigmoid(ref[offset + b] - ref[offset + w]) for b, w, _ in pairs]
+        per_ranking.append(torch.stack(losses).mean())
+    ref_loss = torch.stack(per_ranking).mean()
+    ref_loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
+    torch.testing.assert_close(rewards.grad, ref.grad)
+
+    # By hand for the first ranking: pairs (0,1), (0,2), (1,2).
+    first = (log1p_exp(-(0.3 + 0.2)) + log1p_exp(-(0.3 - 0.9)) + log1p_exp(-(-0.2 - 0.9))) / 3
+    diffs = [0.3 + 0.2, 0.3 - 0.9, -0.2 - 0.9]
+    # Second: ranks (2,1,4,3) -> order c1 > c0 > c3 > c2; scores 1.5, 0.1, -0.7, 0.4.
+    s = [1.5, 0.1, -0.7, 0.4]
+    second_pairs = [(1, 0), (1, 3), (1, 2), (0, 3), (0, 2), (3, 2)]
+    second = sum(log1p_exp(-(s[b] - s[w])) for b, w in second_pairs) / 6
+    assert loss.item() == pytest.approx((first + second) / 2, abs=1e-6)
+    diffs += [s[b] - s[w] for b, w in second_pairs]
+    assert metrics["accuracy"].item() == pytest.approx(sum(d > 0 for d in diffs) / 9)
+    assert metrics["margin"].item() == pytest.approx(sum(diffs) / 9, abs=1e-6)
+
+
+def test_margin_uses_rank_gap():
+    rewards = torch.tensor([1.0, 0.0, -1.0])
+    loss, _ = ranking_loss(rewards, build_pair_index([ranking_pairs([1, 2, 3])], [3]), margin=0.5)
+    # pairs: (0,1) gap 1, (0,2) gap 2, (1,2) gap 1
+    expected = (log1p_exp(-(1 - 0.5)) + log1p_exp(-(2 - 1.0)) + log1p_exp(-(1 - 0.5))) / 3
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_build_examples_skips_identical_and_counts_empty():
+    stats = DataStats()
+    same = RankedTask("t1", "a", "p", ("x", "y", "z"), ("same", "same", ""), (1, 2, 3))
+    all_same = RankedTask("t2", "a", "p", ("x", "y"), ("dup", "dup"), (1, 2))
+    pair = Pair("p", "good", "bad")
+    examples = build_examples([same, all_same, pair], stats)
+    assert [len(e.pairs) for e in examples] == [2, 1]   # (0,1) identical texts dropped
+    assert stats.identical_pairs_skipped == 2 and stats.rankings_without_pairs == 1
+    assert stats.empty_completions == 1 and stats.rankings == 2 and stats.pairs == 3
+    assert examples[1].texts == ("good", "bad") and examples[1].pairs == [(0, 1, 1)]
+
+
+def test_collate_one_forward_for_all_completions():
+    stats = DataStats()
+    examples = build_examples([RankedTask("t", "a", "p", ("a", "b", "c"), ("1", "2", "3"), (1, 2, 3)),
+                               Pair("q", "4", "5")], stats)
+    examples[0].rows = [[5, 6], [5, 6, 7], [5]]
+    examples[1].rows = [[8], [8, 9]]
+    ids, mask, index = collate(examples, pad_id=0)
+    assert ids.shape == (5, 3)
+    assert index.better.tolist() == [0, 0, 1, 3] and index.worse.tolist() == [1, 2, 2, 4]
+    assert index.weight.tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2])
+    assert mask.sum(1).tolist() == [2, 3, 1, 1, 2]
+
+
+def test_epoch_order_is_reproducible_and_differs_by_epoch():
+    assert epoch_order(20, 3, 0) == epoch_order(20, 3, 0)
+    assert epoch_order(20, 3, 0) != epoch_order(20, 3, 1)
+    assert sorted(epoch_order(20, 3, 1)) == list(range(20))
+
+
+def test_ece():
+    assert expected_calibration_error([1.0, 1.0]) == pytest.approx(0.0)
+    # p = 0.75 on 4 pairs the chosen side won: bin [0.7, 0.8) predicts 0.75 and observes 1.0, its mirror
+    # bin [0.2, 0.3) predicts 0.25 and observes 0: |0.75 - 1| = |0.25 - 0| = 0.25.
+    assert expected_calibration_error([0.75] * 4) == pytest.approx(0.25)
+    assert expected_calibration_error([0.5]) == pytest.approx(0.0)  # (0.5,1) and (0.5,0) share a bin
+
+
+def test_human_agreement_leave_one_out():
+    # Three annotators judge (a vs b): two prefer a, one prefers b. c vs d judged by one only.
+    comps = [("p", "a", "b", "ann1", "t"), ("p", "a", "b", "ann2", "t"), ("p", "b", "a", "ann3", "t"),
+             ("p", "c", "d", "ann1", "t")]
+    result = human_agreement(comps, {("p", "a", "b"): True, ("p", "c", "d"): True})
+    # ann1: others = ann2(+1)+ann3(-1) = 0 -> left out; ann2: others 0 -> left out; ann3: others +2, disagrees.
+    assert result["multi_annotated_judgements"] == 1
+    assert result["human_agreement"] == 0.0
+    assert result["model_agreement_same_judgements"] == 0.0  # model prefers a, ann3 said b
+    comps.append(("p", "a", "b", "ann4", "t"))
+    result = human_agreement(comps, {("p", "a", "b"): True, ("p", "c", "d"): True})
+    # ann1: others +1 agree; ann2: +1 agree; ann3: others +3 disagree; ann4: +1 agree
+    assert result["multi_annotated_judgements"] == 4 and result["human_agreement"] == 0.75
+    assert result["model_agreement_same_judgements"] == 0.75
+
+
+def test_find_data_rankings_split_and_pairs_fallback(tmp_path):
+    import json
+
+    from reward_model.data import find_data
+    from rlhf.errors import UserError
+
+    ranking = {"prompt": "p", "completions": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}]}
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "rankings.jsonl").write_text(
+        json.dumps({**ranking, "split": "train"}) + "\n" + json.dumps({**ranking, "split": "test"}) + "\n")
+    (tmp_path / "r" / "train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    files = find_data(tmp_path / "r")
+    assert len(files.train) == 1 and len(files.test) == 1 and isinstance(files.train[0], RankedTask)
+
+    (tmp_path / "p").mkdir()
+    pair = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    (tmp_path / "p" / "train.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps(pair) + "\n")
+    (tmp_path / "p" / "test.jsonl").write_text(json.dumps(pair) + "\n")
+    files = find_data(tmp_path / "p")
+    assert len(files.train) == 2 and len(files.test) == 1 and isinstance(files.train[0], Pair)
+    assert files.test_source.endswith("test.jsonl")
+
+    (tmp_path / "e").mkdir()
+    with pytest.raises(UserError, match="no rankings.jsonl or train.jsonl"):
+        find_data(tmp_path / "e")
+    (tmp_path / "e" / "rankings.jsonl").write_text(json.dumps({**ranking, "split": "dev"}) + "\n")
+    with pytest.raises(UserError, match="unknown split 'dev'"):
+        find_data(tmp_path / "e")
