@@ -31,13 +31,13 @@ class DemoConfig:
     """SFT model: 'default' (SmolLM2-135M-Instruct), a local folder or a HF id."""
     prompts: str = str(PROMPTS_FILE)
     """Prompt set; the first `label_prompts` are labeled, the last `eval_prompts` are held out for PPO eval."""
-    label_prompts: int = 96
+    label_prompts: int = 80
     """Prompts whose completions the scripted annotators rank (each gives overlap * C(K,2) pairs)."""
     eval_prompts: int = 24
     """Held-out prompts (the end of the prompt file) for the policy evaluation and the report's samples."""
     k: int = 4
     """Completions per prompt."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     """Completion length for generation and for PPO responses."""
     temperature: float = 0.7
     """Sampling temperature of generation and PPO."""
@@ -49,15 +49,15 @@ class DemoConfig:
     """Rankings per task."""
     noise: float = 0.1
     """Annotator noise (Bradley-Terry sampling temperature relative to a task's score range)."""
-    rm_epochs: int = 2
-    """Reward-model epochs over the training rankings."""
+    rm_epochs: int = 1
+    """Reward-model epochs over the training rankings (InstructGPT: 1)."""
     rm_lr: float = 3e-4
     """Reward-model learning rate (LoRA + score head)."""
-    ppo_steps: int = 40
+    ppo_steps: int = 8
     """PPO steps."""
-    ppo_batch_size: int = 16
+    ppo_batch_size: int = 8
     """Rollouts per PPO step."""
-    ppo_lr: float = 1e-4
+    ppo_lr: float = 3e-4
     """PPO learning rate."""
     kl_coef: float = 0.05
     """beta of the per-token KL penalty."""
@@ -65,7 +65,7 @@ class DemoConfig:
     """Score of a PPO response cut off without EOS. Off in the demo: completions are capped at
     `max_new_tokens` for speed, so most SFT completions (which the RM learned from) are cut off too, and a
     penalty would teach brevity instead of the annotators' preference."""
-    eval_every: int = 10
+    eval_every: int = 4
     """PPO evaluation interval in steps."""
     dtype: str = "float32"
     """Backbone dtype for the reward model's training."""
@@ -76,8 +76,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> "DemoConfig":
-        settings = dict(label_prompts=24, eval_prompts=8, max_new_tokens=32, rm_epochs=1, ppo_steps=6,
-                        ppo_batch_size=8, eval_every=3)
+        settings = dict(label_prompts=16, eval_prompts=8, max_new_tokens=24, ppo_steps=2, eval_every=2)
         settings.update(overrides)
         return cls(**settings)
 
@@ -207,7 +206,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         marker = stages_dir / f"{stage.name}.json"
         if cfg.resume and marker.is_file() and stage.name != "report":
             done[stage.name] = json.loads(marker.read_text())
-            print(f"[demo] {stage.title}: done earlier, skipped (--resume)", flush=True)
+            print(f"[demo] {stage.name}: done earlier, skipped (--resume)", flush=True)
             continue
         print(f"[demo] {stage.title}", flush=True)
         start = time.perf_counter()

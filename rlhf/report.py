@@ -120,8 +120,7 @@ def write_report(out: Path, settings: dict[str, Any], done: dict[str, dict]) -> 
         ("Shared tasks", agreement.get("shared_tasks")),
         ("Pairwise agreement between annotators", _fmt(agreement.get("pairwise_agreement"))),
         ("Mean Kendall's tau", _fmt(agreement.get("mean_kendall_tau"))),
-        ("Train pairs / test pairs", f"{pairs.get('train', {}).get('pairs', pairs.get('train_pairs', 'n/a'))} / "
-                                     f"{pairs.get('test', {}).get('pairs', pairs.get('test_pairs', 'n/a'))}"),
+        ("Train pairs / test pairs (split by prompt)", f"{pairs.get('train_pairs', 'n/a')} / {pairs.get('test_pairs', 'n/a')}"),
     ]
     annotators = stats.get("annotators", [])
     samples = []

@@ -1,0 +1,61 @@
+"""The end-to-end demo on a tiny model: every stage runs, the report is written, --resume skips done stages."""
+
+import json
+
+import pytest
+
+from rlhf.cli import main
+from rlhf.demo import DemoConfig, run_demo
+from rlhf.errors import UserError
+
+
+def _config(tmp_path, model, **overrides):
+    settings = dict(out=str(tmp_path / "demo"), model=model, label_prompts=6, eval_prompts=3, max_new_tokens=8,
+                    ppo_steps=2, ppo_batch_size=4, eval_every=1)
+    settings.update(overrides)
+    return DemoConfig.quick(**settings)
+
+
+def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, capsys):
+    cfg = _config(tmp_path, tiny_model_dir)
+    done = run_demo(cfg)
+    assert list(done) == ["generate", "label", "export", "reward_model", "policy", "report"]
+    out = tmp_path / "demo"
+    assert done["generate"]["tasks"] == 6
+    # 6 tasks x overlap 2 x C(4,2) pairs, all from strict scripted rankings
+    assert done["export"]["train_pairs"] + done["export"]["test_pairs"] == 6 * 2 * 6
+    assert (out / "rm" / "reward_model.json").is_file() and (out / "ppo" / "policy").is_dir()
+    html = (out / "report.html").read_text()
+    assert "RLHF demo report" in html and "data:image/png;base64," in html
+    assert "<script" not in html  # model text is escaped; the report runs no script
+    samples = [json.loads(line) for line in (out / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3
+    for sample in samples:  # every model text appears escaped, never as raw markup
+        assert f">{sample['prompt']}<" in html or "&" in sample["prompt"]
+    md = (out / "report.md").read_text()
+    assert "## Samples" in md and "report_files/policy_vs_step.png" in md
+
+    # --resume after a "crash" in PPO: earlier stages are skipped, not redone
+    (out / "stages" / "policy.json").unlink()
+    (out / "stages" / "report.json").unlink()
+    capsys.readouterr()
+    again = run_demo(_config(tmp_path, tiny_model_dir, resume=True))
+    printed = capsys.readouterr().out
+    for stage in ("generate", "label", "export", "reward_model"):
+        assert f"{stage}: done earlier, skipped" in printed
+        assert again[stage]["seconds"] == done[stage]["seconds"]  # read back from its marker, not rerun
+    assert printed.count("done earlier, skipped") == 4
+    assert "policy done in" in printed
+
+
+def test_demo_refuses_to_overwrite_and_names_the_failing_stage(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "something").write_text("keep me")
+    with pytest.raises(UserError, match="already holds a run"):
+        run_demo(_config(tmp_path, tiny_model_dir))
+    assert (out / "something").read_text() == "keep me"
+
+    code = main(["demo", "--quick", "--out", str(tmp_path / "other"), "--model", str(tmp_path / "no-model")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "stage 'generate' failed" in err and len(err.splitlines()) == 1
