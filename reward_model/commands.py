@@ -109,23 +109,10 @@ def run_eval(args) -> None:
               f"{result['multi_annotated_judgements']} judgements: {result['model_agreement_same_judgements']:.4f})")
 
 
-def _stdin_jsonl():
-    for line_no, line in enumerate(sys.stdin, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"<stdin>:{line_no}: not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"<stdin>:{line_no}: expected a JSON object, got {type(obj).__name__}")
-        yield line_no, obj
-
-
 def _read_samples(source: str) -> list[tuple[str, str]]:
-    from rlhf.jsonl import read_jsonl
+    from rlhf.jsonl import parse_jsonl, read_jsonl
 
-    name, rows = ("<stdin>", _stdin_jsonl()) if source == "-" else (source, read_jsonl(source))
+    name, rows = ("<stdin>", parse_jsonl(sys.stdin, "<stdin>")) if source == "-" else (source, read_jsonl(source))
     samples = []
     for line_no, obj in rows:
         prompt, completion = obj.get("prompt"), obj.get("completion")

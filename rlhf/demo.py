@@ -49,9 +49,9 @@ class DemoConfig:
     """Rankings per task."""
     noise: float = 0.1
     """Annotator noise (Bradley-Terry sampling temperature relative to a task's score range)."""
-    rm_epochs: int = 1
-    """Reward-model epochs over the training rankings (InstructGPT: 1)."""
-    rm_lr: float = 3e-4
+    rm_epochs: int = 3
+    """Reward-model epochs over the training rankings (InstructGPT: 1, with far more data than a demo has)."""
+    rm_lr: float = 6e-4
     """Reward-model learning rate (LoRA + score head)."""
     ppo_steps: int = 8
     """PPO steps."""
@@ -76,7 +76,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> "DemoConfig":
-        settings = dict(label_prompts=16, eval_prompts=8, max_new_tokens=24, ppo_steps=2, eval_every=2)
+        settings = dict(label_prompts=16, eval_prompts=8, max_new_tokens=24, rm_epochs=1, ppo_steps=2, eval_every=2)
         settings.update(overrides)
         return cls(**settings)
 
@@ -172,7 +172,8 @@ def _policy(cfg: DemoConfig, out: Path, done: dict) -> dict:
                        out=str(out / "ppo"), rm=str(out / "rm"), reward="rm", model=cfg.model,
                        steps=cfg.ppo_steps, batch_size=cfg.ppo_batch_size, response_length=cfg.max_new_tokens,
                        temperature=cfg.temperature, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef, eval_every=cfg.eval_every,
-                       eval_size=cfg.eval_prompts, oracle=cfg.oracle, seed=cfg.seed, resume=cfg.resume,
+                       eval_size=cfg.eval_prompts, oracle=cfg.oracle, seed=cfg.seed,
+                       resume=cfg.resume and (out / "ppo" / "checkpoint").is_dir(),  # a crash mid-PPO
                        missing_eos_penalty=cfg.missing_eos_penalty,
                        checkpoint_every=max(1, cfg.eval_every))
     return train_policy(config)

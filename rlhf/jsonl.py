@@ -12,8 +12,23 @@ from typing import Any, Iterable, Iterator
 from rlhf.errors import UserError
 
 
+def parse_jsonl(lines: Iterable[str], name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_number, object) for each non-blank line of `lines` (a file or stdin); a malformed line
+    raises UserError naming `name` and the line."""
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{name}:{line_no}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{name}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+        yield line_no, obj
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line_number, object) for each non-blank line; a malformed line raises UserError naming it."""
+    """`parse_jsonl` over a file; a missing or unreadable file raises UserError."""
     path = Path(path)
     try:
         handle = path.open("r", encoding="utf-8")
@@ -23,16 +38,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     with handle:
         try:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-                yield line_no, obj
+            yield from parse_jsonl(handle, str(path))
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text") from None
 
