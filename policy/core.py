@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from reward_model.model import last_token_index
+
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     mask = mask.to(values.dtype)
@@ -66,17 +68,11 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1
     raise ValueError(f"unknown KL estimator {estimator!r}: use k1, k2 or k3")
 
 
-def last_real_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last 1 in each row of a right-padded mask (0 for an all-zero row)."""
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), positions, torch.zeros_like(positions)).max(dim=1).values
-
-
 def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """r_t = -beta * KL_t on every real token, plus the sequence score on the LAST REAL token only
     (Ziegler et al. 2019; InstructGPT): the reward model judges the finished response, not its prefixes."""
     rewards = -kl_coef * kl * mask.to(kl.dtype)
-    last = last_real_index(mask)
+    last = last_token_index(mask)  # the same last-real-token rule the reward model reads at
     rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
     return rewards
 
