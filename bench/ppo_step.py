@@ -156,7 +156,7 @@ def run_layout(layout: str, rm_dir: str, steps: int, batch: int, length: int) ->
     optimizer = torch.optim.Adam(roles.trainable_parameters(), lr=config.lr, eps=1e-5)
     accelerator = Accelerator(cpu=True)
     eos = eos_token_ids(roles.model, tokenizer)
-    reward_fn = reward_function(config, tokenizer.eos_token_id)
+    reward_fn = reward_function(config, tokenizer)
     prompts = [p for _, p in read_prompts(ROOT / "data" / "prompts.jsonl")]
     times = []
     for step in range(steps):

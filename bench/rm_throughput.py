@@ -3,8 +3,9 @@ TRL's RewardTrainer) vs TRL's RewardTrainer itself, same data, model (SmolLM2-13
 
     .venv/bin/python bench/rm_throughput.py [--steps 3] [--seqs 32] [--ks 4 8] [--dtype float32]
 
-Data: the cached alliteration-ranked completions of bench/rm_quality.py (K completions per prompt,
-equal oracle scores tie). Every configuration trains on the SAME rankings, in a fresh subprocess
+Data: the cached completions of bench/rm_quality.py ranked by the `sentiment` oracle (K completions
+per prompt, equal oracle scores tie). Our reward model uses its defaults (RewardTrainingConfig: the
+read-out layer and pooling); TRL's reads the last layer's last token, as it always does. Every configuration trains on the SAME rankings, in a fresh subprocess
 (so peak RSS, from getrusage, does not mix), with the same number of sequences per forward pass
 (--seqs): K-wise packs seqs/K whole rankings per step and gets all their pairs from one pass;
 pairwise packs seqs/2 (chosen, rejected) pairs of those rankings. One warm-up step, then --steps
@@ -54,8 +55,11 @@ def load_rankings(k: int, model: str, limit: int | None, synthetic: bool = False
     from rlhf.jsonl import write_jsonl
     from rm_quality import CACHE
 
+    from rlhf.oracles import sentiment
+
     tasks = synthetic_tasks(limit) if synthetic else cached_tasks(model, 8, 48, limit=limit)
-    rows = oracle_rankings(tasks, k, test_fraction=0.2, seed=0)
+    tasks = [{**t, "completions": t["completions"][:k]} for t in tasks]
+    rows = oracle_rankings(tasks, sentiment if not synthetic else (lambda p, c: float(len(c))), 0.2, 0)
     path = CACHE / f"throughput_k{k}{'_synthetic' if synthetic else ''}.jsonl"
     write_jsonl(path, rows)
     files = find_data(path)
@@ -73,10 +77,13 @@ def run_ours(mode: str, k: int, args) -> dict:
 
     from reward_model.data import DataStats, collate, tokenize_examples
     from reward_model.loss import ranking_loss
-    from reward_model.model import create_reward_model, pad_rows
+    from reward_model.config import RewardTrainingConfig
+    from reward_model.model import create_reward_model, pad_samples
 
     torch.manual_seed(0)
-    rm, tok = create_reward_model(args.model, lora_r=LORA_R, lora_alpha=2 * LORA_R, dtype=getattr(torch, args.dtype))
+    defaults = RewardTrainingConfig(data="", out="")
+    rm, tok = create_reward_model(args.model, lora_r=LORA_R, lora_alpha=2 * LORA_R, dtype=getattr(torch, args.dtype),
+                                  readout_layer=defaults.readout_layer, readout_pool=defaults.readout_pool)
     examples, test = load_rankings(k, args.model, args.limit, args.synthetic)
     tokenize_examples(examples, tok, 512, DataStats())
     if args.grad_ckpt:  # recompute each decoder layer in backward instead of keeping its activations
@@ -90,15 +97,14 @@ def run_ours(mode: str, k: int, args) -> dict:
         batches = [examples[i:i + per_step] for i in range(0, len(examples), per_step)]
 
         def step(batch):
-            ids, mask, index = collate(batch, tok.pad_token_id)
-            loss, _ = ranking_loss(rm(ids, mask), index)
+            tensors, index = collate(batch, tok.pad_token_id)
+            loss, _ = ranking_loss(rm(*tensors), index)
             return loss, index.num_pairs
     else:
         batches = pair_batches(examples, args.seqs // 2)
 
         def step(batch):
-            ids, mask = pad_rows([c for c, _ in batch] + [r for _, r in batch], tok.pad_token_id)
-            rewards = rm(ids, mask)
+            rewards = rm(*pad_samples([c for c, _ in batch] + [r for _, r in batch], tok.pad_token_id))
             n = len(batch)
             loss = -torch.nn.functional.logsigmoid(rewards[:n] - rewards[n:]).mean()
             return loss, n
@@ -141,7 +147,7 @@ def run_trl(k: int, args) -> dict:
     tok = load_tokenizer(args.model)
     examples, test = load_rankings(k, args.model, args.limit, args.synthetic)
     tokenize_examples(examples, tok, 512, DataStats())
-    pairs = [(ex.rows[b], ex.rows[w]) for ex in examples for b, w, _ in ex.pairs]
+    pairs = [(ex.rows[b].ids, ex.rows[w].ids) for ex in examples for b, w, _ in ex.pairs]
     per_step = args.seqs // 2
     if not args.accuracy:
         pairs = pairs[:per_step * (1 + args.steps)]
@@ -188,8 +194,8 @@ def _trl_accuracy(model, tok, test) -> float:
     model.eval()
     right = total = 0
     with torch.no_grad():
-        for prompt, better, worse, _, _ in _comparisons(test):
-            rows = [encode_sample_ids(tok, prompt, t, 512)[0] for t in (better, worse)]
+        for prompt, better, worse, *_ in _comparisons(test):
+            rows = [encode_sample_ids(tok, prompt, t, 512).ids for t in (better, worse)]
             ids, mask = pad_rows(rows, tok.pad_token_id, "right")
             scores = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
             right += float(scores[0] > scores[1])

@@ -7,13 +7,16 @@ a thin wrapper over a plain function in `labeling.handlers`.
 One login for both: the sign-in page (static/login.html) posts to /api/login, which sets an HttpOnly,
 SameSite=Strict session cookie; the API reads it, and Gradio reads it through `auth_dependency`, so every
 Gradio event handler gets the annotator as `request.username` from the server's session table. A request
-to / without a session is sent to the sign-in page; Gradio answers its own routes with 401.
+to / without a session is sent to the sign-in page; every other Gradio route answers 401 without one.
 
 Security: every API write must be a JSON request (a cross-site form cannot send one without a CORS
 preflight, which we never grant) and the cookie is SameSite=Strict, so another site cannot act as a
 signed-in annotator. The sign-in page and the API get a strict Content-Security-Policy; Gradio pages need
 inline and evaluated scripts, so theirs still forbids every foreign origin, plugins and framing, and model
-output is kept inert by the widget itself (textContent only).
+output is kept inert by the widget itself (textContent only). ASGI middleware (labeling/guards.py) in front
+of every route, Gradio's included, refuses bodies over MAX_BODY_BYTES before reading them, requires a session
+for every Gradio route and keeps each Gradio page session to the annotator who opened it. Failed sign-ins
+are throttled per account and per client address (`handlers.LoginThrottle`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request) at
@@ -26,9 +29,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from labeling import handlers
-from labeling.handlers import AppSettings, RequestError, Sessions
-from labeling.store import (InvalidAnnotator, InvalidRanking, SQLiteLabelStore, StorageUnavailable, StoreError,
-                            UnknownAnnotator, UnknownTask)
+from labeling.guards import BodyLimit, SignInGate
+from labeling.handlers import AppSettings, LoginThrottle, RequestError, Sessions
+from labeling.store import (Conflict, InvalidAnnotator, InvalidRanking, SQLiteLabelStore, StorageUnavailable,
+                            StoreError, UnknownAnnotator, UnknownTask)
 from rlhf.errors import UserError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -50,6 +54,8 @@ GRADIO_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eva
 or go to another origin."""
 OWN_PATHS = ("/api/", "/login", "/logout", "/auth/")
 """Paths this module serves; everything else is the mounted Gradio app."""
+CLOSED_PATHS = frozenset({"/openapi.json", "/docs", "/redoc", "/gradio_api/openapi.json"})
+"""Gradio's API descriptions: the UI does not use them, and they would describe the server to anyone."""
 
 
 def _status_of(exc: UserError) -> int:
@@ -61,6 +67,8 @@ def _status_of(exc: UserError) -> int:
         return 401
     if isinstance(exc, StorageUnavailable):  # nothing was stored; the client may try again
         return 503
+    if isinstance(exc, Conflict):  # a reused request id, a task not handed to this annotator
+        return 409
     if isinstance(exc, (InvalidRanking, InvalidAnnotator, StoreError)):
         return 422
     return 400
@@ -82,19 +90,25 @@ def render_guidelines(path: str | None) -> str:
 
 
 def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessions | None" = None, *,
-               ui: bool = True):
-    """The FastAPI app: the Gradio UI at / (when `ui`), the sign-in page at /login, the JSON API under /api."""
+               ui: bool = True, throttle: "LoginThrottle | None" = None):
+    """The FastAPI app: the Gradio UI at / (when `ui`), the sign-in page at /login, the JSON API under /api.
+    `throttle` limits failed sign-ins (a default LoginThrottle when None)."""
     from fastapi import FastAPI, Request
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
     from starlette.concurrency import run_in_threadpool
 
     sessions = sessions or Sessions()
+    throttle = throttle or LoginThrottle()
     app = FastAPI(title="rlhf label", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.settings, app.state.sessions = store, settings, sessions
+    # Middleware, outermost first: security_headers (below), BodyLimit, CORS, SignInGate, then the routes.
+    app.add_middleware(SignInGate, annotator_of_token=sessions.annotator, cookie_name=SESSION_COOKIE,
+                       open_prefixes=OWN_PATHS, closed_paths=CLOSED_PATHS, max_body_bytes=MAX_BODY_BYTES)
     # No origin may read or call us across origins. (Without a CORS policy of ours, Gradio adds its own,
     # which lets pages served from localhost call the UI's events with the annotator's cookie.)
     app.add_middleware(CORSMiddleware, allow_origins=[])
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -113,7 +127,11 @@ def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessio
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError):
-        return JSONResponse({"error": str(exc)}, status_code=_status_of(exc))
+        # A message may quote client text: keep it encodable (a lone surrogate would fail the response).
+        message = str(exc).encode("utf-8", "backslashreplace").decode("utf-8")
+        retry_after = getattr(exc, "retry_after", None)
+        return JSONResponse({"error": message}, status_code=_status_of(exc),
+                            headers={"Retry-After": str(retry_after)} if retry_after else None)
 
     def annotator_of(request: Request) -> str | None:
         return sessions.annotator(request.cookies.get(SESSION_COOKIE))
@@ -122,12 +140,14 @@ def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessio
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
             raise RequestError("send the request body as application/json")
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise RequestError(f"request body over {MAX_BODY_BYTES} bytes")
+        body = bytearray()
+        async for chunk in request.stream():  # BodyLimit already refuses more; never hold more here either
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise RequestError(f"request body over {MAX_BODY_BYTES} bytes")
         try:
             return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             raise RequestError("the request body is not valid JSON") from None
 
     async def call(handler: Callable, *args) -> JSONResponse:
@@ -154,10 +174,20 @@ def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessio
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
 
+    # Gradio's own form sign-in and sign-out routes would answer these (SignInGate lets our paths through).
+    @app.api_route("/login", methods=["POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    @app.api_route("/login/", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    @app.api_route("/logout", methods=["POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    @app.api_route("/logout/", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    async def not_here():
+        return JSONResponse({"error": "sign in with POST api/login, sign out with POST api/logout"}, status_code=405)
+
     @app.post("/api/login")
     async def api_login(request: Request):
         payload = await body_of(request)
-        token, info = await run_in_threadpool(handlers.login, store, sessions, settings, payload)
+        address = request.client.host if request.client else ""
+        token, info = await run_in_threadpool(lambda: handlers.login(store, sessions, settings, payload,
+                                                                     throttle=throttle, address=address))
         response = JSONResponse(info)
         response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", path="/",
                             max_age=handlers.SESSION_SECONDS, secure=request.url.scheme == "https")

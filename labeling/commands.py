@@ -55,12 +55,16 @@ def add_commands(sub) -> None:
                                    "from the oracle's scores at temperature NOISE x (the task's score range).")
     _db_option(p)
     p.add_argument("--oracle", required=True,
-                   help="preference oracle: 'alliteration', 'length', or module:function taking (prompt, completion)")
+                   help="preference oracle: sentiment, descriptive, on_topic, formality, length, alliteration "
+                        "(see rlhf/oracles.py), or module:function taking (prompt, completion)")
     p.add_argument("--annotators", type=_positive_int, default=3, help="number of scripted annotators (default 3)")
     p.add_argument("--overlap", type=_positive_int, default=2, help="rankings wanted per task (default 2)")
     p.add_argument("--noise", type=float, default=0.1,
                    help="sampling temperature relative to each task's score range; 0 = always sort by score "
                         "(default 0.1: best above worst with probability sigmoid(1/0.1))")
+    p.add_argument("--tie-margin", type=float, default=0.0,
+                   help="completions whose oracle scores differ by at most this are ranked as a tie "
+                        "(default 0: only equal scores tie; set it for continuous oracles)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed reproduces a run")
     p.set_defaults(func=run_simulate)
 
@@ -85,8 +89,9 @@ def add_commands(sub) -> None:
 
 
 def read_task_files(paths: list[str]) -> list:
-    """Parse every task file fully; a bad line raises UserError 'FILE:LINE: reason'. A task id repeated
-    with different content is an error naming both places; an exact repeat is kept once."""
+    """Parse every task file fully; a bad line raises UserError 'FILE:LINE: reason' (a blank completion is
+    one: there is nothing to rank). A task id repeated with different content is an error naming both
+    places; an exact repeat is kept once."""
     from rlhf.jsonl import read_jsonl
     from rlhf.records import Task
 
@@ -98,6 +103,9 @@ def read_task_files(paths: list[str]) -> list:
                 task = Task.from_dict(obj)
             except ValueError as exc:
                 raise UserError(f"{path}:{line_no}: {exc}") from None
+            blank = next((c.id for c in task.completions if not c.text.strip()), None)
+            if blank is not None:
+                raise UserError(f"{path}:{line_no}: completion {blank!r} is blank (nothing to rank)")
             where = f"{path}:{line_no}"
             if task.id in seen:
                 if seen[task.id][0] != task:
@@ -110,12 +118,23 @@ def read_task_files(paths: list[str]) -> list:
 
 
 def run_import(args) -> None:
+    from pathlib import Path
+
     from labeling.store import open_store
 
     tasks = read_task_files(args.files)  # all files validated before anything is written
-    with open_store(args.db) as store:
-        added, skipped = store.import_tasks(tasks)
-        total = store.count_tasks()
+    db = str(args.db)
+    path = Path(db[len("sqlite:///"):] if db.startswith("sqlite:///") else db)
+    created = "://" not in str(path) and not path.exists()
+    try:
+        with open_store(args.db) as store:
+            added, skipped = store.import_tasks(tasks)
+            total = store.count_tasks()
+    except BaseException:
+        if created:  # a failed import leaves no empty database behind (it would look like a finished one)
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        raise
     print(f"imported {added} tasks ({skipped} already present) into {args.db}; {total} tasks in total")
 
 
@@ -171,7 +190,7 @@ def run_simulate(args) -> None:
             raise UserError(f"{args.db} has no tasks; load some with `rlhf import`")
         with tqdm(total=store.open_slots(args.overlap), desc="simulate", unit="ranking", disable=None) as bar:
             summary = simulate(store, oracle, annotators=args.annotators, overlap=args.overlap, noise=args.noise,
-                               seed=args.seed, on_progress=bar.update)
+                               seed=args.seed, on_progress=bar.update, tie_margin=args.tie_margin)
     agreement = summary["oracle_agreement"]
     print(f"{summary['rankings']} rankings by {len(summary['annotators'])} annotators; "
           f"{summary['complete']}/{summary['tasks']} tasks have {summary['overlap']} rankings; "

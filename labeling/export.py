@@ -105,6 +105,9 @@ def export(store: LabelStore, out_dir, test_fraction: float = 0.1, seed: int = 0
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     ranked = list(store.export_ranked_tasks())
+    if not ranked:  # six empty files would look like a finished export
+        raise UserError("the label store holds no rankings yet; nothing was written (rank tasks with "
+                        "`rlhf label` or `rlhf simulate` first)")
     test_prompts = split_prompts({r.prompt for r in ranked}, test_fraction, seed)
 
     rankings_rows, by_task = [], defaultdict(list)

@@ -9,9 +9,11 @@ web layer (`labeling/app.py`) only parses HTTP and maps the errors below to stat
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -36,6 +38,73 @@ class NotSignedIn(RequestError):
 
 class Forbidden(RequestError):
     status = 403
+
+
+class TooManyAttempts(RequestError):
+    """Sign-in refused without checking the password: too many recent failures (HTTP 429)."""
+
+    status = 429
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many failed sign-ins; try again in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class LoginThrottle:
+    """Failed sign-ins per account name and per client address, kept in memory.
+
+    Each key may fail `free_failures` times; after that, each further attempt must wait `base_delay` seconds
+    after the latest failure, doubling with every failure up to `max_delay`. A key is forgotten `forget_after`
+    seconds after its latest failure, and a successful sign-in clears its account. An attempt counts as a
+    failure from the moment it starts (and is taken back if it succeeds), so parallel guesses cannot slip in
+    while the password is checked. The account limit is lower than the address limit; the address limit
+    stops one client guessing across many names (behind a reverse proxy every client has the proxy's
+    address, so set that limit with the proxy in mind). At most `max_keys` keys are kept: the oldest go first.
+    """
+
+    def __init__(self, *, account_failures: int = 5, address_failures: int = 20, base_delay: float = 1.0,
+                 max_delay: float = 300.0, forget_after: float = 900.0, max_keys: int = 10_000,
+                 clock=time.monotonic):
+        self._free = {"account": account_failures, "address": address_failures}
+        self._base, self._max, self._forget, self._max_keys = base_delay, max_delay, forget_after, max_keys
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()  # key -> (count, last)
+
+    def _wait(self, key: tuple[str, str], now: float) -> float:
+        count, last = self._failures.get(key, (0, now))
+        if now - last > self._forget:
+            self._failures.pop(key, None)
+            return 0.0
+        over = count - self._free[key[0]]
+        if over < 0:
+            return 0.0
+        return last + min(self._max, self._base * 2.0 ** min(over, 64)) - now
+
+    def attempt(self, account: str, address: str) -> None:
+        """Start a sign-in attempt; raises TooManyAttempts (and counts nothing) if either key must wait."""
+        keys = (("account", account), ("address", address))
+        with self._lock:
+            now = self._clock()
+            wait = max(self._wait(key, now) for key in keys)
+            if wait > 0:
+                raise TooManyAttempts(max(1, math.ceil(wait)))
+            for key in keys:
+                count, _ = self._failures.pop(key, (0, now))
+                self._failures[key] = (count + 1, now)  # to the end: the dict stays ordered by latest failure
+            while self._failures and (len(self._failures) > self._max_keys
+                                      or now - next(iter(self._failures.values()))[1] > self._forget):
+                self._failures.popitem(last=False)
+
+    def succeeded(self, account: str, address: str) -> None:
+        """The attempt succeeded: clear the account's failures and take this attempt back from the address."""
+        with self._lock:
+            self._failures.pop(("account", account), None)
+            count, last = self._failures.get(("address", address), (0, 0.0))
+            if count > 1:
+                self._failures[("address", address)] = (count - 1, last)
+            else:
+                self._failures.pop(("address", address), None)
 
 
 class Sessions:
@@ -142,14 +211,21 @@ def progress(store: SQLiteLabelStore, annotator: str, settings: AppSettings) -> 
 
 # ------------------------------------------------------------------------------------------ handlers
 
-def login(store: SQLiteLabelStore, sessions: Sessions, settings: AppSettings, payload: Any) -> tuple[str, dict]:
-    """Check a name and password against the store; returns (session token, session info)."""
+def login(store: SQLiteLabelStore, sessions: Sessions, settings: AppSettings, payload: Any, *,
+          throttle: LoginThrottle | None = None, address: str = "") -> tuple[str, dict]:
+    """Check a name and password against the store; returns (session token, session info). With a `throttle`,
+    repeated failures for the account or from the client `address` are refused for a while (TooManyAttempts)."""
     payload = _payload(payload)
     name = payload.get("username")
     password = payload.get("password")
+    account = name[:64] if isinstance(name, str) else ""
+    if throttle is not None:
+        throttle.attempt(account, address)
     if not isinstance(name, str) or not isinstance(password, str) or len(password) > MAX_PASSWORD_LENGTH \
             or len(name) > 64 or not store.verify_password(name, password):
         raise NotSignedIn("wrong annotator name or password")
+    if throttle is not None:
+        throttle.succeeded(account, address)
     return sessions.create(name), session_info(store, name, settings)
 
 
@@ -169,19 +245,24 @@ def next_task(store: SQLiteLabelStore, annotator: str | None, settings: AppSetti
 
 
 def open_task(store: SQLiteLabelStore, annotator: str | None, settings: AppSettings, task_id: Any) -> dict:
-    """A task to (re)rank, with this annotator's own stored ranking of it, if any, to edit."""
+    """A task to (re)rank, with this annotator's own stored ranking of it, if any, to edit. A task they
+    skipped is assigned to them again if it still has a free slot, so they can rank it after all; any other
+    task they can read but not submit unless it was handed to them."""
     annotator = _signed_in(annotator)
     if not isinstance(task_id, str) or not task_id:
         raise RequestError("'id' must be a non-empty string")
     task = store.task_for(annotator, task_id)
     own = store.get_own_ranking(annotator, task_id)
+    if own is None and store.has_skipped(annotator, task_id):
+        store.assign_task(annotator, task_id, settings.overlap)  # refused later, with the reason, if it is full
     return {"task": task_view(task), "own": None if own is None else {"ranks": own.ranks}}
 
 
 def submit_ranking(store: SQLiteLabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
     """Store (or replace) the annotator's ranking of a task: {task_id, ranks: {completion_id: rank},
-    request_id, seconds?}. The store validates the ranks against the task; a re-sent request id
-    stores nothing new ('duplicate')."""
+    request_id, seconds?}. The store validates the ranks against the task and accepts only a task handed to
+    this annotator, or their own earlier ranking (NotAssigned otherwise); a re-sent request id stores nothing
+    new ('duplicate'), and a request id of another task is a conflict (RequestIdReused)."""
     annotator = _signed_in(annotator)
     payload = _payload(payload)
     task_id = _text_field(payload, "task_id")
@@ -189,7 +270,7 @@ def submit_ranking(store: SQLiteLabelStore, annotator: str | None, settings: App
     if not isinstance(ranks, Mapping):
         raise RequestError("'ranks' must map completion ids to ranks")
     result = store.submit_ranking(annotator, task_id, dict(ranks), request_id=payload.get("request_id"),
-                                  seconds=payload.get("seconds"))
+                                  seconds=payload.get("seconds"), require_assignment=True)
     return {"task_id": task_id, "action": result.action, "ranks": result.ranking.ranks,
             "progress": progress(store, annotator, settings)}
 
@@ -202,7 +283,7 @@ def skip_task(store: SQLiteLabelStore, annotator: str | None, settings: AppSetti
     reason = payload.get("reason")
     if isinstance(reason, str):
         reason = reason.strip() or None
-    result = store.skip_task(annotator, task_id, reason, request_id=payload.get("request_id"))
+    result = store.skip_task(annotator, task_id, reason, request_id=payload.get("request_id"), require_assignment=True)
     return {"task_id": task_id, "action": result.action, "progress": progress(store, annotator, settings)}
 
 

@@ -2,14 +2,21 @@
 
 `simulate` creates annotators `sim-1..sim-N` (accounts without a password: they cannot log in) and
 lets them take turns calling `next_task` + `submit_ranking`, exactly like people in the browser,
-until the queue is empty for all of them. Each ranking is strict (no ties).
+until the queue is empty for all of them.
+
+Ties. Completions whose oracle scores are within `tie_margin` of each other (exactly equal with the
+default 0) are one tie group and get the same rank, as a person marks two equally good answers as a
+tie; the store, pair expansion and export then drop those comparisons. Breaking them at random would
+put coin-flip pairs into both the training and the held-out data (with the alliteration count, a
+quarter of all pairs) and cap every reward model's accuracy far below 1.
 
 Noise model. For a task with oracle scores s_1..s_K, a ranking is a Plackett-Luce sample with
 logits s_i / T, drawn with the Gumbel-max trick (sort s_i / T + Gumbel noise). The temperature is
 T = noise * (max s - min s): `noise` is measured in units of the task's own score range, so it
 means the same for any oracle scale. In a pairwise view the task's best completion is put above its
 worst with probability sigmoid(1 / noise): noise=0.1 -> 0.99995, 0.5 -> 0.88, 1 -> 0.73. noise=0
-sorts by score. Equal scores (and tasks whose completions all score the same) are ordered at random.
+sorts by score. The noise orders the tie groups (each with its mean score); a task whose completions
+all tie is skipped ("all completions equally good"), as a person would skip it.
 """
 
 from __future__ import annotations
@@ -35,9 +42,23 @@ def oracle_scores(oracle: Oracle, task: Task) -> list[float]:
     return scores
 
 
+def tie_groups(scores: list[float], tie_margin: float = 0.0) -> list[list[int]]:
+    """Indices of `scores` grouped into ties, groups in increasing score order: sorted by score, a
+    completion joins the current group while it is within `tie_margin` of the group's lowest score."""
+    if tie_margin < 0:
+        raise ValueError("tie_margin must be >= 0")
+    groups: list[list[int]] = []
+    for i in sorted(range(len(scores)), key=lambda i: scores[i]):
+        if groups and scores[i] - scores[groups[-1][0]] <= tie_margin:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def sample_order(scores: list[float], noise: float, rng: random.Random) -> list[int]:
     """Indices of `scores` from best to worst: a Plackett-Luce sample at temperature noise * score range
-    (see the module docstring); noise=0 sorts by score. Ties are broken at random."""
+    (see the module docstring); noise=0 sorts by score. Equal scores are ordered at random."""
     if noise < 0:
         raise ValueError("noise must be >= 0")
     spread = max(scores) - min(scores)
@@ -51,8 +72,20 @@ def sample_order(scores: list[float], noise: float, rng: random.Random) -> list[
     return sorted(range(len(scores)), key=lambda i: (-keys[i], tiebreak[i]))
 
 
+def sample_ranks(scores: list[float], noise: float, tie_margin: float, rng: random.Random) -> list[int]:
+    """Dense ranks (1 best) of one scripted ranking: tie groups (`tie_groups`) share a rank, and the
+    groups are ordered by `sample_order` on their mean scores."""
+    groups = tie_groups(scores, tie_margin)
+    order = sample_order([sum(scores[i] for i in g) / len(g) for g in groups], noise, rng)
+    ranks = [0] * len(scores)
+    for rank, group in enumerate(order, start=1):
+        for i in groups[group]:
+            ranks[i] = rank
+    return ranks
+
+
 def simulate(store: LabelStore, oracle: Oracle, annotators: int = 3, overlap: int = 2, noise: float = 0.1,
-             seed: int = 0, on_progress: Callable[[int], None] | None = None) -> dict:
+             seed: int = 0, on_progress: Callable[[int], None] | None = None, tie_margin: float = 0.0) -> dict:
     """Rank every pending task with `annotators` scripted annotators until the queue is empty for all.
 
     Annotators take turns (one task each per turn), as people working in parallel would. Each one's
@@ -68,13 +101,15 @@ def simulate(store: LabelStore, oracle: Oracle, annotators: int = 3, overlap: in
         raise UserError(f"--overlap {overlap} needs at least {overlap} annotators, got {annotators}")
     if not (noise >= 0 and math.isfinite(noise)):
         raise UserError("--noise must be a finite number >= 0")
+    if not (tie_margin >= 0 and math.isfinite(tie_margin)):
+        raise UserError("--tie-margin must be a finite number >= 0")
     names = [f"sim-{i}" for i in range(1, annotators + 1)]
     for name in names:
         if not store.has_annotator(name):
             store.add_annotator(name, None)
     rngs = {name: random.Random(f"{seed}\x00{name}") for name in names}
     counts = {name: 0 for name in names}
-    agree = compared = 0
+    agree = compared = skipped = 0
     active = list(names)
     while active:
         for name in list(active):
@@ -83,25 +118,31 @@ def simulate(store: LabelStore, oracle: Oracle, annotators: int = 3, overlap: in
                 active.remove(name)
                 continue
             scores = oracle_scores(oracle, task)
-            order = sample_order(scores, noise, rngs[name])
-            ranks = {task.completions[i].id: position + 1 for position, i in enumerate(order)}
-            store.submit_ranking(name, task.id, ranks)
+            ranks = sample_ranks(scores, noise, tie_margin, rngs[name])
+            if len(set(ranks)) == 1:
+                # Nothing to compare: a person skips such a task, and the store refuses an all-tied ranking.
+                store.skip_task(name, task.id, reason="all completions equally good")
+                skipped += 1
+                continue
+            store.submit_ranking(name, task.id, {c.id: r for c, r in zip(task.completions, ranks)})
             counts[name] += 1
-            for a in range(len(order)):
-                for b in range(a + 1, len(order)):
-                    if scores[order[a]] != scores[order[b]]:
+            for a in range(len(ranks)):
+                for b in range(len(ranks)):
+                    if ranks[a] < ranks[b] and scores[a] != scores[b]:
                         compared += 1
-                        agree += scores[order[a]] > scores[order[b]]
+                        agree += scores[a] > scores[b]
             if on_progress is not None:
                 on_progress(1)
     progress = store.progress(overlap)
     return {
         "annotators": counts,
         "rankings": sum(counts.values()),
+        "skipped": skipped,
         "oracle_agreement": agree / compared if compared else None,
         "tasks": progress.tasks,
         "complete": progress.complete,
         "overlap": overlap,
         "noise": noise,
+        "tie_margin": tie_margin,
         "seed": seed,
     }

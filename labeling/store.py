@@ -10,6 +10,13 @@ Durability: every write is one transaction (`BEGIN IMMEDIATE` ... `COMMIT`) in W
 Threads: each thread gets its own connection (Gradio/FastAPI run handlers in a thread pool); SQLite's
 lock plus `busy_timeout` serialises writers.
 
+Assignments: `next_task` hands a task to an annotator and records it in the `assignments` table (annotator,
+task, overlap, expiry), in the same transaction that chose it. A live assignment holds one of the task's
+`overlap` slots, so annotators working at the same time never push a task past its overlap; after
+`ASSIGNMENT_SECONDS` the slot may go to someone else. The app submits with `require_assignment=True`: a
+ranking is accepted only for a task handed to this annotator (after the expiry too, while the task still has
+a free slot) or as an edit of their own ranking. A ranking or a skip ends the assignment.
+
 Privacy: the methods a request handler uses take the logged-in annotator's name and only ever return
 that annotator's own work (`get_own_ranking`, `history`). Everyone's rankings are reachable only
 through the explicitly named admin methods `export_ranked_tasks` / `export_rankings`, used by the CLI
@@ -21,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import os
 import re
 import secrets
@@ -36,13 +42,18 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol
 from rlhf.errors import UserError
 from rlhf.records import Completion, RankedTask, Ranking, Task
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: tasks, completions, annotators, rankings, skips, events. 2: + assignments."""
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
 MAX_REQUEST_ID_LENGTH = 128
 MAX_REASON_LENGTH = 500
 PREVIEW_CHARS = 80
+MAX_SECONDS = 365 * 24 * 3600
+"""The most time on a task a client may report (anything larger is a broken or hostile client)."""
+ASSIGNMENT_SECONDS = 30 * 60
+"""How long a served task stays reserved for its annotator before its slot may go to someone else."""
 
 # scrypt parameters (RFC 7914 interactive-login recommendation: N=2**14, r=8, p=1; ~16 MiB, ~50 ms).
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _SCRYPT_LEN = 2**14, 8, 1, 32
@@ -82,6 +93,19 @@ class ConflictingTask(StoreError):
     """A task id being imported already exists (or repeats in the batch) with different content."""
 
 
+class Conflict(StoreError):
+    """The request contradicts what is stored (HTTP 409); nothing was stored."""
+
+
+class RequestIdReused(Conflict):
+    """A request id already used by this annotator for another task or another kind of action."""
+
+
+class NotAssigned(Conflict):
+    """A submit or skip (with `require_assignment`) for a task that was not handed to this annotator, or whose
+    assignment expired and whose slots have been taken since."""
+
+
 # ------------------------------------------------------------------------------------- result records
 
 @dataclass(frozen=True)
@@ -117,6 +141,19 @@ class SkipResult:
     action: str
     task_id: str
     annotator: str
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A task handed to an annotator by `next_task` (or `assign_task`), not yet ranked or skipped by them."""
+
+    annotator: str
+    task_id: str
+    overlap: int
+    """The overlap the task was handed out under: a late submit is still accepted while the task has room."""
+    assigned_at: float
+    expires_at: float
+    """Unix time after which the slot no longer counts as held (the annotator may still submit while there is room)."""
 
 
 @dataclass(frozen=True)
@@ -257,14 +294,17 @@ class LabelStore(Protocol):
     def verify_password(self, name: str, password: str) -> bool: ...
     def list_annotators(self) -> list[str]: ...
     def next_task(self, annotator: str, overlap: int) -> Task | None: ...
+    def assign_task(self, annotator: str, task_id: str, overlap: int) -> bool: ...
     def remaining(self, annotator: str, overlap: int) -> int: ...
     def open_slots(self, overlap: int) -> int: ...
     def task_for(self, annotator: str, task_id: str) -> Task: ...
     def submit_ranking(self, annotator: str, task_id: str, ranks: Mapping[str, int], request_id: str | None = None,
-                       seconds: float | None = None) -> SubmitResult: ...
+                       seconds: float | None = None, *, require_assignment: bool = False) -> SubmitResult: ...
     def skip_task(self, annotator: str, task_id: str, reason: str | None = None,
-                  request_id: str | None = None) -> SkipResult: ...
+                  request_id: str | None = None, *, require_assignment: bool = False) -> SkipResult: ...
     def get_own_ranking(self, annotator: str, task_id: str) -> StoredRanking | None: ...
+    def has_skipped(self, annotator: str, task_id: str) -> bool: ...
+    def assignments(self) -> list[Assignment]: ...
     def history(self, annotator: str, limit: int | None = None) -> list[HistoryItem]: ...
     def progress(self, overlap: int) -> Progress: ...
     def export_ranked_tasks(self) -> Iterator[RankedTask]: ...
@@ -341,6 +381,17 @@ CREATE TABLE IF NOT EXISTS skips (
     created_at REAL NOT NULL,
     PRIMARY KEY (annotator, task_id)
 );
+-- Tasks handed out and not yet ranked or skipped by their annotator (schema 2). A row whose expires_at has
+-- not passed holds one of the task's overlap slots.
+CREATE TABLE IF NOT EXISTS assignments (
+    annotator TEXT NOT NULL REFERENCES annotators(name),
+    task_id TEXT NOT NULL REFERENCES tasks(id),
+    overlap INTEGER NOT NULL,                   -- the overlap it was handed out under
+    assigned_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (annotator, task_id)
+);
+CREATE INDEX IF NOT EXISTS assignments_by_task ON assignments(task_id, expires_at);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -361,11 +412,14 @@ CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
 class SQLiteLabelStore:
     """The SQLite `LabelStore`. Use `open_store`; safe to share between threads; `close()` when done."""
 
-    def __init__(self, path: str | os.PathLike, *, clock: Callable[[], float] = time.time, busy_timeout: float = 30.0):
+    def __init__(self, path: str | os.PathLike, *, clock: Callable[[], float] = time.time, busy_timeout: float = 30.0,
+                 assignment_seconds: float = ASSIGNMENT_SECONDS):
         """`clock` gives the timestamps (injectable for tests); `busy_timeout` is how long (seconds) a write waits
-        for another writer's lock before failing with StorageUnavailable."""
+        for another writer's lock before failing with StorageUnavailable; `assignment_seconds` is how long a
+        served task holds its slot."""
         self.path = Path(path)
         self._clock = clock
+        self._assignment_seconds = assignment_seconds
         self._busy_timeout = busy_timeout
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -375,14 +429,16 @@ class SQLiteLabelStore:
         self._connections: list[sqlite3.Connection] = []
         try:
             conn = self._conn()
-            # executescript commits any open transaction first, so the script carries its own.
+            # executescript commits any open transaction first, so the script carries its own. Every statement
+            # is create-if-missing, so the script also migrates: a schema-1 database gains `assignments`.
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() \
+                if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() else None
+            if row is not None and int(row[0]) > SCHEMA_VERSION:
+                raise UserError(f"{self.path} was written by a newer version (schema {row[0]}); upgrade rlhf")
             conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
             with self._write(conn):
-                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if row is None:
-                    conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                elif int(row[0]) > SCHEMA_VERSION:
-                    raise UserError(f"{self.path} was written by a newer version (schema {row[0]}); upgrade rlhf")
+                conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE"
+                             " SET value = excluded.value", (str(SCHEMA_VERSION),))
         except sqlite3.DatabaseError as exc:
             self.close()
             raise UserError(f"{self.path}: not a usable label database ({exc})") from None
@@ -519,8 +575,10 @@ class SQLiteLabelStore:
     def verify_password(self, name: str, password: str) -> bool:
         """True only if the annotator exists, can log in, and the password matches (constant-time compare;
         an unknown name costs the same time as a wrong password)."""
-        if not isinstance(name, str) or not isinstance(password, str):
+        if not isinstance(password, str):
             return False
+        if not _is_text(name) or not NAME_PATTERN.fullmatch(name):  # no such account can exist
+            return check_password(password, None)
         row = self._conn().execute("SELECT password_hash FROM annotators WHERE name = ?", (name,)).fetchone()
         return check_password(password, row[0] if row else None)
 
@@ -535,33 +593,98 @@ class SQLiteLabelStore:
 
     # --- the queue
 
+    # Tasks this annotator may be served: not ranked or skipped by them, and with a free slot, i.e. fewer
+    # than :overlap rankings plus live assignments of other annotators.
     _PENDING = """
-        FROM tasks t LEFT JOIN (SELECT task_id, COUNT(*) AS n FROM rankings GROUP BY task_id) c ON c.task_id = t.id
-        WHERE COALESCE(c.n, 0) < :overlap
+        FROM tasks t
+        LEFT JOIN (SELECT task_id, COUNT(*) AS n FROM rankings GROUP BY task_id) c ON c.task_id = t.id
+        LEFT JOIN (SELECT task_id, COUNT(*) AS n FROM assignments WHERE expires_at > :now AND annotator <> :annotator
+                   GROUP BY task_id) h ON h.task_id = t.id
+        WHERE COALESCE(c.n, 0) + COALESCE(h.n, 0) < :overlap
           AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.task_id = t.id AND r.annotator = :annotator)
           AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.task_id = t.id AND s.annotator = :annotator)
     """
 
     def next_task(self, annotator: str, overlap: int) -> Task | None:
         """The next task for this annotator, completions in their display order; None when nothing is left.
+        The task is assigned to them (recorded in the store, expiring after `assignment_seconds`).
 
-        Serves the tasks with the fewest rankings first, only tasks with fewer than `overlap` rankings, never
-        one this annotator already ranked or skipped. Ties are broken by `queue_key(annotator, task_id)`
-        (deterministic: the same call returns the same task until something changes)."""
+        Serves the task already assigned to this annotator if it is still open to them (a reload shows the same
+        task), else the tasks with the fewest rankings first, only tasks with a free slot (fewer than `overlap`
+        rankings plus other annotators' live assignments), never one this annotator already ranked or skipped.
+        Ties are broken by `queue_key(annotator, task_id)` (deterministic: the same call returns the same task
+        until something changes)."""
         if overlap < 1:
             raise ValueError("overlap must be at least 1")
         conn = self._conn()
-        self._require_annotator(conn, annotator)
-        row = conn.execute(f"SELECT t.id {self._PENDING} ORDER BY COALESCE(c.n, 0),"
-                           " (t.queue_key | :salt) - (t.queue_key & :salt), t.seq LIMIT 1",
-                           {"overlap": overlap, "annotator": annotator, "salt": _hash63(annotator)}).fetchone()
-        return None if row is None else self.task_for(annotator, row[0])
+        with self._write(conn):  # choosing and assigning in one transaction: two servers never share a slot
+            self._require_annotator(conn, annotator)
+            now = self._clock()
+            row = conn.execute(
+                f"""SELECT t.id {self._PENDING} ORDER BY
+                        EXISTS (SELECT 1 FROM assignments a WHERE a.task_id = t.id AND a.annotator = :annotator) DESC,
+                        COALESCE(c.n, 0), (t.queue_key | :salt) - (t.queue_key & :salt), t.seq LIMIT 1""",
+                {"overlap": overlap, "annotator": annotator, "salt": _hash63(annotator), "now": now}).fetchone()
+            if row is None:
+                return None
+            self._assign(conn, annotator, row[0], overlap, now)
+        return self.task_for(annotator, row[0])
+
+    def assign_task(self, annotator: str, task_id: str, overlap: int) -> bool:
+        """Hand this task to this annotator if it is open to them (see `next_task`; the app uses it when an
+        annotator reopens a task they skipped). Returns whether they may now submit a ranking of it: True
+        also for a task they already ranked (an edit), False when its slots are taken."""
+        if overlap < 1:
+            raise ValueError("overlap must be at least 1")
+        _check_task_id(task_id)
+        conn = self._conn()
+        with self._write(conn):
+            self._require_annotator(conn, annotator)
+            if conn.execute("SELECT 1 FROM tasks WHERE id = ?", (task_id,)).fetchone() is None:
+                raise UnknownTask(f"unknown task {task_id!r}")
+            if self._own_ranking(conn, annotator, task_id) is not None:
+                return True
+            now = self._clock()
+            if not self._has_room(conn, annotator, task_id, overlap, now):
+                return False
+            self._assign(conn, annotator, task_id, overlap, now)
+        return True
+
+    def _assign(self, conn: sqlite3.Connection, annotator: str, task_id: str, overlap: int, now: float) -> None:
+        conn.execute("INSERT INTO assignments (annotator, task_id, overlap, assigned_at, expires_at)"
+                     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (annotator, task_id) DO UPDATE"
+                     " SET overlap = excluded.overlap, expires_at = excluded.expires_at",
+                     (annotator, task_id, overlap, now, now + self._assignment_seconds))
+
+    def _has_room(self, conn: sqlite3.Connection, annotator: str, task_id: str, overlap: int, now: float) -> bool:
+        """Whether the task has a slot for this annotator: fewer than `overlap` rankings plus other annotators'
+        live assignments."""
+        taken = conn.execute(
+            """SELECT (SELECT COUNT(*) FROM rankings WHERE task_id = :task)
+                    + (SELECT COUNT(*) FROM assignments WHERE task_id = :task AND annotator <> :annotator
+                       AND expires_at > :now)""",
+            {"task": task_id, "annotator": annotator, "now": now}).fetchone()[0]
+        return taken < overlap
+
+    def _check_assigned(self, conn: sqlite3.Connection, annotator: str, task_id: str, now: float) -> None:
+        """NotAssigned unless the task was handed to this annotator and, if that assignment expired, still
+        has a slot for them (a late answer is welcome while nobody else took its place)."""
+        row = conn.execute("SELECT overlap, expires_at FROM assignments WHERE annotator = ? AND task_id = ?",
+                           (annotator, task_id)).fetchone()
+        if row is None:
+            raise NotAssigned(f"task {task_id!r} was not handed to you; nothing was stored "
+                              "(rank the tasks the app serves you, or edit your own earlier rankings)")
+        overlap, expires_at = row
+        if expires_at <= now and not self._has_room(conn, annotator, task_id, overlap, now):
+            raise NotAssigned(f"your hold on task {task_id!r} expired and other annotators have taken its places; "
+                              "nothing was stored (go on with the next task)")
 
     def remaining(self, annotator: str, overlap: int) -> int:
         """How many tasks `next_task` could still serve this annotator at this overlap."""
         conn = self._conn()
         self._require_annotator(conn, annotator)
-        return conn.execute(f"SELECT COUNT(*) {self._PENDING}", {"overlap": overlap, "annotator": annotator}).fetchone()[0]
+        return conn.execute(f"SELECT COUNT(*) {self._PENDING}",
+                            {"overlap": overlap, "annotator": annotator, "now": self._clock()}).fetchone()[0]
 
     def open_slots(self, overlap: int) -> int:
         """Rankings still wanted to bring every task to `overlap` rankings: sum of max(0, overlap - count)."""
@@ -573,31 +696,32 @@ class SQLiteLabelStore:
     # --- submissions
 
     def submit_ranking(self, annotator: str, task_id: str, ranks: Mapping[str, int], request_id: str | None = None,
-                       seconds: float | None = None) -> SubmitResult:
+                       seconds: float | None = None, *, require_assignment: bool = False) -> SubmitResult:
         """Store this annotator's ranking of a task (dense ranks, 1 best, ties allowed but not all-tied).
 
         Checks everything itself: unknown annotator/task -> UnknownAnnotator/UnknownTask; ranks that do not
         cover exactly the task's completion ids with positive integers, or all tie -> InvalidRanking; bad
-        seconds/request id -> InvalidRanking. Nothing is stored on error. A request id already processed
-        for this annotator stores nothing and returns the current ranking with action 'duplicate'. A second
-        submit for a task the annotator already ranked replaces it (action 'edit', logged as an 'edit'
-        event with the previous ranks; `seconds` add up over edits). Ranking a skipped task removes the skip. Returns after COMMIT."""
+        seconds/request id -> InvalidRanking. A request id this annotator already used for the same task
+        stores nothing and returns the current ranking with action 'duplicate'; one used for another task or
+        for a skip is a RequestIdReused conflict. With `require_assignment` (the app) a first ranking is
+        accepted only for a task assigned to this annotator (see `_check_assigned`), else NotAssigned. Nothing
+        is stored on error. A second submit for a task the annotator already ranked replaces it (action
+        'edit', logged as an 'edit' event with the previous ranks; `seconds` add up over edits). Ranking a
+        task ends its assignment and removes a skip. Returns after COMMIT."""
         _check_request_id(request_id)
         _check_task_id(task_id)
         if seconds is not None:
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
-                    or seconds < 0:
-                raise InvalidRanking(f"seconds must be a non-negative number, got {seconds!r}")
+            # Compared as given: math.isfinite and float() overflow on huge integers.
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_SECONDS:
+                raise InvalidRanking(f"seconds must be a number from 0 to {MAX_SECONDS}")
             seconds = float(seconds)
         conn = self._conn()
         with self._write(conn):
             self._require_annotator(conn, annotator)
-            if request_id is not None:
-                done = self._replay(conn, annotator, request_id, ("submit", "edit"))
-                if done is not None:
-                    ranking = self._own_ranking(conn, annotator, done)
-                    if ranking is not None:
-                        return SubmitResult("duplicate", ranking)
+            if request_id is not None and self._replay(conn, annotator, request_id, task_id, ("submit", "edit")):
+                ranking = self._own_ranking(conn, annotator, task_id)
+                if ranking is not None:  # always: rankings are never deleted
+                    return SubmitResult("duplicate", ranking)
             ids = [r[0] for r in conn.execute("SELECT id FROM completions WHERE task_id = ? ORDER BY position",
                                               (task_id,))]
             if not ids:
@@ -608,6 +732,8 @@ class SQLiteLabelStore:
                 raise InvalidRanking(str(exc)) from None
             now = self._clock()
             previous = self._own_ranking(conn, annotator, task_id)
+            if require_assignment and previous is None:
+                self._check_assigned(conn, annotator, task_id, now)
             ranks_json = json.dumps(dense, ensure_ascii=False)
             if previous is None:
                 action = "submit"
@@ -620,6 +746,7 @@ class SQLiteLabelStore:
                 conn.execute("UPDATE rankings SET ranks = ?, seconds = ?, request_id = ?, updated_at = ?"
                              " WHERE annotator = ? AND task_id = ?", (ranks_json, seconds, request_id, now, annotator, task_id))
             conn.execute("DELETE FROM skips WHERE annotator = ? AND task_id = ?", (annotator, task_id))
+            conn.execute("DELETE FROM assignments WHERE annotator = ? AND task_id = ?", (annotator, task_id))
             payload = {"ranks": dense, "seconds": seconds}
             if previous is not None:
                 payload["previous"] = previous.ranks
@@ -628,10 +755,13 @@ class SQLiteLabelStore:
         return SubmitResult(action, stored)
 
     def skip_task(self, annotator: str, task_id: str, reason: str | None = None,
-                  request_id: str | None = None) -> SkipResult:
+                  request_id: str | None = None, *, require_assignment: bool = False) -> SkipResult:
         """Record that this annotator skipped a task (it is not served to them again; they can still rank it
-        later from their history). A task they already ranked cannot be skipped (InvalidRanking: edit it
-        instead). Re-sending a processed request id returns action 'duplicate' and stores nothing."""
+        later from their history). Ends their assignment of it, so the slot goes to someone else. A task they
+        already ranked cannot be skipped (InvalidRanking: edit it instead). With `require_assignment` only a
+        task assigned to them (or skipped before) can be skipped, else NotAssigned. Re-sending the request id
+        of a skip of the same task returns action 'duplicate' and stores nothing; one used for anything else
+        is a RequestIdReused conflict."""
         _check_request_id(request_id)
         _check_task_id(task_id)
         if reason is not None and (not _is_text(reason) or len(reason) > MAX_REASON_LENGTH):
@@ -639,29 +769,40 @@ class SQLiteLabelStore:
         conn = self._conn()
         with self._write(conn):
             self._require_annotator(conn, annotator)
-            if request_id is not None and self._replay(conn, annotator, request_id, ("skip",)) is not None:
+            if request_id is not None and self._replay(conn, annotator, request_id, task_id, ("skip",)):
                 return SkipResult("duplicate", task_id, annotator)
             if conn.execute("SELECT 1 FROM tasks WHERE id = ?", (task_id,)).fetchone() is None:
                 raise UnknownTask(f"unknown task {task_id!r}")
             if self._own_ranking(conn, annotator, task_id) is not None:
                 raise InvalidRanking(f"task {task_id!r} is already ranked; edit the ranking instead of skipping")
+            if require_assignment and not conn.execute(
+                    "SELECT 1 FROM assignments WHERE annotator = :a AND task_id = :t"
+                    " UNION ALL SELECT 1 FROM skips WHERE annotator = :a AND task_id = :t",
+                    {"a": annotator, "t": task_id}).fetchone():
+                raise NotAssigned(f"task {task_id!r} was not handed to you; nothing was stored")
             now = self._clock()
+            conn.execute("DELETE FROM assignments WHERE annotator = ? AND task_id = ?", (annotator, task_id))
             conn.execute("INSERT INTO skips (annotator, task_id, reason, created_at) VALUES (?, ?, ?, ?)"
                          " ON CONFLICT (annotator, task_id) DO UPDATE SET reason = excluded.reason,"
                          " created_at = excluded.created_at", (annotator, task_id, reason, now))
             self._log(conn, now, annotator, task_id, "skip", {"reason": reason}, request_id)
         return SkipResult("skip", task_id, annotator)
 
-    def _replay(self, conn: sqlite3.Connection, annotator: str, request_id: str, kinds: tuple[str, ...]) -> str | None:
-        """Task id of an already-processed request of this annotator, or None. A request id reused for a
-        different kind of action is an error (the client is confused; storing anything would be a guess)."""
+    def _replay(self, conn: sqlite3.Connection, annotator: str, request_id: str, task_id: str,
+                kinds: tuple[str, ...]) -> bool:
+        """Whether this annotator already processed this request (same task, same kind of action): then it is
+        answered again, not stored twice. A request id reused for another task or another kind of action is
+        a RequestIdReused conflict: the client is confused, and answering with the other request's result
+        (or storing anything) would be a guess."""
         row = conn.execute("SELECT task_id, kind FROM events WHERE annotator = ? AND request_id = ?",
                            (annotator, request_id)).fetchone()
         if row is None:
-            return None
-        if row[1] not in kinds:
-            raise InvalidRanking(f"request id {request_id!r} was already used for a {row[1]}")
-        return row[0]
+            return False
+        done_task, kind = row
+        if done_task != task_id or kind not in kinds:
+            raise RequestIdReused(f"request id {request_id!r} was already used for a {kind} of task {done_task!r}; "
+                                  "nothing was stored (send a new request id for a new answer)")
+        return True
 
     def _log(self, conn, at, annotator, task_id, kind, payload, request_id) -> None:
         conn.execute("INSERT INTO events (at, annotator, task_id, kind, payload, request_id) VALUES (?, ?, ?, ?, ?, ?)",
@@ -682,6 +823,13 @@ class SQLiteLabelStore:
         if not _is_text(annotator) or not _is_text(task_id):
             return None
         return self._own_ranking(self._conn(), annotator, task_id)
+
+    def has_skipped(self, annotator: str, task_id: str) -> bool:
+        """Whether this annotator skipped this task (and has not ranked it since)."""
+        if not _is_text(annotator) or not _is_text(task_id):
+            return False
+        return self._conn().execute("SELECT 1 FROM skips WHERE annotator = ? AND task_id = ?",
+                                    (annotator, task_id)).fetchone() is not None
 
     def history(self, annotator: str, limit: int | None = None) -> list[HistoryItem]:
         """This annotator's ranked and skipped tasks, most recent first (at most `limit`)."""
@@ -736,6 +884,12 @@ class SQLiteLabelStore:
         return [{"id": i, "at": at, "annotator": a, "task_id": t, "kind": k, "payload": json.loads(p), "request_id": q}
                 for i, at, a, t, k, p, q in self._conn().execute(
                     "SELECT id, at, annotator, task_id, kind, payload, request_id FROM events ORDER BY id")]
+
+    def assignments(self) -> list[Assignment]:
+        """ADMIN/CLI ONLY: every open assignment (live or expired), oldest first."""
+        return [Assignment(*row) for row in self._conn().execute(
+            "SELECT annotator, task_id, overlap, assigned_at, expires_at FROM assignments"
+            " ORDER BY assigned_at, annotator, task_id")]
 
     def integrity_check(self) -> str:
         """SQLite's `PRAGMA integrity_check` result ('ok' when the file is sound)."""

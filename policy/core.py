@@ -1,5 +1,5 @@
-"""Pure tensor math of the policy stage: logprobs, KL estimators, per-token rewards, GAE, PPO and RLOO
-losses, the KL controllers. No models here, so every piece is tested on hand-made tensors.
+"""Pure tensor math of the policy stage: logprobs, KL estimators, per-token rewards, GAE, PPO, RLOO and
+GRPO losses, the KL controllers. No models here, so every piece is tested on hand-made tensors.
 
 Shapes: B sequences, T response tokens. `mask` is 1 on real response tokens (up to and including the
 first EOS) and 0 on the padding after it.
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from policy.config import GRPO_LOSS_NORMS
 from reward_model.model import last_token_index
 
 
@@ -73,8 +74,27 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     (Ziegler et al. 2019; InstructGPT): the reward model judges the finished response, not its prefixes."""
     rewards = -kl_coef * kl * mask.to(kl.dtype)
     last = last_token_index(mask)  # the same last-real-token rule the reward model reads at
-    rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores.to(rewards.dtype)
     return rewards
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Subtract `penalty` from the score of every response that ended without EOS (TRL's
+    `missing_eos_penalty`; Huang et al. 2024). Subtracting keeps the reward model's order among the
+    unfinished responses; replacing their scores with a constant would make them all equal, and with
+    most rollouts unfinished the policy would learn a length prior instead of the preference."""
+    if penalty is None:
+        return scores
+    return scores - penalty * (~finished.bool()).to(scores.dtype)
+
+
+def sequence_kl_reward(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                       kl_coef: float) -> torch.Tensor:
+    """R = score - beta * sum_t (log pi - log pi_ref) over the real tokens: the sequence-level reward of
+    RLOO (Ahmadian et al. 2024; TRL's RLOOTrainer), i.e. score - beta * (CE_ref(y) - CE_pi(y)) on the
+    sampled response. Always k1: the sum of k1 over a sampled response is the unbiased estimate of
+    the sequence KL(pi || pi_ref)."""
+    return scores - kl_coef * ((logp - ref_logp) * mask.to(logp.dtype)).sum(-1)
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -101,7 +121,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     clip_range: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate (Schulman et al. 2017) averaged over real tokens; also the approximate KL
-    between the old and new policy (k3, as in TRL) and the fraction of clipped tokens."""
+    between the old and new policy (`approx_kl_old_new`) and the fraction of clipped tokens."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -109,11 +129,18 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     loss = masked_mean(torch.max(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {
-            "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+            "approx_kl": approx_kl_old_new(logp, old_logp, mask),
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
             "ratio": masked_mean(ratio, mask),
         }
     return loss, stats
+
+
+def approx_kl_old_new(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(pi_old || pi) per real token, k3 estimator (Schulman 2020) on tokens sampled from pi_old:
+    (rho - 1) - log rho with rho = pi / pi_old. Never negative; 0 only where the policy has not moved."""
+    log_ratio = (logp - old_logp).detach()
+    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -141,6 +168,68 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
 def rloo_loss(seq_logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """REINFORCE on the sequence logprob: -A * log pi(y|x), averaged over sequences."""
     return -(advantages.detach() * seq_logp).mean()
+
+
+def grpo_advantages(scores: torch.Tensor, k: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's outcome advantage (Shao et al. 2024, section 4.1.2): scores are [num_prompts * k] grouped
+    by prompt; A_i = (r_i - mean(r)) / (std(r) + eps) within each group of k, the same for every token
+    of response i. std is Bessel-corrected and eps = 1e-4, as in TRL's GRPOTrainer; a group whose
+    rewards are all equal gets A = 0. scale=False drops the division by std (Dr. GRPO, Liu et al. 2025:
+    the std up-weights prompts that are nearly solved or nearly hopeless). Detached."""
+    if k < 2:
+        raise ValueError("GRPO needs k >= 2 samples per prompt")
+    grouped = scores.detach().float().view(-1, k)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
+    return advantages.view(-1)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, clip_range: float = 0.2, kl_coef: float = 0.04, kl_estimator: str = "k3",
+              norm: str = "sequence", max_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss (Shao et al. 2024, eq. 3), to minimise, for B responses of T tokens:
+
+        l_it = -min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) + beta * KL_it,   rho_it = pi / pi_old
+
+    with KL_it = k3 = pi_ref/pi - log(pi_ref/pi) - 1 of the CURRENT policy to the reference (a loss
+    term with its gradient, not a reward penalty). `advantages` is [B] (one value per response).
+    Aggregation over tokens (`norm`):
+      "sequence": mean over each response's tokens, then over responses (Shao et al. 2024);
+      "token":    sum over all tokens / number of real tokens (every token weighs the same; DAPO, Yu et al. 2025);
+      "constant": sum over all tokens / (B * max_tokens) (Dr. GRPO, Liu et al. 2025: no length bias).
+    Stats: pg (the surrogate part, same aggregation), kl (mean KL_it per token), approx_kl (old vs new),
+    clipfrac, ratio."""
+    if norm not in GRPO_LOSS_NORMS:
+        raise ValueError(f"unknown GRPO loss normalisation {norm!r}: use one of {GRPO_LOSS_NORMS}")
+    mask = mask.to(logp.dtype)
+    adv = advantages.detach().to(logp.dtype)[:, None]
+    ratio = torch.exp(logp - old_logp.detach())
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * adv
+    surrogate = torch.min(unclipped, clipped)
+    kl = kl_estimate(logp, ref_logp.detach(), kl_estimator)
+    per_token = -surrogate + kl_coef * kl
+
+    def aggregate(values: torch.Tensor) -> torch.Tensor:
+        if norm == "sequence":
+            return ((values * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        if norm == "token":
+            return (values * mask).sum() / mask.sum().clamp(min=1)
+        if max_tokens is None:
+            raise ValueError('norm="constant" needs max_tokens (the generation budget)')
+        return (values * mask).sum() / (values.shape[0] * max_tokens)
+
+    loss = aggregate(per_token)
+    with torch.no_grad():
+        stats = {
+            "pg": aggregate(-surrogate),
+            "kl": masked_mean(kl, mask),
+            "approx_kl": approx_kl_old_new(logp, old_logp, mask),
+            "clipfrac": masked_mean((clipped < unclipped).to(logp.dtype), mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
 
 
 @dataclass

@@ -5,16 +5,18 @@ runs and which head reads the hidden states:
 
 - actor: adapter "actor" (fresh LoRA, trainable) + the base LM head -> token logits;
 - critic: adapter "critic" (initialised from the RM's adapter, trainable) + `value_head` (initialised
-  from the RM's score head): critic and RM start from the same model, as in InstructGPT/Ziegler et al.;
-- reward: adapter "reward" (the RM's adapter, frozen) + `score_head` (frozen) at the last real token;
+  from the RM's score head when the RM reads the last layer's last token, as the critic does: critic
+  and RM then start from the same model, as in InstructGPT/Ziegler et al.; else zero);
+- reward: adapter "reward" (the RM's adapter, frozen) + `score_head` (frozen) on the RM's read-out;
 - reference: the same base with every adapter DISABLED; its weights are never updated.
 
 With an oracle reward there is no RM: the critic is a fresh LoRA on the base with a fresh value head,
-and there is no reward adapter.
+and there is no reward adapter. RLOO and GRPO have no critic (`build_roles(..., critic=False)`).
 
 peft's `set_adapter` and `disable_adapter` toggle `requires_grad` (only the active adapter trains);
-`_activate` restores it after every switch, so the actor and the critic both train and the reward
-adapter and base weights never do.
+`_activate` restores it after every switch and re-selects the actor, even when the block raises, so
+the actor and the critic both train, the reward adapter and base weights never do, and code outside
+a role's block runs the actor.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from reward_model.model import (final_hidden_states, lora_target_modules, position_ids_from_mask, read_meta)
+from reward_model.model import (RMParts, final_hidden_states, load_rm_parts, lora_target_modules,
+                                position_ids_from_mask, reward_features)
 from rlhf.models import load_causal_lm, load_tokenizer
 
 ACTOR, CRITIC, REWARD = "actor", "critic", "reward"
@@ -36,14 +39,15 @@ POLICY_META = "policy.json"
 class PolicyRoles(nn.Module):
     """The shared peft model plus the value and score heads; one method per role."""
 
-    def __init__(self, peft_model, value_head: nn.Linear, score_head: nn.Linear | None, reward_bias: float):
+    def __init__(self, peft_model, value_head: nn.Linear | None, rm: RMParts | None = None):
         super().__init__()
         self.model = peft_model
         self.value_head = value_head
-        self.score_head = score_head
-        self.reward_bias = reward_bias
-        if score_head is not None:
-            score_head.requires_grad_(False)
+        # The reward model's head, read-out and max_length (None with an oracle reward); its bias
+        # already holds the RM's normalisation.
+        self.score_head = rm.score_head if rm is not None else None
+        self.rm_readout = rm.readout if rm is not None else None
+        self.rm_max_length = rm.max_length if rm is not None else None
         # Decided by name, once: peft's requires_grad flags depend on which adapter was set last.
         self._trainable = {name for name, _ in self.named_parameters()
                            if ("lora_" in name and (f".{ACTOR}." in name or f".{CRITIC}." in name))
@@ -66,14 +70,20 @@ class PolicyRoles(nn.Module):
 
     @contextmanager
     def _activate(self, adapter: str | None):
-        """Run the block with `adapter` active (None = all disabled: the reference)."""
-        if adapter is None:
-            with self.model.disable_adapter():
+        """Run the block with `adapter` active (None = all disabled: the reference). On exit, also on an
+        exception, the actor is active again and `requires_grad` is restored (peft's `set_adapter` has
+        just made the selected adapter, even the frozen reward adapter, trainable)."""
+        try:
+            if adapter is None:
+                with self.model.disable_adapter():
+                    yield
+            else:
+                self.model.set_adapter(adapter)
                 yield
-        else:
-            self.model.set_adapter(adapter)
-            yield
-        self._restore_trainable()
+        finally:
+            if self.model.active_adapter != ACTOR:
+                self.model.set_adapter(ACTOR)
+            self._restore_trainable()
 
     @property
     def reference(self):
@@ -95,20 +105,22 @@ class PolicyRoles(nn.Module):
 
     def values(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
         """Critic values [B, T]: V of the state before each response token (prompt + earlier tokens)."""
+        if self.value_head is None:
+            raise RuntimeError("no critic in these roles (built with critic=False, as for RLOO and GRPO)")
         with self._activate(CRITIC):
             hidden = final_hidden_states(self.model, input_ids, attention_mask)
         hidden = hidden[:, -response_length - 1:-1]
         return self.value_head(hidden.float()).squeeze(-1)
 
     @torch.no_grad()
-    def scores(self, input_ids: Tensor, attention_mask: Tensor, last_index: Tensor) -> Tensor:
-        """The reward model's score [B] read at `last_index` of each row (its last real token)."""
+    def scores(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
+        """The reward model's score [B] of rows laid out as `reward_model.model.pad_samples` makes them,
+        read exactly as `RewardModel.forward` reads them (same read-out, same head)."""
         if self.score_head is None:
             raise RuntimeError("no reward model loaded (the reward is an oracle)")
         with self._activate(REWARD):
-            hidden = final_hidden_states(self.model, input_ids, attention_mask)
-        last = hidden[torch.arange(hidden.shape[0]), last_index]
-        return self.score_head(last.float()).squeeze(-1) - self.reward_bias
+            features = reward_features(self.model, self.rm_readout, input_ids, attention_mask, completion_mask)
+        return self.score_head(features).squeeze(-1)
 
 
 def _lora_config(targets: list[str], r: int, alpha: int):
@@ -121,10 +133,10 @@ def _lora_config(targets: list[str], r: int, alpha: int):
 
 
 def build_roles(model_name: str, rm_dir: str | None, *, lora_r: int = 16, lora_alpha: int = 32,
-                dtype: torch.dtype = torch.float32):
-    """(PolicyRoles, tokenizer) on one base model: actor and critic trainable, reward and base frozen."""
+                dtype: torch.dtype = torch.float32, critic: bool = True):
+    """(PolicyRoles, tokenizer) on one base model: actor and critic trainable, reward and base frozen.
+    critic=False (RLOO, GRPO: no value function) loads no critic adapter and no value head."""
     from peft import get_peft_model
-    from safetensors.torch import load_file
 
     tokenizer = load_tokenizer(model_name)
     base = load_causal_lm(model_name, dtype=dtype)
@@ -133,30 +145,27 @@ def build_roles(model_name: str, rm_dir: str | None, *, lora_r: int = 16, lora_a
     targets = lora_target_modules(base)  # before peft wraps the projections
     model = get_peft_model(base, _lora_config(targets, lora_r, lora_alpha), adapter_name=ACTOR)
     value_head = nn.Linear(hidden_size, 1, dtype=torch.float32)
-    score_head = None
-    reward_bias = 0.0
+    # Fresh value head at zero: V = 0 makes the first advantages the plain reward-to-go, where random
+    # initial values would drown a small reward in noise. It still learns (h != 0).
+    nn.init.zeros_(value_head.weight)
+    nn.init.zeros_(value_head.bias)
+    rm = None
     if rm_dir is not None:
-        meta = read_meta(rm_dir)
-        model.load_adapter(str(rm_dir), adapter_name=CRITIC, is_trainable=True)
+        rm = load_rm_parts(rm_dir, hidden_size)
+        if critic:
+            model.load_adapter(str(rm_dir), adapter_name=CRITIC, is_trainable=True)
         model.load_adapter(str(rm_dir), adapter_name=REWARD, is_trainable=False)
-        head = load_file(str(Path(rm_dir) / "score_head.safetensors"))
-        reward_bias = float(meta.get("reward_bias", 0.0))
-        score_head = nn.Linear(hidden_size, 1, dtype=torch.float32)
-        with torch.no_grad():
-            score_head.weight.copy_(head["weight"])
-            score_head.bias.copy_(head["bias"] - reward_bias)
-            value_head.weight.copy_(head["weight"])
-            value_head.bias.copy_(head["bias"] - reward_bias)
-        reward_bias = 0.0  # folded into the heads' biases above
-    else:
+        if rm.readout.layer == 0 and rm.readout.pool == "last":
+            # The critic starts as the RM (InstructGPT; Ziegler et al. 2019) when it reads the same
+            # states: the last layer, per token. A head trained on another read-out would only add noise.
+            with torch.no_grad():
+                value_head.weight.copy_(rm.score_head.weight)
+                value_head.bias.copy_(rm.score_head.bias)
+    elif critic:
         model.add_adapter(CRITIC, _lora_config(targets, lora_r, lora_alpha))
-        # Fresh value head at zero: V = 0 makes the first advantages the plain reward-to-go, where
-        # random initial values would drown a small oracle reward in noise. It still learns (h != 0).
-        nn.init.zeros_(value_head.weight)
-        nn.init.zeros_(value_head.bias)
     model.set_adapter(ACTOR)
     model.eval()  # no dropout anywhere; gradients still flow
-    roles = PolicyRoles(model, value_head, score_head, reward_bias)
+    roles = PolicyRoles(model, value_head if critic else None, rm)
     return roles, tokenizer
 
 

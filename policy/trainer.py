@@ -1,4 +1,4 @@
-"""PPO with a KL penalty to the frozen reference, and RLOO, in one readable loop (CleanRL's ppo.py style).
+"""PPO with a KL penalty to the frozen reference, RLOO and GRPO, in one readable loop (CleanRL's ppo.py style).
 
     config = PPOConfig(prompts="data/prompts.jsonl", out="runs/ppo", rm="runs/rm")
     summary = train_policy(config)
@@ -7,7 +7,8 @@ Sources: InstructGPT (Ouyang et al. 2022), Ziegler et al. 2019 ("Fine-tuning LMs
 preferences": per-token KL penalty, adaptive KL controller), Huang et al. 2024 ("The N implementation
 details of RLHF with PPO": logprobs at the sampling temperature, reward on the last real token, penalty
 for responses without EOS, advantages whitened and computed once, clipped value loss), Ahmadian et al.
-2024 ("Back to basics": RLOO).
+2024 ("Back to basics": RLOO), Shao et al. 2024 (DeepSeekMath: GRPO), Liu et al. 2025 ("Understanding
+R1-Zero-like training": Dr. GRPO).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def split_prompts(config: PPOConfig) -> tuple[list[str], list[str]]:
 RewardFn = Callable[..., torch.Tensor]
 
 
-def reward_function(config: PPOConfig, eos_id: int) -> RewardFn:
+def reward_function(config: PPOConfig, tokenizer) -> RewardFn:
     """(roles, prompts, texts, input_ids, attention_mask, lengths) -> scores [B]: the RM or an oracle.
     input_ids are prompt + response; lengths are response tokens before the first EOS."""
     if config.reward != "rm":
@@ -136,19 +137,38 @@ def reward_function(config: PPOConfig, eos_id: int) -> RewardFn:
         return lambda roles, prompts, texts, *_: torch.tensor(
             [float(oracle(p, t)) for p, t in zip(prompts, texts)], dtype=torch.float32)
 
-    def rm_scores(roles, prompts, texts, input_ids, attention_mask, lengths, response_length):
-        # The RM scores the policy's own tokens laid out as `format_sample` does: prompt, completion,
-        # EOS. A response cut off without EOS gets one appended in an extra column.
-        B, width = input_ids.shape
-        ids = torch.cat([input_ids, torch.full((B, 1), eos_id, dtype=input_ids.dtype)], dim=1)
-        mask = torch.cat([attention_mask, torch.zeros((B, 1), dtype=attention_mask.dtype)], dim=1)
-        last = (width - response_length) + lengths.to(torch.long)
-        rows = torch.arange(B)
-        ids[rows, last] = eos_id
-        mask[rows, last] = 1
-        return roles.scores(ids, mask, last).float().cpu()
+    from reward_model.model import encode_sample_ids, score_samples
+
+    def rm_scores(roles, prompts, texts, input_ids, attention_mask, *_):
+        # The RM scores the decoded text re-encoded exactly as in its training (prompt template, EOS,
+        # its own max_length truncation), not the sampled ids: decoding and re-tokenizing can change
+        # the ids (another BPE split, a stripped newline), and the RM has only seen the re-encoded form.
+        samples = [encode_sample_ids(tokenizer, p, t, roles.rm_max_length) for p, t in zip(prompts, texts)]
+        return torch.tensor(score_samples(roles.scores, samples, tokenizer.pad_token_id, input_ids.device,
+                                          batch_size=len(samples)), dtype=torch.float32)
 
     return rm_scores
+
+
+def _on_model_device(roles: PolicyRoles, encoded, responses: torch.Tensor, samples_per_prompt: int,
+                     eos_ids: list[int]):
+    """Prompt + response laid out for the forward passes, every tensor on the model's device (sample_batch
+    returns CPU tensors; a GPU model must not meet them): (input_ids, attention_mask, responses, mask,
+    lengths, finished). `mask` marks the real response tokens: everything up to and including the first
+    EOS (stopping is an action too); after it, generate's padding, masked out everywhere (Huang et al.
+    2024, "truncate at EOS")."""
+    from rlhf.generation import completion_lengths
+
+    device = next(roles.parameters()).device
+    responses = responses.to(device)
+    T = responses.shape[1]
+    lengths, finished = completion_lengths(responses, eos_ids)
+    mask = (torch.arange(T, device=device)[None] < (lengths + finished.long())[:, None]).long()
+    query = encoded.input_ids.to(device).repeat_interleave(samples_per_prompt, 0)
+    query_mask = encoded.attention_mask.to(device).repeat_interleave(samples_per_prompt, 0)
+    input_ids = torch.cat([query, responses], dim=1)
+    attention_mask = torch.cat([query_mask, mask], dim=1)
+    return input_ids, attention_mask, responses, mask, lengths, finished
 
 
 @torch.no_grad()
@@ -157,9 +177,10 @@ def rollout(roles: PolicyRoles, tokenizer, prompts: list[str], samples_per_promp
             with_logprobs: bool = True) -> Rollout:
     """Sample responses with the actor and score them: logprobs (actor and reference, at the sampling
     temperature), entropy, values, and the sequence score with the missing-EOS penalty.
-    with_logprobs=False leaves the actor's logprobs to the update's own forward pass (RLOO's single
-    on-policy step computes exactly the same numbers, so a second pass would be wasted)."""
-    from rlhf.generation import SamplingParams, completion_lengths, decode_responses, sample_batch
+    with_logprobs=False leaves the actor's logprobs to the update's own forward pass (RLOO's and
+    single-update GRPO's on-policy step computes exactly the same numbers, so a second pass would be
+    wasted)."""
+    from rlhf.generation import SamplingParams, decode_responses, sample_batch
 
     # top_p stays 1: the logprobs below are of the plain temperature-scaled softmax, which is what
     # the tokens were sampled from only without nucleus truncation.
@@ -167,19 +188,11 @@ def rollout(roles: PolicyRoles, tokenizer, prompts: list[str], samples_per_promp
     with roles.actor():
         encoded, responses = sample_batch(roles.model, tokenizer, prompts, samples_per_prompt, params,
                                           generator_seed=generator_seed)
-    device = next(roles.parameters()).device
-    responses = responses.to(device)
+    texts = [t for t, _ in decode_responses(tokenizer, responses, eos_ids)]
+    input_ids, attention_mask, responses, mask, lengths, finished = _on_model_device(
+        roles, encoded, responses, samples_per_prompt, eos_ids)
     T = responses.shape[1]
-    lengths, finished = completion_lengths(responses, eos_ids)
-    # Real tokens: everything up to and including the first EOS (stopping is an action too); after
-    # it, generate's padding, masked out everywhere (Huang et al. 2024, "truncate at EOS").
-    mask = (torch.arange(T, device=device)[None] < (lengths + finished.long())[:, None]).long()
-    query = encoded.input_ids.to(device).repeat_interleave(samples_per_prompt, 0)
-    query_mask = encoded.attention_mask.to(device).repeat_interleave(samples_per_prompt, 0)
-    input_ids = torch.cat([query, responses], dim=1)
-    attention_mask = torch.cat([query_mask, mask], dim=1)
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-    texts = [t for t, _ in decode_responses(tokenizer, responses.cpu(), eos_ids)]
 
     logprobs = entropy = None
     if with_logprobs:
@@ -191,10 +204,8 @@ def rollout(roles: PolicyRoles, tokenizer, prompts: list[str], samples_per_promp
     ref_logprobs = core.logprobs_from_logits(ref_logits, responses, config.temperature)
     del ref_logits
     values = roles.values(input_ids, attention_mask, T) if with_values else None
-    raw_scores = reward_fn(roles, all_prompts, texts, input_ids, attention_mask, lengths, T).to(device)
-    scores = raw_scores
-    if config.missing_eos_penalty is not None:
-        scores = torch.where(finished, raw_scores, torch.full_like(raw_scores, config.missing_eos_penalty))
+    raw_scores = reward_fn(roles, all_prompts, texts, input_ids, attention_mask, lengths, T).to(input_ids.device)
+    scores = core.apply_missing_eos_penalty(raw_scores, finished, config.missing_eos_penalty)
     return Rollout(all_prompts, input_ids, attention_mask, responses, mask, finished, texts, logprobs,
                    ref_logprobs, entropy, scores, raw_scores, values)
 
@@ -205,7 +216,7 @@ def evaluate(roles: PolicyRoles, tokenizer, prompts: list[str], config: PPOConfi
     """Sample one response per held-out prompt (the same seed every time, so evaluations differ only by
     the policy) and measure: RM score, oracle score, KL to the reference (mean per-sequence sum of k1),
     entropy, distinct-1/2, length. `reference=True` samples from the reference (adapters off) instead."""
-    from rlhf.generation import SamplingParams, completion_lengths, decode_responses, sample_batch
+    from rlhf.generation import SamplingParams, decode_responses, sample_batch
 
     params = SamplingParams(temperature=config.temperature, top_p=1.0, max_new_tokens=config.response_length)
     rows, kls, entropies, rm_scores, lengths_all, finished_all = [], [], [], [], [], []
@@ -215,11 +226,10 @@ def evaluate(roles: PolicyRoles, tokenizer, prompts: list[str], config: PPOConfi
         with ctx:
             encoded, responses = sample_batch(roles.model, tokenizer, batch, 1, params,
                                               generator_seed=config.seed * 1_000_003 + 99_991 + start)
+        texts = [t for t, _ in decode_responses(tokenizer, responses, eos_ids)]
+        input_ids, attention_mask, responses, mask, lengths, finished = _on_model_device(
+            roles, encoded, responses, 1, eos_ids)
         T = responses.shape[1]
-        lengths, finished = completion_lengths(responses, eos_ids)
-        mask = (torch.arange(T)[None] < (lengths + finished.long())[:, None]).long()
-        input_ids = torch.cat([encoded.input_ids, responses], dim=1)
-        attention_mask = torch.cat([encoded.attention_mask, mask], dim=1)
         ref_logits = roles.response_logits(None, input_ids, attention_mask, T)
         ref_logp = core.logprobs_from_logits(ref_logits, responses, config.temperature)
         if reference:  # sampled from the reference: its own entropy, KL 0
@@ -231,7 +241,6 @@ def evaluate(roles: PolicyRoles, tokenizer, prompts: list[str], config: PPOConfi
         del logits, ref_logits
         kls += ((logp - ref_logp) * mask).sum(1).tolist()
         entropies += core.masked_mean(ent, mask, dim=1).tolist()
-        texts = [t for t, _ in decode_responses(tokenizer, responses, eos_ids)]
         if reward_fn is not None:
             rm_scores += reward_fn(roles, batch, texts, input_ids, attention_mask, lengths, T).tolist()
         lengths_all += lengths.tolist()
@@ -271,18 +280,23 @@ def ppo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_co
     """Rewards -> GAE (once, detached) -> whitened advantages -> epochs of clipped policy + value loss
     over shuffled minibatches. Each minibatch runs in micro-batches whose gradients accumulate
     (token-weighted, so the result equals one pass over the minibatch): memory bounded by
-    `micro_batch_size`. Returns (metrics, number of skipped non-finite updates)."""
+    `micro_batch_size`. Returns (metrics, number of skipped non-finite updates).
+
+    Early stopping (`stop_kl`, as OpenAI's Spinning Up PPO): each minibatch's forward pass measures
+    KL(pi_old || pi) of the policy as it is now, after every earlier step; above `stop_kl` that
+    minibatch's step is not taken and the update ends."""
     kl = core.kl_estimate(batch.logprobs, batch.ref_logprobs, config.kl_estimator)
     rewards = core.per_token_rewards(batch.scores, kl, batch.mask, kl_coef)
     advantages, returns = core.compute_gae(rewards, batch.values, batch.mask, config.gamma, config.lam)
+    advantage_std = core.masked_var(advantages, batch.mask).sqrt().item()
     advantages = core.masked_whiten(advantages, batch.mask)  # Huang et al. 2024: whiten advantages
     B, T = batch.responses.shape
     mb_size = config.minibatch_size or B
     generator = torch.Generator().manual_seed(config.seed * 104_729 + step)
     stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "approx_kl", "clipfrac", "vf_clipfrac", "ratio")}
-    skipped = 0
+    skipped, epochs_run, stopped = 0, 0, False
     for epoch in range(config.ppo_epochs):
-        epoch_kl = []
+        stepped = False
         order = torch.randperm(B, generator=generator)
         for start in range(0, B, mb_size):
             mb = order[start:start + mb_size]
@@ -314,15 +328,19 @@ def ppo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_co
                                    ("clipfrac", pg_stats["clipfrac"]), ("ratio", pg_stats["ratio"]),
                                    ("vf_clipfrac", vf_stats["clipfrac"])):
                     sums[key] += value.item() * weight.item()
+            if _stop_early(finite, sums["approx_kl"], config, optimizer, step, epoch):
+                for key, value in sums.items():
+                    stats[key].append(value)
+                stopped = True
+                break
             if not (finite and _optimizer_step(roles, accelerator, optimizer, config)):
                 skipped += 1
                 continue
             for key, value in sums.items():
                 stats[key].append(value)
-            epoch_kl.append(sums["approx_kl"])
-        if config.stop_kl is not None and epoch_kl and _stats(epoch_kl) > config.stop_kl:
-            log.info("step %d: approx KL %.3f > %.3f, stopping the PPO epochs after %d", step, _stats(epoch_kl),
-                     config.stop_kl, epoch + 1)
+            stepped = True
+        epochs_run += stepped
+        if stopped:
             break
     residual = core.masked_var(returns - batch.values, batch.mask)
     explained = 1.0 - (residual / core.masked_var(returns, batch.mask).clamp(min=1e-8)).item()
@@ -333,18 +351,31 @@ def ppo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_co
         "policy/approx_kl": _stats(stats["approx_kl"]),
         "policy/clipfrac": _stats(stats["clipfrac"]),
         "policy/ratio": _stats(stats["ratio"]),
-        "policy/epochs": epoch + 1,
+        "policy/epochs": epochs_run,
+        "policy/advantage_std": advantage_std,
         "val/mean": core.masked_mean(batch.values, batch.mask).item(),
         "val/clipfrac": _stats(stats["vf_clipfrac"]),
         "val/explained_variance": explained,
     }, skipped
 
 
+def _stop_early(finite: bool, approx_kl: float, config: PPOConfig, optimizer, step: int, epoch: int) -> bool:
+    """True (and the accumulated gradients dropped) when the approx KL(pi_old || pi) just measured on a
+    minibatch, BEFORE its step, is above `stop_kl`: the policy has already moved far enough."""
+    if not finite or config.stop_kl is None or approx_kl <= config.stop_kl:
+        return False
+    optimizer.zero_grad(set_to_none=True)
+    log.info("step %d: approx KL %.3g > %.3g in epoch %d, stopping the update", step, approx_kl, config.stop_kl,
+             epoch + 1)
+    return True
+
+
 def rloo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_coef: float,
                 config: PPOConfig) -> tuple[dict[str, float], int]:
-    """RLOO (Ahmadian et al. 2024): reward = score - beta * sum_t KL_t (the seed's beta * (policy
-    cross-entropy - reference cross-entropy) on the sampled text), leave-one-out baseline over the k
-    samples of each prompt, REINFORCE on the sequence logprob: one on-policy gradient step per batch.
+    """RLOO (Ahmadian et al. 2024): reward = score - beta * sum_t (log pi - log pi_ref), i.e. score -
+    beta * (CE_ref - CE_pi) of the sampled text (k1, as TRL's RLOOTrainer, whatever `kl_estimator`
+    says), leave-one-out baseline over the k samples of each prompt, REINFORCE on the sequence
+    logprob: one on-policy gradient step per batch.
 
     The rollout's logprobs come from this step's own forward pass (the same numbers: nothing has
     changed since sampling), run in micro-batches of whole prompt groups so each group's baseline is
@@ -361,8 +392,8 @@ def rloo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_c
         logp = core.logprobs_from_logits(logits, batch.responses[rows], config.temperature)
         entropies.append(core.entropy_from_logits(logits.detach(), config.temperature))
         del logits
-        kl = core.kl_estimate(logp.detach(), batch.ref_logprobs[rows], config.kl_estimator)
-        reward = batch.scores[rows] - kl_coef * (kl * batch.mask[rows]).sum(1)
+        reward = core.sequence_kl_reward(batch.scores[rows], logp.detach(), batch.ref_logprobs[rows],
+                                         batch.mask[rows], kl_coef)
         advantage = core.rloo_advantages(reward, group)
         seq_logp = (logp * batch.mask[rows]).sum(1)
         loss = core.rloo_loss(seq_logp, advantage) * (seq_logp.shape[0] / B)
@@ -378,6 +409,90 @@ def rloo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_c
     return {"objective/rlhf_reward": torch.cat(rewards).mean().item(),
             "loss/policy": sum(losses) if finite else float("nan"),
             "policy/advantage_std": advantages.std().item() if len(advantages) > 1 else 0.0}, skipped
+
+
+def grpo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_coef: float, config: PPOConfig,
+                step: int) -> tuple[dict[str, float], int]:
+    """GRPO (Shao et al. 2024): the score of each response, normalised within its prompt's group of
+    `grpo_k` samples, is the advantage of all its tokens (computed once, detached; no critic, no KL in
+    the reward); `ppo_epochs` passes (mu) of the clipped surrogate plus beta * KL(pi || pi_ref) (k3) as
+    a loss term, aggregated as `grpo_loss_norm` says (see `core.grpo_loss`), over shuffled minibatches
+    in micro-batches whose gradients accumulate. Early stopping on `stop_kl` as in `ppo_update`.
+
+    With one pass and one minibatch (the default) the update is on-policy: the rollout's logprobs are
+    this forward pass's numbers (pi_old = pi, ratio 1), so the rollout leaves them to it."""
+    B, T = batch.responses.shape
+    mb_size = config.minibatch_size or B
+    k = config.grpo_k
+    advantages = core.grpo_advantages(batch.scores, k, scale=config.grpo_scale_rewards)
+    centred = core.grpo_advantages(batch.scores, k, scale=False)
+    on_policy = batch.logprobs is None
+    if on_policy and (config.ppo_epochs > 1 or mb_size < B):
+        raise ValueError("GRPO with several passes or minibatches needs the rollout's logprobs (with_logprobs=True)")
+    old_logprobs = torch.zeros_like(batch.ref_logprobs) if on_policy else batch.logprobs
+    entropy = torch.zeros_like(batch.ref_logprobs) if on_policy else batch.entropy
+    generator = torch.Generator().manual_seed(config.seed * 104_729 + step)
+    keys = ("loss", "pg", "kl", "approx_kl", "clipfrac", "ratio")
+    stats: dict[str, list[float]] = {key: [] for key in keys}
+    skipped, epochs_run, stopped = 0, 0, False
+    for epoch in range(config.ppo_epochs):
+        stepped = False
+        order = torch.randperm(B, generator=generator) if not on_policy else torch.arange(B)
+        for start in range(0, B, mb_size):
+            mb = order[start:start + mb_size]
+            n_tokens = batch.mask[mb].sum().clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            sums, finite = dict.fromkeys(keys, 0.0), True
+            for micro in mb.split(config.micro_batch_size):
+                logits = roles.response_logits(ACTOR, batch.input_ids[micro], batch.attention_mask[micro], T)
+                logp = core.logprobs_from_logits(logits, batch.responses[micro], config.temperature)
+                if on_policy:
+                    old_logprobs[micro] = logp.detach()
+                    entropy[micro] = core.entropy_from_logits(logits.detach(), config.temperature)
+                del logits
+                loss, loss_stats = core.grpo_loss(
+                    logp, old_logprobs[micro], batch.ref_logprobs[micro], advantages[micro], batch.mask[micro],
+                    config.clip_range, kl_coef, config.kl_estimator, config.grpo_loss_norm, config.response_length)
+                # the minibatch's loss is the weighted sum of its micro-batches' losses
+                token_weight = (batch.mask[micro].sum() / n_tokens).item()
+                weight = token_weight if config.grpo_loss_norm == "token" else len(micro) / len(mb)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                accelerator.backward(loss * weight)
+                del logp
+                sums["loss"] += loss.item() * weight
+                sums["pg"] += loss_stats["pg"].item() * weight
+                for key in ("kl", "approx_kl", "clipfrac", "ratio"):  # per-token means
+                    sums[key] += loss_stats[key].item() * token_weight
+            if _stop_early(finite, sums["approx_kl"], config, optimizer, step, epoch):
+                for key, value in sums.items():
+                    stats[key].append(value)
+                stopped = True
+                break
+            if not (finite and _optimizer_step(roles, accelerator, optimizer, config)):
+                skipped += 1
+                continue
+            for key, value in sums.items():
+                stats[key].append(value)
+            stepped = True
+        epochs_run += stepped
+        if stopped:
+            break
+    if on_policy:
+        batch.logprobs, batch.entropy = old_logprobs, entropy
+    groups = batch.scores.view(-1, k)
+    return {
+        "loss/policy": _stats(stats["pg"]),
+        "loss/kl": _stats(stats["kl"]),
+        "loss/total": _stats(stats["loss"]),
+        "policy/approx_kl": _stats(stats["approx_kl"]),
+        "policy/clipfrac": _stats(stats["clipfrac"]),
+        "policy/ratio": _stats(stats["ratio"]),
+        "policy/epochs": epochs_run,
+        "policy/advantage_std": centred.std().item(),
+        "policy/zero_std_groups": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+    }, skipped
 
 
 def _optimizer_step(roles: PolicyRoles, accelerator, optimizer, config: PPOConfig) -> bool:
@@ -493,15 +608,19 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
         oracle = load_oracle(config.reward)  # the training oracle is also the eval metric
 
     # ---- derived sizes, computed once ----
-    samples_per_prompt = config.rloo_k if config.algo == "rloo" else 1
+    samples_per_prompt = config.samples_per_prompt
     prompts_per_step = config.batch_size // samples_per_prompt
     use_critic = config.algo == "ppo"
+    # the update's own forward pass gives the old logprobs when it is a single on-policy step
+    with_logprobs = use_critic or (config.algo == "grpo" and (
+        config.ppo_epochs > 1 or (config.minibatch_size or config.batch_size) < config.batch_size))
 
     torch.manual_seed(config.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    roles, tokenizer = build_roles(model_name, rm_dir, lora_r=config.lora_r, lora_alpha=config.lora_alpha)
+    roles, tokenizer = build_roles(model_name, rm_dir, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
+                                   critic=use_critic)
     eos_ids = eos_token_ids(roles.model, tokenizer)
-    reward_fn = reward_function(config, tokenizer.eos_token_id)
+    reward_fn = reward_function(config, tokenizer)
     eval_reward_fn = reward_fn if config.reward == "rm" else None
     params = roles.trainable_parameters() if use_critic else list(roles.parameters_of(ACTOR).values())
     optimizer = torch.optim.Adam(params, lr=config.lr, eps=1e-5)  # eps 1e-5 as in CleanRL / Huang et al.
@@ -532,19 +651,21 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
 
     if start_step == 0 or not eval_log.rows:
         run_eval(start_step)
-    started, bad_in_a_row, step = time.time(), 0, start_step
+    started, bad_in_a_row, step, warned_eos = time.time(), 0, start_step, False
     for step in range(start_step + 1, config.steps + 1):
         t0 = time.time()
         prompts = sampler.batch(step - 1, prompts_per_step)
         batch = rollout(roles, tokenizer, prompts, samples_per_prompt, config, reward_fn, eos_ids,
                         generator_seed=config.seed * 1_000_003 + step, with_values=use_critic,
-                        with_logprobs=use_critic)
+                        with_logprobs=with_logprobs)
         if not torch.isfinite(batch.raw_scores).all():
             raise UserError(f"step {step}: the reward is not finite for some responses (NaN/inf from the "
                             f"{'reward model' if config.reward == 'rm' else 'oracle'})")
         t_rollout = time.time() - t0
         if use_critic:
             metrics, skipped = ppo_update(roles, accelerator, optimizer, batch, kl_ctl.value, config, step)
+        elif config.algo == "grpo":
+            metrics, skipped = grpo_update(roles, accelerator, optimizer, batch, kl_ctl.value, config, step)
         else:
             metrics, skipped = rloo_update(roles, accelerator, optimizer, batch, kl_ctl.value, config)
         seq_kl = (batch.logprobs - batch.ref_logprobs).mul(batch.mask).sum(1)
@@ -563,6 +684,12 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
             "skipped_updates": skipped,
         }
         train_log.append(row)
+        if config.missing_eos_penalty and row["response/finished"] < 0.5 and not warned_eos:
+            warned_eos = True
+            log.warning("step %d: only %.0f%% of the responses end with EOS within --response-length %d, so "
+                        "--missing-eos-penalty %.3g lowers most scores: the policy learns to stop early more than "
+                        "the preference; raise --response-length or turn the penalty off", step,
+                        100 * row["response/finished"], config.response_length, config.missing_eos_penalty)
         kl_ctl.update(row["objective/kl"], config.batch_size)
         if skipped:
             bad_in_a_row += 1

@@ -35,6 +35,17 @@ def add_commands(sub) -> None:
                         f"(default {defaults.batch_rankings})")
     p.add_argument("--max-length", type=int, default=defaults.max_length,
                    help=f"tokens per sample; longer prompts are cut from the left (default {defaults.max_length})")
+    p.add_argument("--readout-layer", type=float, default=defaults.readout_layer,
+                   help=f"where the score head reads: a fraction of the depth (0.5 = middle layer; the layers "
+                        f"above are not run), a layer number, or 0 = last layer (default {defaults.readout_layer})")
+    p.add_argument("--readout-pool", choices=["mean", "last"], default=defaults.readout_pool,
+                   help=f"mean over the completion's tokens, or the last token (InstructGPT) "
+                        f"(default {defaults.readout_pool})")
+    p.add_argument("--head-lr-multiplier", type=float, default=defaults.head_lr_multiplier,
+                   help=f"the score head's learning rate is LR times this (default {defaults.head_lr_multiplier})")
+    p.add_argument("--pair-weighting", choices=["pair", "ranking"], default=defaults.pair_weighting,
+                   help=f"every comparison weighs the same (TRL), or every ranking (InstructGPT's 1/C(K,2)) "
+                        f"(default {defaults.pair_weighting})")
     p.add_argument("--margin", type=float, default=defaults.margin,
                    help="Llama-2 margin: subtract MARGIN x rank gap inside the sigmoid (default 0: off)")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
@@ -73,7 +84,8 @@ def run_train(args) -> None:
         data=args.data, out=args.out, model=args.model, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         epochs=args.epochs, lr=args.lr, batch_rankings=args.batch_rankings, max_length=args.max_length,
         margin=args.margin, checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
-        dtype=args.dtype)
+        dtype=args.dtype, readout_layer=args.readout_layer, readout_pool=args.readout_pool,
+        head_lr_multiplier=args.head_lr_multiplier, pair_weighting=args.pair_weighting)
     summary = train_reward_model(config)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -107,6 +119,15 @@ def run_eval(args) -> None:
     if "human_agreement" in result:
         print(f"human agreement  {result['human_agreement']:.4f}  (model on the same "
               f"{result['multi_annotated_judgements']} judgements: {result['model_agreement_same_judgements']:.4f})")
+    print("accuracy by rank gap (adjacent ranks are the hard comparisons):")
+    for name, g in result["by_rank_gap"].items():
+        print(f"  {name:18s} {g['accuracy']:.4f}  ({g['pairs']} pairs)")
+    print(f"accuracy by length (\"prefer the longer one\" alone scores {result['longer_wins']:.4f}):")
+    for name, g in result["by_length"].items():
+        print(f"  {name:18s} {g['accuracy']:.4f}  ({g['pairs']} pairs)")
+    print("calibration (confidence max(p, 1-p) -> how often right):")
+    for row in result["reliability"]:
+        print(f"  {row['confidence']:18s} {row['accuracy']:.4f}  ({row['pairs']} pairs)")
 
 
 def _read_samples(source: str) -> list[tuple[str, str]]:

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from reward_model.loss import PairIndex, build_pair_index, ranking_pairs
-from reward_model.model import encode_sample_ids, pad_rows
+from reward_model.model import EncodedSample, encode_sample_ids, pad_samples
 from rlhf.errors import UserError
 from rlhf.jsonl import read_jsonl
 from rlhf.records import Pair, RankedTask
@@ -35,7 +35,7 @@ class RankingExample:
     pairs: list[tuple[int, int, int]]   # (better, worse, rank gap), indices into texts
     task_id: str = ""
     annotator: str = ""
-    rows: list[list[int]] = field(default_factory=list)  # token ids per completion, once tokenized
+    rows: list[EncodedSample] = field(default_factory=list)  # one per completion, once tokenized
 
 
 @dataclass
@@ -165,15 +165,15 @@ def find_data(data: str | Path) -> DataFiles:
 
 def tokenize_examples(examples: Sequence[RankingExample], tokenizer, max_length: int, stats: DataStats) -> None:
     """Fill each example's token rows once (prompt truncated from the left past max_length)."""
-    cache: dict[tuple[str, str], tuple[list[int], bool]] = {}
+    cache: dict[tuple[str, str], EncodedSample] = {}
     for ex in examples:
         ex.rows = []
         for text in ex.texts:
             key = (ex.prompt, text)
             if key not in cache:
                 cache[key] = encode_sample_ids(tokenizer, ex.prompt, text, max_length)
-                stats.truncated_samples += cache[key][1]
-            ex.rows.append(cache[key][0])
+                stats.truncated_samples += cache[key].truncated
+            ex.rows.append(cache[key])
     if stats.truncated_samples:
         log.warning("%d sample(s) over --max-length %d: prompts truncated from the left, completions kept",
                     stats.truncated_samples, max_length)
@@ -189,9 +189,10 @@ def steps_per_epoch(num_examples: int, rankings_per_step: int) -> int:
     return math.ceil(num_examples / rankings_per_step)
 
 
-def collate(examples: Sequence[RankingExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, PairIndex]:
-    """All completions of the batch's rankings in ONE padded batch, and where their pairs are."""
+def collate(examples: Sequence[RankingExample], pad_id: int, weighting: str = "pair"):
+    """All completions of the batch's rankings in ONE padded batch (input_ids, attention_mask,
+    completion_mask), and where their pairs are."""
     rows = [row for ex in examples for row in ex.rows]
-    input_ids, attention_mask = pad_rows(rows, pad_id, "left")
-    index = build_pair_index([ex.pairs for ex in examples], [len(ex.rows) for ex in examples])
-    return input_ids, attention_mask, index
+    tensors = pad_samples(rows, pad_id, "left")
+    index = build_pair_index([ex.pairs for ex in examples], [len(ex.rows) for ex in examples], weighting)
+    return tensors, index

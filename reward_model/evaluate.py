@@ -36,12 +36,57 @@ def expected_calibration_error(probs: Sequence[float], bins: int = 10) -> float:
 
 
 def _comparisons(records: Iterable[RankedTask | Pair]):
-    """(prompt, better text, worse text, annotator, task id) for every non-tied, non-identical pair."""
+    """(prompt, better text, worse text, annotator, task id, rank gap) for every non-tied, non-identical pair."""
     for record in records:
         ex = to_example(record)
-        for b, w, _ in ex.pairs:
+        for b, w, gap in ex.pairs:
             if ex.texts[b] != ex.texts[w]:
-                yield ex.prompt, ex.texts[b], ex.texts[w], ex.annotator, ex.task_id
+                yield ex.prompt, ex.texts[b], ex.texts[w], ex.annotator, ex.task_id, gap
+
+
+def _accuracy(diffs: Sequence[float]) -> float:
+    """Fraction of comparisons the reward orders right; a tie in reward counts half."""
+    return sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
+
+
+def diagnostics(comparisons: Sequence[tuple], diffs: Sequence[float]) -> dict[str, Any]:
+    """What a user needs to trust a reward model beyond one accuracy figure (`diffs[i]` = r_better -
+    r_worse of `comparisons[i]`):
+
+    - by_rank_gap: accuracy on adjacent ranks (gap 1, the hard comparisons) vs ranks further apart;
+    - by_length: accuracy when the preferred completion has more / as many / fewer words, beside
+      `longer_wins`, the accuracy of "prefer the longer one": a reward model that is mostly a length
+      detector does well only where the preferred answer is longer;
+    - reliability: for bins of the model's confidence max(p, 1 - p), p = sigmoid(margin), how often it
+      is right (a calibrated model's accuracy matches its confidence in every bin).
+    """
+    def groups(key) -> dict[str, dict[str, float]]:
+        found: dict[str, list[float]] = defaultdict(list)
+        for comparison, diff in zip(comparisons, diffs):
+            found[key(comparison)].append(diff)
+        return {name: {"pairs": len(v), "accuracy": _accuracy(v)} for name, v in sorted(found.items())}
+
+    def words(text: str) -> int:
+        return len(text.split())
+
+    def length_key(c) -> str:
+        delta = words(c[1]) - words(c[2])
+        return "preferred longer" if delta > 0 else "same length" if delta == 0 else "preferred shorter"
+
+    longer = [words(c[1]) - words(c[2]) for c in comparisons]
+    reliability = []
+    confidences = [1.0 / (1.0 + math.exp(-abs(d))) for d in diffs]
+    for low in (0.5, 0.6, 0.7, 0.8, 0.9):
+        inside = [d for d, conf in zip(diffs, confidences) if low <= conf < low + 0.1 or (low == 0.9 and conf == 1.0)]
+        if inside:
+            reliability.append({"confidence": f"{low:.1f}-{low + 0.1:.1f}", "pairs": len(inside),
+                                "accuracy": _accuracy(inside)})
+    return {
+        "by_rank_gap": groups(lambda c: "1 (adjacent)" if c[5] == 1 else "2" if c[5] == 2 else "3+"),
+        "by_length": groups(length_key),
+        "longer_wins": _accuracy(longer),
+        "reliability": reliability,
+    }
 
 
 def human_agreement(comparisons: Sequence[tuple[str, str, str, str, str]],
@@ -53,7 +98,7 @@ def human_agreement(comparisons: Sequence[tuple[str, str, str, str, str]],
     individual judgements is reported beside it, on exactly the same denominator.
     """
     votes: dict[tuple[str, str, str], dict[str, int]] = defaultdict(dict)  # key -> annotator -> +1/-1
-    for prompt, better, worse, annotator, _ in comparisons:
+    for prompt, better, worse, annotator, *_ in comparisons:
         a, b = sorted((better, worse))
         votes[(prompt, a, b)][annotator] = 1 if better == a else -1
     judged = agree = model_agree = 0
@@ -82,8 +127,9 @@ def evaluate_reward_model(rm, tokenizer, path_or_records: str | Path | Iterable[
     """Metrics of `rm` on a rankings/pairs JSONL file, or on records (RankedTask, Pair or their dicts).
 
     Every distinct (prompt, completion) is scored once. Returns: pairs, accuracy (a tie in reward
-    counts half), mean_margin (mean r_better - r_worse), ece (10 bins), and human_agreement beside
-    model_agreement_same_judgements when several annotators judged the same comparison.
+    counts half), mean_margin (mean r_better - r_worse), ece (10 bins), the `diagnostics` (by rank gap,
+    by length difference, reliability), and human_agreement beside model_agreement_same_judgements
+    when several annotators judged the same comparison.
     """
     if isinstance(path_or_records, (str, Path)):
         records = [record for _, record in read_records(path_or_records)]
@@ -94,23 +140,24 @@ def evaluate_reward_model(rm, tokenizer, path_or_records: str | Path | Iterable[
     if not comparisons:
         return {"pairs": 0}
     keys = sorted({(c[0], text) for c in comparisons for text in (c[1], c[2])})
-    rows = [encode_sample_ids(tokenizer, prompt, text, max_length)[0] for prompt, text in keys]
+    rows = [encode_sample_ids(tokenizer, prompt, text, max_length) for prompt, text in keys]
     was_training = rm.training
     rm.eval()
     try:
         reward = dict(zip(keys, score_rows(rm, rows, tokenizer.pad_token_id, batch_size)))
     finally:
         rm.train(was_training)
-    diffs = [reward[(p, better)] - reward[(p, worse)] for p, better, worse, _, _ in comparisons]
+    diffs = [reward[(p, better)] - reward[(p, worse)] for p, better, worse, *_ in comparisons]
     probs = [1.0 / (1.0 + math.exp(-d)) for d in diffs]
     result = {
         "pairs": len(diffs),
-        "accuracy": sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs),
+        "accuracy": _accuracy(diffs),
         "mean_margin": sum(diffs) / len(diffs),
         "ece": expected_calibration_error(probs),
+        **diagnostics(comparisons, diffs),
     }
     model_prefers = {}
-    for p, better, worse, _, _ in comparisons:
+    for p, better, worse, *_ in comparisons:
         a, b = sorted((better, worse))
         model_prefers[(p, a, b)] = reward[(p, a)] > reward[(p, b)]
     result.update(human_agreement(comparisons, model_prefers))

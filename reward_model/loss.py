@@ -34,19 +34,25 @@ class PairIndex:
     better: Tensor  # [P] row of the preferred completion
     worse: Tensor   # [P] row of the other one
     gap: Tensor     # [P] rank difference (>= 1), for the margin
-    weight: Tensor  # [P] 1 / (pairs in its ranking * rankings in the batch): the loss is their weighted sum
+    weight: Tensor  # [P] the loss is the weighted sum of the pair losses (weights sum to 1)
 
     @property
     def num_pairs(self) -> int:
         return int(self.better.numel())
 
 
-def build_pair_index(rankings: Sequence[Sequence[tuple[int, int, int]]], sizes: Sequence[int]) -> PairIndex:
+def build_pair_index(rankings: Sequence[Sequence[tuple[int, int, int]]], sizes: Sequence[int],
+                     weighting: str = "pair") -> PairIndex:
     """Lay out the pairs of a batch of rankings whose completions are concatenated into one flat batch.
 
     `rankings[j]` lists ranking j's pairs as (better, worse, rank gap) with indices local to the
     ranking; `sizes[j]` is its number of completions (rows). Rankings without pairs are not allowed.
+    `weighting`: "ranking" gives each ranking the same weight, shared by its pairs (InstructGPT's
+    1/C(K,2)); "pair" gives every pair the same weight (TRL). They differ only when ties leave
+    rankings with fewer pairs: then "ranking" weighs a ranking's lone pair up to C(K,2) times a pair
+    of a full ranking, and those are the least certain comparisons.
     """
+    total = sum(len(pairs) for pairs in rankings)
     better, worse, gap, weight = [], [], [], []
     offset = 0
     for pairs, size in zip(rankings, sizes, strict=True):
@@ -56,7 +62,7 @@ def build_pair_index(rankings: Sequence[Sequence[tuple[int, int, int]]], sizes: 
             better.append(offset + b)
             worse.append(offset + w)
             gap.append(g)
-            weight.append(1.0 / (len(pairs) * len(rankings)))
+            weight.append(1.0 / (len(pairs) * len(rankings)) if weighting == "ranking" else 1.0 / total)
         offset += size
     return PairIndex(torch.tensor(better, dtype=torch.long), torch.tensor(worse, dtype=torch.long),
                      torch.tensor(gap, dtype=torch.float32), torch.tensor(weight, dtype=torch.float32))

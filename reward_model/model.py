@@ -1,6 +1,10 @@
-"""The reward model: the SFT causal LM with LoRA adapters and a linear score head on the hidden state
-of the last real token (InstructGPT, Ouyang et al. 2022, sec. 3.5: "the SFT model with the final
-unembedding layer removed"; Ziegler et al. 2019).
+"""The reward model: the SFT causal LM with LoRA adapters and a linear score head (InstructGPT, Ouyang
+et al. 2022, sec. 3.5: "the SFT model with the final unembedding layer removed"; Ziegler et al. 2019).
+
+Where the head reads is the `Readout`: the hidden state after decoder layer `layer` (0 = the last
+layer; the layers above it are not run at all), either at the last real token (`pool="last"`, the
+papers' choice) or averaged over the completion's tokens (`pool="mean"`). See `Readout` for why the
+default is a middle layer's mean.
 
 Load a trained one and score texts with one call each:
 
@@ -11,8 +15,9 @@ Load a trained one and score texts with one call each:
 An RM directory holds exactly: `adapter_config.json` + `adapter_model.safetensors` (peft's
 `save_pretrained` of the LoRA adapter), `score_head.safetensors` (tensors `weight` [1, H] and `bias`
 [1]) and `reward_model.json` ({"format": "rlhf-reward-model/1", "base_model", "reward_bias",
-"max_length", "lora_r", ... training summary}). The reward is score_head(h_last) - reward_bias.
-The policy stage loads the adapter into its own shared base model, so keep this layout stable.
+"max_length", "lora_r", "readout": {"layer", "pool"}, ... training summary}). The reward is
+score_head(readout features) - reward_bias; a file without "readout" reads the last layer's last
+token. The policy stage loads the parts into its own shared base model with `load_rm_parts`.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import json
 import logging
 import math
 import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +78,69 @@ def _decoder(causal_lm) -> nn.Module:
     return model.get_decoder()
 
 
+@dataclass(frozen=True)
+class Readout:
+    """Which hidden states the score head reads.
+
+    The default, a middle layer's mean over the completion, was chosen by held-out pairwise accuracy
+    (bench/rm_quality.py, README "Reward model quality"): at the last layer's last token (`<|im_end|>`)
+    the states of different completions of one prompt are nearly identical (cosine 0.98-0.995 on
+    SmolLM2), since that position mostly predicts the next template token; frozen linear probes on
+    them are near chance, while a middle layer's mean over the completion carries the word-level
+    content that preferences are about. Running only the first `layer` layers also halves the cost.
+    """
+
+    layer: int = 0
+    """Decoder layers to run: the head reads the state after layer `layer` (1-based, with the model's
+    final norm applied); 0 = all layers, the papers' read-out."""
+    pool: str = "last"
+    """"last": the last real token (EOS); "mean": the mean over the completion's tokens (EOS included)."""
+
+    def check(self, num_layers: int | None = None) -> None:
+        if self.pool not in ("last", "mean"):
+            raise UserError(f"reward read-out pool must be 'last' or 'mean', got {self.pool!r}")
+        if self.layer < 0 or (num_layers is not None and self.layer > num_layers):
+            raise UserError(f"reward read-out layer must be in 0..{num_layers} (0 = last), got {self.layer}")
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "Readout":
+        return cls(**meta["readout"]) if "readout" in meta else cls()
+
+
+@contextmanager
+def first_layers(causal_lm, num_layers: int):
+    """Run only the first `num_layers` decoder layers inside the block (0 = all): the body's forward
+    then returns layer `num_layers`'s output through the final norm. The layers stay in memory (the
+    policy shares them); only the module list the forward loops over is shortened."""
+    decoder = _decoder(causal_lm)
+    layers = decoder.layers
+    if num_layers and num_layers < len(layers):
+        decoder.layers = layers[:num_layers]
+    try:
+        yield decoder
+    finally:
+        decoder.layers = layers
+
+
+def num_decoder_layers(causal_lm) -> int:
+    return len(_decoder(causal_lm).layers)
+
+
+def reward_features(causal_lm, readout: Readout, input_ids: Tensor, attention_mask: Tensor,
+                    completion_mask: Tensor | None) -> Tensor:
+    """The read-out features [B, H] (float32) of each row: see `Readout`. `completion_mask` marks the
+    completion's tokens (needed for pool="mean")."""
+    with first_layers(causal_lm, readout.layer):
+        hidden = final_hidden_states(causal_lm, input_ids, attention_mask)
+    if readout.pool == "mean":
+        if completion_mask is None:
+            raise ValueError("pool='mean' needs the completion mask")
+        weights = (completion_mask * attention_mask).to(hidden.device, torch.float32).unsqueeze(-1)
+        return (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, last_token_index(attention_mask).to(hidden.device)].float()
+
+
 def final_hidden_states(causal_lm, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The decoder's last hidden state [B, T, H] (after the final norm), without the LM head.
 
@@ -87,11 +157,12 @@ def final_hidden_states(causal_lm, input_ids: Tensor, attention_mask: Tensor) ->
 
 
 class RewardModel(nn.Module):
-    """LoRA-adapted causal LM body + linear score head on the last real token's hidden state."""
+    """LoRA-adapted causal LM body + linear score head on the `Readout` features."""
 
-    def __init__(self, backbone, hidden_size: int, reward_bias: float = 0.0):
+    def __init__(self, backbone, hidden_size: int, reward_bias: float = 0.0, readout: Readout = Readout()):
         super().__init__()
         self.backbone = backbone
+        self.readout = readout
         # The head stays float32 whatever the backbone's dtype: it is tiny and the loss is sensitive.
         self.score_head = nn.Linear(hidden_size, 1, dtype=torch.float32)
         # "The N implementation details of RLHF with PPO" (Huang et al. 2024): reward head weights
@@ -102,12 +173,10 @@ class RewardModel(nn.Module):
         # sec. 3.5 normalises the RM "so that the labeler demonstrations achieve a mean score of 0").
         self.register_buffer("reward_bias", torch.tensor(float(reward_bias), dtype=torch.float32))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Reward per row [B] (float32), read at the last real token."""
-        hidden = final_hidden_states(self.backbone, input_ids, attention_mask)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, last_token_index(attention_mask).to(hidden.device)]
-        return self.score_head(last.float()).squeeze(-1) - self.reward_bias
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor | None = None) -> Tensor:
+        """Reward per row [B] (float32) from the read-out features."""
+        features = reward_features(self.backbone, self.readout, input_ids, attention_mask, completion_mask)
+        return self.score_head(features).squeeze(-1) - self.reward_bias
 
 
 def lora_target_modules(causal_lm) -> list[str]:
@@ -123,19 +192,36 @@ def lora_target_modules(causal_lm) -> list[str]:
     return llama if llama else sorted(names)
 
 
+def resolve_layer(requested: float, num_layers: int) -> int:
+    """A read-out layer from a config value: an int >= 1 is a layer number, a fraction in (0, 1) a
+    share of the depth (0.5 = the middle layer, whatever the model's size), 0 the last layer."""
+    if 0 < requested < 1:
+        return max(1, round(requested * num_layers))
+    if requested != int(requested) or not 0 <= requested <= num_layers:
+        raise UserError(f"--readout-layer must be 0 (last), a fraction in (0, 1) or a layer in 1..{num_layers}, "
+                        f"got {requested}")
+    return int(requested)
+
+
 def create_reward_model(base_model: str, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                        dtype: torch.dtype = torch.float32):
-    """A fresh reward model on `base_model` (the --model string) and its tokenizer."""
+                        dtype: torch.dtype = torch.float32, readout_layer: float = 0, readout_pool: str = "last"):
+    """A fresh reward model on `base_model` (the --model string) and its tokenizer. LoRA adapts only the
+    layers the read-out runs."""
     from peft import LoraConfig, get_peft_model
 
     tokenizer = load_tokenizer(base_model)
     causal_lm = load_causal_lm(base_model, dtype=dtype)
+    depth = num_decoder_layers(causal_lm)
+    readout = Readout(resolve_layer(readout_layer, depth), readout_pool)
+    readout.check(depth)
+    used = readout.layer or depth
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
-                        target_modules=lora_target_modules(causal_lm))
+                        target_modules=lora_target_modules(causal_lm),
+                        layers_to_transform=None if used == depth else list(range(used)))
     with warnings.catch_warnings():  # peft reads a transformers property deprecated in v5
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         backbone = get_peft_model(causal_lm, config)
-    return RewardModel(backbone, causal_lm.config.hidden_size), tokenizer
+    return RewardModel(backbone, causal_lm.config.hidden_size, readout=readout), tokenizer
 
 
 def save_reward_model(rm: RewardModel, out_dir: str | Path, meta: dict[str, Any]) -> Path:
@@ -148,7 +234,7 @@ def save_reward_model(rm: RewardModel, out_dir: str | Path, meta: dict[str, Any]
     head = rm.score_head
     save_file({"weight": head.weight.detach().float().cpu().contiguous(),
                "bias": head.bias.detach().float().cpu().contiguous()}, str(out_dir / HEAD_FILE))
-    full = {"format": FORMAT, **meta, "reward_bias": float(rm.reward_bias)}
+    full = {"format": FORMAT, **meta, "reward_bias": float(rm.reward_bias), "readout": asdict(rm.readout)}
     for key in ("base_model", "max_length", "lora_r"):
         if key not in full:
             raise ValueError(f"reward model metadata needs {key!r}")
@@ -178,13 +264,35 @@ def read_meta(rm_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_head(rm: RewardModel, rm_dir: str | Path) -> None:
+def load_head(head: nn.Linear, rm_dir: str | Path) -> None:
+    """Copy a saved score head's weight and bias into `head`."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(Path(rm_dir) / HEAD_FILE))
     with torch.no_grad():
-        rm.score_head.weight.copy_(tensors["weight"])
-        rm.score_head.bias.copy_(tensors["bias"])
+        head.weight.copy_(tensors["weight"])
+        head.bias.copy_(tensors["bias"])
+
+
+class RMParts(NamedTuple):
+    """What a model that hosts the RM's adapter itself (the policy's shared base) needs to score."""
+
+    meta: dict[str, Any]
+    readout: Readout
+    score_head: nn.Linear  # float32, reward_bias folded into its bias, frozen
+    max_length: int
+
+
+def load_rm_parts(rm_dir: str | Path, hidden_size: int) -> RMParts:
+    """The read-out, the score head (with the normalisation folded in) and the settings of an RM
+    directory; its LoRA adapter loads with peft's `load_adapter(rm_dir)`."""
+    meta = read_meta(rm_dir)
+    head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+    load_head(head, rm_dir)
+    with torch.no_grad():
+        head.bias -= float(meta.get("reward_bias", 0.0))
+    head.requires_grad_(False)
+    return RMParts(meta, Readout.from_meta(meta), head, int(meta["max_length"]))
 
 
 def load_reward_model(rm_dir: str | Path, dtype: torch.dtype | None = None, base_model: str | None = None):
@@ -202,18 +310,28 @@ def load_reward_model(rm_dir: str | Path, dtype: torch.dtype | None = None, base
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         backbone = PeftModel.from_pretrained(causal_lm, str(rm_dir), is_trainable=False)
-    rm = RewardModel(backbone, causal_lm.config.hidden_size, reward_bias=float(meta.get("reward_bias", 0.0)))
-    load_head(rm, rm_dir)
+    rm = RewardModel(backbone, causal_lm.config.hidden_size, reward_bias=float(meta.get("reward_bias", 0.0)),
+                     readout=Readout.from_meta(meta))
+    load_head(rm.score_head, rm_dir)
     rm.eval()
     rm.requires_grad_(False)
     rm.meta = meta
     return rm, tokenizer
 
 
-def encode_sample_ids(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], bool]:
+class EncodedSample(NamedTuple):
+    """One (prompt, completion) as the reward model reads it."""
+
+    ids: list[int]
+    completion_length: int  # the last this-many ids are the completion and its EOS
+    truncated: bool
+
+
+def encode_sample_ids(tokenizer, prompt: str, completion: str, max_length: int) -> EncodedSample:
     """Token ids of one sample, `format_sample`'s text: the chat-formatted prompt, then the completion
-    and EOS, tokenized as two parts exactly as the policy produced them (prompt as in
-    `rlhf.generation.encode_prompts`, then the sampled tokens). Returns (ids, truncated).
+    and EOS, tokenized as two parts (prompt as in `rlhf.generation.encode_prompts`). The policy stage
+    scores its responses through this same function on their decoded text, so the RM always reads
+    the token sequence it was trained on.
 
     Over `max_length`: the prompt loses tokens on the LEFT and the completion (+EOS) stays whole,
     since the reward is read at its end; a completion alone over the limit keeps its last tokens.
@@ -222,12 +340,13 @@ def encode_sample_ids(tokenizer, prompt: str, completion: str, max_length: int) 
     prompt_ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not templated)["input_ids"]
     completion_ids = tokenizer(completion + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
     if len(prompt_ids) + len(completion_ids) <= max_length:
-        return prompt_ids + completion_ids, False
+        return EncodedSample(prompt_ids + completion_ids, len(completion_ids), False)
     if len(completion_ids) >= max_length:
         log.warning("completion alone is %d tokens, over max_length=%d: scoring only its last %d tokens",
                     len(completion_ids), max_length, max_length)
-        return completion_ids[-max_length:], True
-    return prompt_ids[len(prompt_ids) + len(completion_ids) - max_length:] + completion_ids, True
+        return EncodedSample(completion_ids[-max_length:], max_length, True)
+    return EncodedSample(prompt_ids[len(prompt_ids) + len(completion_ids) - max_length:] + completion_ids,
+                         len(completion_ids), True)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "left") -> tuple[Tensor, Tensor]:
@@ -244,26 +363,44 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "left") -> 
     return ids, mask
 
 
+def pad_samples(samples: Sequence[EncodedSample], pad_id: int, side: str = "left") -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids, attention_mask, completion_mask) of encoded samples padded to the longest one."""
+    input_ids, attention_mask = pad_rows([s.ids for s in samples], pad_id, side)
+    width = input_ids.shape[1]
+    positions = torch.arange(width)
+    ends = attention_mask.sum(1) if side == "right" else torch.full((len(samples),), width)
+    starts = ends - torch.tensor([s.completion_length for s in samples])
+    completion_mask = ((positions >= starts[:, None]) & (positions < ends[:, None])).long()
+    return input_ids, attention_mask, completion_mask
+
+
 def encode_samples(tokenizer, prompts: Sequence[str], completions: Sequence[str], max_length: int):
-    """(input_ids, attention_mask) of prompt+completion samples, padded on the tokenizer's side."""
+    """(input_ids, attention_mask, completion_mask) of prompt+completion samples, padded on the
+    tokenizer's side."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    rows = [encode_sample_ids(tokenizer, p, c, max_length)[0] for p, c in zip(prompts, completions)]
-    return pad_rows(rows, tokenizer.pad_token_id, getattr(tokenizer, "padding_side", "left"))
+    samples = [encode_sample_ids(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
+    return pad_samples(samples, tokenizer.pad_token_id, getattr(tokenizer, "padding_side", "left"))
 
 
 @torch.no_grad()
-def score_rows(rm: RewardModel, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16) -> list[float]:
-    """Rewards of pre-tokenized rows, batched by length (less padding), in input order."""
-    device = next(rm.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    rewards = [0.0] * len(rows)
+def score_samples(score: Callable[[Tensor, Tensor, Tensor], Tensor], samples: Sequence[EncodedSample],
+                  pad_id: int, device, batch_size: int = 16) -> list[float]:
+    """score(input_ids, attention_mask, completion_mask) -> [B] over encoded samples, batched by length
+    (less padding), in input order."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].ids))
+    rewards = [0.0] * len(samples)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        ids, mask = pad_rows([rows[i] for i in idx], pad_id)
-        for i, r in zip(idx, rm(ids.to(device), mask.to(device)).tolist()):
+        tensors = pad_samples([samples[i] for i in idx], pad_id)
+        for i, r in zip(idx, score(*(t.to(device) for t in tensors)).tolist()):
             rewards[i] = r
     return rewards
+
+
+def score_rows(rm: RewardModel, samples: Sequence[EncodedSample], pad_id: int, batch_size: int = 16) -> list[float]:
+    """Rewards of encoded samples, in input order."""
+    return score_samples(rm, samples, pad_id, next(rm.parameters()).device, batch_size)
 
 
 def score_texts(rm: RewardModel, tokenizer, prompts: Sequence[str], completions: Sequence[str],
@@ -274,7 +411,7 @@ def score_texts(rm: RewardModel, tokenizer, prompts: Sequence[str], completions:
     was_training = rm.training
     rm.eval()
     try:
-        rows = [encode_sample_ids(tokenizer, p, c, max_length)[0] for p, c in zip(prompts, completions)]
-        return score_rows(rm, rows, tokenizer.pad_token_id, batch_size)
+        samples = [encode_sample_ids(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
+        return score_rows(rm, samples, tokenizer.pad_token_id, batch_size)
     finally:
         rm.train(was_training)

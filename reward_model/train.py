@@ -70,6 +70,12 @@ def _check_config(config: RewardTrainingConfig) -> None:
         raise UserError(f"--margin must be >= 0, got {config.margin}")
     if config.checkpoint_every < 0:
         raise UserError("--checkpoint-every must be >= 0")
+    if config.readout_pool not in ("last", "mean"):
+        raise UserError(f"--readout-pool must be last or mean, got {config.readout_pool!r}")
+    if config.pair_weighting not in ("ranking", "pair"):
+        raise UserError(f"--pair-weighting must be ranking or pair, got {config.pair_weighting!r}")
+    if not config.head_lr_multiplier > 0:
+        raise UserError(f"--head-lr-multiplier must be > 0, got {config.head_lr_multiplier}")
     if config.dtype not in ("float32", "bfloat16"):
         raise UserError(f"--dtype must be float32 or bfloat16, got {config.dtype!r}")
 
@@ -90,7 +96,8 @@ def _checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
 
 
 # Settings a checkpoint must share with the run that resumes it (others, e.g. lr, may change).
-_RESUME_KEYS = ("model", "lora_r", "lora_alpha", "batch_rankings", "epochs", "seed", "max_length")
+_RESUME_KEYS = ("model", "lora_r", "lora_alpha", "batch_rankings", "epochs", "seed", "max_length",
+                "readout_layer", "readout_pool")
 
 
 def save_checkpoint(out: Path, step: int, rm: RewardModel, optimizer, scheduler, config, num_train: int) -> Path:
@@ -141,7 +148,7 @@ def load_checkpoint(path: Path, rm: RewardModel, optimizer, scheduler) -> int:
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(rm.backbone, load_file(str(path / "adapter_model.safetensors")))
-    load_head(rm, path)
+    load_head(rm.score_head, path)
     saved = torch.load(path / "optimizer.pt", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -252,7 +259,8 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
 
     torch.manual_seed(config.seed)
     rm, tokenizer = create_reward_model(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
-                                        dtype=getattr(torch, config.dtype))
+                                        dtype=getattr(torch, config.dtype), readout_layer=config.readout_layer,
+                                        readout_pool=config.readout_pool)
     rmdata.tokenize_examples(train_examples, tokenizer, config.max_length, stats)
 
     # Derived sizes, computed once.
@@ -262,7 +270,10 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
     total_steps = config.epochs * steps_per_epoch
 
     params = [p for p in rm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    head = list(rm.score_head.parameters())
+    body = [p for p in params if all(p is not h for h in head)]
+    optimizer = torch.optim.AdamW([{"params": body, "lr": config.lr},
+                                   {"params": head, "lr": config.lr * config.head_lr_multiplier}], weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, config.lr_final_fraction))
     start_step = load_checkpoint(resume_from, rm, optimizer, scheduler) if resume_from else 0
@@ -283,9 +294,9 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
                 order, order_epoch = rmdata.epoch_order(len(train_examples), config.seed, epoch), epoch
             step_ids = order[step_in_epoch * rankings_per_step:(step_in_epoch + 1) * rankings_per_step]
             mine = step_ids[accelerator.process_index::world] or step_ids[:1]
-            input_ids, attention_mask, index = rmdata.collate([train_examples[i] for i in mine],
-                                                              tokenizer.pad_token_id)
-            rewards = model(input_ids.to(device), attention_mask.to(device))
+            tensors, index = rmdata.collate([train_examples[i] for i in mine], tokenizer.pad_token_id,
+                                            config.pair_weighting)
+            rewards = model(*(t.to(device) for t in tensors))
             loss, metrics = ranking_loss(rewards, index, config.margin)
             if not torch.isfinite(loss):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"

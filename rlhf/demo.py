@@ -31,8 +31,9 @@ class DemoConfig:
     """SFT model: 'default' (SmolLM2-135M-Instruct), a local folder or a HF id."""
     prompts: str = str(PROMPTS_FILE)
     """Prompt set; the first `label_prompts` are labeled, the last `eval_prompts` are held out for PPO eval."""
-    label_prompts: int = 80
-    """Prompts whose completions the scripted annotators rank (each gives overlap * C(K,2) pairs)."""
+    label_prompts: int = 200
+    """Prompts whose completions the scripted annotators rank (each gives up to overlap * C(K,2) pairs). The
+    reward model's held-out accuracy grows with the number of labeled prompts (README, learning curve)."""
     eval_prompts: int = 24
     """Held-out prompts (the end of the prompt file) for the policy evaluation and the report's samples."""
     k: int = 4
@@ -41,18 +42,21 @@ class DemoConfig:
     """Completion length for generation and for PPO responses."""
     temperature: float = 0.7
     """Sampling temperature of generation and PPO."""
-    oracle: str = "alliteration"
-    """The scripted annotators' preference (the seed's alliteration reward), also the report's true score."""
+    oracle: str = "descriptive"
+    """The scripted annotators' preference, also the report's true score: physically descriptive writing
+    (colour, light, sound, texture words), one of the two stylistic preferences Ziegler et al. (2019)
+    collected human labels for; a word-level preference a reward model can learn from a few hundred
+    rankings (README, "Reward model quality"). `alliteration` is the KL-collapse experiment's reward."""
     annotators: int = 3
     """Scripted annotators."""
     overlap: int = 2
     """Rankings per task."""
     noise: float = 0.1
     """Annotator noise (Bradley-Terry sampling temperature relative to a task's score range)."""
-    rm_epochs: int = 3
+    rm_epochs: int = 2
     """Reward-model epochs over the training rankings (InstructGPT: 1, with far more data than a demo has)."""
-    rm_lr: float = 6e-4
-    """Reward-model learning rate (LoRA + score head)."""
+    rm_lr: float = 3e-4
+    """Reward-model learning rate of the LoRA weights (the score head's is 30x, RewardTrainingConfig)."""
     ppo_steps: int = 8
     """PPO steps."""
     ppo_batch_size: int = 8
@@ -67,8 +71,8 @@ class DemoConfig:
     penalty would teach brevity instead of the annotators' preference."""
     eval_every: int = 4
     """PPO evaluation interval in steps."""
-    dtype: str = "float32"
-    """Backbone dtype for the reward model's training."""
+    dtype: str = "bfloat16"
+    """Backbone dtype for the reward model's training (RewardTrainingConfig.dtype says why)."""
     seed: int = 0
     """Seed of every stage."""
     resume: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import tempfile
@@ -22,25 +23,38 @@ def parse_jsonl(lines: Iterable[str], name: str) -> Iterator[tuple[int, dict[str
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{name}:{line_no}: not valid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; absurd nesting
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+            raise UserError(f"{name}:{line_no}: not valid JSON ({reason})") from None
         if not isinstance(obj, dict):
             raise UserError(f"{name}:{line_no}: expected a JSON object, got {type(obj).__name__}")
         yield line_no, obj
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """`parse_jsonl` over a file; a missing or unreadable file raises UserError."""
+    """`parse_jsonl` over a UTF-8 file (a leading byte-order mark is allowed); a missing or unreadable file, or
+    a line that is not UTF-8, raises UserError (naming the line)."""
     path = Path(path)
     try:
-        handle = path.open("r", encoding="utf-8")
+        handle = path.open("rb")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     with handle:
+        yield from parse_jsonl(_utf8_lines(handle, str(path)), str(path))
+
+
+def _utf8_lines(handle, name: str) -> Iterator[str]:
+    """The lines of a binary file as text, decoded one by one so that an error can name its line."""
+    for line_no, raw in enumerate(handle, start=1):
+        if line_no == 1 and raw.startswith(codecs.BOM_UTF8):  # what some Windows editors write first
+            raw = raw[len(codecs.BOM_UTF8):]
         try:
-            yield from parse_jsonl(handle, str(path))
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text") from None
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{name}:{line_no}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                            f"{exc.start + 1})") from None
 
 
 @contextmanager

@@ -12,18 +12,29 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 
+def _unicode(value: str, what: str) -> str:
+    """`value` if it is valid Unicode; JSON's "\\ud800" escapes decode to lone surrogates, which no file or
+    database can store."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
 def _text(obj: Mapping[str, Any], key: str, *, allow_empty: bool = False) -> str:
     value = obj.get(key)
     if not isinstance(value, str):
         raise ValueError(f"'{key}' must be a string")
     if not allow_empty and not value.strip():
         raise ValueError(f"'{key}' is empty")
-    return value
+    return _unicode(value, f"'{key}'")
 
 
 def content_id(prefix: str, *parts: str) -> str:
     """A stable id from content, so re-importing the same data yields the same ids."""
-    digest = hashlib.sha1("\x00".join(parts).encode("utf-8")).hexdigest()[:12]
+    # surrogatepass: hashing must not fail before the content's own check names the problem
+    digest = hashlib.sha1("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{prefix}{digest}"
 
 
@@ -48,12 +59,15 @@ class Completion:
         cid = obj.get("id", default_id)
         if not isinstance(cid, str) or not cid:
             raise ValueError("completion 'id' must be a non-empty string")
+        _unicode(cid, "completion 'id'")
         num_tokens = obj.get("num_tokens")
-        if num_tokens is not None and (not isinstance(num_tokens, int) or num_tokens < 0):
+        if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(num_tokens, int)
+                                       or num_tokens < 0):
             raise ValueError("completion 'num_tokens' must be a non-negative integer")
         model = obj.get("model") or ""
         if not isinstance(model, str):
             raise ValueError("completion 'model' must be a string")
+        _unicode(model, "completion 'model'")
         return cls(id=cid, text=_text(obj, "text", allow_empty=True), model=model, num_tokens=num_tokens)
 
 
@@ -80,6 +94,7 @@ class Task:
         task_id = obj.get("id") or content_id("t-", prompt, *[str(t) for t in texts])
         if not isinstance(task_id, str):
             raise ValueError("'id' must be a string")
+        _unicode(task_id, "'id'")
         completions = tuple(Completion.from_dict(c, f"{task_id}-{i}") for i, c in enumerate(raw))
         ids = [c.id for c in completions]
         if len(set(ids)) != len(ids):

@@ -36,7 +36,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _plots(eval_rows: list[dict[str, float]], files: Path) -> list[tuple[str, Path]]:
+def _plots(eval_rows: list[dict[str, float]], files: Path, oracle: str) -> list[tuple[str, Path]]:
     """Reward model score, oracle score and KL against step; reward against KL."""
     import matplotlib
 
@@ -46,7 +46,7 @@ def _plots(eval_rows: list[dict[str, float]], files: Path) -> list[tuple[str, Pa
     files.mkdir(parents=True, exist_ok=True)
     steps = [r.get("step", i) for i, r in enumerate(eval_rows)]
     made = []
-    series = [("objective/rm_score", "reward model score"), ("objective/oracle", "oracle score (alliteration)"),
+    series = [("objective/rm_score", "reward model score"), ("objective/oracle", f"oracle score ({oracle})"),
               ("objective/kl", "KL to the reference (nats / response)")]
     present = [(k, t) for k, t in series if any(k in r for r in eval_rows)]
     if present:
@@ -94,7 +94,7 @@ def write_report(out: Path, settings: dict[str, Any], done: dict[str, dict]) -> 
     label, pairs, rm, policy = (done.get(k, {}) for k in ("label", "export", "reward_model", "policy"))
     stats = label.get("stats", {})
     eval_rows = _read_csv(out / "ppo" / "eval.csv")
-    images = _plots(eval_rows, files)
+    images = _plots(eval_rows, files, settings.get("oracle", "oracle"))
     if (out / "rm" / "train_curves.png").is_file():
         images.insert(0, ("Reward model training curves", out / "rm" / "train_curves.png"))
     final, reference = policy.get("final", {}) or {}, policy.get("reference", {}) or {}
@@ -102,7 +102,7 @@ def write_report(out: Path, settings: dict[str, Any], done: dict[str, dict]) -> 
     rm_test = rm.get("test", {}) or {}
 
     headline = [
-        ("Oracle score (alliteration), SFT policy", _fmt(oracle_sft)),
+        (f"Oracle score ({settings.get('oracle', 'oracle')}), SFT policy", _fmt(oracle_sft)),
         ("Oracle score, PPO policy", _fmt(oracle_ppo)),
         ("Change", _change(oracle_sft, oracle_ppo)),
         ("Reward-model score, SFT -> PPO", f"{_fmt(reference.get('objective/rm_score'))} -> "
@@ -150,8 +150,8 @@ def _sample_scores(side: dict) -> str:
 
 def _markdown(headline, labeling_rows, annotators, images, samples, settings, timings, out: Path) -> str:
     lines = ["# RLHF demo report", "",
-             "Scripted annotators ranked SFT completions by the alliteration oracle; a LoRA reward model learned "
-             "their preferences; PPO with a KL penalty optimised the policy against it.", "",
+             f"Scripted annotators ranked SFT completions by the `{settings.get('oracle')}` oracle; a LoRA reward "
+             "model learned their preferences; PPO with a KL penalty optimised the policy against it.", "",
              "## Results", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in headline]
     lines += ["", "## Labeling", "", "| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in labeling_rows]
@@ -200,7 +200,8 @@ def _html(headline, labeling_rows, annotators, images, samples, settings, timing
     parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
              "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">",
              "<title>RLHF demo report</title><style>", _CSS, "</style></head><body>",
-             "<h1>RLHF demo report</h1><p>Scripted annotators ranked SFT completions by the alliteration oracle; a "
+             "<h1>RLHF demo report</h1><p>Scripted annotators ranked SFT completions by the "
+             f"<code>{e(str(settings.get('oracle')))}</code> oracle; a "
              "LoRA reward model learned their preferences; PPO with a KL penalty optimised the policy against it.</p>",
              "<h2>Results</h2><table class='kv'>"]
     parts += [f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in headline]

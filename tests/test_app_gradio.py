@@ -73,6 +73,7 @@ def test_submit_stores_once_and_serves_the_next_task(store):
     ui = LabelUI(store, SETTINGS)
     value, progress = ui.next_view("alice")
     assert view(value)["task"]["id"] in ("evil", "t1") and progress == {"ranked": 0, "skipped": 0, "total_tasks": 2}
+    assert store.assign_task("alice", "evil", SETTINGS.overlap)  # as if the queue had served it
     task = view(ui.open("alice", "evil"))["task"]
     assert sorted(c["text"] for c in task["completions"]) == sorted(HOSTILE)
     payload = {"task_id": "evil", "ranks": ranks_for(task, [1, 2, 2]), "request_id": "r1", "seconds": 3.5}
@@ -103,6 +104,7 @@ def test_refused_rankings_keep_the_widgets_work_and_store_nothing(store, payload
 
 def test_skip_then_edit_from_the_history(store):
     ui = LabelUI(store, SETTINGS)
+    assert store.assign_task("alice", "evil", SETTINGS.overlap)  # as if the queue had served it
     value, progress = ui.skip("alice", {"task_id": "evil", "reason": " unclear ", "request_id": "s1"})
     assert view(value)["notice"] == "Task skipped." and progress["skipped"] == 1
     assert [v for _, v in ui.history("alice")] == ["evil"] and ui.history("bob") == []
@@ -157,6 +159,67 @@ def test_the_ui_needs_the_same_session_as_the_api(client):
     out = client.get("/logout")
     assert out.status_code == 303 and out.headers["location"] == "login?signed_out=1"
     assert client.get("/").status_code == 303 and client.get("/config").status_code == 401
+
+
+GRADIO_ROUTES = [  # (method, path, JSON body)
+    ("POST", "/login", {"username": "alice", "password": PASSWORD}),  # Gradio's form sign-in
+    ("POST", "/login/", {"username": "alice", "password": PASSWORD}),
+    ("POST", "/logout", {}),
+    ("GET", "/openapi.json", None),
+    ("GET", "/gradio_api/openapi.json", None),
+    ("GET", "/gradio_api/startup-events", None),
+    ("GET", "/gradio_api/info", None),
+    ("GET", "/theme.css", None),
+    ("POST", "/gradio_api/cancel", {"session_hash": "h", "fn_index": 0, "event_id": "e"}),
+    ("POST", "/gradio_api/reset", {"session_hash": "h", "fn_index": 0, "event_id": "e"}),
+    ("POST", "/gradio_api/queue/join", {"data": [], "fn_index": 0, "session_hash": "h"}),
+]
+
+
+@pytest.mark.parametrize("method, path, body", GRADIO_ROUTES)
+def test_every_gradio_route_needs_a_session(client, method, path, body):
+    response = client.request(method, path, json=body)
+    # the API descriptions are closed to everyone; the sign-in page's own paths take only GET
+    expected = 404 if path.endswith("openapi.json") else 405 if path.startswith(("/login", "/logout")) else 401
+    assert response.status_code == expected and "\n" not in response.json()["error"]
+
+
+def test_api_descriptions_are_closed_even_when_signed_in(client):
+    client.post("/api/login", json={"username": "alice", "password": PASSWORD}).raise_for_status()
+    assert client.get("/openapi.json").status_code == 404
+    assert client.get("/gradio_api/openapi.json").status_code == 404
+    assert client.get("/gradio_api/startup-events").status_code == 200  # signed in: Gradio's own routes work
+
+
+def test_a_gradio_session_hash_belongs_to_the_annotator_who_used_it_first(client):
+    client.post("/api/login", json={"username": "alice", "password": PASSWORD}).raise_for_status()
+    body = {"session_hash": "alice-page", "fn_index": 0, "event_id": "nothing"}
+    assert client.post("/gradio_api/cancel", json=body).status_code == 200
+    client.cookies.clear()
+    client.post("/api/login", json={"username": "bob", "password": PASSWORD}).raise_for_status()
+    refused = client.post("/gradio_api/cancel", json=body)
+    assert refused.status_code == 403 and "another sign-in" in refused.json()["error"]
+    assert client.post("/gradio_api/reset", json=body).status_code == 403
+    assert client.post("/gradio_api/cancel", json={**body, "session_hash": "bob-page"}).status_code == 200
+    nested = client.post("/gradio_api/queue/join", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    assert nested.status_code == 400  # not a RecursionError inside Gradio
+
+
+def test_gradio_routes_refuse_oversized_bodies_unread(store):
+    from app_helpers import asgi_request
+
+    from labeling.app import MAX_BODY_BYTES
+
+    app = create_app(store, SETTINGS)
+    headers = {"content-type": "application/json", "content-length": str(100 * 2**20)}
+    for path in ("/gradio_api/queue/join", "/gradio_api/upload", "/"):
+        assert asgi_request(app, path, headers, b"x" * 65536, max_chunks=160) == (413, 0)
+    sessions = app.state.sessions
+    token = sessions.create("alice")  # signed in, with a chunked body: cut off at the limit
+    status, read = asgi_request(app, "/gradio_api/queue/join", {"content-type": "application/json",
+                                                                "cookie": f"{SESSION_COOKIE}={token}"},
+                                b"x" * 65536, max_chunks=160)
+    assert status == 413 and read <= MAX_BODY_BYTES + 65536
 
 
 def test_no_cross_origin_calls_even_from_localhost(client):

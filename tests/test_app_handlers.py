@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 
 import pytest
 
+from app_helpers import asgi_request
 from labeling import handlers
-from labeling.app import SESSION_COOKIE, bind_socket, create_app, run_label
-from labeling.handlers import AppSettings, Forbidden, NotSignedIn, RequestError, Sessions
+from labeling.app import MAX_BODY_BYTES, SESSION_COOKIE, bind_socket, create_app, run_label
+from labeling.gradio_ui import LabelUI
+from labeling.handlers import (AppSettings, Forbidden, LoginThrottle, NotSignedIn, RequestError, Sessions,
+                               TooManyAttempts)
 from labeling.store import InvalidRanking, UnknownTask, display_order, open_store
 from rlhf.errors import UserError
 from rlhf.records import Task
@@ -49,6 +53,12 @@ def ranks_for(task: dict, order: list[int]) -> dict[str, int]:
 
 def nothing_stored(store) -> bool:
     return store.export_rankings() == [] and store.events() == []
+
+
+def hand_out(store, annotator: str, *task_ids: str) -> None:
+    """Assign these tasks to the annotator, as the queue would (submits need an assignment)."""
+    for task_id in task_ids:
+        assert store.assign_task(annotator, task_id, SETTINGS.overlap)
 
 
 # ------------------------------------------------------------------------------------------ login
@@ -168,6 +178,7 @@ def test_malformed_submissions_are_refused(store, payload, error):
 
 
 def test_resent_request_stores_one_ranking(store):
+    hand_out(store, "alice", "t0")
     payload = {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}, "request_id": "same"}
     first = handlers.submit_ranking(store, "alice", SETTINGS, payload)
     second = handlers.submit_ranking(store, "alice", SETTINGS, payload)
@@ -178,6 +189,7 @@ def test_resent_request_stores_one_ranking(store):
 
 
 def test_editing_an_earlier_ranking_replaces_it(store):
+    hand_out(store, "alice", "t0")
     handlers.submit_ranking(store, "alice", SETTINGS,
                             {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}, "request_id": "a"})
     opened = handlers.open_task(store, "alice", SETTINGS, "t0")
@@ -226,6 +238,7 @@ def test_skip_with_reason_leaves_the_queue_and_shows_in_history(store):
 
 
 def test_a_ranked_task_cannot_be_skipped(store):
+    hand_out(store, "alice", "t0")
     handlers.submit_ranking(store, "alice", SETTINGS, {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}})
     with pytest.raises(InvalidRanking):
         handlers.skip_task(store, "alice", SETTINGS, {"task_id": "t0"})
@@ -235,6 +248,8 @@ def test_a_ranked_task_cannot_be_skipped(store):
 # ------------------------------------------------------------------------------------------ isolation
 
 def test_annotators_only_see_and_change_their_own_work(store):
+    hand_out(store, "alice", "t0")
+    hand_out(store, "bob", "t0")
     handlers.submit_ranking(store, "alice", SETTINGS,
                             {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}, "request_id": "r"})
     # Bob sees the task to rank it himself, but not Alice's ranking, and not in his history.
@@ -257,6 +272,8 @@ def test_annotators_only_see_and_change_their_own_work(store):
 
 
 def test_statistics_only_for_admins(store):
+    hand_out(store, "alice", "t0")
+    hand_out(store, "bob", "t0")
     handlers.submit_ranking(store, "alice", SETTINGS, {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}})
     handlers.submit_ranking(store, "bob", SETTINGS, {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 3, "t0-c2": 2}})
     with pytest.raises(Forbidden):
@@ -270,6 +287,7 @@ def test_statistics_only_for_admins(store):
 # ------------------------------------------------------------------------------------------ hostile text
 
 def test_hostile_text_round_trips_unchanged(store):
+    hand_out(store, "alice", "evil")
     opened = handlers.open_task(store, "alice", SETTINGS, "evil")
     assert opened["task"]["prompt"] == "<script>window.__pwned=1</script> {{7*7}}"
     assert sorted(c["text"] for c in opened["task"]["completions"]) == sorted(HOSTILE)
@@ -325,6 +343,170 @@ def test_http_submit_and_errors_map_to_status_codes(client, store):
     assert client.post("/api/skip", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
     assert client.get("/api/stats").status_code == 200  # alice is an admin
     assert len(store.export_rankings()) == 1 and len(store.events()) == 1
+
+
+def test_http_request_id_of_another_task_is_a_409_and_stores_nothing(client, store):
+    login(client)
+    first = client.get("/api/next").json()["task"]
+    body = {"task_id": first["id"], "ranks": ranks_for(first, [1, 2, 3, 4]), "request_id": "q1"}
+    assert client.post("/api/rankings", json=body).json()["action"] == "submit"
+    second = client.get("/api/next").json()["task"]
+    reused = {"task_id": second["id"], "ranks": ranks_for(second, [2, 1, 3, 4]), "request_id": "q1"}
+    response = client.post("/api/rankings", json=reused)
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert f"already used for a submit of task '{first['id']}'" in error and "\n" not in error
+    skip = client.post("/api/skip", json={"task_id": second["id"], "request_id": "q1"})
+    assert skip.status_code == 409
+    assert store.get_own_ranking("alice", second["id"]) is None and not store.has_skipped("alice", second["id"])
+    value, progress = LabelUI(store, SETTINGS).submit("alice", reused)  # the UI says so, and keeps the work
+    assert progress is None and json.loads(value)["keep"] is True and "already used" in json.loads(value)["error"]
+    assert [e["task_id"] for e in store.events()] == [first["id"]]
+
+
+def test_http_submits_only_assigned_tasks_and_never_past_the_overlap(store):
+    from fastapi.testclient import TestClient
+
+    settings = AppSettings(overlap=1)
+    with TestClient(create_app(store, settings, ui=False)) as client:
+        login(client, "alice")
+        task = client.get("/api/next").json()["task"]
+        ranks = ranks_for(task, [1, 2, 3, 4])
+        assert client.post("/api/rankings", json={"task_id": task["id"], "ranks": ranks}).status_code == 200
+        client.cookies.clear()
+        login(client, "bob")
+        # bob was never handed alice's task, which is full at overlap 1
+        response = client.post("/api/rankings", json={"task_id": task["id"], "ranks": ranks, "request_id": "b1"})
+        assert response.status_code == 409 and "was not handed to you" in response.json()["error"]
+        assert client.post("/api/skip", json={"task_id": task["id"]}).status_code == 409
+        mine = client.get("/api/next").json()["task"]
+        assert mine["id"] != task["id"]
+        other = next(t for t in ("t0", "t1", "t2", "evil") if t not in (task["id"], mine["id"]))
+        other_task = client.get("/api/task", params={"id": other}).json()["task"]  # reading is fine ...
+        response = client.post("/api/rankings", json={"task_id": other, "ranks": ranks_for(other_task, [1, 2, 3, 4])})
+        assert response.status_code == 409  # ... ranking a task not handed out is not
+        assert client.post("/api/rankings", json={"task_id": mine["id"],
+                                                  "ranks": ranks_for(mine, [3, 2, 1, 4])}).status_code == 200
+        # alice may still edit her own ranking
+        client.cookies.clear()
+        login(client, "alice")
+        edit = client.post("/api/rankings", json={"task_id": task["id"], "ranks": ranks_for(task, [3, 2, 1, 4])})
+        assert edit.status_code == 200 and edit.json()["action"] == "edit"
+    assert sorted((r.annotator, r.task_id) for r in store.export_rankings()) == sorted(
+        [("alice", task["id"]), ("bob", mine["id"])])
+    value, progress = LabelUI(store, settings).submit("bob", {"task_id": task["id"], "ranks": ranks})
+    assert progress is None and "was not handed to you" in json.loads(value)["error"]
+
+
+def test_reopening_a_skipped_task_hands_it_out_again_while_it_has_room(store):
+    settings = AppSettings(overlap=1)
+    task = handlers.next_task(store, "alice", settings)["task"]
+    handlers.skip_task(store, "alice", settings, {"task_id": task["id"]})
+    assert handlers.next_task(store, "bob", settings)["task"]["id"] == task["id"]  # the skip freed the slot
+    handlers.open_task(store, "alice", settings, task["id"])
+    with pytest.raises(handlers.UserError, match="expired|not handed"):  # bob holds the only slot
+        handlers.submit_ranking(store, "alice", settings,
+                                {"task_id": task["id"], "ranks": ranks_for(task, [1, 2, 3, 4])})
+    wider = AppSettings(overlap=2)
+    handlers.open_task(store, "alice", wider, task["id"])
+    result = handlers.submit_ranking(store, "alice", wider, {"task_id": task["id"],
+                                                             "ranks": ranks_for(task, [1, 2, 3, 4])})
+    assert result["action"] == "submit"
+
+
+# ------------------------------------------------------------------------------------------ hostile requests
+
+@pytest.mark.parametrize("path, body, status", [
+    ("/api/login", "[" * 100_000 + "]" * 100_000, 400),                          # RecursionError in json.loads
+    ("/api/rankings", '{"task_id": "t0", "ranks": ' + '{"a":' * 40_000 + "1" + "}" * 40_000 + "}", 400),
+    ("/api/rankings", '{"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}, "seconds": 1'
+     + "0" * 400 + "}", 422),                                                   # OverflowError in math.isfinite
+    ("/api/rankings", '{"task_id": "t0", "ranks": {"t0-c0": 1e400, "t0-c1": 2, "t0-c2": 3}}', 422),
+    ("/api/rankings", r'{"task_id": "t0", "ranks": {"t0-c0": 1}, "request_id": "\udfff"}', 422),
+    ("/api/rankings", r'{"task_id": "t\ud800", "ranks": {"t0-c0": 1}}', 404),
+    ("/api/skip", r'{"task_id": "t0", "reason": "\ud800"}', 422),
+    ("/api/login", r'{"username": "\ud800", "password": "correct horse"}', 401),  # UnicodeEncodeError before
+    ("/api/login", r'{"username": "alice\udfff", "password": "\ud800\ud800\ud800\ud800"}', 401),
+])
+def test_hostile_json_gets_a_4xx_and_stores_nothing(client, store, path, body, status):
+    if path != "/api/login":
+        login(client, "bob")
+    response = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert "\n" not in response.json()["error"]
+    assert nothing_stored(store)
+
+
+@pytest.mark.parametrize("path", ["/api/login", "/api/rankings", "/api/skip", "/api/logout"])
+def test_oversized_bodies_are_refused_before_they_are_read(store, path):
+    app = create_app(store, SETTINGS, ui=False)
+    chunk = b"x" * 65536
+    # A declared 100 MB body: refused on the header alone, before any sign-in check and before one byte is read.
+    status, read = asgi_request(app, path, {"content-type": "application/json", "content-length": str(100 * 2**20)},
+                                chunk, max_chunks=160)
+    assert (status, read) == (413, 0)
+    # A chunked body (no length): reading stops just past the limit.
+    status, read = asgi_request(app, path, {"content-type": "application/json"}, chunk, max_chunks=160)
+    assert status == 413 and read <= MAX_BODY_BYTES + len(chunk)
+    # Within the limit, the request goes through as before.
+    status, _ = asgi_request(app, "/api/login", {"content-type": "application/json"}, b"{}", max_chunks=1)
+    assert status == 401
+    # Any other path without a session is refused without reading the body at all.
+    status, read = asgi_request(app, "/gradio_api/queue/join", {"content-type": "application/json"}, chunk, 160)
+    assert (status, read) == (401, 0)
+
+
+# ------------------------------------------------------------------------------------------ sign-in throttling
+
+def test_login_throttle_per_account_and_per_address():
+    now = [1000.0]
+    throttle = LoginThrottle(account_failures=5, address_failures=20, base_delay=1.0, max_delay=300.0,
+                             clock=lambda: now[0])
+    for _ in range(5):
+        throttle.attempt("alice", "10.0.0.1")  # five failures go through at once
+    with pytest.raises(TooManyAttempts, match="too many failed sign-ins; try again in 1 s") as info:
+        throttle.attempt("alice", "10.0.0.1")
+    assert info.value.status == 429 and info.value.retry_after == 1
+    with pytest.raises(TooManyAttempts):
+        throttle.attempt("alice", "10.0.0.2")  # the account is throttled from any address
+    throttle.attempt("bob", "10.0.0.1")  # another account from the same address is not (yet)
+    now[0] += 1.0
+    throttle.attempt("alice", "10.0.0.1")  # waited: one more try; the wait now doubles
+    with pytest.raises(TooManyAttempts, match="try again in 2 s"):
+        throttle.attempt("alice", "10.0.0.1")
+    for _ in range(12):
+        now[0] += 301.0
+        throttle.attempt("alice", "10.0.0.3")
+    with pytest.raises(TooManyAttempts, match="try again in 300 s"):  # capped
+        throttle.attempt("alice", "10.0.0.3")
+    throttle.succeeded("alice", "10.0.0.3")  # a success clears the account
+    throttle.attempt("alice", "10.0.0.3")
+    # One address guessing across many names is stopped by the address limit.
+    for i in range(20):
+        throttle.attempt(f"user{i}", "10.9.9.9")
+    with pytest.raises(TooManyAttempts):
+        throttle.attempt("someone-new", "10.9.9.9")
+    now[0] += 901.0  # forgotten after a quiet quarter of an hour
+    throttle.attempt("someone-new", "10.9.9.9")
+
+
+def test_login_throttle_keeps_a_bounded_number_of_keys():
+    throttle = LoginThrottle(max_keys=100)
+    for i in range(1000):
+        throttle.attempt(f"name{i}", f"10.0.{i // 256}.{i % 256}")
+    assert len(throttle._failures) <= 100
+
+
+def test_http_failed_sign_ins_are_throttled(client, store):
+    statuses = []
+    for _ in range(20):
+        response = client.post("/api/login", json={"username": "alice", "password": "wrong password"})
+        statuses.append(response.status_code)
+    assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}
+    assert response.json()["error"].startswith("too many failed sign-ins; try again in ")
+    assert int(response.headers["retry-after"]) >= 1
+    assert client.post("/api/login", json={"username": "alice", "password": PASSWORD}).status_code == 429
+    assert client.post("/api/login", json={"username": "bob", "password": PASSWORD}).status_code == 200
 
 
 def test_sign_in_page_and_api_get_a_strict_content_security_policy(client):

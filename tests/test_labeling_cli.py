@@ -111,31 +111,124 @@ def test_every_labeling_option_has_help():
     assert checked >= 15
 
 
-def test_end_to_end_50_tasks_k4_overlap2_3_annotators_gives_600_pairs(tmp_path, capsys):
-    """The issue's acceptance run: import + simulate --oracle alliteration + export -> 50*2*6 = 600 pairs."""
+def test_end_to_end_50_tasks_k4_overlap2_3_annotators_gives_every_untied_pair(tmp_path, capsys):
+    """import + simulate --oracle alliteration + export: every task's C(4,2) = 6 pairs per ranking, less
+    the pairs of completions with equal oracle scores (ties); a task whose completions all tie is skipped."""
+    from rlhf.oracles import alliteration
+
     tasks = make_tasks(50, k=4, seed=11)
+    untied = {t.prompt: sum(alliteration(t.prompt, a.text) != alliteration(t.prompt, b.text)
+                            for i, a in enumerate(t.completions) for b in t.completions[i + 1:]) for t in tasks}
+    ranked_tasks = sum(1 for n in untied.values() if n)
+    assert 0 < sum(untied.values()) < 50 * 6 and ranked_tasks >= 40  # the data has ties, and enough without
     tasks_file = write_tasks(tmp_path / "tasks.jsonl", tasks)
     db, out = str(tmp_path / "labels.db"), tmp_path / "export"
     assert run(capsys, "import", "--db", db, str(tasks_file))[0] == 0
     code, text, _ = run(capsys, "simulate", "--db", db, "--oracle", "alliteration", "--annotators", "3",
                         "--overlap", "2", "--seed", "0")
-    assert code == 0 and text.startswith("100 rankings by 3 annotators; 50/50 tasks have 2 rankings")
+    assert code == 0 and text.startswith(f"{2 * ranked_tasks} rankings by 3 annotators; "
+                                         f"{ranked_tasks}/50 tasks have 2 rankings")
     code, text, _ = run(capsys, "export", "--db", db, "--out", str(out), "--test-fraction", "0.1")
     assert code == 0
 
     def rows(name):
         return [json.loads(line) for line in (out / name).read_text(encoding="utf-8").splitlines()]
     train, test, rankings = rows("train.jsonl"), rows("test.jsonl"), rows("rankings.jsonl")
-    assert len(train) + len(test) == 50 * 2 * 6 == 600
-    assert len(test) == 5 * 2 * 6  # 10% of 50 prompts held out, 12 pairs each
+    assert len(train) + len(test) == 2 * sum(untied.values())
+    test_prompts = {r["prompt"] for r in rankings if r["split"] == "test"}
+    assert len(test) == 2 * sum(untied[p] for p in test_prompts)
     assert {p["prompt"] for p in train}.isdisjoint({p["prompt"] for p in test})
-    assert len(rankings) == 100 and sum(r["split"] == "test" for r in rankings) == 10
-    assert text.startswith("100 rankings of 50 prompts -> train: 540 pairs (45 prompts), test: 60 pairs (5 prompts)")
+    assert len(rankings) == 2 * ranked_tasks
 
     code, text, _ = run(capsys, "stats", "--db", db, "--json")
     stats = json.loads(text)
-    assert code == 0 and (stats["tasks"], stats["complete"], stats["rankings"]) == (50, 50, 100)
-    assert stats["agreement"]["shared_tasks"] == 50
-    assert sum(a["ranked"] for a in stats["annotators"]) == 100
+    assert code == 0 and (stats["tasks"], stats["complete"], stats["rankings"]) == (50, ranked_tasks, 2 * ranked_tasks)
+    assert stats["agreement"]["shared_tasks"] == ranked_tasks
+    assert sum(a["ranked"] for a in stats["annotators"]) == 2 * ranked_tasks
     code, text, _ = run(capsys, "stats", "--db", db)
-    assert code == 0 and "agreement on 50 shared tasks" in text
+    assert code == 0 and f"agreement on {ranked_tasks} shared tasks" in text
+
+
+# ------------------------------------------------------------------------------------- bad input files
+
+def task_line(task_id="x", prompt="p", completions=("a", "b")) -> str:
+    return json.dumps({"id": task_id, "prompt": prompt, "completions": list(completions)})
+
+
+@pytest.mark.parametrize("bad_line, reason", [
+    (task_line(completions=("a", "   \n")), "completion 'x-1' is blank"),
+    (task_line(completions=("", "b")), "completion 'x-0' is blank"),
+    (json.dumps({"id": "x", "prompt": "p", "completions": [{"text": "a", "num_tokens": True}, "b"]}),
+     "'num_tokens' must be a non-negative integer"),
+    (task_line(prompt="\ud800"), "'prompt' is not valid Unicode"),
+    (task_line(completions=("a", "b\udfff")), "'text' is not valid Unicode"),
+    (task_line(task_id="x\ud800"), "'id' is not valid Unicode"),
+    ('{"id": "x", "prompt": "p", "completions": ["a", "b"], "n": 1' + "0" * 5000 + "}", "not valid JSON"),
+    ("[" * 100_000, "not valid JSON"),
+])
+def test_import_refuses_bad_tasks_into_a_new_path_and_leaves_no_file(tmp_path, capsys, bad_line, reason):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(task_line("ok") + "\n" + bad_line + "\n", encoding="utf-8", errors="surrogatepass")
+    db = tmp_path / "new.db"
+    code, _, err = run(capsys, "import", "--db", str(db), str(bad))
+    assert code == 2 and err.startswith(f"rlhf import: error: {bad}:2: ") and reason in err
+    assert len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [bad]  # no database file made
+
+
+def test_a_failed_import_into_a_new_path_removes_the_database_it_made(tmp_path, capsys, monkeypatch):
+    from labeling.store import SQLiteLabelStore, StorageUnavailable
+
+    def disk_full(self, tasks):
+        raise StorageUnavailable(f"{self.path}: cannot write the label database (disk full); nothing was stored")
+
+    good = write_tasks(tmp_path / "tasks.jsonl", make_tasks(2))
+    monkeypatch.setattr(SQLiteLabelStore, "import_tasks", disk_full)
+    code, _, err = run(capsys, "import", "--db", str(tmp_path / "new.db"), str(good))
+    assert code == 2 and "disk full" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks.jsonl"]
+    # into an existing database, a failure leaves the database as it was
+    monkeypatch.undo()
+    db = str(tmp_path / "old.db")
+    assert run(capsys, "import", "--db", db, str(good))[0] == 0
+    monkeypatch.setattr(SQLiteLabelStore, "import_tasks", disk_full)
+    assert run(capsys, "import", "--db", db, str(good))[0] == 2
+    monkeypatch.undo()
+    with open_store(db, create=False) as store:
+        assert store.count_tasks() == 2
+
+
+def test_import_names_the_line_that_is_not_utf8(tmp_path, capsys):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes((task_line("a") + "\n" + task_line("b") + "\n").encode()
+                    + b'{"id": "caf\xe9", "prompt": "p", "completions": ["a", "b"]}\n')
+    code, _, err = run(capsys, "import", "--db", str(tmp_path / "labels.db"), str(bad))
+    assert code == 2 and err == f"rlhf import: error: {bad}:3: not UTF-8 text (byte 0xe9 at column 12)\n"
+    assert not (tmp_path / "labels.db").exists()
+
+
+def test_import_accepts_a_utf8_byte_order_mark(tmp_path, capsys):
+    tasks = make_tasks(3)
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(t.to_dict()) + "\r\n" for t in tasks).encode("utf-8"))
+    db = str(tmp_path / "labels.db")
+    code, out, err = run(capsys, "import", "--db", db, str(path))
+    assert (code, err) == (0, "") and "imported 3 tasks" in out
+    with open_store(db, create=False) as store:
+        assert [store.get_task(t.id) for t in tasks] == tasks
+
+
+def test_export_without_rankings_is_an_error_and_writes_nothing(tmp_path, capsys):
+    db = str(tmp_path / "labels.db")
+    assert run(capsys, "import", "--db", db, str(write_tasks(tmp_path / "tasks.jsonl", make_tasks(3))))[0] == 0
+    out = tmp_path / "pairs"
+    code, text, err = run(capsys, "export", "--db", db, "--out", str(out))
+    assert code == 2 and text == ""
+    assert err == ("rlhf export: error: the label store holds no rankings yet; nothing was written "
+                   "(rank tasks with `rlhf label` or `rlhf simulate` first)\n")
+    assert not out.exists()
+    out.mkdir()
+    (out / "train.jsonl").write_text("earlier export\n")
+    assert run(capsys, "export", "--db", db, "--out", str(out))[0] == 2
+    assert [p.name for p in out.iterdir()] == ["train.jsonl"]
+    assert (out / "train.jsonl").read_text() == "earlier export\n"

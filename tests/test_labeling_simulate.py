@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from labeling.simulate import sample_order, simulate
+from labeling.simulate import sample_order, sample_ranks, simulate, tie_groups
 from labeling.store import open_store
 from labeling_helpers import make_tasks
 from rlhf.errors import UserError
@@ -43,9 +43,48 @@ def length_oracle(prompt, completion):
     return float(len(completion))
 
 
+def test_tie_groups_and_tied_ranks():
+    assert tie_groups([2.0, 1.0, 2.0, 0.0]) == [[3], [1], [0, 2]]
+    assert tie_groups([0.30, 0.31, 0.5, 0.34], tie_margin=0.05) == [[0, 1, 3], [2]]
+    rng = random.Random(0)
+    # Equal scores tie (never a coin flip), whatever the noise; distinct scores at noise 0 sort.
+    for noise in (0.0, 0.5):
+        for _ in range(50):
+            ranks = sample_ranks([1.0, 3.0, 1.0, 2.0], noise, 0.0, rng)
+            assert ranks[0] == ranks[2] and sorted(set(ranks)) == [1, 2, 3]
+    assert sample_ranks([1.0, 3.0, 1.0, 2.0], 0.0, 0.0, rng) == [3, 1, 3, 2]
+    assert sample_ranks([5.0, 5.0], 0.3, 0.0, rng) == [1, 1]
+    assert sample_ranks([0.30, 0.31, 0.5], 0.0, 0.05, rng) == [2, 2, 1]
+
+
+def test_simulate_ties_equal_scores_and_exports_no_pair_for_them(tmp_path):
+    from labeling.pairs import expand_pairs
+
+    with open_store(tmp_path / "labels.db") as store:
+        task = Task.from_dict({"id": "t", "prompt": "p", "completions": ["aa", "bb", "c", "dddd"]})
+        store.import_tasks([task])
+        summary = simulate(store, length_oracle, annotators=1, overlap=1, noise=0.0)
+        assert summary["oracle_agreement"] == 1.0
+        (ranked,) = list(store.export_ranked_tasks())
+        by_text = dict(zip(ranked.texts, ranked.ranks))
+        assert by_text == {"dddd": 1, "aa": 2, "bb": 2, "c": 3}
+        assert len(expand_pairs(ranked)) == 5  # C(4,2) = 6 minus the tied aa/bb pair
+
+
+def test_simulate_skips_a_task_whose_completions_all_tie(tmp_path):
+    with open_store(tmp_path / "labels.db") as store:
+        store.import_tasks([Task.from_dict({"id": "same", "prompt": "p", "completions": ["ab", "cd"]}),
+                            Task.from_dict({"id": "diff", "prompt": "q", "completions": ["a", "bcd"]})])
+        summary = simulate(store, length_oracle, annotators=2, overlap=2, noise=0.5)
+        assert summary["rankings"] == 2 and summary["skipped"] == 2
+        assert {r.task_id for r in store.export_rankings()} == {"diff"}
+        assert store.has_skipped("sim-1", "same") and store.has_skipped("sim-2", "same")
+
+
 def test_simulate_fills_the_queue_with_strict_rankings(tmp_path):
     with open_store(tmp_path / "labels.db") as store:
         tasks = make_tasks(12, k=3)
+        assert all(len({len(c.text) for c in t.completions}) == 3 for t in tasks)  # no equal scores
         store.import_tasks(tasks)
         summary = simulate(store, length_oracle, annotators=3, overlap=2, noise=0.0, seed=0)
         assert summary["rankings"] == 24 and sum(summary["annotators"].values()) == 24

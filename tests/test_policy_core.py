@@ -164,3 +164,99 @@ def test_distinct_n():
     assert core.distinct_n(["tall tall tall tall"], 2) == pytest.approx(1 / 3)
     assert core.distinct_n(["a b c", "c d"], 1) == pytest.approx(4 / 5)
     assert core.distinct_n([""], 2) == 0.0
+
+
+def test_approx_kl_is_k3_of_kl_old_to_new():
+    """Tokens are sampled from pi_old, so KL(pi_old || pi) ~ (rho - 1) - log rho with rho = pi / pi_old
+    (Schulman 2020), not the same expression of pi_old / pi."""
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.4]]))
+    new = torch.log(torch.tensor([[0.75, 0.25, 0.4]]))  # rho = 1.5, 0.5, 1
+    mask = torch.tensor([[1, 1, 1]])
+    expected = ((1.5 - 1 - math.log(1.5)) + (0.5 - 1 - math.log(0.5)) + 0.0) / 3
+    assert core.approx_kl_old_new(new, old, mask).item() == pytest.approx(expected, abs=1e-6)
+    _, stats = core.ppo_policy_loss(new, old, torch.ones(1, 3), mask)
+    assert stats["approx_kl"].item() == pytest.approx(expected, abs=1e-6)
+    assert core.approx_kl_old_new(old, old, mask).item() == 0.0
+
+
+def test_missing_eos_penalty_is_subtracted_and_keeps_the_rm_order():
+    scores = torch.tensor([0.3, -0.2, 1.5, 0.9])
+    finished = torch.tensor([True, False, False, True])
+    penalised = core.apply_missing_eos_penalty(scores, finished, 1.0)
+    assert penalised.tolist() == pytest.approx([0.3, -1.2, 0.5, 0.9])
+    assert penalised[2] > penalised[1]  # unfinished responses keep the RM's order
+    assert core.apply_missing_eos_penalty(scores, finished, None) is scores
+
+
+def test_rloo_sequence_reward_is_score_minus_beta_sum_of_k1():
+    """R = r - beta * (CE_ref - CE_pi) over the response: k1 summed over real tokens."""
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.25, 0.5, 0.5]]))
+    ref = torch.log(torch.tensor([[0.25, 0.4, 0.1], [0.5, 0.5, 0.5]]))
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    got = core.sequence_kl_reward(torch.tensor([1.0, 2.0]), logp, ref, mask, kl_coef=0.1)
+    kl0 = math.log(2) + math.log(0.5) + math.log(9)
+    kl1 = math.log(0.5) + 0.0
+    assert got.tolist() == pytest.approx([1.0 - 0.1 * kl0, 2.0 - 0.1 * kl1], abs=1e-6)
+
+
+def test_grpo_advantages_normalise_within_each_group():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
+    adv = core.grpo_advantages(scores, k=4)
+    # group 1: mean 3, Bessel std sqrt(((-2)^2 + 1 + 0 + 9) / 3) = sqrt(14/3); group 2: all equal -> 0
+    std = math.sqrt(14 / 3)
+    assert adv[:4].tolist() == pytest.approx([-2 / (std + 1e-4), -1 / (std + 1e-4), 0.0, 3 / (std + 1e-4)], abs=1e-6)
+    assert adv[4:].tolist() == [0.0, 0.0, 0.0, 0.0]
+    centred = core.grpo_advantages(scores, k=4, scale=False)  # Dr. GRPO: no division by the std
+    assert centred.tolist() == pytest.approx([-2.0, -1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0])
+    assert core.grpo_advantages(scores, k=2).tolist()[:2] == pytest.approx([-0.5 / (0.5 ** 0.5 + 1e-4),
+                                                                          0.5 / (0.5 ** 0.5 + 1e-4)], abs=1e-6)
+    assert not core.grpo_advantages(scores.requires_grad_(), 4).requires_grad
+    with pytest.raises(ValueError):
+        core.grpo_advantages(scores, k=1)
+
+
+def test_grpo_loss_matches_hand_computation():
+    # response 0: 3 tokens, ratios 1.5, 0.5, 1.1, A = 1; response 1: 1 real token, ratio 0.9, A = -2
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+    new = torch.log(torch.tensor([[0.75, 0.25, 0.55], [0.45, 0.9, 0.9]]))
+    ref = torch.log(torch.tensor([[0.5, 0.5, 0.55], [0.9, 0.1, 0.1]]))
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    # surrogate min(rho A, clip(rho) A): 1.2 (clipped), 0.5, 1.1; response 1: min(-1.8, -1.8) = -1.8
+    pg = [[-1.2, -0.5, -1.1], [1.8]]
+    # k3 of the current policy to the reference: r - log r - 1, r = pi_ref / pi
+    r = [[0.5 / 0.75, 0.5 / 0.25, 1.0], [0.9 / 0.45]]
+    kl = [[x - math.log(x) - 1 for x in row] for row in r]
+    beta = 0.1
+    per_token = [[p + beta * k for p, k in zip(prow, krow)] for prow, krow in zip(pg, kl)]
+    sequence = (sum(per_token[0]) / 3 + per_token[1][0]) / 2
+    token = (sum(per_token[0]) + per_token[1][0]) / 4
+    constant = (sum(per_token[0]) + per_token[1][0]) / (2 * 5)
+    for norm, expected in (("sequence", sequence), ("token", token), ("constant", constant)):
+        loss, stats = core.grpo_loss(new, old, ref, adv, mask, clip_range=0.2, kl_coef=beta, norm=norm, max_tokens=5)
+        assert loss.item() == pytest.approx(expected, abs=1e-5), norm
+    assert stats["kl"].item() == pytest.approx((sum(kl[0]) + kl[1][0]) / 4, abs=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(1 / 4)  # only token (0, 0): A > 0 and rho > 1.2
+    assert stats["pg"].item() == pytest.approx((sum(pg[0]) + pg[1][0]) / 10, abs=1e-6)
+    # gradients: none through the surrogate where it is clipped, but the KL term still pulls it
+    param = new.clone().requires_grad_(True)
+    core.grpo_loss(param, old, ref, adv, mask, kl_coef=0.0)[0].backward()
+    assert param.grad[0, 0] == 0 and param.grad[0, 1] != 0 and param.grad[1, 1] == 0  # clipped; padding
+    param.grad = None
+    core.grpo_loss(param, old, ref, adv, mask, kl_coef=beta)[0].backward()
+    assert param.grad[0, 0] == pytest.approx(beta * (1 - 0.5 / 0.75) / 6, abs=1e-6)  # d k3 / d log pi = 1 - r
+    with pytest.raises(ValueError):
+        core.grpo_loss(new, old, ref, adv, mask, norm="constant")  # needs max_tokens
+
+
+def test_grpo_loss_on_policy_is_reinforce_with_group_advantages():
+    """With pi_old = pi (one update per batch) and beta = 0, the gradient is that of -A * mean_t log pi."""
+    torch.manual_seed(0)
+    logp = torch.log_softmax(torch.randn(4, 5), -1).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    adv = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    loss, stats = core.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, kl_coef=0.0)
+    loss.backward()
+    expected = -adv[:, None] * mask / mask.sum(1, keepdim=True) / 4
+    assert torch.allclose(logp.grad, expected, atol=1e-6)
+    assert stats["ratio"].item() == pytest.approx(1.0) and stats["approx_kl"].item() == 0.0

@@ -126,17 +126,38 @@ def test_four_roles_share_one_base(tiny_model_dir, rm_dir):
     assert torch.allclose(ref, expected, atol=1e-5)
 
 
-def test_rm_role_scores_like_the_reward_model(tiny_model_dir, rm_dir):
-    from reward_model.model import load_reward_model
+@pytest.fixture(scope="module")
+def mean_rm_dir(tiny_model_dir, tmp_path_factory):
+    """Like rm_dir, but read as the mean over the completion after the first layer."""
+    from reward_model.model import create_reward_model, save_reward_model
 
-    roles, tokenizer = build_roles(tiny_model_dir, rm_dir, lora_r=4, lora_alpha=8)
-    rm, _ = load_reward_model(rm_dir)
-    ids = torch.tensor([[1, 2, 5, 6, 7, 8, 9, 10], [0, 0, 0, 5, 6, 7, 11, 12]])
-    mask = (torch.arange(8)[None] >= torch.tensor([[0], [3]])).long()
+    torch.manual_seed(4)
+    rm, _ = create_reward_model(tiny_model_dir, lora_r=4, readout_layer=1, readout_pool="mean")
     with torch.no_grad():
-        expected = rm(ids, mask)
-        got = roles.scores(ids, mask, torch.tensor([7, 7]))
-    assert torch.allclose(got, expected, atol=1e-5)
+        for name, param in rm.backbone.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+        rm.reward_bias.fill_(0.3)
+    out = tmp_path_factory.mktemp("rm-mean")
+    save_reward_model(rm, out, {"base_model": tiny_model_dir, "max_length": 256, "lora_r": 4})
+    return str(out)
+
+
+@pytest.mark.parametrize("which", ["rm_dir", "mean_rm_dir"])
+def test_rm_role_scores_like_the_reward_model(tiny_model_dir, which, request):
+    """The policy's reward role gives what `rlhf score` gives for the same texts, whatever the read-out,
+    normalisation included, and it scores the re-encoded decoded text."""
+    from reward_model.model import load_reward_model, score_texts
+
+    rm_path = request.getfixturevalue(which)
+    config = PPOConfig(rm=rm_path)
+    roles, tokenizer = build_roles(tiny_model_dir, rm_path, lora_r=4, lora_alpha=8)
+    rm, _ = load_reward_model(rm_path)
+    prompts, texts = ["Tell a tale.", "Hi"], ["Once upon a time", "Sea and sky"]
+    expected = score_texts(rm, tokenizer, prompts, texts)
+    dummy = torch.zeros((2, 3), dtype=torch.long)
+    got = reward_function(config, tokenizer)(roles, prompts, texts, dummy, torch.ones_like(dummy), None, 0)
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
     assert not torch.allclose(got, torch.zeros(2))
 
 
@@ -145,9 +166,9 @@ def test_rollout_logprobs_mask_and_eos_penalty(tiny_model_dir, rm_dir):
 
     torch.manual_seed(0)
     roles, tokenizer = build_roles(tiny_model_dir, rm_dir, lora_r=4, lora_alpha=8)
-    config = PPOConfig(rm=rm_dir, response_length=6, temperature=0.7, missing_eos_penalty=-1.0)
+    config = PPOConfig(rm=rm_dir, response_length=6, temperature=0.7, missing_eos_penalty=1.0)
     eos = eos_token_ids(roles.model, tokenizer)
-    batch = rollout(roles, tokenizer, PROMPTS[:4], 2, config, reward_function(config, tokenizer.eos_token_id),
+    batch = rollout(roles, tokenizer, PROMPTS[:4], 2, config, reward_function(config, tokenizer),
                     eos, generator_seed=1, with_values=True)
     B, T = batch.responses.shape
     assert B == 8 and T <= 6
@@ -170,8 +191,11 @@ def test_rollout_logprobs_mask_and_eos_penalty(tiny_model_dir, rm_dir):
             assert row[n - 1].item() in eos and not any(t in eos for t in row[:n - 1].tolist())
         else:
             assert n == T
-    # responses without EOS get the fixed penalty, finished ones keep the RM score
-    assert torch.equal(batch.scores[~batch.finished], torch.full_like(batch.scores[~batch.finished], -1.0))
+    # the penalty is subtracted from the RM score of responses without EOS (their order is kept),
+    # finished ones keep the RM score
+    cut = ~batch.finished
+    assert torch.allclose(batch.scores[cut], batch.raw_scores[cut] - 1.0)
+    assert len(set(batch.scores[cut].tolist())) > 1
     assert torch.equal(batch.scores[batch.finished], batch.raw_scores[batch.finished])
     assert (~batch.finished).any()  # 6 tokens from a random model: most never stop
 
@@ -187,7 +211,7 @@ def test_ppo_updates_actor_and_critic_only(tiny_model_dir, rm_dir):
     before = {role: _snapshot(roles.parameters_of(role)) for role in ("base", ACTOR, CRITIC, REWARD)}
     heads = (roles.value_head.weight.detach().clone(), roles.score_head.weight.detach().clone())
     for step in (1, 2):
-        batch = rollout(roles, tokenizer, PROMPTS[:4], 1, config, reward_function(config, tokenizer.eos_token_id),
+        batch = rollout(roles, tokenizer, PROMPTS[:4], 1, config, reward_function(config, tokenizer),
                         eos, generator_seed=step, with_values=True)
         metrics, skipped = ppo_update(roles, Accelerator(cpu=True), optimizer, batch, 0.05, config, step)
         assert skipped == 0 and math.isfinite(metrics["loss/policy"]) and math.isfinite(metrics["loss/value"])
@@ -258,7 +282,7 @@ def test_cli_ppo_with_oracle_reward_and_errors(tiny_model_dir, prompts_file, tmp
     assert cli_main(["ppo", "--reward", "length", "--model", tiny_model_dir, "--prompts", prompts_file,
                      "--out", str(out), "--steps", "2", "--batch-size", "4", "--response-length", "5",
                      "--algo", "rloo", "--rloo-k", "2", "--eval-every", "0", "--save-merged",
-                     "--kl-estimator", "k3", "--target-kl", "1.0"]) == 0
+                     "--kl-estimator", "k1", "--target-kl", "1.0"]) == 0
     rows = _read_csv(out / "train_log.csv")
     assert len(rows) == 2
     assert float(rows[0]["objective/kl_coef"]) == 0.05 and float(rows[1]["objective/kl_coef"]) != 0.05  # adaptive

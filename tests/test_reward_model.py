@@ -13,9 +13,11 @@ from reward_model.model import (
     last_token_index,
     load_reward_model,
     pad_rows,
+    pad_samples,
     save_reward_model,
     score_texts,
 )
+from reward_model.model import Readout, reward_features
 from rlhf.errors import UserError
 from rlhf.models import format_sample
 
@@ -64,7 +66,7 @@ def test_lora_targets_attention_and_mlp(rm_and_tok):
 
 def test_final_hidden_states_matches_full_model_and_runs_adapter(rm_and_tok):
     rm, tok = rm_and_tok
-    ids, mask = encode_samples(tok, ["Tell a tale.", "Hi"], ["Once upon a time", "Sea"], 64)
+    ids, mask, _ = encode_samples(tok, ["Tell a tale.", "Hi"], ["Once upon a time", "Sea"], 64)
     h = final_hidden_states(rm.backbone, ids, mask)
     from reward_model.model import position_ids_from_mask
     full = rm.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
@@ -75,33 +77,79 @@ def test_final_hidden_states_matches_full_model_and_runs_adapter(rm_and_tok):
     assert not torch.allclose(h, h_base)  # the LoRA adapter is active in the direct decoder call
 
 
-def test_reward_same_under_left_and_right_padding(rm_and_tok):
+@pytest.mark.parametrize("readout", [Readout(0, "last"), Readout(0, "mean"), Readout(1, "mean"), Readout(1, "last")])
+def test_reward_same_under_left_and_right_padding(rm_and_tok, readout):
     rm, tok = rm_and_tok
-    short = encode_sample_ids(tok, "Hi", "Sea", 64)[0]
-    long = encode_sample_ids(tok, "Write a short poem about the moon.", "Silver moon, softly shining.", 64)[0]
-    assert len(long) > len(short) + 5
-    with torch.no_grad():
-        alone = rm(*pad_rows([short], tok.pad_token_id))
-        left = rm(*pad_rows([long, short], tok.pad_token_id, "left"))
-        right = rm(*pad_rows([long, short], tok.pad_token_id, "right"))
+    short = encode_sample_ids(tok, "Hi", "Sea", 64)
+    long = encode_sample_ids(tok, "Write a short poem about the moon.", "Silver moon, softly shining.", 64)
+    assert len(long.ids) > len(short.ids) + 5
+    saved, rm.readout = rm.readout, readout
+    try:
+        with torch.no_grad():
+            alone = rm(*pad_samples([short], tok.pad_token_id))
+            left = rm(*pad_samples([long, short], tok.pad_token_id, "left"))
+            right = rm(*pad_samples([long, short], tok.pad_token_id, "right"))
+    finally:
+        rm.readout = saved
     torch.testing.assert_close(left, right, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(left[1], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_completion_mask_marks_the_completion_and_eos(rm_and_tok):
+    _, tok = rm_and_tok
+    sample = encode_sample_ids(tok, "Write a short poem.", "Silver moon", 64)
+    completion = tok("Silver moon" + tok.eos_token, add_special_tokens=False)["input_ids"]
+    assert sample.completion_length == len(completion) and sample.ids[-len(completion):] == completion
+    other = encode_sample_ids(tok, "Hi", "Sea and sky and sun", 64)
+    for side in ("left", "right"):
+        ids, mask, comp = pad_samples([sample, other], tok.pad_token_id, side)
+        for row, s in enumerate((sample, other)):
+            assert ids[row][comp[row].bool()].tolist() == s.ids[-s.completion_length:]
+        assert not (comp.bool() & ~mask.bool()).any()
+
+
+def test_readout_mean_at_a_middle_layer_is_computed_by_hand(rm_and_tok):
+    """The mean read-out after layer 1 equals the hand-computed mean of hidden_states[1] over the
+    completion's tokens, with the final norm applied; the layers above are not run."""
+    rm, tok = rm_and_tok
+    samples = [encode_sample_ids(tok, "Tell a tale.", "Once upon a time", 64), encode_sample_ids(tok, "Hi", "Sea", 64)]
+    ids, mask, comp = pad_samples(samples, tok.pad_token_id)
+    decoder = rm.backbone.get_base_model().model
+    with torch.no_grad():
+        from reward_model.model import position_ids_from_mask
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                      output_hidden_states=True)
+        h1 = decoder.norm(out.hidden_states[1])
+        expected = torch.stack([h1[i][comp[i].bool()].mean(0) for i in range(2)])
+        got = reward_features(rm.backbone, Readout(1, "mean"), ids, mask, comp)
+        last = reward_features(rm.backbone, Readout(1, "last"), ids, mask, comp)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, h1[:, -1], atol=1e-5, rtol=1e-5)
+    assert len(decoder.layers) == 2  # restored after the truncated forward
+
+
+def test_middle_readout_adapts_only_the_layers_it_runs(tiny_model_dir):
+    rm, _ = create_reward_model(tiny_model_dir, lora_r=4, readout_layer=0.5, readout_pool="mean")
+    assert rm.readout == Readout(1, "mean")
+    lora_layers = {n.split(".layers.")[1].split(".")[0] for n, _ in rm.backbone.named_parameters() if "lora_A" in n}
+    assert lora_layers == {"0"}
 
 
 def test_encode_keeps_completion_and_truncates_prompt_left(rm_and_tok):
     _, tok = rm_and_tok
     prompt, completion = "The tall tree told a tale. " * 20, "Peter picked peppers"
-    full_ids, cut = encode_sample_ids(tok, prompt, completion, 10_000)
+    full_ids, _, cut = encode_sample_ids(tok, prompt, completion, 10_000)
     assert not cut
     # Same tokens as the one text form the RM scores (format_sample), for this boundary.
     assert tok.decode(full_ids) == format_sample(tok, prompt, completion)
-    ids, cut = encode_sample_ids(tok, prompt, completion, 40)
+    ids, _, cut = encode_sample_ids(tok, prompt, completion, 40)
     assert cut and len(ids) == 40
     assert ids[-1] == tok.eos_token_id
     comp = tok(completion + tok.eos_token, add_special_tokens=False)["input_ids"]
     assert ids[-len(comp):] == comp
     assert ids[:-len(comp)] == full_ids[len(full_ids) - 40:len(full_ids) - len(comp)]
-    ids, cut = encode_sample_ids(tok, "x", "word " * 200, 16)
+    ids, n, cut = encode_sample_ids(tok, "x", "word " * 200, 16)
+    assert n == 16
     assert cut and len(ids) == 16 and ids[-1] == tok.eos_token_id
 
 
@@ -143,8 +191,7 @@ def test_bfloat16_backbone_keeps_lora_head_and_loss_float32(tiny_model_dir):
     assert rm.backbone.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
     lora = [p for n, p in rm.named_parameters() if p.requires_grad]
     assert lora and all(p.dtype == torch.float32 for p in lora)
-    ids, mask = encode_samples(tok, ["Hi", "Hi", "Hi"], ["Sea", "Sun sea", "Moon"], 64)
-    rewards = rm(ids, mask)
+    rewards = rm(*encode_samples(tok, ["Hi", "Hi", "Hi"], ["Sea", "Sun sea", "Moon"], 64))
     assert rewards.dtype == torch.float32
     loss, _ = ranking_loss(rewards, build_pair_index([ranking_pairs([1, 2, 3])], [3]))
     loss.backward()

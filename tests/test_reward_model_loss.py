@@ -7,6 +7,7 @@ import torch
 
 from reward_model.data import DataStats, build_examples, collate, epoch_order
 from reward_model.evaluate import expected_calibration_error, human_agreement
+from reward_model.model import EncodedSample
 from reward_model.loss import build_pair_index, pairwise_loss, ranking_loss, ranking_pairs
 from rlhf.records import Pair, RankedTask
 
@@ -37,7 +38,7 @@ def test_kwise_loss_equals_mean_of_pairwise_and_same_gradients():
     r1, r2 = ranking_pairs([1, 2, 3]), ranking_pairs([2, 1, 4, 3])
     assert len(r1) == 3 and len(r2) == 6
     rewards = torch.tensor(scores, requires_grad=True)
-    loss, metrics = ranking_loss(rewards, build_pair_index([r1, r2], [3, 4]))
+    loss, metrics = ranking_loss(rewards, build_pair_index([r1, r2], [3, 4], "ranking"))
     loss.backward()
 
     # Reference: every pair as a separate (chosen, rejected) example, each ranking's pairs averaged,
@@ -65,6 +66,19 @@ def test_kwise_loss_equals_mean_of_pairwise_and_same_gradients():
     assert metrics["margin"].item() == pytest.approx(sum(diffs) / 9, abs=1e-6)
 
 
+def test_pair_weighting_weighs_every_comparison_the_same():
+    # A full ranking of 3 (3 pairs) and a ranking of 3 with a tie (ranks 1, 2, 2: 2 pairs).
+    rewards = torch.tensor([0.3, -0.2, 0.9, 1.0, 0.0, 0.5])
+    r1, r2 = ranking_pairs([1, 2, 3]), ranking_pairs([1, 2, 2])
+    assert len(r2) == 2
+    pairs = [(0, 1), (0, 2), (1, 2), (3, 4), (3, 5)]
+    each = [log1p_exp(-(rewards[b] - rewards[w]).item()) for b, w in pairs]
+    loss, _ = ranking_loss(rewards, build_pair_index([r1, r2], [3, 3], "pair"))
+    assert loss.item() == pytest.approx(sum(each) / 5, abs=1e-6)
+    loss, _ = ranking_loss(rewards, build_pair_index([r1, r2], [3, 3], "ranking"))
+    assert loss.item() == pytest.approx((sum(each[:3]) / 3 + sum(each[3:]) / 2) / 2, abs=1e-6)
+
+
 def test_margin_uses_rank_gap():
     rewards = torch.tensor([1.0, 0.0, -1.0])
     loss, _ = ranking_loss(rewards, build_pair_index([ranking_pairs([1, 2, 3])], [3]), margin=0.5)
@@ -89,13 +103,16 @@ def test_collate_one_forward_for_all_completions():
     stats = DataStats()
     examples = build_examples([RankedTask("t", "a", "p", ("a", "b", "c"), ("1", "2", "3"), (1, 2, 3)),
                                Pair("q", "4", "5")], stats)
-    examples[0].rows = [[5, 6], [5, 6, 7], [5]]
-    examples[1].rows = [[8], [8, 9]]
-    ids, mask, index = collate(examples, pad_id=0)
+    examples[0].rows = [EncodedSample([5, 6], 1, False), EncodedSample([5, 6, 7], 2, False), EncodedSample([5], 1, False)]
+    examples[1].rows = [EncodedSample([8], 1, False), EncodedSample([8, 9], 1, False)]
+    (ids, mask, completion), index = collate(examples, pad_id=0, weighting="ranking")
     assert ids.shape == (5, 3)
     assert index.better.tolist() == [0, 0, 1, 3] and index.worse.tolist() == [1, 2, 2, 4]
     assert index.weight.tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2])
     assert mask.sum(1).tolist() == [2, 3, 1, 1, 2]
+    assert completion.tolist() == [[0, 0, 1], [0, 1, 1], [0, 0, 1], [0, 0, 1], [0, 0, 1]]
+    _, index = collate(examples, pad_id=0)
+    assert index.weight.tolist() == pytest.approx([1 / 4] * 4)
 
 
 def test_epoch_order_is_reproducible_and_differs_by_epoch():
@@ -156,3 +173,22 @@ def test_find_data_rankings_split_and_pairs_fallback(tmp_path):
     (tmp_path / "e" / "rankings.jsonl").write_text(json.dumps({**ranking, "split": "dev"}) + "\n")
     with pytest.raises(UserError, match="unknown split 'dev'"):
         find_data(tmp_path / "e")
+
+
+def test_diagnostics_by_rank_gap_length_and_confidence():
+    from reward_model.evaluate import diagnostics
+
+    # (prompt, better, worse, annotator, task, rank gap); diffs = r_better - r_worse
+    comparisons = [("p", "a b c", "a", "x", "t", 1), ("p", "a", "a b", "x", "t", 1),
+                   ("p", "a b", "c d", "x", "t", 2), ("p", "a b c d", "a", "x", "t", 3)]
+    diffs = [0.1, -3.0, 0.0, 5.0]
+    d = diagnostics(comparisons, diffs)
+    assert d["by_rank_gap"] == {"1 (adjacent)": {"pairs": 2, "accuracy": 0.5}, "2": {"pairs": 1, "accuracy": 0.5},
+                                "3+": {"pairs": 1, "accuracy": 1.0}}
+    assert d["by_length"] == {"preferred longer": {"pairs": 2, "accuracy": 1.0},
+                              "preferred shorter": {"pairs": 1, "accuracy": 0.0},
+                              "same length": {"pairs": 1, "accuracy": 0.5}}
+    assert d["longer_wins"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    # confidences sigmoid(|d|): 0.525, 0.953, 0.5, 0.993
+    assert d["reliability"] == [{"confidence": "0.5-0.6", "pairs": 2, "accuracy": 0.75},
+                                {"confidence": "0.9-1.0", "pairs": 2, "accuracy": 0.5}]

@@ -8,12 +8,12 @@ import threading
 
 import pytest
 
-from labeling.store import (AnnotatorExists, ConflictingTask, InvalidAnnotator, InvalidRanking, UnknownAnnotator,
-                            UnknownTask, check_password, display_order, hash_password, open_store,
-                            queue_key)
+from labeling.store import (ASSIGNMENT_SECONDS, AnnotatorExists, ConflictingTask, InvalidAnnotator, InvalidRanking,
+                            NotAssigned, RequestIdReused, SQLiteLabelStore, UnknownAnnotator, UnknownTask,
+                            check_password, display_order, hash_password, open_store, queue_key)
 from labeling_helpers import make_tasks, order_ranks
 from rlhf.errors import UserError
-from rlhf.records import Task
+from rlhf.records import Completion, Task
 
 
 @pytest.fixture
@@ -213,7 +213,7 @@ def test_same_request_id_is_idempotent(store):
     assert (first.action, again.action) == ("submit", "duplicate")
     assert again.ranking == first.ranking  # the stored result, unchanged
     assert len(store.events()) == 1 and len(store.export_rankings()) == 1
-    with pytest.raises(InvalidRanking, match="already used for a submit"):
+    with pytest.raises(RequestIdReused, match="already used for a submit"):
         store.skip_task("a", task.id, request_id="req-1")
 
 
@@ -223,6 +223,29 @@ def test_skip_request_id_is_idempotent(store):
     assert store.skip_task("a", "task-0", request_id="s-1").action == "skip"
     assert store.skip_task("a", "task-0", request_id="s-1").action == "duplicate"
     assert [e["kind"] for e in store.events()] == ["skip"]
+
+
+def test_a_request_id_replays_only_its_own_task(store):
+    # A request id answers 'duplicate' only for the same (annotator, task): reused for another task, the
+    # answer would claim the other task's ranking was saved while storing nothing.
+    tasks = make_tasks(3, k=2)
+    store.import_tasks(tasks)
+    add_users(store, "a", "b")
+    store.submit_ranking("a", "task-0", order_ranks(tasks[0], [0, 1]), request_id="r1")
+    with pytest.raises(RequestIdReused, match="request id 'r1' was already used for a submit of task 'task-0'"):
+        store.submit_ranking("a", "task-1", order_ranks(tasks[1], [1, 0]), request_id="r1")
+    assert store.get_own_ranking("a", "task-1") is None
+    store.skip_task("a", "task-1", request_id="s1")
+    with pytest.raises(RequestIdReused, match="already used for a skip of task 'task-1'"):
+        store.skip_task("a", "task-2", request_id="s1")
+    with pytest.raises(RequestIdReused, match="already used for a skip of task 'task-1'"):
+        store.submit_ranking("a", "task-1", order_ranks(tasks[1], [1, 0]), request_id="s1")
+    assert not store.has_skipped("a", "task-2") and store.get_own_ranking("a", "task-1") is None
+    assert [(e["task_id"], e["kind"]) for e in store.events()] == [("task-0", "submit"), ("task-1", "skip")]
+    # the same request again is still a duplicate; another annotator's request ids are their own
+    assert store.submit_ranking("a", "task-0", order_ranks(tasks[0], [1, 0]), request_id="r1").action == "duplicate"
+    assert store.skip_task("a", "task-1", request_id="s1").action == "duplicate"
+    assert store.submit_ranking("b", "task-1", order_ranks(tasks[1], [1, 0]), request_id="r1").action == "submit"
 
 
 def test_second_submit_is_an_edit_that_replaces_and_logs(store):
@@ -302,6 +325,133 @@ def test_concurrent_submissions_from_threads(store):
         t.join()
     assert errors == []
     assert len(store.export_rankings()) == 80 and len(store.events()) == 80
+
+
+# ---------------------------------------------------------------------------------------- assignments
+
+def test_next_task_records_an_assignment_that_survives_a_restart(tmp_path):
+    now = [1000.0]
+    with SQLiteLabelStore(tmp_path / "labels.db", clock=lambda: now[0]) as store:
+        tasks = make_tasks(3, k=2)
+        store.import_tasks(tasks)
+        add_users(store, "a")
+        task = store.next_task("a", overlap=2)
+        assert store.next_task("a", overlap=2).id == task.id  # asked again: the same task, assignment renewed
+        [held] = store.assignments()
+        assert (held.annotator, held.task_id, held.overlap, held.expires_at) == ("a", task.id, 2,
+                                                                                 1000.0 + ASSIGNMENT_SECONDS)
+    with open_store(tmp_path / "labels.db") as again:  # another process (or server) sees it
+        assert [(x.annotator, x.task_id) for x in again.assignments()] == [("a", task.id)]
+        result = again.submit_ranking("a", task.id, order_ranks(task, [1, 0]), require_assignment=True)
+        assert result.action == "submit"
+        assert again.assignments() == []  # the ranking ends the assignment
+
+
+def test_required_assignment_refuses_tasks_not_handed_out(store):
+    tasks = make_tasks(2, k=2)
+    store.import_tasks(tasks)
+    add_users(store, "a", "b")
+    task = store.next_task("a", overlap=1)
+    other = next(t for t in tasks if t.id != task.id)
+    ranks = order_ranks(task, [0, 1])
+    with pytest.raises(NotAssigned, match=f"task '{task.id}' was not handed to you"):
+        store.submit_ranking("b", task.id, ranks, require_assignment=True)
+    with pytest.raises(NotAssigned):
+        store.skip_task("b", task.id, require_assignment=True)
+    store.submit_ranking("a", task.id, ranks, require_assignment=True)
+    assert store.next_task("b", overlap=1).id == other.id  # task is full at overlap 1
+    with pytest.raises(NotAssigned):
+        store.submit_ranking("b", task.id, order_ranks(task, [1, 0]), require_assignment=True)
+    # editing one's own ranking needs no assignment
+    assert store.submit_ranking("a", task.id, order_ranks(task, [1, 0]), require_assignment=True).action == "edit"
+    assert [(r.annotator, r.task_id) for r in store.export_rankings()] == [("a", task.id)]
+    assert [e["kind"] for e in store.events()] == ["submit", "edit"]
+
+
+def test_live_assignments_hold_slots_and_expired_ones_free_them(tmp_path):
+    now = [1000.0]
+    store = SQLiteLabelStore(tmp_path / "labels.db", clock=lambda: now[0])
+    try:
+        tasks = make_tasks(2, k=2)
+        store.import_tasks(tasks)
+        add_users(store, "a", "b", "c")
+        first = store.next_task("a", overlap=1)
+        second = store.next_task("b", overlap=1)
+        assert second.id != first.id  # a's live assignment holds the only slot of the first task
+        assert store.next_task("c", overlap=1) is None and store.remaining("c", overlap=1) == 0
+        now[0] += ASSIGNMENT_SECONDS + 1
+        assert store.next_task("c", overlap=1).id == first.id  # a's assignment expired: c may take the slot
+        with pytest.raises(NotAssigned, match="expired"):  # ... and did, so a's late answer is refused
+            store.submit_ranking("a", first.id, order_ranks(first, [0, 1]), require_assignment=True)
+        store.submit_ranking("c", first.id, order_ranks(first, [0, 1]), require_assignment=True)
+        # b's assignment expired too, but nobody took its place: a late answer is still welcome
+        assert store.submit_ranking("b", second.id, order_ranks(second, [0, 1]),
+                                    require_assignment=True).action == "submit"
+        assert sorted((r.annotator, r.task_id) for r in store.export_rankings()) == sorted(
+            [("c", first.id), ("b", second.id)])
+    finally:
+        store.close()
+
+
+def test_a_skip_frees_the_slot_and_a_reopened_skip_needs_one(store):
+    tasks = make_tasks(1, k=2)
+    store.import_tasks(tasks)
+    add_users(store, "a", "b")
+    task = store.next_task("a", overlap=1)
+    assert store.next_task("b", overlap=1) is None
+    store.skip_task("a", task.id, reason="unsure", require_assignment=True)
+    assert store.has_skipped("a", task.id) and store.assignments() == []
+    assert store.skip_task("a", task.id, reason="still unsure", require_assignment=True).action == "skip"
+    assert store.next_task("b", overlap=1).id == task.id  # the skip gave the slot to b
+    assert store.assign_task("a", task.id, overlap=1) is False  # b holds it: a cannot rank it after all
+    with pytest.raises(NotAssigned):
+        store.submit_ranking("a", task.id, order_ranks(task, [0, 1]), require_assignment=True)
+    assert store.assign_task("a", task.id, overlap=2) is True  # at overlap 2 there is room for both
+    store.submit_ranking("a", task.id, order_ranks(task, [0, 1]), require_assignment=True)
+    assert not store.has_skipped("a", task.id)
+    assert store.assign_task("a", task.id, overlap=1) is True  # a ranking can always be edited
+    with pytest.raises(UnknownTask):
+        store.assign_task("a", "nope", overlap=1)
+
+
+def test_a_schema_1_database_gains_the_assignments_table(tmp_path):
+    path = tmp_path / "old.db"
+    tasks = make_tasks(2, k=2)
+    with open_store(path) as store:
+        store.import_tasks(tasks)
+        add_users(store, "a")
+        store.submit_ranking("a", "task-0", order_ranks(tasks[0], [0, 1]))
+    conn = sqlite3.connect(path)  # what a store written by schema 1 looks like
+    conn.execute("DROP TABLE assignments")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with open_store(path) as store:
+        assert store.next_task("a", overlap=2).id == "task-1"
+        assert [x.task_id for x in store.assignments()] == ["task-1"]
+        assert store.get_own_ranking("a", "task-0").ranks == order_ranks(tasks[0], [0, 1])
+    version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+    assert version == "2"
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(UserError, match="newer version"):
+        open_store(path)
+
+
+def test_queue_serves_concurrent_annotators_without_passing_the_overlap(store):
+    # Everyone opens a task before anyone submits (a busy start): the overlap holds all the same.
+    store.import_tasks(make_tasks(3, k=2))
+    names = [f"u{i}" for i in range(8)]
+    add_users(store, *names)
+    served = {name: store.next_task(name, overlap=2) for name in names}
+    held = [task.id for task in served.values() if task is not None]
+    assert len(held) == 6 and all(held.count(t) == 2 for t in set(held))
+    for name, task in served.items():
+        if task is not None:
+            store.submit_ranking(name, task.id, order_ranks(task, [0, 1]), require_assignment=True)
+    assert all(ranking_count(store, f"task-{i}") == 2 for i in range(3))
 
 
 # ---------------------------------------------------------------------------------------- annotators
@@ -453,6 +603,24 @@ def test_client_strings_that_are_not_unicode_are_rejected_cleanly(store):
     with pytest.raises(UnknownAnnotator):
         store.next_task("\ud800", 2)
     assert store.get_own_ranking("a", "\ud800") is None and store.history("\ud800") == []
-    with pytest.raises(UserError, match="not valid Unicode"):
-        store.import_tasks([Task.from_dict({"id": "bad", "prompt": "p", "completions": ["\ud800", "b"]})])
+    with pytest.raises(ValueError, match="not valid Unicode"):  # refused when read from a file ...
+        Task.from_dict({"id": "bad", "prompt": "p", "completions": ["\ud800", "b"]})
+    with pytest.raises(UserError, match="not valid Unicode"):  # ... and by the store itself
+        store.import_tasks([Task("bad", "p", (Completion("bad-0", "\ud800"), Completion("bad-1", "b")))])
     assert store.events() == [] and store.count_tasks() == 1
+
+
+@pytest.mark.parametrize("seconds", [10 ** 400, -(10 ** 400), float("inf"), float("-inf"), 10 ** 12],
+                         ids=["10**400", "-10**400", "inf", "-inf", "10**12"])
+def test_absurd_seconds_are_refused_cleanly(store, seconds):
+    store.import_tasks(make_tasks(1, k=2))
+    add_users(store, "a")
+    with pytest.raises(InvalidRanking, match="seconds must be a number from 0 to"):
+        store.submit_ranking("a", "task-0", {"task-0-0": 1, "task-0-1": 2}, seconds=seconds)
+    assert store.events() == []
+
+
+def test_unusable_names_fail_sign_in_without_an_error(store):
+    store.add_annotator("alice", "correct horse")
+    for name in ("\ud800", "alice\udfff", "bad name", "x" * 10_000, None, 7):
+        assert store.verify_password(name, "correct horse") is False

@@ -1,0 +1,245 @@
+"""ASGI middleware that guards the whole `rlhf label` server, the mounted Gradio app included.
+
+- `BodyLimit`: refuses a request whose body is over the limit: on its Content-Length before reading any of
+  it, and a chunked body as soon as the bytes read pass the limit. An unauthenticated client cannot make
+  the server hold more than the limit per request.
+- `SignInGate`: every route outside the server's own (sign-in page, JSON API) needs a signed-in session,
+  Gradio's included (its queue, heartbeat, cancel, reset, startup events, config ...); a few routes nobody
+  needs are closed. Gradio identifies a page by a client-chosen `session_hash` and streams that page's
+  event output (the annotator's name, history, ranks) to whoever asks for the hash. The gate binds each
+  hash to the annotator who first used it and refuses it to anyone else.
+
+Plain ASGI (no FastAPI), so it runs before any route, and answers with one-line JSON errors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from typing import Awaitable, Callable, Iterable
+from urllib.parse import parse_qs
+
+from starlette.requests import cookie_parser
+
+Scope = dict
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+MAX_SESSION_HASH_LENGTH = 128
+_TOO_LARGE = object()
+_HASH_IN_PATH = re.compile(r"^/gradio_api/(?:heartbeat|stream)/([^/]+)")
+_ERROR_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store"),
+                  (b"x-content-type-options", b"nosniff")]
+
+
+async def send_error(send: Send, status: int, message: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """A complete JSON error response {"error": message}."""
+    body = json.dumps({"error": message}).encode("utf-8")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*_ERROR_HEADERS, *headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> list[bytes]:
+    return [value for key, value in scope.get("headers", ()) if key.lower() == name]
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413, reading at most `max_bytes` (plus one chunk) of them."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = f"request body over {self.max_bytes} bytes"
+        declared = _header(scope, b"content-length")
+        if declared:
+            if not all(value.isdigit() for value in declared):
+                await send_error(send, 400, "invalid Content-Length header")
+                return
+            if max(int(value) for value in declared) > self.max_bytes:
+                await send_error(send, 413, too_large, [(b"connection", b"close")])
+                return
+        received = 0
+        tripped = started = False
+
+        async def limited_receive() -> dict:
+            nonlocal received, tripped
+            if tripped:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # The app sees a client that went away; it stops reading, and we answer for it.
+                    tripped = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            if tripped and not started:
+                return  # our 413 replaces whatever the app answers to the "disconnect"
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except Exception:
+            if not tripped:
+                raise
+        if tripped and not started:
+            await send_error(send, 413, too_large, [(b"connection", b"close")])
+
+
+class SessionHashes:
+    """Which annotator each Gradio session hash belongs to (the first one to use it); at most `max_entries`
+    hashes, the least recently used forgotten first (only signed-in annotators can add entries)."""
+
+    def __init__(self, max_entries: int = 20_000):
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def claim(self, session_hash: str, annotator: str) -> bool:
+        """True if the hash is this annotator's (binding it to them if it is new), False if it is someone else's."""
+        with self._lock:
+            owner = self._owners.get(session_hash)
+            if owner is None:
+                self._owners[session_hash] = owner = annotator
+                while len(self._owners) > self._max:
+                    self._owners.popitem(last=False)
+            else:
+                self._owners.move_to_end(session_hash)
+            return owner == annotator
+
+
+class SignInGate:
+    """Every request outside `open_prefixes` needs a signed-in session (else 401; `closed_paths` are 404 for
+    everyone), and a Gradio session hash in the request (query, path or JSON body) must be the annotator's."""
+
+    def __init__(self, app, *, annotator_of_token: Callable[[str | None], str | None], cookie_name: str,
+                 open_prefixes: tuple[str, ...], closed_paths: frozenset[str], max_body_bytes: int,
+                 upload_paths: frozenset[str] = frozenset({"/gradio_api/upload"}),
+                 session_hashes: SessionHashes | None = None):
+        """`upload_paths` take other bodies than JSON (Gradio's file uploads, multipart)."""
+        self.app = app
+        self.upload_paths = upload_paths
+        self.annotator_of_token, self.cookie_name = annotator_of_token, cookie_name
+        self.open_prefixes, self.closed_paths = open_prefixes, closed_paths
+        self.max_body_bytes = max_body_bytes
+        self.session_hashes = session_hashes or SessionHashes()
+
+    def _annotator(self, scope: Scope) -> str | None:
+        cookies = _header(scope, b"cookie")
+        if not cookies:
+            return None
+        token = cookie_parser(b"; ".join(cookies).decode("latin-1")).get(self.cookie_name)
+        return self.annotator_of_token(token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"].startswith(self.open_prefixes):
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if scope["type"] == "websocket":  # Gradio serves none to this UI; refuse any without a session
+            if self._annotator(scope) is None:
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await self.app(scope, receive, send)
+            return
+        if path in self.closed_paths:
+            await send_error(send, 404, "not found")
+            return
+        annotator = self._annotator(scope)
+        if annotator is None:
+            await send_error(send, 401, "sign in first")
+            return
+        hashes = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash", [])
+        match = _HASH_IN_PATH.match(path)
+        if match and (scope["method"] == "GET" or "/heartbeat/" in path):  # POST /stream/{id} names an event
+            hashes.append(match[1])
+        content_type = (_header(scope, b"content-type") or [b""])[-1].split(b";")[0].strip().lower()
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS") and path not in self.upload_paths:
+            # Gradio's writes are JSON. Checked here, whole: Gradio answers some malformed bodies with a 500
+            # (a RecursionError, or a validation error message it cannot encode).
+            body = await self._read_body(receive)
+            if body is None:
+                return  # the client went away (or BodyLimit answers for a body over the limit)
+            if body is _TOO_LARGE:
+                await send_error(send, 413, f"request body over {self.max_body_bytes} bytes")
+                return
+            if body and content_type != b"application/json":
+                await send_error(send, 415, "send the request body as application/json")
+                return
+            try:
+                data = json.loads(body) if body else None
+            except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
+                await send_error(send, 400, "the request body is not valid JSON")
+                return
+            if _has_lone_surrogate(data):
+                await send_error(send, 400, "the request body holds text that is not valid Unicode")
+                return
+            if isinstance(data, dict) and isinstance(data.get("session_hash"), str):
+                hashes.append(data["session_hash"])
+            receive = _replay(body, receive)
+        for session_hash in hashes:
+            if len(session_hash) > MAX_SESSION_HASH_LENGTH:
+                await send_error(send, 400, "session hash too long")
+                return
+            if not self.session_hashes.claim(session_hash, annotator):
+                await send_error(send, 403, "this page session belongs to another sign-in; reload the page")
+                return
+        await self.app(scope, receive, send)
+
+    async def _read_body(self, receive: Receive):
+        """The whole body; None if the client went away; _TOO_LARGE past max_body_bytes (reading stops there)."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return _TOO_LARGE
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _has_lone_surrogate(data) -> bool:
+    """Whether parsed JSON holds a string that is not valid Unicode ("\\ud800" escapes decode to lone surrogates)."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that yields the already-read body once, then whatever the client sends next (disconnect)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
