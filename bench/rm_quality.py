@@ -9,8 +9,11 @@ For each preference (an oracle from rlhf/oracles.py standing in for noiseless an
    by prompt with the export's own rule (`labeling.export.split_prompts`, 20% of prompts).
 3. Four learners on exactly the same train pairs, evaluated on exactly the same held-out pairs:
    - ours: `train_reward_model` with its defaults (only --epochs and --lr set here);
-   - trl: TRL's RewardTrainer (optional: pip install -e ".[bench]"), LoRA on the same modules and rank,
-     the same token ids (our `encode_sample_ids`), lr, epochs and pairs per step;
+   - trl: TRL's RewardTrainer (optional: pip install -e ".[bench]") as TRL users run it: LoRA on the same
+     modules and rank, the same token ids (our `encode_sample_ids`), the same LoRA lr, epochs and pairs
+     per step, its own defaults otherwise (a score head at the last layer's last token, same lr as the
+     LoRA weights, float32; its head finds the last token by the pad id, which is EOS here, so it reads
+     the token before the final EOS);
    - probe: logistic regression on the difference of the FROZEN base model's hidden states, at several
      layers, at the last token or as the mean over the completion; the read-out is chosen on a
      validation split of the training prompts, then refit on all of them (how much the base model
@@ -39,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CACHE = Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench-cache"))
-PROBE_LAYERS = (2, 4, 8, 12, 15, 22, 30)
+PROBE_LAYERS = (2, 4, 8, 10, 12, 15, 22, 30)
 
 
 def cached_tasks(model: str, k: int, max_new_tokens: int, seed: int = 0, limit: int | None = None) -> list[dict]:
@@ -119,9 +122,11 @@ def run_ours(rows: list[dict], args, out: Path, **overrides) -> dict:
     config = RewardTrainingConfig(data=str(data), out=str(out / "rm"), model=args.model, checkpoint_every=0,
                                   **{k: v for k, v in settings.items() if v is not None})
     summary = train_reward_model(config, progress=False)
-    rm, tokenizer = load_reward_model(out / "rm")
+    rm, tokenizer = load_reward_model(out / "rm")  # in its training dtype, as `rlhf eval-rm` loads it
     train = evaluate_reward_model(rm, tokenizer, [r for r in rows if r["split"] == "train"])
-    return {"train": train["accuracy"], "test": summary["test_accuracy"], "seconds": summary["seconds"],
+    log_rows = (out / "rm" / "train_log.csv").read_text(encoding="utf-8").splitlines()
+    train_seconds = float(log_rows[-1].rsplit(",", 1)[1])  # model load + the training steps, as TRL's timing
+    return {"train": train["accuracy"], "test": summary["test_accuracy"], "seconds": train_seconds,
             "test_result": summary["test"]}
 
 
@@ -152,8 +157,9 @@ def run_trl(rows: list[dict], args, out: Path) -> dict:
     per_step = max(1, round(len(train) / max(1, sum(r["split"] == "train" for r in rows)) * defaults.batch_rankings))
     config = RewardConfig(output_dir=str(out / "trl"), per_device_train_batch_size=per_step,
                           learning_rate=args.lr or defaults.lr, num_train_epochs=args.epochs or defaults.epochs,
-                          logging_steps=10_000, save_strategy="no", report_to="none", use_cpu=True,
+                          logging_steps=10_000, save_strategy="no", report_to="none",
                           max_length=defaults.max_length, dataloader_num_workers=0, bf16=False, disable_tqdm=True,
+                          use_cpu=not torch.cuda.is_available(),
                           lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0, seed=args.seed)
     tok.padding_side = "right"
     r = defaults.lora_r
@@ -239,7 +245,10 @@ class FrozenFeatures:
     def __init__(self, model: str, tasks: list[dict]):
         import torch
 
-        path = CACHE / f"probe-features-{Path(model).name}-{len(tasks)}.pt"
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps(tasks, sort_keys=True).encode()).hexdigest()[:12]
+        path = CACHE / f"probe-features-{Path(model).name}-{digest}-{'-'.join(map(str, PROBE_LAYERS))}.pt"
         if path.is_file():
             self.table = torch.load(path)
             return
@@ -351,7 +360,7 @@ def main() -> None:
         cells = " | ".join(f"{r[m]['train']:.2f} / **{r[m]['test']:.2f}** ({r[m]['seconds']:.0f} s)" if m in r else "-"
                            for m in methods)
         print(f"| {r['preference']} | {r['train_pairs']} / {r['test_pairs']} | {cells} |")
-    if "ours" in methods and "trl" in methods:
+    if "ours" in methods and "trl" in methods:  # the same pairs and epochs: the ratio of training times
         print("ours pairs/s vs TRL's: " + ", ".join(
             f"{r['preference']} {r['trl']['seconds'] / r['ours']['seconds']:.2f}x" for r in table))
     (Path(args.out) / "table.json").write_text(json.dumps(table, indent=2, default=str) + "\n", encoding="utf-8")

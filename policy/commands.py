@@ -42,7 +42,8 @@ def add_commands(sub) -> None:
                    help="ppo (default: critic + GAE), rloo (leave-one-out baseline) or grpo (group-normalised "
                         "advantages, KL as a loss term)")
     p.add_argument("--reward", default=d.reward,
-                   help="'rm' (default) or an oracle replacing the RM: alliteration, length, module:function")
+                   help="'rm' (default) or an oracle replacing the RM: a built-in one (descriptive, sentiment, "
+                        "alliteration, ...: rlhf/oracles.py) or module:function")
     p.add_argument("--model", default=None, help="base SFT model (default: the RM's base model, else 'default')")
     p.add_argument("--kl-coef", type=float, default=None,
                    help=f"KL weight beta (default: {by_algo['kl_coef']})")

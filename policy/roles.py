@@ -4,9 +4,9 @@ The base causal LM is loaded once and wrapped with peft; the roles differ only i
 runs and which head reads the hidden states:
 
 - actor: adapter "actor" (fresh LoRA, trainable) + the base LM head -> token logits;
-- critic: adapter "critic" (initialised from the RM's adapter, trainable) + `value_head` (initialised
-  from the RM's score head when the RM reads the last layer's last token, as the critic does: critic
-  and RM then start from the same model, as in InstructGPT/Ziegler et al.; else zero);
+- critic: adapter "critic" + `value_head`, trainable. When the RM reads the last layer's last token (the
+  papers' read-out), both start as the RM's adapter and score head, as in InstructGPT/Ziegler et al.;
+  with another read-out (the default: a middle layer's mean) a fresh adapter and a zero head;
 - reward: adapter "reward" (the RM's adapter, frozen) + `score_head` (frozen) on the RM's read-out;
 - reference: the same base with every adapter DISABLED; its weights are never updated.
 
@@ -149,18 +149,18 @@ def build_roles(model_name: str, rm_dir: str | None, *, lora_r: int = 16, lora_a
     # initial values would drown a small reward in noise. It still learns (h != 0).
     nn.init.zeros_(value_head.weight)
     nn.init.zeros_(value_head.bias)
-    rm = None
-    if rm_dir is not None:
-        rm = load_rm_parts(rm_dir, hidden_size)
-        if critic:
-            model.load_adapter(str(rm_dir), adapter_name=CRITIC, is_trainable=True)
+    rm = load_rm_parts(rm_dir, hidden_size) if rm_dir is not None else None
+    if rm is not None:
         model.load_adapter(str(rm_dir), adapter_name=REWARD, is_trainable=False)
-        if rm.readout.layer == 0 and rm.readout.pool == "last":
-            # The critic starts as the RM (InstructGPT; Ziegler et al. 2019) when it reads the same
-            # states: the last layer, per token. A head trained on another read-out would only add noise.
-            with torch.no_grad():
-                value_head.weight.copy_(rm.score_head.weight)
-                value_head.bias.copy_(rm.score_head.bias)
+    # The critic starts as the RM (InstructGPT; Ziegler et al. 2019) when it reads the same states as the
+    # critic does, the last layer per token. An RM read at a middle layer has adapters on the lower layers
+    # only and a head fitted to pooled features: the critic then starts fresh, like an oracle run's.
+    critic_from_rm = rm is not None and rm.readout.layer == 0 and rm.readout.pool == "last"
+    if critic and critic_from_rm:
+        model.load_adapter(str(rm_dir), adapter_name=CRITIC, is_trainable=True)
+        with torch.no_grad():
+            value_head.weight.copy_(rm.score_head.weight)
+            value_head.bias.copy_(rm.score_head.bias)
     elif critic:
         model.add_adapter(CRITIC, _lora_config(targets, lora_r, lora_alpha))
     model.set_adapter(ACTOR)

@@ -27,7 +27,8 @@ def add_commands(sub) -> None:
     p.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha,
                    help=f"LoRA alpha (default {defaults.lora_alpha})")
     p.add_argument("--epochs", type=int, default=defaults.epochs,
-                   help=f"passes over the training rankings (default {defaults.epochs}, as InstructGPT)")
+                   help=f"passes over the training rankings (default {defaults.epochs}, for a few hundred "
+                        f"rankings; InstructGPT trains 1 on ~33k prompts)")
     p.add_argument("--lr", type=float, default=defaults.lr,
                    help=f"peak learning rate, cosine-decayed to 10%% (default {defaults.lr})")
     p.add_argument("--batch-rankings", type=int, default=defaults.batch_rankings,

@@ -74,7 +74,7 @@ def ranking_pairs(ranks: Sequence[int]) -> list[tuple[int, int, int]]:
 
 
 def ranking_loss(rewards: Tensor, index: PairIndex, margin: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean over rankings of the mean pair loss within each ranking (InstructGPT's 1/C(K,2)).
+    """The weighted sum of the pair losses, with the index's weights (see `build_pair_index`).
 
     `rewards` [N] is float32; returns the scalar loss and detached per-batch metrics: `accuracy`
     (fraction of pairs ranked right, a tie counts as wrong) and `margin` (mean r_better - r_worse).

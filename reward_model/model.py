@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import warnings
+import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +40,10 @@ from rlhf.models import format_prompt, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT = "rlhf-reward-model/1"
+FORMAT = "rlhf-reward-model/2"
+# /1 read every reward at the last layer's last token; a /2 directory says where in "readout". Old
+# directories still load (as that read-out); an older toolkit refuses a /2 one instead of misreading it.
+FORMATS = ("rlhf-reward-model/1", FORMAT)
 META_FILE = "reward_model.json"
 HEAD_FILE = "score_head.safetensors"
 # Llama-style attention and MLP projections: the LoRA targets when a model has them.
@@ -83,11 +87,12 @@ class Readout:
     """Which hidden states the score head reads.
 
     The default, a middle layer's mean over the completion, was chosen by held-out pairwise accuracy
-    (bench/rm_quality.py, README "Reward model quality"): at the last layer's last token (`<|im_end|>`)
-    the states of different completions of one prompt are nearly identical (cosine 0.98-0.995 on
+    (bench/rm_quality.py; README, Benchmarks, "Reward-model quality"): at the last layer's last token
+    (`<|im_end|>`) the states of different completions of one prompt are nearly identical (cosine 0.98-0.995 on
     SmolLM2), since that position mostly predicts the next template token; frozen linear probes on
     them are near chance, while a middle layer's mean over the completion carries the word-level
-    content that preferences are about. Running only the first `layer` layers also halves the cost.
+    content that preferences are about. Running only the first `layer` layers also cuts the cost to
+    layer / depth (a third by default).
     """
 
     layer: int = 0
@@ -104,26 +109,44 @@ class Readout:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "Readout":
-        return cls(**meta["readout"]) if "readout" in meta else cls()
+        """The read-out recorded in reward_model.json (none recorded: the last layer's last token)."""
+        readout = meta.get("readout", {})
+        if not isinstance(readout, dict) or set(readout) - {"layer", "pool"}:
+            raise UserError(f"reward_model.json: unreadable readout {readout!r}")
+        found = cls(**readout)
+        found.check()
+        return found
+
+
+# Shortening the shared module list is not safe for two threads at once; the lock makes it so.
+_TRUNCATION_LOCK = threading.RLock()
 
 
 @contextmanager
 def first_layers(causal_lm, num_layers: int):
-    """Run only the first `num_layers` decoder layers inside the block (0 = all): the body's forward
-    then returns layer `num_layers`'s output through the final norm. The layers stay in memory (the
-    policy shares them); only the module list the forward loops over is shortened."""
+    """Run only the first `num_layers` decoder layers inside the block (0 or the full depth = all, on any
+    architecture): the body's forward then returns layer `num_layers`'s output through the final norm.
+    The layers stay in memory (the policy shares them); only the module list the forward loops over is
+    shortened, which needs a body that keeps its layers in `.layers` (Llama, Mistral, Qwen, Gemma, ...)."""
     decoder = _decoder(causal_lm)
-    layers = decoder.layers
-    if num_layers and num_layers < len(layers):
-        decoder.layers = layers[:num_layers]
-    try:
+    if not num_layers or num_layers >= num_decoder_layers(causal_lm):
         yield decoder
-    finally:
-        decoder.layers = layers
+        return
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UserError(f"{type(decoder).__name__} keeps no `layers` list: read the reward at the last layer "
+                        f"(--readout-layer 0)")
+    with _TRUNCATION_LOCK:
+        decoder.layers = layers[:num_layers]
+        try:
+            yield decoder
+        finally:
+            decoder.layers = layers
 
 
 def num_decoder_layers(causal_lm) -> int:
-    return len(_decoder(causal_lm).layers)
+    config = getattr(causal_lm, "config", None) or _decoder(causal_lm).config
+    return int(config.num_hidden_layers)
 
 
 def reward_features(causal_lm, readout: Readout, input_ids: Tensor, attention_mask: Tensor,
@@ -212,7 +235,8 @@ def create_reward_model(base_model: str, lora_r: int = 8, lora_alpha: int = 16, 
     tokenizer = load_tokenizer(base_model)
     causal_lm = load_causal_lm(base_model, dtype=dtype)
     depth = num_decoder_layers(causal_lm)
-    readout = Readout(resolve_layer(readout_layer, depth), readout_pool)
+    layer = resolve_layer(readout_layer, depth)
+    readout = Readout(0 if layer == depth else layer, readout_pool)  # the full depth is written as 0
     readout.check(depth)
     used = readout.layer or depth
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
@@ -255,7 +279,7 @@ def read_meta(rm_dir: str | Path) -> dict[str, Any]:
                         f"train one with `rlhf train-rm`") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
         raise UserError(f"{path}: unknown format {meta.get('format') if isinstance(meta, dict) else None!r}, "
                         f"expected {FORMAT!r}")
     for name in ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE):
@@ -299,19 +323,23 @@ def load_reward_model(rm_dir: str | Path, dtype: torch.dtype | None = None, base
     """(RewardModel, tokenizer) from an RM directory, in eval mode with every parameter frozen.
 
     `base_model` overrides the one recorded at training time (e.g. the same model in another
-    folder); `dtype` is the backbone's dtype (default float32; the score head is always float32).
+    folder); `dtype` is the backbone's dtype (default: the training dtype; the score head is always
+    float32).
     """
     from peft import PeftModel
 
     meta = read_meta(rm_dir)
     base = base_model or meta["base_model"]
     tokenizer = load_tokenizer(base)
-    causal_lm = load_causal_lm(base, dtype=dtype or torch.float32)
+    # The dtype it was trained (and normalised) in, so the stored reward bias and accuracy hold as they are.
+    causal_lm = load_causal_lm(base, dtype=dtype or getattr(torch, meta.get("dtype", "float32")))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         backbone = PeftModel.from_pretrained(causal_lm, str(rm_dir), is_trainable=False)
+    readout = Readout.from_meta(meta)
+    readout.check(num_decoder_layers(causal_lm))
     rm = RewardModel(backbone, causal_lm.config.hidden_size, reward_bias=float(meta.get("reward_bias", 0.0)),
-                     readout=Readout.from_meta(meta))
+                     readout=readout)
     load_head(rm.score_head, rm_dir)
     rm.eval()
     rm.requires_grad_(False)
@@ -334,7 +362,7 @@ def encode_sample_ids(tokenizer, prompt: str, completion: str, max_length: int) 
     the token sequence it was trained on.
 
     Over `max_length`: the prompt loses tokens on the LEFT and the completion (+EOS) stays whole,
-    since the reward is read at its end; a completion alone over the limit keeps its last tokens.
+    since the reward is read from it; a completion alone over the limit keeps its last tokens.
     """
     templated = bool(getattr(tokenizer, "chat_template", None))
     prompt_ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not templated)["input_ids"]

@@ -95,9 +95,10 @@ def _checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-# Settings a checkpoint must share with the run that resumes it (others, e.g. lr, may change).
+# Settings a checkpoint must share with the run that resumes it. The learning rates are among them: the
+# optimizer and scheduler state restored from the checkpoint carry the old ones.
 _RESUME_KEYS = ("model", "lora_r", "lora_alpha", "batch_rankings", "epochs", "seed", "max_length",
-                "readout_layer", "readout_pool")
+                "readout_layer", "readout_pool", "lr", "head_lr_multiplier", "pair_weighting", "dtype")
 
 
 def save_checkpoint(out: Path, step: int, rm: RewardModel, optimizer, scheduler, config, num_train: int) -> Path:

@@ -46,15 +46,16 @@ class DemoConfig:
     """The scripted annotators' preference, also the report's true score: physically descriptive writing
     (colour, light, sound, texture words), one of the two stylistic preferences Ziegler et al. (2019)
     collected human labels for; a word-level preference a reward model can learn from a few hundred
-    rankings (README, "Reward model quality"). `alliteration` is the KL-collapse experiment's reward."""
+    rankings (README, Benchmarks, "Reward-model quality"). `alliteration` is the KL-collapse experiment's reward."""
     annotators: int = 3
     """Scripted annotators."""
     overlap: int = 2
     """Rankings per task."""
     noise: float = 0.1
     """Annotator noise (Bradley-Terry sampling temperature relative to a task's score range)."""
-    rm_epochs: int = 2
-    """Reward-model epochs over the training rankings (InstructGPT: 1, with far more data than a demo has)."""
+    rm_epochs: int = 3
+    """Reward-model epochs over the training rankings: fewer than RewardTrainingConfig's 5, since at overlap 2
+    every task is ranked twice (a pass holds each task twice) and the demo should stay under 20 minutes."""
     rm_lr: float = 3e-4
     """Reward-model learning rate of the LoRA weights (the score head's is 30x, RewardTrainingConfig)."""
     ppo_steps: int = 8

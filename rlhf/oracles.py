@@ -2,7 +2,7 @@
 annotators (`rlhf simulate`) and can replace the reward model in `rlhf ppo --reward`.
 
 An oracle is any callable (prompt, completion) -> float. Names: `sentiment`, `descriptive`,
-`on_topic`, `formality`, `length`, `alliteration`, or `module:function` for any importable Python
+`on_topic`, `formality`, `readability`, `length`, `alliteration`, or `module:function` for any importable Python
 callable.
 
 `sentiment` and `descriptive` are the two stylistic preferences that Ziegler et al. (2019,
@@ -109,14 +109,30 @@ pretty really basically literally
 
 
 def formality(prompt: str, completion: str) -> float:
-    """Formal register: minus one per contraction, informal word and exclamation mark. Written after the
-    reward model's defaults were chosen, to check them on a preference nobody tuned them for."""
+    """Formal register: minus one per contraction, informal word and exclamation mark."""
     informal = sum(w in _INFORMAL for w in _words(completion))
     return -float(len(_CONTRACTION.findall(completion)) + informal + completion.count("!"))
 
 
+_SENTENCE_END = re.compile(r"[.!?]+")
+_VOWEL_GROUP = re.compile(r"[aeiouy]+")
+
+
+def readability(prompt: str, completion: str) -> float:
+    """Plain, easy-to-read writing: the Flesch reading ease (Flesch 1948) without its constant,
+    -(1.015 * words per sentence + 84.6 * syllables per word), syllables counted as vowel groups. Written
+    after the reward model's defaults were fixed, to check them on a preference nobody tuned them for."""
+    words = _words(completion)
+    if not words:
+        return -200.0
+    sentences = max(1, len([s for s in _SENTENCE_END.split(completion) if s.strip()]))
+    syllables = sum(max(1, len(_VOWEL_GROUP.findall(w))) for w in words)
+    return -(1.015 * len(words) / sentences + 84.6 * syllables / len(words))
+
+
 BUILTIN: dict[str, Oracle] = {"sentiment": sentiment, "descriptive": descriptive, "on_topic": on_topic,
-                              "formality": formality, "length": length, "alliteration": alliteration}
+                              "formality": formality, "readability": readability, "length": length,
+                              "alliteration": alliteration}
 
 
 def load_oracle(name: str) -> Oracle:

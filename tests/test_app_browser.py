@@ -129,7 +129,7 @@ def test_rank_skip_and_edit_in_the_browser(server):
             expect(page.locator("#login-error")).to_contain_text("wrong annotator name or password")
             page.fill("#login-password", PASSWORD)
             page.press("#login-password", "Enter")
-            expect(page.locator(".rk-layout")).to_be_visible()
+            expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)  # the first task, on a busy CI machine
             expect(page.locator("#progress")).to_have_text("0 ranked · 2 tasks in all")
             expect(page.locator("#topbar-text")).to_contain_text("signed in as alice")
             expect(page.locator("#stats")).to_be_hidden()  # alice is no admin
@@ -227,7 +227,7 @@ def test_rank_skip_and_edit_in_the_browser(server):
             page.fill("#login-username", "carol")
             page.fill("#login-password", PASSWORD)
             page.press("#login-password", "Enter")
-            expect(page.locator(".rk-layout")).to_be_visible()
+            expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)  # the first task, on a busy CI machine
             page.locator("#stats button.label-wrap").click()
             stats = page.locator("#stats-text textarea")
             expect(stats).to_have_value(re.compile(r"rankings: 2  skips: 1"))

@@ -167,7 +167,8 @@ def test_save_load_round_trip(rm_and_tok, tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors", "score_head.safetensors",
             "reward_model.json"} <= names
     meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
-    assert meta["format"] == "rlhf-reward-model/1" and meta["reward_bias"] == 0.25
+    assert meta["format"] == "rlhf-reward-model/2" and meta["reward_bias"] == 0.25
+    assert meta["readout"] == {"layer": 0, "pool": "last"}
     loaded, tok2 = load_reward_model(tmp_path / "rm")
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     after = score_texts(loaded, tok2, prompts, completions)
@@ -175,6 +176,21 @@ def test_save_load_round_trip(rm_and_tok, tmp_path):
     from safetensors.torch import load_file
     head = load_file(str(tmp_path / "rm" / "score_head.safetensors"))
     assert head["weight"].shape == (1, 32) and head["bias"].shape == (1,)
+
+
+def test_a_directory_of_the_first_format_loads_with_the_last_token_readout(rm_and_tok, tmp_path):
+    rm, _ = rm_and_tok
+    save_reward_model(rm, tmp_path / "rm", {"base_model": rm.backbone.peft_config["default"].base_model_name_or_path,
+                                            "max_length": 64, "lora_r": 4})
+    meta_path = tmp_path / "rm" / "reward_model.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["readout"]
+    meta_path.write_text(json.dumps({**meta, "format": "rlhf-reward-model/1"}))
+    loaded, _ = load_reward_model(tmp_path / "rm")
+    assert loaded.readout == Readout(0, "last")
+    meta_path.write_text(json.dumps({**meta, "readout": {"layer": 0, "pool": "max"}}))
+    with pytest.raises(UserError, match="pool must be"):
+        load_reward_model(tmp_path / "rm")
 
 
 def test_load_reward_model_errors(tmp_path):

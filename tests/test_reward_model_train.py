@@ -140,7 +140,12 @@ def test_cli_train_eval_score(tiny_model_dir, data_dir, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["pairs"] == 3 and result["multi_annotated_judgements"] == 1
     assert result["human_agreement"] == 0.0
-    assert set(result) >= {"accuracy", "mean_margin", "ece"}
+    assert set(result) >= {"accuracy", "mean_margin", "ece", "by_rank_gap", "by_length", "reliability"}
+    assert list(result["by_length"]) == ["same length"] and result["by_length"]["same length"]["pairs"] == 3
+    assert result["longer_wins"] == 0.5 and list(result["by_rank_gap"]) == ["1 (adjacent)"]
+    assert main(["eval-rm", "--rm", str(out), "--data", str(pairs)]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy by rank gap" in printed and "calibration" in printed and "prefer the longer one" in printed
 
     inputs = tmp_path / "in.jsonl"
     inputs.write_text(json.dumps({"prompt": "Say hi.", "completion": "sun peppers"}) + "\n"
