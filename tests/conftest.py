@@ -7,3 +7,34 @@ from rlhf.tiny import build_tiny_model
 def tiny_model_dir(tmp_path_factory):
     """A tiny random chat model + tokenizer folder (pad id == EOS id, like the default model)."""
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model")))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: tiny models gain nothing from threads, and on a shared
+    2-core machine spinning OpenMP threads make every op many times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def rm_dir(tiny_model_dir, tmp_path_factory):
+    """An untrained reward model (last-token read-out) on the tiny model, its LoRA B made non-zero so the
+    reward adapter really differs from the base."""
+    import torch
+
+    from reward_model.model import create_reward_model, save_reward_model
+
+    torch.manual_seed(3)
+    rm, _ = create_reward_model(tiny_model_dir, lora_r=4)
+    with torch.no_grad():
+        for name, param in rm.backbone.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    out = tmp_path_factory.mktemp("rm")
+    save_reward_model(rm, out, {"base_model": tiny_model_dir, "max_length": 256, "lora_r": 4})
+    return str(out)

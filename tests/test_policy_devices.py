@@ -24,6 +24,8 @@ FAKE = torch.device("cuda", 0)
 _TAG = "_on_fake_device"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 class DeviceMismatch(AssertionError):
     pass
 
@@ -144,25 +146,6 @@ def test_fake_device_catches_cpu_tensors_meeting_model_tensors():
             y + host
         y.sum().backward()
         assert on_fake(weight.weight.grad)
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir, tmp_path_factory):
-    from reward_model.model import create_reward_model, save_reward_model
-
-    torch.manual_seed(3)
-    rm, _ = create_reward_model(tiny_model_dir, lora_r=4)
-    out = tmp_path_factory.mktemp("rm-device")
-    save_reward_model(rm, out, {"base_model": tiny_model_dir, "max_length": 256, "lora_r": 4})
-    return str(out)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _on_device():

@@ -16,31 +16,10 @@ from rlhf.cli import main as cli_main
 from rlhf.errors import UserError
 from rlhf.models import eos_token_ids
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = ["Describe a sunny morning at the beach.", "Write a short poem about the moon.",
            "Explain why the sky is blue.", "The lighthouse keeper heard a knock at midnight."]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir, tmp_path_factory):
-    from reward_model.model import create_reward_model, save_reward_model
-
-    torch.manual_seed(3)
-    rm, _ = create_reward_model(tiny_model_dir, lora_r=4)
-    with torch.no_grad():
-        for name, param in rm.backbone.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    out = tmp_path_factory.mktemp("rm-fixes")
-    save_reward_model(rm, out, {"base_model": tiny_model_dir, "max_length": 256, "lora_r": 4})
-    return str(out)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from rlhf.cli import main as cli_main
 from rlhf.errors import UserError
 from rlhf.models import eos_token_ids
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [
     "Describe a sunny morning at the beach.",
     "Continue this story: Once upon a time, a small fox found a silver key.",
@@ -35,38 +37,11 @@ def nan_oracle(prompt, completion):
     return float("nan")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine spinning OpenMP threads
-    # make every op many times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir, tmp_path_factory):
-    """An untrained reward model on the tiny model, its LoRA B made non-zero so the reward adapter
-    really differs from the base."""
-    from reward_model.model import create_reward_model, save_reward_model
-
-    torch.manual_seed(3)
-    rm, _ = create_reward_model(tiny_model_dir, lora_r=4)
-    with torch.no_grad():
-        for name, param in rm.backbone.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    out = tmp_path_factory.mktemp("rm")
-    save_reward_model(rm, out, {"base_model": tiny_model_dir, "max_length": 256, "lora_r": 4})
-    return str(out)
 
 
 @pytest.fixture(scope="module")
