@@ -11,8 +11,8 @@ For each preference (an oracle from rlhf/oracles.py standing in for noiseless an
    - ours: `train_reward_model` with its defaults (only --epochs and --lr set here);
    - trl: TRL's RewardTrainer (optional: pip install -e ".[bench]") as TRL users run it: LoRA on the same
      modules and rank, the same token ids (our `encode_sample_ids`), the same LoRA lr, epochs and pairs
-     per step, its own defaults otherwise (a score head at the last layer's last token, same lr as the
-     LoRA weights, float32; its head finds the last token by the pad id, which is EOS here, so it reads
+     per step and backbone dtype, its own defaults otherwise (a score head at the last layer's last
+     token, same lr as the LoRA weights; its head finds the last token by the pad id, which is EOS here, so it reads
      the token before the final EOS);
    - probe: logistic regression on the difference of the FROZEN base model's hidden states, at several
      layers, at the last token or as the mean over the completion; the read-out is chosen on a
@@ -150,8 +150,9 @@ def run_trl(rows: list[dict], args, out: Path) -> dict:
     dataset = Dataset.from_dict({"chosen_ids": [ids(p, b) for p, b, _ in train],
                                  "rejected_ids": [ids(p, w) for p, _, w in train]})
     torch.manual_seed(args.seed)
+    # The backbone in the same dtype as ours (bf16 by default); peft keeps the LoRA weights in float32.
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model(args.model), num_labels=1,
-                                                               dtype=torch.float32)
+                                                               dtype=getattr(torch, defaults.dtype))
     model.config.pad_token_id = tok.pad_token_id
     # Pairs per step: ours takes `batch_rankings` rankings, about C(K,2) pairs each, per step.
     per_step = max(1, round(len(train) / max(1, sum(r["split"] == "train" for r in rows)) * defaults.batch_rankings))
