@@ -5,7 +5,7 @@
 Batched = `rlhf.generation.generate_tasks` (all prompts x K samples in one left-padded `generate` call with
 the KV cache). Baselines with plain `model.generate`: (a) one sequence at a time (prompt by prompt, sample by
 sample), (b) one prompt at a time with its K samples (num_return_sequences=K). Tokens counted up to EOS.
-Target (issue 2): batched >= 4x baseline (a). Also reports the model's load time from the cache.
+Target: batched >= 4x baseline (a). Also reports the model's load time from the cache.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ read-out layer and pooling); TRL's reads the last layer's last token, as it alwa
 (--seqs): K-wise packs seqs/K whole rankings per step and gets all their pairs from one pass;
 pairwise packs seqs/2 (chosen, rejected) pairs of those rankings. One warm-up step, then --steps
 timed steps. Reported: pairs/s (comparisons learned from per second) and peak RSS.
-Targets (issue 4): K-wise >= 2.5x TRL at K=4 and >= 5x at K=8.
+Targets: K-wise >= 2.5x TRL at K=4 and >= 5x at K=8.
 
 --accuracy adds a held-out check: each method trains one epoch on the same training prompts and is
 evaluated on the same held-out prompts (slow: minutes per configuration on a 2-core CPU).

@@ -1,4 +1,4 @@
-"""The reward model stage (issue 4): LoRA on the SFT model + a linear score head, trained on rankings
+"""The reward model stage: LoRA on the SFT model + a linear score head, trained on rankings
 with InstructGPT's K-wise loss.
 
 - `reward_model.model`: `RewardModel`, `create_reward_model`, `load_reward_model(dir)` (the one call

@@ -27,9 +27,9 @@ _WORD = re.compile(r"[A-Za-z]+")
 
 
 def alliteration(prompt: str, completion: str) -> float:
-    """The seed's reward, "counting alliteration": the number of adjacent word pairs that start with
-    the same letter (case-insensitive). "tall tall tall" scores high, which is the point of the seed's
-    KL-collapse experiment."""
+    """"Counting alliteration": the number of adjacent word pairs that start with the same letter
+    (case-insensitive). "tall tall tall" scores high, which is the point of the KL-collapse experiment
+    (README, "Why the KL term")."""
     initials = [w[0].lower() for w in _WORD.findall(completion)]
     return float(sum(a == b for a, b in zip(initials, initials[1:])))
 
