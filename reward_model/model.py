@@ -14,7 +14,7 @@ Load a trained one and score texts with one call each:
 
 An RM directory holds exactly: `adapter_config.json` + `adapter_model.safetensors` (peft's
 `save_pretrained` of the LoRA adapter), `score_head.safetensors` (tensors `weight` [1, H] and `bias`
-[1]) and `reward_model.json` ({"format": "rlhf-reward-model/1", "base_model", "reward_bias",
+[1]) and `reward_model.json` ({"format": "rlhf-reward-model/2", "base_model", "reward_bias",
 "max_length", "lora_r", "readout": {"layer", "pool"}, ... training summary}). The reward is
 score_head(readout features) - reward_bias; a file without "readout" reads the last layer's last
 token. The policy stage loads the parts into its own shared base model with `load_rm_parts`.
@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import warnings
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
