@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/generate.py [--model default] [--prompts 16] [--k 4] [--max-new-tokens 48]
 
-Batched = `rlhf.generation.generate_tasks` (all prompts x K samples in one left-padded `generate` call with
+Batched = `labeling.generate.generate_tasks` (all prompts x K samples in one left-padded `generate` call with
 the KV cache). Baselines with plain `model.generate`: (a) one sequence at a time (prompt by prompt, sample by
 sample), (b) one prompt at a time with its K samples (num_return_sequences=K). Tokens counted up to EOS.
 Target: batched >= 4x baseline (a). Also reports the model's load time from the cache.
@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from rlhf.generation import SamplingParams, completion_lengths, encode_prompts, generate_tasks
+from labeling.generate import generate_tasks
+from rlhf.generation import SamplingParams, completion_lengths, encode_prompts
 from rlhf.models import eos_token_ids, load_causal_lm, load_tokenizer
 from rlhf.prompts import read_prompts
 

@@ -35,7 +35,7 @@ from labeling.store import open_store  # noqa: E402
 from rlhf.records import Task  # noqa: E402
 
 PASSWORD = "benchmark password"
-SERVE = [sys.executable, "-m", "rlhf.cli", "label"]  # the real `rlhf label`
+SERVE = [sys.executable, "-m", "pipeline.cli", "label"]  # the real `rlhf label`
 
 
 def percentile(values: list[float], q: float) -> float:

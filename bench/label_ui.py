@@ -97,7 +97,7 @@ def main() -> None:
                                 for j in range(args.k)]}) for i in range(2 * args.rounds + 10)])
             store.add_annotator("api", PASSWORD)
             store.add_annotator("ui", PASSWORD)
-        proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "label", "--db", str(db), "--port", "0",
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "label", "--db", str(db), "--port", "0",
                                  "--overlap", "2"], stdout=subprocess.PIPE, text=True)
         try:
             match = re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stdout.readline())

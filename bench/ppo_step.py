@@ -39,7 +39,8 @@ def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
     from torch import nn
 
     from policy.roles import _lora_config
-    from reward_model.model import final_hidden_states, lora_target_modules, position_ids_from_mask, read_meta
+    from reward_model.model import read_meta
+    from rlhf.causal_lm import final_hidden_states, lora_target_modules, position_ids_from_mask
     from rlhf.models import load_causal_lm, load_tokenizer
 
     class SeparateRoles(nn.Module):
@@ -99,7 +100,7 @@ def run_trl(rm_dir: str, steps: int, batch: int, length: int) -> dict:
 
     from rlhf.models import format_prompt, load_causal_lm, load_tokenizer, resolve_model
     from rlhf.prompts import read_prompts
-    from reward_model.model import lora_target_modules
+    from rlhf.causal_lm import lora_target_modules
 
     torch.manual_seed(0)
     path = resolve_model("default")

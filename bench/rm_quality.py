@@ -52,7 +52,8 @@ def cached_tasks(model: str, k: int, max_new_tokens: int, seed: int = 0, limit: 
     if not path.is_file():
         import torch
 
-        from rlhf.generation import SamplingParams, generate_tasks
+        from labeling.generate import generate_tasks
+        from rlhf.generation import SamplingParams
         from rlhf.jsonl import write_jsonl
         from rlhf.models import load_causal_lm, load_tokenizer
         from rlhf.prompts import read_prompts
@@ -140,7 +141,8 @@ def run_trl(rows: list[dict], args, out: Path) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from reward_model.config import RewardTrainingConfig
-    from reward_model.model import encode_sample_ids, lora_target_modules, pad_rows
+    from reward_model.model import encode_sample_ids
+    from rlhf.causal_lm import lora_target_modules, pad_rows
     from rlhf.models import load_tokenizer, resolve_model
 
     defaults = RewardTrainingConfig(data="", out="")
@@ -253,7 +255,8 @@ class FrozenFeatures:
         if path.is_file():
             self.table = torch.load(path)
             return
-        from reward_model.model import encode_sample_ids, pad_samples, position_ids_from_mask
+        from reward_model.model import encode_sample_ids, pad_samples
+        from rlhf.causal_lm import position_ids_from_mask
         from rlhf.models import load_causal_lm, load_tokenizer
 
         tok = load_tokenizer(model)

@@ -141,7 +141,7 @@ def run_trl(k: int, args) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from reward_model.data import DataStats, tokenize_examples
-    from reward_model.model import lora_target_modules
+    from rlhf.causal_lm import lora_target_modules
     from rlhf.models import load_tokenizer, resolve_model
 
     tok = load_tokenizer(args.model)
@@ -189,7 +189,8 @@ def _trl_accuracy(model, tok, test) -> float:
     import torch
 
     from reward_model.evaluate import _comparisons
-    from reward_model.model import encode_sample_ids, pad_rows
+    from reward_model.model import encode_sample_ids
+    from rlhf.causal_lm import pad_rows
 
     model.eval()
     right = total = 0

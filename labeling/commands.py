@@ -1,4 +1,4 @@
-"""The labeling stage's subcommands: import, users, label (defined in labeling/app.py), simulate, export, stats.
+"""The labeling stage's subcommands: generate, import, users, label (defined in labeling/app.py), simulate, export, stats.
 
 Handlers are plain functions of the parsed arguments; bad input raises UserError. Heavy imports
 (pyarrow, tqdm) happen inside the handlers so `rlhf --help` stays fast.
@@ -25,6 +25,15 @@ def _db_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub) -> None:
+    from labeling.generate import GenerateConfig
+    from rlhf.config_args import add_config_arguments
+
+    p = sub.add_parser("generate", help="sample K completions per prompt from the SFT model into labeling tasks",
+                       description="Sample K completions per prompt (batched, KV cache) and write one labeling "
+                                   "task per prompt to a JSONL file that `rlhf import` reads.")
+    add_config_arguments(p, GenerateConfig)
+    p.set_defaults(func=run_generate)
+
     p = sub.add_parser("import", help="load labeling tasks (JSONL from `rlhf generate`) into the label store",
                        description="Load tasks into the label store. Every file is checked first; a malformed "
                                    "line is reported as FILE:LINE and then nothing is imported. Tasks already "
@@ -86,6 +95,15 @@ def add_commands(sub) -> None:
                    help="rankings wanted per task, for the 'complete' count (default 2)")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(func=run_stats)
+
+
+def run_generate(args) -> None:
+    from labeling.generate import GenerateConfig, run_generate as generate
+    from rlhf.config_args import config_from_args
+
+    config = config_from_args(GenerateConfig, args)
+    count = generate(config)
+    print(f"wrote {count} tasks x {config.k} completions to {config.out}")
 
 
 def read_task_files(paths: list[str]) -> list:

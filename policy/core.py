@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from policy.config import GRPO_LOSS_NORMS
-from reward_model.model import last_token_index
+from rlhf.causal_lm import last_token_index
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

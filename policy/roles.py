@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from reward_model.model import (RMParts, final_hidden_states, load_rm_parts, lora_target_modules,
-                                position_ids_from_mask, reward_features)
+from reward_model.model import RMParts, load_rm_parts, reward_features
+from rlhf.causal_lm import final_hidden_states, lora_target_modules, position_ids_from_mask
 from rlhf.models import load_causal_lm, load_tokenizer
 
 ACTOR, CRITIC, REWARD = "actor", "critic", "reward"

@@ -7,7 +7,7 @@ training completions (samples of the SFT model) have mean reward 0, and the mode
 the held-out rankings when the data has them.
 
 Written against `accelerate`: on CPU (or one GPU) it runs as a single process; under
-`accelerate launch --num_processes N -m rlhf.cli train-rm ...` every process takes its share of
+`accelerate launch --num_processes N -m pipeline.cli train-rm ...` every process takes its share of
 each step's rankings, DDP averages the gradients, and only the main process writes files. Nothing
 else changes. Python:
 

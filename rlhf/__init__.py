@@ -1,1 +1,1 @@
-"""rlhf: the CLI and the end-to-end pipeline that ties labeling, reward_model and policy together."""
+"""The ground floor every stage stands on: records, model loading, generation, oracles, JSONL, errors."""

@@ -1,16 +1,14 @@
 """Sampling K completions per prompt from a causal LM: batched across prompts and samples, left
-padding, KV cache (HF `generate`), stop at EOS. Used by `rlhf generate` and by the policy stage."""
+padding, KV cache (HF `generate`), stop at EOS. Used by the generate stage (`labeling.generate`) and by the policy stage."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
 from rlhf.models import eos_token_ids, format_prompt
-from rlhf.records import Completion, Task, content_id
 
 log = logging.getLogger(__name__)
 
@@ -99,53 +97,3 @@ def decode_responses(tokenizer, response_ids: torch.Tensor, eos_ids: list[int]) 
     lengths, _ = completion_lengths(response_ids, eos_ids)
     return [(tokenizer.decode(row[:n], skip_special_tokens=True).strip(), int(n))
             for row, n in zip(response_ids, lengths.tolist())]
-
-
-def generate_tasks(model, tokenizer, prompts: list[tuple[str | None, str]], k: int, params: SamplingParams,
-                   *, model_name: str, seed: int = 0, batch_size: int = 64,
-                   on_progress: Callable[[int], None] | None = None) -> Iterator[Task]:
-    """Yield one Task of K completions per (prompt_id, prompt), batching ~batch_size sequences per call.
-
-    Prompts are batched in length order (less padding) but yielded in input order. Each batch is
-    seeded from `seed` and its first prompt's index, so a run is reproducible. Empty or duplicate
-    completions are resampled (up to 3 tries) so annotators get K distinct texts to rank.
-    """
-    if k < 2:
-        raise ValueError("k must be at least 2 (a ranking needs two completions)")
-    eos = eos_token_ids(model, tokenizer)
-    per_call = max(1, batch_size // k)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][1]))
-    results: dict[int, list[tuple[str, int]]] = {}
-    next_to_yield = 0
-    for start in range(0, len(order), per_call):
-        idx = order[start:start + per_call]
-        _, responses = sample_batch(model, tokenizer, [prompts[i][1] for i in idx], k, params,
-                                    generator_seed=seed * 1_000_003 + idx[0])
-        decoded = decode_responses(tokenizer, responses, eos)
-        for j, i in enumerate(idx):
-            results[i] = _distinct(model, tokenizer, prompts[i][1], decoded[j * k:(j + 1) * k], params, eos)
-        if on_progress:
-            on_progress(len(idx))
-        while next_to_yield in results:
-            pid, prompt = prompts[next_to_yield]
-            samples = results.pop(next_to_yield)
-            task_id = pid or content_id("t-", prompt, *[t for t, _ in samples])
-            yield Task(task_id, prompt, tuple(
-                Completion(f"{task_id}-{n}", text, model_name, ntok) for n, (text, ntok) in enumerate(samples)))
-            next_to_yield += 1
-
-
-def _distinct(model, tokenizer, prompt, samples, params, eos, tries: int = 3):
-    samples = list(samples)
-    for _ in range(tries):
-        seen, bad = set(), []
-        for n, (text, _) in enumerate(samples):
-            if not text or text in seen:
-                bad.append(n)
-            seen.add(text)
-        if not bad:
-            break
-        _, responses = sample_batch(model, tokenizer, [prompt], len(bad), params)
-        for n, new in zip(bad, decode_responses(tokenizer, responses, eos)):
-            samples[n] = new
-    return samples

@@ -1,6 +1,6 @@
 import pytest
 
-from rlhf.tiny import build_tiny_model
+from tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from rlhf.records import Task
 
 PASSWORD = "correct horse"
 ANNOTATORS = [f"w{i}" for i in range(4)]
-SERVE = [sys.executable, "-m", "rlhf.cli", "label"]  # the real `rlhf label`
+SERVE = [sys.executable, "-m", "pipeline.cli", "label"]  # the real `rlhf label`
 
 
 def start_server(db) -> tuple[subprocess.Popen, str]:

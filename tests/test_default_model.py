@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from rlhf.generation import SamplingParams, generate_tasks
+from labeling.generate import generate_tasks
+from rlhf.generation import SamplingParams
 from rlhf.models import default_model_dir, load_causal_lm, load_tokenizer
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from rlhf.cli import main
-from rlhf.demo import DemoConfig, run_demo
+from pipeline.cli import main
+from pipeline.demo import DemoConfig, run_demo
 from rlhf.errors import UserError
 
 

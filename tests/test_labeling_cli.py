@@ -8,7 +8,7 @@ import pytest
 
 from labeling.store import open_store
 from labeling_helpers import make_tasks, write_tasks
-from rlhf.cli import build_parser, main
+from pipeline.cli import build_parser, main
 
 
 def run(capsys, *argv):

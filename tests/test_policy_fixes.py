@@ -12,7 +12,7 @@ from policy import core, trainer
 from policy.config import PPOConfig
 from policy.roles import ACTOR, CRITIC, REWARD, build_roles
 from policy.trainer import ppo_update, reward_function, rloo_update, rollout, train_policy
-from rlhf.cli import main as cli_main
+from pipeline.cli import main as cli_main
 from rlhf.errors import UserError
 from rlhf.models import eos_token_ids
 

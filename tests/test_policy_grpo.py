@@ -11,7 +11,7 @@ from policy import core
 from policy.config import PPOConfig
 from policy.roles import build_roles
 from policy.trainer import grpo_update, reward_function, rollout, train_policy
-from rlhf.cli import main as cli_main
+from pipeline.cli import main as cli_main
 from rlhf.errors import UserError
 from rlhf.models import eos_token_ids
 

@@ -11,7 +11,7 @@ from policy import core
 from policy.config import PPOConfig
 from policy.roles import ACTOR, CRITIC, REWARD, build_roles
 from policy.trainer import _Sampler, ppo_update, rollout, reward_function, train_policy
-from rlhf.cli import main as cli_main
+from pipeline.cli import main as cli_main
 from rlhf.errors import UserError
 from rlhf.models import eos_token_ids
 
@@ -150,7 +150,7 @@ def test_rollout_logprobs_mask_and_eos_penalty(tiny_model_dir, rm_dir):
     # logprobs are at the sampling temperature: recompute by hand with the plain base model (the
     # fresh actor LoRA is a no-op), real tokens only
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    from reward_model.model import position_ids_from_mask
+    from rlhf.causal_lm import position_ids_from_mask
 
     with torch.no_grad():
         logits = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

@@ -57,7 +57,7 @@ def test_lora_targets_attention_and_mlp(rm_and_tok):
     rm, _ = rm_and_tok
     targets = set(rm.backbone.peft_config["default"].target_modules)
     assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    from reward_model.model import lora_target_modules
+    from rlhf.causal_lm import lora_target_modules
     assert set(lora_target_modules(rm.backbone)) == targets  # also read through an existing adapter
     trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable)
@@ -68,7 +68,7 @@ def test_final_hidden_states_matches_full_model_and_runs_adapter(rm_and_tok):
     rm, tok = rm_and_tok
     ids, mask, _ = encode_samples(tok, ["Tell a tale.", "Hi"], ["Once upon a time", "Sea"], 64)
     h = final_hidden_states(rm.backbone, ids, mask)
-    from reward_model.model import position_ids_from_mask
+    from rlhf.causal_lm import position_ids_from_mask
     full = rm.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                        output_hidden_states=True)
     torch.testing.assert_close(h, full.hidden_states[-1])
@@ -116,7 +116,7 @@ def test_readout_mean_at_a_middle_layer_is_computed_by_hand(rm_and_tok):
     ids, mask, comp = pad_samples(samples, tok.pad_token_id)
     decoder = rm.backbone.get_base_model().model
     with torch.no_grad():
-        from reward_model.model import position_ids_from_mask
+        from rlhf.causal_lm import position_ids_from_mask
         out = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                       output_hidden_states=True)
         h1 = decoder.norm(out.hidden_states[1])

@@ -9,7 +9,7 @@ import pytest
 from reward_model import train as rmtrain
 from reward_model.config import RewardTrainingConfig
 from reward_model.train import train_reward_model
-from rlhf.cli import main
+from pipeline.cli import main
 from rlhf.errors import UserError
 
 WORDS = "sun sea sky tree fox bear moon star boat bird key snow".split()

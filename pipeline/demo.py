@@ -94,24 +94,13 @@ class Stage:
 
 
 def _generate(cfg: DemoConfig, out: Path, done: dict) -> dict:
-    import torch
-    from tqdm import tqdm
+    from labeling.generate import GenerateConfig, run_generate
 
-    from rlhf.generation import SamplingParams, generate_tasks
-    from rlhf.jsonl import write_jsonl
-    from rlhf.models import DEFAULT_MODEL, is_default_model, load_causal_lm, load_tokenizer
-    from rlhf.prompts import read_prompts
-
-    prompts = read_prompts(cfg.prompts)[:cfg.label_prompts]
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, dtype=torch.float32).eval()
-    params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-    name = DEFAULT_MODEL if is_default_model(cfg.model) else cfg.model
-    with tqdm(total=len(prompts), desc="generate", unit="prompt") as bar:
-        tasks = generate_tasks(model, tokenizer, prompts, cfg.k, params, model_name=name, seed=cfg.seed,
-                               on_progress=bar.update)
-        count = write_jsonl(out / "tasks.jsonl", (t.to_dict() for t in tasks))
-    return {"tasks": count, "k": cfg.k, "file": str(out / "tasks.jsonl")}
+    config = GenerateConfig(prompts=cfg.prompts, out=str(out / "tasks.jsonl"), limit=cfg.label_prompts,
+                            model=cfg.model, k=cfg.k, temperature=cfg.temperature,
+                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    count = run_generate(config, progress=True)
+    return {"tasks": count, "k": cfg.k, "file": config.out}
 
 
 def _label(cfg: DemoConfig, out: Path, done: dict) -> dict:
@@ -185,7 +174,7 @@ def _policy(cfg: DemoConfig, out: Path, done: dict) -> dict:
 
 
 def _report(cfg: DemoConfig, out: Path, done: dict) -> dict:
-    from rlhf.report import write_report
+    from pipeline.report import write_report
 
     return write_report(out, asdict(cfg), done)
 
