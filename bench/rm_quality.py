@@ -6,7 +6,7 @@ For each preference (an oracle from rlhf/oracles.py standing in for noiseless an
 1. K completions per prompt of data/prompts.jsonl from the SFT model (generated once, cached in
    $RLHF_BENCH_CACHE or /tmp/rlhf-bench-cache).
 2. Ranked by the oracle; equal scores tie (no pair), as `rlhf simulate --noise 0` ranks them. Held out
-   by prompt with the export's own rule (`labeling.export.split_prompts`, 20% of prompts).
+   by prompt with the export's own rule (`rlhf.prompts.split_by_prompt`, 20% of prompts).
 3. Four learners on exactly the same train pairs, evaluated on exactly the same held-out pairs:
    - ours: `train_reward_model` with its defaults (only --epochs and --lr set here);
    - trl: TRL's RewardTrainer (optional: pip install -e ".[bench]") as TRL users run it: LoRA on the same
@@ -72,10 +72,10 @@ def cached_tasks(model: str, k: int, max_new_tokens: int, seed: int = 0, limit: 
 def oracle_rankings(tasks: list[dict], oracle, test_fraction: float, seed: int, tie_margin: float = 0.0) -> list[dict]:
     """rankings.jsonl rows ranked by `oracle` (dense ranks, ties equal), split by prompt as the export
     splits; tasks whose completions all tie are left out (no comparison to learn from)."""
-    from labeling.export import split_prompts
+    from rlhf.prompts import split_by_prompt
     from labeling.simulate import sample_ranks
 
-    test = split_prompts([t["prompt"] for t in tasks], test_fraction, seed)
+    test = split_by_prompt([t["prompt"] for t in tasks], test_fraction, seed)
     rows = []
     for task in tasks:
         scores = [float(oracle(task["prompt"], c["text"])) for c in task["completions"]]

@@ -22,7 +22,6 @@ no ranks.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,18 +30,9 @@ from labeling.store import LabelStore
 from rlhf.errors import UserError
 from rlhf.jsonl import atomic_write, write_jsonl
 from rlhf.records import Pair, RankedTask
+from rlhf.prompts import split_by_prompt
 
 AGGREGATIONS = ("none", "majority")
-
-
-def split_prompts(prompts: set[str] | list[str], test_fraction: float, seed: int) -> set[str]:
-    """The prompts that form the test set: the first round(test_fraction * n) in (seed, prompt)-hash order
-    (at least one when test_fraction > 0 and there are two or more prompts; never all of them)."""
-    unique = sorted(set(prompts), key=lambda p: hashlib.sha256(f"{seed}\x00{p}".encode("utf-8")).hexdigest())
-    n_test = round(test_fraction * len(unique))
-    if test_fraction > 0 and len(unique) >= 2:
-        n_test = min(max(n_test, 1), len(unique) - 1)
-    return set(unique[:n_test])
 
 
 def majority_pairs(ranked: list[RankedTask]) -> tuple[list[Pair], int]:
@@ -108,7 +98,7 @@ def export(store: LabelStore, out_dir, test_fraction: float = 0.1, seed: int = 0
     if not ranked:  # six empty files would look like a finished export
         raise UserError("the label store holds no rankings yet; nothing was written (rank tasks with "
                         "`rlhf label` or `rlhf simulate` first)")
-    test_prompts = split_prompts({r.prompt for r in ranked}, test_fraction, seed)
+    test_prompts = split_by_prompt({r.prompt for r in ranked}, test_fraction, seed)
 
     rankings_rows, by_task = [], defaultdict(list)
     for r in ranked:

@@ -30,12 +30,15 @@ class DemoConfig:
     model: str = "default"
     """SFT model: 'default' (SmolLM2-135M-Instruct), a local folder or a HF id."""
     prompts: str = str(PROMPTS_FILE)
-    """Prompt set; the first `label_prompts` are labeled, the last `eval_prompts` are held out for PPO eval."""
+    """Prompt set. `eval_fraction` of it is held out (`split_by_prompt`, the export's rule); the first
+    `label_prompts` of the rest are labeled, and PPO trains on all of the rest."""
+    eval_fraction: float = 0.1
+    """Share of the prompts held out for the policy's evaluation and the report's samples; never labeled."""
     label_prompts: int = 200
     """Prompts whose completions the scripted annotators rank (each gives up to overlap * C(K,2) pairs). The
     reward model's held-out accuracy grows with the number of labeled prompts (README, learning curve)."""
     eval_prompts: int = 24
-    """Held-out prompts (the end of the prompt file) for the policy evaluation and the report's samples."""
+    """Most held-out prompts per policy evaluation (the report's samples come from them)."""
     k: int = 4
     """Completions per prompt."""
     max_new_tokens: int = 32
@@ -95,12 +98,21 @@ class Stage:
 
 def _generate(cfg: DemoConfig, out: Path, done: dict) -> dict:
     from labeling.generate import GenerateConfig, run_generate
+    from rlhf.jsonl import write_jsonl
+    from rlhf.prompts import read_prompts, split_by_prompt
 
-    config = GenerateConfig(prompts=cfg.prompts, out=str(out / "tasks.jsonl"), limit=cfg.label_prompts,
-                            model=cfg.model, k=cfg.k, temperature=cfg.temperature,
+    prompts = read_prompts(cfg.prompts)
+    held_out = split_by_prompt([p for _, p in prompts], cfg.eval_fraction, cfg.seed)
+    if not held_out:
+        raise UserError(f"{cfg.prompts}: too few prompts to hold {cfg.eval_fraction:.0%} out for evaluation")
+    for name, rows in (("train", [r for r in prompts if r[1] not in held_out]),
+                       ("eval", [r for r in prompts if r[1] in held_out])):
+        write_jsonl(out / f"prompts_{name}.jsonl", ({"id": i, "prompt": p} for i, p in rows))
+    config = GenerateConfig(prompts=str(out / "prompts_train.jsonl"), out=str(out / "tasks.jsonl"),
+                            limit=cfg.label_prompts, model=cfg.model, k=cfg.k, temperature=cfg.temperature,
                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     count = run_generate(config, progress=True)
-    return {"tasks": count, "k": cfg.k, "file": config.out}
+    return {"tasks": count, "k": cfg.k, "file": config.out, "held_out_prompts": len(held_out)}
 
 
 def _label(cfg: DemoConfig, out: Path, done: dict) -> dict:
@@ -153,16 +165,8 @@ def _reward_model(cfg: DemoConfig, out: Path, done: dict) -> dict:
 def _policy(cfg: DemoConfig, out: Path, done: dict) -> dict:
     from policy.config import PPOConfig
     from policy.trainer import train_policy
-    from rlhf.jsonl import write_jsonl
-    from rlhf.prompts import read_prompts
 
-    prompts = read_prompts(cfg.prompts)
-    if len(prompts) <= cfg.eval_prompts:
-        raise UserError(f"{cfg.prompts}: needs more than {cfg.eval_prompts} prompts")
-    # RL needs prompts only; hold the last `eval_prompts` out for evaluation and the report's samples.
-    write_jsonl(out / "ppo_train_prompts.jsonl", ({"id": i, "prompt": p} for i, p in prompts[:-cfg.eval_prompts]))
-    write_jsonl(out / "ppo_eval_prompts.jsonl", ({"id": i, "prompt": p} for i, p in prompts[-cfg.eval_prompts:]))
-    config = PPOConfig(prompts=str(out / "ppo_train_prompts.jsonl"), eval_prompts=str(out / "ppo_eval_prompts.jsonl"),
+    config = PPOConfig(prompts=str(out / "prompts_train.jsonl"), eval_prompts=str(out / "prompts_eval.jsonl"),
                        out=str(out / "ppo"), rm=str(out / "rm"), reward="rm", model=cfg.model,
                        steps=cfg.ppo_steps, batch_size=cfg.ppo_batch_size, response_length=cfg.max_new_tokens,
                        temperature=cfg.temperature, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef, eval_every=cfg.eval_every,

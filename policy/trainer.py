@@ -17,7 +17,6 @@ import csv
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,18 +106,17 @@ class _Sampler:
 
 
 def split_prompts(config: PPOConfig) -> tuple[list[str], list[str]]:
-    """(train prompts, held-out eval prompts)."""
-    from rlhf.prompts import read_prompts
+    """(train prompts, held-out eval prompts): `eval_prompts` when given, else the prompts that
+    `split_by_prompt` holds out (the export's rule, so a demo's RL evaluation never sees a labeled prompt)."""
+    from rlhf.prompts import read_prompts, split_by_prompt
 
     prompts = [p for _, p in read_prompts(config.prompts)]
     if config.eval_prompts:
         held_out = [p for _, p in read_prompts(config.eval_prompts)]
-    elif config.eval_fraction > 0 and len(prompts) > 1:
-        order = list(range(len(prompts)))
-        random.Random(config.seed).shuffle(order)
-        n_eval = min(max(1, round(len(prompts) * config.eval_fraction)), len(prompts) - 1)
-        held_out = [prompts[i] for i in sorted(order[:n_eval])]
-        prompts = [prompts[i] for i in sorted(order[n_eval:])]
+    elif config.eval_fraction > 0 and len(set(prompts)) > 1:
+        test = split_by_prompt(prompts, config.eval_fraction, config.seed)
+        held_out = [p for p in prompts if p in test]
+        prompts = [p for p in prompts if p not in test]
     else:
         held_out = prompts
     return prompts, held_out[:config.eval_size]

@@ -1,7 +1,9 @@
-"""Reading prompt files (JSONL with a "prompt" field, optional "id"), shared by generate, PPO and the demo."""
+"""Prompt files (JSONL with a "prompt" field, optional "id") and the one rule that holds prompts out,
+shared by export (the reward model's test set), PPO (its evaluation prompts) and the demo."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from rlhf.errors import UserError
@@ -28,3 +30,13 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[tuple[str |
     if not prompts:
         raise UserError(f"{path}: no prompts in the file")
     return prompts
+
+
+def split_by_prompt(prompts: set[str] | list[str], test_fraction: float, seed: int) -> set[str]:
+    """The prompts that form the test set: the first round(test_fraction * n) in (seed, prompt)-hash order
+    (at least one when test_fraction > 0 and there are two or more prompts; never all of them)."""
+    unique = sorted(set(prompts), key=lambda p: hashlib.sha256(f"{seed}\x00{p}".encode("utf-8")).hexdigest())
+    n_test = round(test_fraction * len(unique))
+    if test_fraction > 0 and len(unique) >= 2:
+        n_test = min(max(n_test, 1), len(unique) - 1)
+    return set(unique[:n_test])

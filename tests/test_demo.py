@@ -1,6 +1,7 @@
 """The end-to-end demo on a tiny model: every stage runs, the report is written, --resume skips done stages."""
 
 import json
+from html import escape
 
 import pytest
 
@@ -23,6 +24,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, capsys):
     assert list(done) == ["generate", "label", "export", "reward_model", "policy", "report"]
     out = tmp_path / "demo"
     assert done["generate"]["tasks"] == 6
+    prompts = {name: {json.loads(line)["prompt"] for line in (out / f"prompts_{name}.jsonl").read_text().splitlines()}
+               for name in ("train", "eval")}
+    tasks = {json.loads(line)["prompt"] for line in (out / "tasks.jsonl").read_text().splitlines()}
+    assert prompts["eval"] and tasks <= prompts["train"] and not prompts["train"] & prompts["eval"]
     # every stored ranking's non-tied pairs, at most 6 tasks x overlap 2 x C(4,2)
     from labeling.pairs import pair_indices
     from labeling.store import open_store
@@ -37,7 +42,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, capsys):
     samples = [json.loads(line) for line in (out / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3
     for sample in samples:  # every model text appears escaped, never as raw markup
-        assert f">{sample['prompt']}<" in html or "&" in sample["prompt"]
+        assert f">{escape(sample['prompt'])}<" in html
     md = (out / "report.md").read_text()
     assert "## Samples" in md and "report_files/policy_vs_step.png" in md
 

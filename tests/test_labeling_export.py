@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from labeling.export import export, majority_pairs, split_prompts
+from labeling.export import export, majority_pairs
+from rlhf.prompts import split_by_prompt
 from labeling.store import open_store
 from labeling_helpers import make_tasks, order_ranks
 from rlhf.errors import UserError
@@ -41,7 +42,7 @@ def test_export_counts_split_by_prompt_and_files(filled, tmp_path):
     assert len(train) == summary["train_pairs"] and len(test) == summary["test_pairs"]
     train_prompts, test_prompts = {p["prompt"] for p in train}, {p["prompt"] for p in test}
     assert len(test_prompts) == 2 and train_prompts.isdisjoint(test_prompts)
-    assert test_prompts == split_prompts({t.prompt for t in tasks}, 0.2, 3)
+    assert test_prompts == split_by_prompt({t.prompt for t in tasks}, 0.2, 3)
     expected_test = sum(6 + (2 if t.id == "task-0" else 0) for t in tasks if t.prompt in test_prompts)
     assert len(test) == expected_test
     assert set(train[0]) == {"prompt", "chosen", "rejected", "task_id", "annotator", "rank_chosen", "rank_rejected"}
@@ -147,11 +148,11 @@ def test_export_rejects_bad_options(filled, tmp_path):
         export(store, tmp_path / "file")
 
 
-def test_split_prompts_is_deterministic_and_bounded():
+def test_split_by_prompt_is_deterministic_and_bounded():
     prompts = [f"p{i}" for i in range(20)]
-    assert split_prompts(prompts, 0.1, 0) == split_prompts(list(reversed(prompts)), 0.1, 0)
-    assert len(split_prompts(prompts, 0.1, 0)) == 2
-    assert split_prompts(prompts, 0.1, 0) != split_prompts(prompts, 0.1, 1)
-    assert len(split_prompts(["a", "b"], 0.01, 0)) == 1  # a non-zero fraction holds out at least one prompt
-    assert split_prompts(["a"], 0.5, 0) == set()          # ... but never every prompt
-    assert split_prompts(prompts, 0.0, 0) == set()
+    assert split_by_prompt(prompts, 0.1, 0) == split_by_prompt(list(reversed(prompts)), 0.1, 0)
+    assert len(split_by_prompt(prompts, 0.1, 0)) == 2
+    assert split_by_prompt(prompts, 0.1, 0) != split_by_prompt(prompts, 0.1, 1)
+    assert len(split_by_prompt(["a", "b"], 0.01, 0)) == 1  # a non-zero fraction holds out at least one prompt
+    assert split_by_prompt(["a"], 0.5, 0) == set()          # ... but never every prompt
+    assert split_by_prompt(prompts, 0.0, 0) == set()
