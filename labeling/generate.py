@@ -3,11 +3,15 @@ labeling tasks. `rlhf generate` and the demo both run `run_generate`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Literal
 
 from rlhf.errors import UserError
 from rlhf.records import Completion, Task, content_id
+
+if TYPE_CHECKING:  # torch loads only when a command runs
+    from rlhf.generation import SamplingParams
 
 
 @dataclass
@@ -68,7 +72,8 @@ def run_generate(config: GenerateConfig, progress: bool | None = None) -> int:
     model = load_causal_lm(config.model, dtype=getattr(torch, config.dtype)).eval()
     params = SamplingParams(config.temperature, config.top_p, config.max_new_tokens)
     name = DEFAULT_MODEL if is_default_model(config.model) else config.model
-    with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=None if progress is None else not progress) as bar:
+    disable = None if progress is None else not progress  # None: tqdm shows a bar on a terminal only
+    with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=disable) as bar:
         tasks = generate_tasks(model, tokenizer, prompts, config.k, params, model_name=name, seed=config.seed,
                                batch_size=config.batch_size, on_progress=bar.update)
         return write_jsonl(config.out, (t.to_dict() for t in tasks))

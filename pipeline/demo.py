@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal
 
+from rlhf.config_args import check_fields
 from rlhf.errors import UserError
 
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
@@ -25,6 +27,7 @@ class DemoConfig:
     """The demo's settings. `quick()` gives a run of a few minutes; the defaults take ~15-20 minutes on a
     2-core CPU with the default model."""
 
+    # data and models
     out: str = "runs/demo"
     """Folder for every stage's outputs and the report."""
     model: str = "default"
@@ -39,6 +42,7 @@ class DemoConfig:
     reward model's held-out accuracy grows with the number of labeled prompts (README, learning curve)."""
     eval_prompts: int = 24
     """Most held-out prompts per policy evaluation (the report's samples come from them)."""
+    # generation
     k: int = 4
     """Completions per prompt."""
     max_new_tokens: int = 32
@@ -50,17 +54,22 @@ class DemoConfig:
     (colour, light, sound, texture words), one of the two stylistic preferences Ziegler et al. (2019)
     collected human labels for; a word-level preference a reward model can learn from a few hundred
     rankings (README, Benchmarks, "Reward-model quality"). `alliteration` is the KL-collapse experiment's reward."""
+    # scripted annotators
     annotators: int = 3
     """Scripted annotators."""
     overlap: int = 2
     """Rankings per task."""
     noise: float = 0.1
     """Annotator noise (Bradley-Terry sampling temperature relative to a task's score range)."""
+    # reward model
     rm_epochs: int = 3
     """Reward-model epochs over the training rankings: fewer than RewardTrainingConfig's 5, since at overlap 2
     every task is ranked twice (a pass holds each task twice) and the demo should stay under 20 minutes."""
     rm_lr: float = 3e-4
     """Reward-model learning rate of the LoRA weights (the score head's is 30x, RewardTrainingConfig)."""
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Backbone dtype for the reward model's training (RewardTrainingConfig.dtype says why)."""
+    # policy (PPO)
     ppo_steps: int = 8
     """PPO steps."""
     ppo_batch_size: int = 8
@@ -70,20 +79,27 @@ class DemoConfig:
     kl_coef: float = 0.05
     """beta of the per-token KL penalty."""
     missing_eos_penalty: float | None = None
-    """Score of a PPO response cut off without EOS. Off in the demo: completions are capped at
+    """Subtracted from the score of a PPO response cut off without EOS. Off in the demo: completions are capped at
     `max_new_tokens` for speed, so most SFT completions (which the RM learned from) are cut off too, and a
     penalty would teach brevity instead of the annotators' preference."""
     eval_every: int = 4
     """PPO evaluation interval in steps."""
-    dtype: str = "bfloat16"
-    """Backbone dtype for the reward model's training (RewardTrainingConfig.dtype says why)."""
+    # run
     seed: int = 0
     """Seed of every stage."""
     resume: bool = False
     """Skip the stages whose outputs are complete."""
 
+    def check(self) -> None:
+        check_fields(self, positive=("label_prompts", "eval_prompts", "k", "max_new_tokens", "annotators", "overlap",
+                                     "rm_epochs", "ppo_steps", "ppo_batch_size", "eval_every"))
+        if self.k < 2:
+            raise UserError(f"--k must be at least 2 (a ranking needs two completions), got {self.k}")
+        if not 0 < self.eval_fraction < 1:
+            raise UserError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+
     @classmethod
-    def quick(cls, **overrides: Any) -> "DemoConfig":
+    def quick(cls, **overrides: Any) -> DemoConfig:
         settings = dict(label_prompts=16, eval_prompts=8, max_new_tokens=24, rm_epochs=1, ppo_steps=2, eval_every=2)
         settings.update(overrides)
         return cls(**settings)
@@ -93,7 +109,7 @@ class DemoConfig:
 class Stage:
     name: str
     title: str
-    run: Callable[["DemoConfig", Path, dict], dict]
+    run: Callable[[DemoConfig, Path, dict], dict]
 
 
 def _generate(cfg: DemoConfig, out: Path, done: dict) -> dict:
@@ -195,6 +211,7 @@ STAGES = [
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run (or resume) every stage; returns {stage: summary}."""
+    cfg.check()
     out = Path(cfg.out)
     stages_dir = out / "stages"
     if out.exists() and any(out.iterdir()) and not cfg.resume:
@@ -225,20 +242,20 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def add_commands(sub) -> None:
+    from rlhf.config_args import add_config_arguments
+
     p = sub.add_parser("demo", help="run the whole pipeline end to end with scripted annotators and write a report",
                        description=__doc__.split("\n\n")[0] + " Writes OUT/report.html and OUT/report.md.")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a small run of a few minutes (fewer prompts and steps)")
-    p.add_argument("--resume", action="store_true", help="continue a run: skip the stages already done")
-    p.add_argument("--model", default="default", help="SFT model: 'default', a local folder or a HF id")
-    p.add_argument("--prompts", default=str(PROMPTS_FILE), help="prompt set (default: the bundled data/prompts.jsonl)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.add_argument("--quick", action="store_true",
+                   help="a small run of a few minutes (fewer prompts and steps); other flags still apply")
+    add_config_arguments(p, DemoConfig)
     p.set_defaults(func=run_demo_command)
 
 
 def run_demo_command(args) -> None:
-    make = DemoConfig.quick if args.quick else DemoConfig
-    cfg = make(out=args.out, model=args.model, prompts=args.prompts, seed=args.seed, resume=args.resume)
+    from rlhf.config_args import given_fields
+
+    cfg = (DemoConfig.quick if args.quick else DemoConfig)(**given_fields(DemoConfig, args))
     start = time.perf_counter()
     done = run_demo(cfg)
     report = done["report"]

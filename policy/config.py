@@ -3,52 +3,83 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
+from rlhf.config_args import check_fields
 from rlhf.errors import UserError
 
+GrpoLossNorm = Literal["sequence", "token", "constant"]  # see policy.core.grpo_loss
+GRPO_LOSS_NORMS = get_args(GrpoLossNorm)
 # Defaults that depend on the algorithm, filled in where a field is left at None (see each field).
 ALGO_DEFAULTS = {
     "ppo": {"kl_coef": 0.05, "kl_estimator": "k1", "ppo_epochs": 4},
     "rloo": {"kl_coef": 0.05, "kl_estimator": "k1", "ppo_epochs": 1},
     "grpo": {"kl_coef": 0.04, "kl_estimator": "k3", "ppo_epochs": 1},
 }
-GRPO_LOSS_NORMS = ("sequence", "token", "constant")  # see policy.core.grpo_loss
 
 
 @dataclass
 class PPOConfig:
     """Everything `rlhf ppo` and the demo set. Each field's docstring gives the source of its default."""
 
+    # data and models
     prompts: str = "data/prompts.jsonl"
     """JSONL prompt file ({"prompt": ...} per line); the RL data set is prompts only."""
     out: str = "runs/ppo"
     """Output folder: train_log.csv, eval.csv, eval_samples.jsonl, plots/, samples.jsonl, policy/, checkpoint/."""
-    rm: str | None = None
-    """Reward model directory (`rlhf train-rm`); needed when `reward` is "rm"."""
-    reward: str = "rm"
-    """"rm" for the reward model, or an oracle (`alliteration`, `length`, `module:function`) instead."""
     model: str | None = None
     """Base (SFT) model; default: the RM's base model, else 'default' (SmolLM2-135M-Instruct)."""
-    algo: str = "ppo"
+    reward: str = "rm"
+    """"rm" for the reward model, or an oracle (`alliteration`, `length`, `module:function`) instead."""
+    rm: str | None = None
+    """Reward model directory (`rlhf train-rm`); needed when `reward` is "rm"."""
+    # algorithm
+    algo: Literal["ppo", "rloo", "grpo"] = "ppo"
     """"ppo" (clipped surrogate + critic + GAE), "rloo" (REINFORCE leave-one-out, no critic) or "grpo"
     (group-normalised advantages, clipped surrogate, KL to the reference as a loss term; no critic)."""
     steps: int = 100
     """Number of RL steps (one batch of rollouts and its update each)."""
-    batch_size: int = 8
-    """Rollouts (sequences) per step. RLOO uses batch_size / rloo_k prompts with rloo_k samples each,
-    GRPO batch_size / grpo_k prompts with grpo_k samples each."""
+    lr: float = 1e-4
+    """Adam learning rate for the LoRA adapters and the value head (LoRA needs ~10x full fine-tuning's)."""
+    lora_r: int = 16
+    """Rank of the actor's (and a fresh critic's) LoRA adapter."""
+    lora_alpha: int = 32
+    """LoRA alpha (scale = alpha / r)."""
+    seed: int = 0
+    """Random seed (adapter init, prompt order, sampling)."""
+    # sampling
     response_length: int = 48
     """Most new tokens per response; a response that reaches it without EOS is unfinished (see
     `missing_eos_penalty`)."""
     temperature: float = 0.7
     """Sampling temperature; logprobs are computed at the same temperature (Huang et al. 2024)."""
-    lr: float = 1e-4
-    """Adam learning rate for the LoRA adapters and the value head (LoRA needs ~10x full fine-tuning's)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted (>= 0) from the score of each response that ends without EOS, as TRL's
+    missing_eos_penalty (Huang et al. 2024 penalise such responses); the RM's order among unfinished
+    responses is kept. Off by default: when most responses reach `response_length` without EOS (as the
+    bundled SFT model's do), a penalty on most rollouts teaches a length prior instead of the
+    preference; a warning is logged when it is on and fewer than half finish."""
+    # batch sizes
+    batch_size: int = 8
+    """Rollouts (sequences) per step. RLOO uses batch_size / rloo_k prompts with rloo_k samples each,
+    GRPO batch_size / grpo_k prompts with grpo_k samples each."""
+    minibatch_size: int | None = None
+    """PPO, GRPO: rollouts per gradient step; default: the whole batch (one minibatch per epoch). RLOO
+    always makes one on-policy step per batch."""
+    micro_batch_size: int = 4
+    """Rollouts per forward/backward pass; gradients accumulate up to the minibatch, so this bounds
+    memory without changing the update."""
+    rloo_k: int = 4
+    """RLOO: samples per prompt (the baseline of each is the mean reward of the other k-1)."""
+    grpo_k: int = 4
+    """GRPO: samples per prompt, G (Shao et al. 2024 use 64, TRL's num_generations is 8; 4 fits the
+    default batch of 8 on a CPU)."""
+    # KL to the reference
     kl_coef: float | None = None
     """beta (initial value when adaptive). PPO and RLOO: weight of the KL penalty in the reward, default
     0.05 (TRL's PPOTrainer and RLOOTrainer). GRPO: weight of the KL loss term, default 0.04 (Shao et al.
     2024, section 4.2)."""
-    kl_estimator: str | None = None
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
     """Per-token KL estimate: k1 = log p/p_ref, k2 = (log p/p_ref)^2/2, k3 = (r-1)-log r, r = p_ref/p.
     PPO (in the per-token reward): any, default k1 (Ziegler et al. 2019; InstructGPT). RLOO: k1 only, the
     sequence reward score - beta * sum_t (log p - log p_ref) (Ahmadian et al. 2024; TRL's RLOOTrainer).
@@ -57,54 +88,35 @@ class PPOConfig:
     """When set, beta adapts to keep the per-sequence KL near this many nats (Ziegler et al. 2019)."""
     kl_horizon: int = 10_000
     """Horizon of the adaptive KL controller, in rollouts (Ziegler et al. 2019)."""
+    # PPO / GRPO update
     ppo_epochs: int | None = None
     """Passes over each batch of rollouts. PPO: default 4 (TRL's num_ppo_epochs; Huang et al. 2024).
     GRPO: mu of Shao et al. 2024, default 1 (their single update per exploration stage; TRL's
     num_iterations). RLOO always makes one on-policy update."""
-    minibatch_size: int | None = None
-    """PPO, GRPO: rollouts per gradient step; default: the whole batch (one minibatch per epoch). RLOO
-    always makes one on-policy step per batch."""
-    micro_batch_size: int = 4
-    """Rollouts per forward/backward pass; gradients accumulate up to the minibatch, so this bounds
-    memory without changing the update."""
+    clip_range: float = 0.2
+    """PPO ratio clipping epsilon."""
+    stop_kl: float | None = 0.1
+    """Stop a step's PPO/GRPO epochs early: before each gradient step, the minibatch's mean KL(pi_old ||
+    pi) per token (k3) of the CURRENT policy is measured; above this, that step and the rest are skipped
+    (the early stopping of OpenAI's Spinning Up PPO)."""
     gamma: float = 1.0
     """Discount (1: the episode is one short response)."""
     lam: float = 0.95
     """GAE lambda."""
-    clip_range: float = 0.2
-    """PPO ratio clipping epsilon."""
     vf_clip: float = 0.2
     """Value clipping range around the rollout's values."""
     vf_coef: float = 0.1
     """Weight of the value loss in the total loss."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
-    stop_kl: float | None = 0.1
-    """Stop a step's PPO/GRPO epochs early: before each gradient step, the minibatch's mean KL(pi_old ||
-    pi) per token (k3) of the CURRENT policy is measured; above this, that step and the rest are skipped
-    (the early stopping of OpenAI's Spinning Up PPO)."""
-    missing_eos_penalty: float | None = None
-    """Subtracted (>= 0) from the score of each response that ends without EOS, as TRL's
-    missing_eos_penalty (Huang et al. 2024 penalise such responses); the RM's order among unfinished
-    responses is kept. Default None (off): with the bundled SFT model few responses end within
-    `response_length` (2.7% of 32-token completions), and a penalty on most rollouts teaches a length
-    prior instead of the preference; a warning is logged when it is on and fewer than half finish."""
-    rloo_k: int = 4
-    """RLOO: samples per prompt (the baseline of each is the mean reward of the other k-1)."""
-    grpo_k: int = 4
-    """GRPO: samples per prompt, G (Shao et al. 2024 use 64, TRL's num_generations is 8; 4 fits the
-    default batch of 8 on a CPU)."""
     grpo_scale_rewards: bool = True
     """GRPO: divide the group-centred rewards by the group's std (Shao et al. 2024). False: centring
     only (Dr. GRPO, Liu et al. 2025)."""
-    grpo_loss_norm: str = "sequence"
+    grpo_loss_norm: GrpoLossNorm = "sequence"
     """GRPO: how token losses are averaged: "sequence" (mean per response, then over responses; Shao
     et al. 2024, default), "token" (over all real tokens; DAPO, Yu et al. 2025) or "constant" (sum /
     (responses * response_length); Dr. GRPO, Liu et al. 2025)."""
-    lora_r: int = 16
-    """Rank of the actor's (and a fresh critic's) LoRA adapter."""
-    lora_alpha: int = 32
-    """LoRA alpha (scale = alpha / r)."""
+    # evaluation
     eval_every: int = 10
     """Evaluate on the held-out prompts every N steps (and before the first and after the last)."""
     eval_prompts: str | None = None
@@ -115,14 +127,13 @@ class PPOConfig:
     """Most held-out prompts used per evaluation."""
     oracle: str | None = None
     """Also score evaluation samples with this oracle (e.g. alliteration) as `objective/oracle`."""
+    # run
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: only at the end)."""
     resume: bool = False
     """Continue from OUT/checkpoint."""
     save_merged: bool = False
     """Also write the base model with the actor adapter merged into OUT/merged (a plain HF model)."""
-    seed: int = 0
-    """Random seed (adapter init, prompt order, sampling)."""
     max_bad_updates: int = 3
     """Stop with an error after this many consecutive updates with a non-finite loss or gradient."""
     max_steps_time: float | None = None
@@ -138,10 +149,8 @@ class PPOConfig:
         return {"rloo": self.rloo_k, "grpo": self.grpo_k}.get(self.algo, 1)
 
     def check(self) -> None:
-        if self.algo not in ALGO_DEFAULTS:
-            raise UserError(f"--algo must be ppo, rloo or grpo, got {self.algo!r}")
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise UserError(f"--kl-estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        check_fields(self, positive=("steps", "batch_size", "response_length", "ppo_epochs", "micro_batch_size",
+                                     "lora_r", "lora_alpha", "eval_size", "kl_horizon", "max_bad_updates"))
         if self.algo == "rloo" and self.kl_estimator != "k1":
             raise UserError("--algo rloo takes the KL of the whole response, score - beta * sum_t (log p - log p_ref) "
                             "(k1); --kl-estimator k2/k3 applies to ppo and grpo")
@@ -151,9 +160,6 @@ class PPOConfig:
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise UserError("--missing-eos-penalty is subtracted from the score of responses without EOS: give "
                             "a value >= 0 (or 'off')")
-        if self.grpo_loss_norm not in GRPO_LOSS_NORMS:
-            raise UserError(f"--grpo-loss-norm must be one of {', '.join(GRPO_LOSS_NORMS)}, got "
-                            f"{self.grpo_loss_norm!r}")
         if self.reward == "rm" and not self.rm:
             raise UserError("--rm DIR is required unless --reward names an oracle (e.g. --reward alliteration)")
         if self.temperature <= 0:
@@ -162,16 +168,13 @@ class PPOConfig:
             raise UserError("--kl-coef must be >= 0")
         if self.target_kl is not None and self.target_kl <= 0:
             raise UserError("--target-kl must be > 0")
-        for name in ("steps", "batch_size", "response_length", "ppo_epochs"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
         if self.algo == "rloo" and (self.rloo_k < 2 or self.batch_size % self.rloo_k):
             raise UserError(f"--batch-size ({self.batch_size}) must be a multiple of --rloo-k ({self.rloo_k}) >= 2")
         if self.algo == "grpo" and (self.grpo_k < 2 or self.batch_size % self.grpo_k):
             raise UserError(f"--batch-size ({self.batch_size}) must be a multiple of --grpo-k ({self.grpo_k}) >= 2")
         if self.minibatch_size is not None and not 1 <= self.minibatch_size <= self.batch_size:
             raise UserError("--minibatch-size must be between 1 and --batch-size")
-        if self.micro_batch_size < 1:
-            raise UserError("--micro-batch-size must be >= 1")
         if not 0 <= self.eval_fraction < 1:
             raise UserError("--eval-fraction must be in [0, 1)")
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            raise UserError("--eval-every and --checkpoint-every must be >= 0")

@@ -18,20 +18,28 @@ import types
 import typing
 from typing import Any, Literal, TypeVar
 
+from rlhf.errors import UserError
+
 T = TypeVar("T")
 _NONE_WORDS = ("none", "off")
 
 
 @functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """{field: docstring} from the string literal under each annotated field in the class body."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
+def field_docs(cls: type) -> dict[str, tuple[str, str]]:
+    """{field: (group, docstring)}: the string literal under each annotated field in the class body, and
+    the last `# comment` line above the field (the group its flag is listed under in --help)."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    body = ast.parse(source).body[0].body
+    docs, group = {}, ""
     for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above = lines[node.lineno - 2].strip()
+        if above.startswith("#"):
+            group = above.lstrip("# ")
+        doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else ""
+        docs[node.target.id] = (group, " ".join(str(doc).split()))
     return docs
 
 
@@ -48,12 +56,14 @@ def _parser_for(kind: Any, optional: bool):
     return parse
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """Add `--field-name` for every field of the dataclass `cls` (except `skip`)."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, required: tuple[str, ...] = ()) -> None:
+    """Add `--field-name` for every field of the dataclass `cls`; `required` names fields whose default
+    suits a library call but that a command line must give (an output folder, say)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
+    groups: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
+        if not f.init:
             continue
         kind, optional = hints[f.name], False
         args = typing.get_args(kind)
@@ -62,22 +72,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tu
         options: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = docs.get(f.name, "")
+        group, help_text = docs.get(f.name, ("", ""))
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is Literal:
             choices = typing.get_args(kind)
+            optional = optional and default is not None  # "off" only where it differs from leaving it out
             names = [str(c) for c in choices] + (["off"] if optional else [])
             options.update(choices=list(choices) + ([None] if optional else []), metavar="{" + ",".join(names) + "}",
                            type=_parser_for(type(choices[0]), optional))
         else:
             options.update(type=_parser_for(kind, optional), metavar=f.name.upper())
-        if not has_default:
+        if not has_default or f.name in required:
             options["required"] = True
-        elif kind is not bool or default:
+        elif default is not None and (kind is not bool or default):  # a None default: the docstring says
             help_text += f" (default: {'off' if default is None and optional else default})"
         options["help"] = help_text.replace("%", "%%")
-        parser.add_argument("--" + f.name.replace("_", "-"), **options)
+        if group and group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        groups.get(group, parser).add_argument("--" + f.name.replace("_", "-"), **options)
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
@@ -88,3 +101,26 @@ def config_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -
 def given_fields(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     """The fields of `cls` that the command line set, for presets that take overrides."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count given by hand (a flag not made from a config)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def check_fields(config: Any, *, positive: tuple[str, ...] = ()) -> None:
+    """UserError naming the flag when a Literal field holds another value or a `positive` field is < 1
+    (None passes: it means "not set")."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), hints[f.name]
+        choices = [c for a in (kind, *typing.get_args(kind)) if typing.get_origin(a) is Literal
+                   for c in typing.get_args(a)]
+        if choices and value is not None and value not in choices:
+            flag, names = f.name.replace("_", "-"), ", ".join(map(str, choices))
+            raise UserError(f"--{flag} must be one of {names}, got {value!r}")
+        if f.name in positive and value is not None and value < 1:
+            raise UserError(f"--{f.name.replace('_', '-')} must be >= 1, got {value}")

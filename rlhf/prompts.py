@@ -35,7 +35,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[tuple[str |
 def split_by_prompt(prompts: set[str] | list[str], test_fraction: float, seed: int) -> set[str]:
     """The prompts that form the test set: the first round(test_fraction * n) in (seed, prompt)-hash order
     (at least one when test_fraction > 0 and there are two or more prompts; never all of them)."""
-    unique = sorted(set(prompts), key=lambda p: hashlib.sha256(f"{seed}\x00{p}".encode("utf-8")).hexdigest())
+    unique = sorted(set(prompts), key=lambda p: hashlib.sha256(f"{seed}\x00{p}".encode()).hexdigest())
     n_test = round(test_fraction * len(unique))
     if test_fraction > 0 and len(unique) >= 2:
         n_test = min(max(n_test, 1), len(unique) - 1)
