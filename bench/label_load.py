@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from labeling.auth import add_annotator  # noqa: E402
 from labeling.store import open_store  # noqa: E402
 from rlhf.records import Task  # noqa: E402
 
@@ -51,7 +52,7 @@ def make_db(path: Path, tasks: int, k: int, clients: int, rng: random.Random) ->
             "completions": [" ".join(rng.choices(words, k=60)) for _ in range(k)]}) for i in range(tasks)])
         names = [f"annotator-{i:02d}" for i in range(clients)]
         for name in names:
-            store.add_annotator(name, PASSWORD)
+            add_annotator(store, name, PASSWORD)
     return names
 
 

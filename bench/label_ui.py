@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from labeling.auth import add_annotator  # noqa: E402
 from labeling.store import open_store  # noqa: E402
 from rlhf.records import Task  # noqa: E402
 
@@ -95,8 +96,8 @@ def main() -> None:
                 "id": f"t{i}", "prompt": f"prompt {i}: " + " ".join(words[(i + j) % len(words)] for j in range(30)),
                 "completions": [" ".join(words[(i * j + n) % len(words)] for n in range(120))
                                 for j in range(args.k)]}) for i in range(2 * args.rounds + 10)])
-            store.add_annotator("api", PASSWORD)
-            store.add_annotator("ui", PASSWORD)
+            add_annotator(store, "api", PASSWORD)
+            add_annotator(store, "ui", PASSWORD)
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "label", "--db", str(db), "--port", "0",
                                  "--overlap", "2"], stdout=subprocess.PIPE, text=True)
         try:

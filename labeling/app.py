@@ -1,8 +1,9 @@
 """`rlhf label`: the annotators' web app: a Gradio UI at / and a JSON API under /api, on one server.
 
 The UI (labeling/gradio_ui.py) is a Gradio Blocks page around a custom ranker widget (keyboard, click,
-drag-and-drop). The JSON API serves integrations, the load benchmark and the crash test; each endpoint is
-a thin wrapper over a plain function in `labeling.handlers`.
+drag-and-drop). The JSON API (README, "The JSON API") serves scripted clients and other front ends; each
+endpoint is a thin wrapper over a plain function in `labeling.handlers`. Accounts, sessions and the sign-in
+check are labeling/auth.py; binding the port and running uvicorn, labeling/serve.py.
 
 One login for both: the sign-in page (static/login.html) posts to /api/login, which sets an HttpOnly,
 SameSite=Strict session cookie; the API reads it, and Gradio reads it through `auth_dependency`, so every
@@ -16,23 +17,20 @@ inline and evaluated scripts, so theirs still forbids every foreign origin, plug
 output is kept inert by the widget itself (textContent only). ASGI middleware (labeling/guards.py) in front
 of every route, Gradio's included, refuses bodies over MAX_BODY_BYTES before reading them, requires a session
 for every Gradio route and keeps each Gradio page session to the annotator who opened it. Failed sign-ins
-are throttled per account and per client address (`handlers.LoginThrottle`).
+are throttled per account and per client address (`labeling.auth.LoginThrottle`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request) at
 # definition time, and they are imported inside create_app to keep `rlhf --help` fast.
-import errno
 import json
-import socket
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from labeling import handlers
+from labeling.auth import SESSION_SECONDS, LoginThrottle, Sessions
 from labeling.guards import BodyLimit, SignInGate
-from labeling.handlers import AppSettings, LoginThrottle, RequestError, Sessions
-from labeling.store import (Conflict, InvalidAnnotator, InvalidRanking, SQLiteLabelStore, StorageUnavailable,
-                            StoreError, UnknownAnnotator, UnknownTask)
+from labeling.handlers import AppSettings, RequestError
+from labeling.store import Conflict, SQLiteLabelStore, StorageUnavailable, StoreError, UnknownAnnotator, UnknownTask
 from rlhf.errors import UserError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -59,7 +57,7 @@ CLOSED_PATHS = frozenset({"/openapi.json", "/docs", "/redoc", "/gradio_api/opena
 
 
 def _status_of(exc: UserError) -> int:
-    if isinstance(exc, RequestError):
+    if hasattr(exc, "status"):  # the handlers' and the sign-in's refusals carry theirs
         return exc.status
     if isinstance(exc, UnknownTask):
         return 404
@@ -69,7 +67,7 @@ def _status_of(exc: UserError) -> int:
         return 503
     if isinstance(exc, Conflict):  # a reused request id, a task not handed to this annotator
         return 409
-    if isinstance(exc, (InvalidRanking, InvalidAnnotator, StoreError)):
+    if isinstance(exc, StoreError):  # an invalid ranking, seconds, request id or skip reason
         return 422
     return 400
 
@@ -190,7 +188,7 @@ def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessio
                                                                      throttle=throttle, address=address))
         response = JSONResponse(info)
         response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", path="/",
-                            max_age=handlers.SESSION_SECONDS, secure=request.url.scheme == "https")
+                            max_age=SESSION_SECONDS, secure=request.url.scheme == "https")
         return response
 
     @app.post("/api/logout")
@@ -227,10 +225,6 @@ def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessio
     async def api_history(request: Request):
         return await call(handlers.history, annotator_of(request), settings)
 
-    @app.get("/api/stats")
-    async def api_stats(request: Request):
-        return await call(handlers.stats, annotator_of(request), settings)
-
     @app.get("/api/health", include_in_schema=False)
     async def api_health():
         return Response("ok", media_type="text/plain")
@@ -247,102 +241,3 @@ def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessio
                             ssr_mode=False, theme=gradio_ui.theme(), css=gradio_ui.css(), footer_links=[],
                             show_error=False, max_file_size=1024, run_history=False)
     return app
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on (host, port) for uvicorn; a port in use is a one-line UserError (checked here,
-    before anything else starts, and with no window for another program to take the port meanwhile)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise UserError(f"cannot use host {host!r}: {exc.strerror}") from None
-    family, kind, proto, _, address = infos[0]
-    # proto must be IPPROTO_TCP (not 0): asyncio only sets TCP_NODELAY on such sockets, and without it
-    # every response waits 40 ms for the client's delayed ACK (headers and body are separate writes).
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # reuse TIME_WAIT ports, never a listening one
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise UserError(f"port {port} on {host} is already in use; stop the other server or pick --port") from None
-        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
-    sock.listen(2048)  # connections made before uvicorn starts wait in the backlog instead of being refused
-    return sock
-
-
-def open_label_store(db: str) -> SQLiteLabelStore:
-    """The store to serve: it must exist and hold tasks (an empty queue would be a confusing app)."""
-    from labeling.store import open_store
-
-    store = open_store(db, create=False)
-    if store.count_tasks() == 0:
-        store.close()
-        raise UserError(f"{db} holds no tasks; import some first with `rlhf import --db {db} tasks.jsonl`")
-    return store
-
-
-def make_server(store: SQLiteLabelStore, settings: AppSettings):
-    """A uvicorn server for the app (`server.run(sockets=[bind_socket(...)])`; set `should_exit` to stop)."""
-    import uvicorn
-
-    # Keep idle connections 75 s (uvicorn's default is 5): an annotator reads for tens of seconds between
-    # requests, and a reused connection saves a TCP handshake per submit.
-    return uvicorn.Server(uvicorn.Config(create_app(store, settings), log_level="warning", access_log=False,
-                                         timeout_keep_alive=75, timeout_graceful_shutdown=5))
-
-
-def serve(store: SQLiteLabelStore, settings: AppSettings, host: str, port: int, *, on_ready: Callable | None = None):
-    """Run the app until Ctrl+C (blocking). `on_ready(port)` is called once the socket is bound."""
-    sock = bind_socket(host, port)
-    try:
-        server = make_server(store, settings)
-        if on_ready is not None:
-            on_ready(sock.getsockname()[1])
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
-
-
-def add_label_command(sub) -> None:
-    p = sub.add_parser("label", help="serve the ranking app to annotators (login required)",
-                       description="Serve the annotators' Gradio app at /: each signed-in annotator ranks the "
-                                   "completions of the tasks in their queue (keyboard, click or drag-and-drop), "
-                                   "ties, skips, and edits earlier answers. The same server answers a JSON API "
-                                   "under /api (same login).")
-    p.add_argument("--db", required=True, help="label database (SQLite) made by `rlhf import`")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for your network)")
-    p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860; 0 picks a free one)")
-    p.add_argument("--overlap", type=int, default=2,
-                   help="annotators who should rank each task before it leaves the queues (default 2)")
-    p.add_argument("--guidelines", default=None, help="Markdown file shown to annotators in the Guidelines panel")
-    p.add_argument("--admin", action="append", default=[], metavar="NAME",
-                   help="annotator allowed to see the statistics view (repeatable)")
-    p.set_defaults(func=run_label)
-
-
-def run_label(args) -> None:
-    if args.overlap < 1:
-        raise UserError(f"--overlap must be at least 1, got {args.overlap}")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be 0-65535, got {args.port}")
-    settings = AppSettings(overlap=args.overlap, guidelines_html=render_guidelines(args.guidelines),
-                           admins=frozenset(args.admin))
-    store = open_label_store(args.db)
-    try:
-        unknown = sorted(name for name in settings.admins if not store.has_annotator(name))
-        if unknown:
-            raise UserError(f"--admin names unknown annotators {unknown}; add them first")
-
-        def ready(port: int) -> None:
-            shown = f"[{args.host}]" if ":" in args.host else args.host
-            print(f"labeling app: http://{shown}:{port}/  ({store.count_tasks()} tasks, overlap {args.overlap}; "
-                  f"Ctrl+C stops)", flush=True)
-            if not any(True for _ in store.list_annotators()):
-                print("no annotators yet: add one before anyone can sign in", file=sys.stderr, flush=True)
-
-        serve(store, settings, args.host, args.port, on_ready=ready)
-    finally:
-        store.close()

@@ -1,4 +1,4 @@
-"""The labeling stage's subcommands: generate, import, users, label (defined in labeling/app.py), simulate, export, stats.
+"""The labeling stage's subcommands: generate, import, users, label, simulate, export, stats.
 
 Handlers are plain functions of the parsed arguments; bad input raises UserError. Heavy imports
 (pyarrow, tqdm) happen inside the handlers so `rlhf --help` stays fast.
@@ -54,9 +54,21 @@ def add_commands(sub) -> None:
     _db_option(q)
     q.set_defaults(func=run_users_list)
 
-    from labeling.app import add_label_command  # `rlhf label`: the annotators' web app (labeling/app.py)
-
-    add_label_command(sub)
+    p = sub.add_parser("label", help="serve the ranking app to annotators (login required)",
+                       description="Serve the annotators' Gradio app at /: each signed-in annotator ranks the "
+                                   "completions of the tasks in their queue (keyboard, click or drag-and-drop), "
+                                   "ties, skips, and edits earlier answers. The same server answers a JSON API "
+                                   "under /api (same login).")
+    p.add_argument("--db", required=True, help="label database (SQLite) made by `rlhf import`")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for your network)")
+    p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860; 0 picks a free one)")
+    p.add_argument("--overlap", type=int, default=2,
+                   help="annotators who should rank each task before it leaves the queues (default 2)")
+    p.add_argument("--guidelines", default=None, help="Markdown file shown to annotators in the Guidelines panel")
+    p.add_argument("--admin", action="append", default=[], metavar="NAME",
+                   help="annotator allowed to see the statistics view (repeatable)")
+    p.set_defaults(func=run_label)
 
     p = sub.add_parser("simulate", help="rank pending tasks with scripted annotators driven by an oracle",
                        description="Scripted annotators sim-1..sim-N rank pending tasks through the same store "
@@ -98,7 +110,8 @@ def add_commands(sub) -> None:
 
 
 def run_generate(args) -> None:
-    from labeling.generate import GenerateConfig, run_generate as generate
+    from labeling.generate import GenerateConfig
+    from labeling.generate import run_generate as generate
     from rlhf.config_args import config_from_args
 
     config = config_from_args(GenerateConfig, args)
@@ -172,12 +185,13 @@ def _read_password(name: str) -> str:
 
 
 def run_users_add(args) -> None:
-    from labeling.store import check_annotator_name, open_store
+    from labeling.auth import add_annotator, check_annotator_name
+    from labeling.store import open_store
 
     check_annotator_name(args.name)  # before asking for a password
     password = _read_password(args.name)
     with open_store(args.db) as store:
-        store.add_annotator(args.name, password)
+        add_annotator(store, args.name, password)
     print(f"added annotator {args.name}")
 
 
@@ -193,6 +207,39 @@ def run_users_list(args) -> None:
     print(f"{'annotator':<{width}}  {'ranked':>6}  {'skipped':>7}")
     for a in progress.annotators:
         print(f"{a.annotator:<{width}}  {a.ranked:>6}  {a.skipped:>7}")
+
+
+def run_label(args) -> None:
+    from labeling.app import render_guidelines
+    from labeling.handlers import AppSettings
+    from labeling.serve import bind_socket, make_server
+    from labeling.store import open_store
+
+    if args.overlap < 1:
+        raise UserError(f"--overlap must be at least 1, got {args.overlap}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be 0-65535, got {args.port}")
+    settings = AppSettings(overlap=args.overlap, guidelines_html=render_guidelines(args.guidelines),
+                           admins=frozenset(args.admin))
+    with open_store(args.db, create=False) as store:
+        if store.count_tasks() == 0:  # an empty queue would be a confusing app
+            raise UserError(f"{args.db} holds no tasks; import some first with "
+                            f"`rlhf import --db {args.db} tasks.jsonl`")
+        unknown = sorted(name for name in settings.admins if not store.has_annotator(name))
+        if unknown:
+            raise UserError(f"--admin names unknown annotators {unknown}; add them first")
+
+        sock = bind_socket(args.host, args.port)  # a port in use fails here, before the app is built
+        try:
+            server = make_server(store, settings)
+            shown = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"labeling app: http://{shown}:{sock.getsockname()[1]}/  ({store.count_tasks()} tasks, "
+                  f"overlap {args.overlap}; Ctrl+C stops)", flush=True)
+            if not store.list_annotators():
+                print("no annotators yet: add one before anyone can sign in", file=sys.stderr, flush=True)
+            server.run(sockets=[sock])
+        finally:
+            sock.close()
 
 
 def run_simulate(args) -> None:

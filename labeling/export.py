@@ -29,8 +29,8 @@ from labeling.pairs import expand_pairs, pair_indices
 from labeling.store import LabelStore
 from rlhf.errors import UserError
 from rlhf.jsonl import atomic_write, write_jsonl
-from rlhf.records import Pair, RankedTask
 from rlhf.prompts import split_by_prompt
+from rlhf.records import Pair, RankedTask
 
 AGGREGATIONS = ("none", "majority")
 
@@ -55,7 +55,8 @@ def majority_pairs(ranked: list[RankedTask]) -> tuple[list[Pair], int]:
             dropped += 1
             continue
         better, worse = (i, j) if votes[(i, j)] > 0 else (j, i)
-        pairs.append(Pair(first.prompt, first.texts[better], first.texts[worse], first.task_id, "majority"))
+        pairs.append(Pair(first.prompt, first.completions[better].text, first.completions[worse].text, first.task_id,
+                          "majority"))
     return pairs, dropped
 
 

@@ -27,7 +27,6 @@ from labeling.store import SQLiteLabelStore
 from rlhf.errors import UserError
 
 STATIC_DIR = Path(__file__).parent / "static"
-HISTORY_PREVIEW_CHARS = 120
 _CONTROL_CHARS = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 _nonce = itertools.count()
 
@@ -66,16 +65,12 @@ def topbar_html(annotator: str, progress: dict) -> str:
 
 
 def history_choices(items: list[dict]) -> list[tuple[str, str]]:
-    """(label, task id) per history item. Labels are shown as text by Gradio; invisible control characters
-    become visible U+XXXX markers so a preview cannot disguise itself."""
-    choices = []
-    for item in items:
-        preview = " ".join(item["prompt"].split())
-        if len(preview) > HISTORY_PREVIEW_CHARS:
-            preview = preview[:HISTORY_PREVIEW_CHARS - 1] + "…"
-        preview = _CONTROL_CHARS.sub(lambda m: f"U+{ord(m[0]):04X}", preview)
-        choices.append((f"{item['status']} · {item['task_id']} · {preview}", item["task_id"]))
-    return choices
+    """(label, task id) per history item, whose prompt the store already cut to a one-line preview. Labels are
+    shown as text by Gradio; invisible control characters become visible U+XXXX markers so a preview cannot
+    disguise itself."""
+    return [(f"{item['status']} · {item['task_id']} · " + _CONTROL_CHARS.sub(lambda m: f"U+{ord(m[0]):04X}",
+                                                                              item["prompt"]), item["task_id"])
+            for item in items]
 
 
 # ------------------------------------------------------------------ what each event does (no Gradio here)

@@ -23,6 +23,8 @@ from urllib.parse import parse_qs
 
 from starlette.requests import cookie_parser
 
+from rlhf.records import is_text
+
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
@@ -218,12 +220,9 @@ def _has_lone_surrogate(data) -> bool:
     stack = [data]
     while stack:
         item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-        elif isinstance(item, dict):
+        if isinstance(item, str) and not is_text(item):
+            return True
+        if isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
         elif isinstance(item, list):

@@ -21,15 +21,6 @@ def pair_indices(ranks: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
 
 def expand_pairs(ranked: RankedTask) -> list[Pair]:
     """The C(K,2) preference pairs of one ranked task (fewer when it has ties)."""
-    return [
-        Pair(
-            prompt=ranked.prompt,
-            chosen=ranked.texts[better],
-            rejected=ranked.texts[worse],
-            task_id=ranked.task_id,
-            annotator=ranked.annotator,
-            rank_chosen=ranked.ranks[better],
-            rank_rejected=ranked.ranks[worse],
-        )
-        for better, worse in pair_indices(ranked.ranks)
-    ]
+    c = ranked.completions
+    return [Pair(ranked.prompt, c[better].text, c[worse].text, ranked.task_id, ranked.annotator, c[better].rank,
+                 c[worse].rank) for better, worse in pair_indices(ranked.ranks)]

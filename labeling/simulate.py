@@ -106,7 +106,7 @@ def simulate(store: LabelStore, oracle: Oracle, annotators: int = 3, overlap: in
     names = [f"sim-{i}" for i in range(1, annotators + 1)]
     for name in names:
         if not store.has_annotator(name):
-            store.add_annotator(name, None)
+            store.add_annotator(name)  # a scripted account: no password, it cannot sign in
     rngs = {name: random.Random(f"{seed}\x00{name}") for name in names}
     counts = {name: 0 for name in names}
     agree = compared = skipped = 0

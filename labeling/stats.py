@@ -36,19 +36,10 @@ def kendall_tau_b(a: Sequence[int], b: Sequence[int]) -> float | None:
     None when either vector is all ties (the coefficient is undefined)."""
     if len(a) != len(b):
         raise ValueError("rank vectors must have the same length")
-    n0 = len(a) * (len(a) - 1) // 2
-    ties_a = ties_b = concordant = discordant = 0
-    for i, j in combinations(range(len(a)), 2):
-        da, db = a[i] - a[j], b[i] - b[j]
-        ties_a += da == 0
-        ties_b += db == 0
-        if da and db:
-            if (da > 0) == (db > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    denominator = math.sqrt((n0 - ties_a) * (n0 - ties_b))
-    return None if denominator == 0 else (concordant - discordant) / denominator
+    concordant, compared = pair_agreement(a, b)  # discordant = compared - concordant
+    untied_a, untied_b = (sum(v[i] != v[j] for i, j in combinations(range(len(v)), 2)) for v in (a, b))
+    denominator = math.sqrt(untied_a * untied_b)  # sqrt((n0 - ties_a)(n0 - ties_b))
+    return None if denominator == 0 else (2 * concordant - compared) / denominator
 
 
 def compute_stats(store: LabelStore, overlap: int = 2) -> dict:

@@ -17,6 +17,9 @@ task, overlap, expiry), in the same transaction that chose it. A live assignment
 ranking is accepted only for a task handed to this annotator (after the expiry too, while the task still has
 a free slot) or as an edit of their own ranking. A ranking or a skip ends the assignment.
 
+Accounts: the store keeps the annotators' rows (name, password hash); the name and password rules, the
+hashing and the sign-in check are `labeling.auth`'s.
+
 Privacy: the methods a request handler uses take the logged-in annotator's name and only ever return
 that annotator's own work (`get_own_ranking`, `history`). Everyone's rankings are reachable only
 through the explicitly named admin methods `export_ranked_tasks` / `export_rankings`, used by the CLI
@@ -26,11 +29,8 @@ and the admin view.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
-import re
-import secrets
 import sqlite3
 import threading
 import time
@@ -40,13 +40,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 from rlhf.errors import UserError
-from rlhf.records import Completion, RankedTask, Ranking, Task
+from rlhf.records import Completion, RankedTask, Ranking, Task, is_text
 
 SCHEMA_VERSION = 2
 """1: tasks, completions, annotators, rankings, skips, events. 2: + assignments."""
-NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-MIN_PASSWORD_LENGTH = 8
-MAX_PASSWORD_LENGTH = 1024
 MAX_REQUEST_ID_LENGTH = 128
 MAX_REASON_LENGTH = 500
 PREVIEW_CHARS = 80
@@ -54,9 +51,6 @@ MAX_SECONDS = 365 * 24 * 3600
 """The most time on a task a client may report (anything larger is a broken or hostile client)."""
 ASSIGNMENT_SECONDS = 30 * 60
 """How long a served task stays reserved for its annotator before its slot may go to someone else."""
-
-# scrypt parameters (RFC 7914 interactive-login recommendation: N=2**14, r=8, p=1; ~16 MiB, ~50 ms).
-_SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _SCRYPT_LEN = 2**14, 8, 1, 32
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -75,10 +69,6 @@ class UnknownTask(StoreError, LookupError):
 
 class UnknownAnnotator(StoreError, LookupError):
     """No annotator with this name exists in the store."""
-
-
-class InvalidAnnotator(StoreError, ValueError):
-    """An annotator name or password breaks the rules (see `check_annotator_name`)."""
 
 
 class AnnotatorExists(StoreError):
@@ -109,29 +99,12 @@ class NotAssigned(Conflict):
 # ------------------------------------------------------------------------------------- result records
 
 @dataclass(frozen=True)
-class StoredRanking:
-    """One annotator's stored ranking of one task (dense ranks, 1 best, keyed by completion id)."""
-
-    task_id: str
-    annotator: str
-    ranks: dict[str, int]
-    seconds: float | None
-    """Time the annotator spent on the task as reported by the client (None if not given)."""
-    request_id: str | None
-    """Request id of the submission that wrote the current ranks (None if not given)."""
-    created_at: float
-    """Unix time of the first submission."""
-    updated_at: float
-    """Unix time of the latest submission (== created_at unless edited)."""
-
-
-@dataclass(frozen=True)
 class SubmitResult:
     """What `submit_ranking` did: action is 'submit' (new), 'edit' (replaced), or 'duplicate'
     (the request id was already processed; nothing stored, the current ranking is returned)."""
 
     action: str
-    ranking: StoredRanking
+    ranking: Ranking
 
 
 @dataclass(frozen=True)
@@ -193,42 +166,6 @@ class Progress:
 
 # ---------------------------------------------------------------------------------------- pure helpers
 
-def check_annotator_name(name: str) -> str:
-    """Return `name` if it is 1-64 characters of letters, digits, '.', '_' or '-'; else InvalidAnnotator."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidAnnotator(f"annotator name {name!r} must be 1-64 characters of letters, digits, '.', '_' or '-'")
-    return name
-
-
-def hash_password(password: str) -> str:
-    """Salted scrypt hash in the form 'scrypt$N$r$p$salt_hex$hash_hex' (never the password itself)."""
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P,
-                            dklen=_SCRYPT_LEN)
-    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
-
-
-def check_password(password: str, stored: str | None) -> bool:
-    """True if `password` matches a `hash_password` value; compares in constant time.
-
-    With no stored hash (an account that cannot log in) it still spends the same work, so timing does
-    not tell whether a name exists.
-    """
-    if stored is None:
-        hash_password(password if isinstance(password, str) else "")
-        return False
-    try:
-        scheme, n, r, p, salt_hex, hash_hex = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        expected = bytes.fromhex(hash_hex)
-        digest = hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=bytes.fromhex(salt_hex), n=int(n), r=int(r),
-                                p=int(p), dklen=len(expected))
-    except (ValueError, AttributeError):
-        return False
-    return hmac.compare_digest(digest, expected)
-
-
 def display_order(annotator: str, task_id: str, completion_ids: Iterable[str]) -> list[str]:
     """The order one annotator sees a task's completions in: a shuffle seeded by (annotator, task),
     so it is stable across calls and processes but differs between annotators and tasks. Showing
@@ -259,25 +196,14 @@ def _task_fingerprint(task: Task) -> str:
     return hashlib.sha256(json.dumps(task.to_dict(), sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def _is_text(value) -> bool:
-    """A str that SQLite can store: client-sent JSON may carry lone surrogates ("\\ud800"), which are not UTF-8."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _check_request_id(request_id: str | None) -> None:
-    if request_id is not None and (not _is_text(request_id) or not request_id
+    if request_id is not None and (not is_text(request_id) or not request_id
                                    or len(request_id) > MAX_REQUEST_ID_LENGTH):
         raise InvalidRanking(f"request id must be a non-empty string of at most {MAX_REQUEST_ID_LENGTH} characters")
 
 
 def _check_task_id(task_id: str) -> None:
-    if not _is_text(task_id):
+    if not is_text(task_id):
         raise UnknownTask(f"unknown task {task_id!r}")
 
 
@@ -289,9 +215,9 @@ class LabelStore(Protocol):
     def import_tasks(self, tasks: Iterable[Task]) -> tuple[int, int]: ...
     def get_task(self, task_id: str) -> Task: ...
     def count_tasks(self) -> int: ...
-    def add_annotator(self, name: str, password: str | None) -> None: ...
+    def add_annotator(self, name: str, *, password_hash: str | None = None) -> None: ...
     def has_annotator(self, name: str) -> bool: ...
-    def verify_password(self, name: str, password: str) -> bool: ...
+    def password_hash(self, name: str) -> str | None: ...
     def list_annotators(self) -> list[str]: ...
     def next_task(self, annotator: str, overlap: int) -> Task | None: ...
     def assign_task(self, annotator: str, task_id: str, overlap: int) -> bool: ...
@@ -302,13 +228,13 @@ class LabelStore(Protocol):
                        seconds: float | None = None, *, require_assignment: bool = False) -> SubmitResult: ...
     def skip_task(self, annotator: str, task_id: str, reason: str | None = None,
                   request_id: str | None = None, *, require_assignment: bool = False) -> SkipResult: ...
-    def get_own_ranking(self, annotator: str, task_id: str) -> StoredRanking | None: ...
+    def get_own_ranking(self, annotator: str, task_id: str) -> Ranking | None: ...
     def has_skipped(self, annotator: str, task_id: str) -> bool: ...
     def assignments(self) -> list[Assignment]: ...
     def history(self, annotator: str, limit: int | None = None) -> list[HistoryItem]: ...
     def progress(self, overlap: int) -> Progress: ...
     def export_ranked_tasks(self) -> Iterator[RankedTask]: ...
-    def export_rankings(self) -> list[StoredRanking]: ...
+    def export_rankings(self) -> list[Ranking]: ...
     def events(self) -> list[dict]: ...
     def close(self) -> None: ...
 
@@ -551,43 +477,33 @@ class SQLiteLabelStore:
 
     # --- annotators
 
-    def add_annotator(self, name: str, password: str | None) -> None:
-        """Create an annotator. The password (MIN_PASSWORD_LENGTH..MAX_PASSWORD_LENGTH characters) is stored
-        only as a salted scrypt hash; None makes an account that cannot log in (scripted annotators).
-        Raises InvalidAnnotator for a bad name/password, AnnotatorExists if the name is taken."""
-        check_annotator_name(name)
-        if password is not None:
-            if not isinstance(password, str) or not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH:
-                raise InvalidAnnotator(
-                    f"password must be {MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} characters")
-        hashed = hash_password(password) if password is not None else None
+    def add_annotator(self, name: str, *, password_hash: str | None = None) -> None:
+        """Store a new annotator (`labeling.auth.add_annotator` checks the name and hashes the password); no
+        password hash makes an account that cannot sign in (scripted annotators). AnnotatorExists if taken."""
         conn = self._conn()
         with self._write(conn):
             if conn.execute("SELECT 1 FROM annotators WHERE name = ?", (name,)).fetchone():
                 raise AnnotatorExists(f"annotator {name!r} already exists")
             conn.execute("INSERT INTO annotators (name, password_hash, created_at) VALUES (?, ?, ?)",
-                         (name, hashed, self._clock()))
+                         (name, password_hash, self._clock()))
 
     def has_annotator(self, name: str) -> bool:
         """Whether an annotator with this name exists."""
         return self._conn().execute("SELECT 1 FROM annotators WHERE name = ?", (name,)).fetchone() is not None
 
-    def verify_password(self, name: str, password: str) -> bool:
-        """True only if the annotator exists, can log in, and the password matches (constant-time compare;
-        an unknown name costs the same time as a wrong password)."""
-        if not isinstance(password, str):
-            return False
-        if not _is_text(name) or not NAME_PATTERN.fullmatch(name):  # no such account can exist
-            return check_password(password, None)
+    def password_hash(self, name: str) -> str | None:
+        """The annotator's stored password hash; None for an unknown name or an account that cannot sign in."""
+        if not is_text(name):
+            return None
         row = self._conn().execute("SELECT password_hash FROM annotators WHERE name = ?", (name,)).fetchone()
-        return check_password(password, row[0] if row else None)
+        return row[0] if row else None
 
     def list_annotators(self) -> list[str]:
         """All annotator names, sorted."""
         return [r[0] for r in self._conn().execute("SELECT name FROM annotators ORDER BY name")]
 
     def _require_annotator(self, conn: sqlite3.Connection, annotator: str) -> None:
-        if not isinstance(annotator, str) or not NAME_PATTERN.fullmatch(annotator) or conn.execute(
+        if not is_text(annotator) or conn.execute(
                 "SELECT 1 FROM annotators WHERE name = ?", (annotator,)).fetchone() is None:
             raise UnknownAnnotator(f"unknown annotator {annotator!r}")
 
@@ -764,7 +680,7 @@ class SQLiteLabelStore:
         is a RequestIdReused conflict."""
         _check_request_id(request_id)
         _check_task_id(task_id)
-        if reason is not None and (not _is_text(reason) or len(reason) > MAX_REASON_LENGTH):
+        if reason is not None and (not is_text(reason) or len(reason) > MAX_REASON_LENGTH):
             raise InvalidRanking(f"skip reason must be text of at most {MAX_REASON_LENGTH} characters")
         conn = self._conn()
         with self._write(conn):
@@ -810,30 +726,30 @@ class SQLiteLabelStore:
 
     # --- an annotator's own work (handler-facing)
 
-    def _own_ranking(self, conn: sqlite3.Connection, annotator: str, task_id: str) -> StoredRanking | None:
+    def _own_ranking(self, conn: sqlite3.Connection, annotator: str, task_id: str) -> Ranking | None:
         row = conn.execute("SELECT ranks, seconds, request_id, created_at, updated_at FROM rankings"
                            " WHERE annotator = ? AND task_id = ?", (annotator, task_id)).fetchone()
         if row is None:
             return None
-        return StoredRanking(task_id, annotator, json.loads(row[0]), row[1], row[2], row[3], row[4])
+        return Ranking(task_id, annotator, json.loads(row[0]), *row[1:])
 
-    def get_own_ranking(self, annotator: str, task_id: str) -> StoredRanking | None:
+    def get_own_ranking(self, annotator: str, task_id: str) -> Ranking | None:
         """This annotator's own ranking of a task, or None. Handlers pass the logged-in user's name: there is
         deliberately no handler-facing way to read someone else's ranking."""
-        if not _is_text(annotator) or not _is_text(task_id):
+        if not is_text(annotator) or not is_text(task_id):
             return None
         return self._own_ranking(self._conn(), annotator, task_id)
 
     def has_skipped(self, annotator: str, task_id: str) -> bool:
         """Whether this annotator skipped this task (and has not ranked it since)."""
-        if not _is_text(annotator) or not _is_text(task_id):
+        if not is_text(annotator) or not is_text(task_id):
             return False
         return self._conn().execute("SELECT 1 FROM skips WHERE annotator = ? AND task_id = ?",
                                     (annotator, task_id)).fetchone() is not None
 
     def history(self, annotator: str, limit: int | None = None) -> list[HistoryItem]:
         """This annotator's ranked and skipped tasks, most recent first (at most `limit`)."""
-        if not _is_text(annotator):
+        if not is_text(annotator):
             return []
         rows = self._conn().execute(
             """SELECT h.task_id, t.prompt, h.at, h.status FROM (
@@ -861,23 +777,23 @@ class SQLiteLabelStore:
                FROM annotators a ORDER BY a.name""")]
         return Progress(tasks, complete, rankings, skips, overlap, per)
 
-    def export_rankings(self) -> list[StoredRanking]:
+    def export_rankings(self) -> list[Ranking]:
         """ADMIN/CLI ONLY: every annotator's stored ranking (ordered by task import order, then annotator)."""
         rows = self._conn().execute(
             "SELECT r.task_id, r.annotator, r.ranks, r.seconds, r.request_id, r.created_at, r.updated_at"
             " FROM rankings r JOIN tasks t ON t.id = r.task_id ORDER BY t.seq, r.annotator")
-        return [StoredRanking(t, a, json.loads(ranks), s, q, c, u) for t, a, ranks, s, q, c, u in rows]
+        return [Ranking(t, a, json.loads(ranks), *rest) for t, a, ranks, *rest in rows]
 
     def export_ranked_tasks(self) -> Iterator[RankedTask]:
         """ADMIN/CLI ONLY: every ranking joined with its task, as RankedTask (one line of rankings.jsonl),
         ordered by task import order, then annotator."""
         tasks: dict[str, Task] = {}
-        for stored in self.export_rankings():
-            task = tasks.get(stored.task_id)
+        for ranking in self.export_rankings():
+            task = tasks.get(ranking.task_id)
             if task is None:
                 tasks.clear()  # rankings come grouped by task: keep only the current one in memory
-                task = tasks[stored.task_id] = self.get_task(stored.task_id)
-            yield RankedTask.from_task(task, Ranking(stored.task_id, stored.annotator, stored.ranks))
+                task = tasks[ranking.task_id] = self.get_task(ranking.task_id)
+            yield RankedTask.from_task(task, ranking)
 
     def events(self) -> list[dict]:
         """ADMIN/CLI ONLY: the append-only event log, oldest first, payload decoded."""

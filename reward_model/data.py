@@ -91,8 +91,8 @@ def to_example(record: RankedTask | Pair) -> RankingExample:
             ranks = (1, 2)
         return RankingExample(record.prompt, (record.chosen, record.rejected), ranks,
                               [(0, 1, ranks[1] - ranks[0])], record.task_id, record.annotator)
-    return RankingExample(record.prompt, record.texts, record.ranks, ranking_pairs(record.ranks),
-                          record.task_id, record.annotator)
+    return RankingExample(record.prompt, tuple(c.text for c in record.completions), record.ranks,
+                          ranking_pairs(record.ranks), record.task_id, record.annotator)
 
 
 def build_examples(records: Iterable[RankedTask | Pair], stats: DataStats) -> list[RankingExample]:

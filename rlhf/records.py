@@ -8,17 +8,26 @@ prefix the file and line.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
-def _unicode(value: str, what: str) -> str:
-    """`value` if it is valid Unicode; JSON's "\\ud800" escapes decode to lone surrogates, which no file or
-    database can store."""
+def is_text(value: Any) -> bool:
+    """Whether `value` is a str of valid Unicode: JSON's "\\ud800" escapes decode to lone surrogates, which no
+    file or database can store."""
+    if not isinstance(value, str):
+        return False
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
+        return False
+    return True
+
+
+def _unicode(value: str, what: str) -> str:
+    if not is_text(value):
+        raise ValueError(f"{what} is not valid Unicode text (it holds a lone surrogate)")
     return value
 
 
@@ -51,7 +60,7 @@ class Completion:
         return {"id": self.id, "text": self.text, "model": self.model, "num_tokens": self.num_tokens}
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any], default_id: str) -> "Completion":
+    def from_dict(cls, obj: Mapping[str, Any], default_id: str) -> Completion:
         if isinstance(obj, str):  # bare strings are accepted for completions made elsewhere
             obj = {"text": obj}
         if not isinstance(obj, Mapping):
@@ -83,7 +92,7 @@ class Task:
         return {"id": self.id, "prompt": self.prompt, "completions": [c.to_dict() for c in self.completions]}
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any]) -> "Task":
+    def from_dict(cls, obj: Mapping[str, Any]) -> Task:
         prompt = _text(obj, "prompt")
         raw = obj.get("completions")
         if not isinstance(raw, list):
@@ -109,6 +118,14 @@ class Ranking:
     task_id: str
     annotator: str
     ranks: Mapping[str, int] = field(default_factory=dict)
+    seconds: float | None = None
+    """Time the annotator spent on the task as the client reported it, summed over edits (None if not given)."""
+    request_id: str | None = None
+    """Request id of the submission that wrote the current ranks (None if not given)."""
+    created_at: float | None = None
+    """Unix time of the first submission."""
+    updated_at: float | None = None
+    """Unix time of the latest submission (== created_at unless edited)."""
 
     @staticmethod
     def normalized(ranks: Mapping[str, int], completion_ids: list[str] | tuple[str, ...]) -> dict[str, int]:
@@ -133,49 +150,52 @@ class Ranking:
 
 
 @dataclass(frozen=True)
+class RankedCompletion:
+    """A completion of a ranked task with its rank (1 is best; equal ranks are ties)."""
+
+    id: str
+    text: str
+    rank: int
+
+
+@dataclass(frozen=True)
 class RankedTask:
     """A task joined with one annotator's ranking: one line of rankings.jsonl, what the RM trains on."""
 
     task_id: str
     annotator: str
     prompt: str
-    completion_ids: tuple[str, ...]
-    texts: tuple[str, ...]
-    ranks: tuple[int, ...]
+    completions: tuple[RankedCompletion, ...]
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The ranks in completion order."""
+        return tuple(c.rank for c in self.completions)
 
     @classmethod
-    def from_task(cls, task: Task, ranking: Ranking) -> "RankedTask":
-        ids = tuple(c.id for c in task.completions)
-        dense = Ranking.normalized(ranking.ranks, ids)
-        return cls(task.id, ranking.annotator, task.prompt, ids, tuple(c.text for c in task.completions),
-                   tuple(dense[i] for i in ids))
+    def from_task(cls, task: Task, ranking: Ranking) -> RankedTask:
+        dense = Ranking.normalized(ranking.ranks, [c.id for c in task.completions])
+        return cls(task.id, ranking.annotator, task.prompt,
+                   tuple(RankedCompletion(c.id, c.text, dense[c.id]) for c in task.completions))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
-            "annotator": self.annotator,
-            "prompt": self.prompt,
-            "completions": [
-                {"id": i, "text": t, "rank": r} for i, t, r in zip(self.completion_ids, self.texts, self.ranks)
-            ],
-        }
+        return {"task_id": self.task_id, "annotator": self.annotator, "prompt": self.prompt,
+                "completions": [{"id": c.id, "text": c.text, "rank": c.rank} for c in self.completions]}
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any]) -> "RankedTask":
+    def from_dict(cls, obj: Mapping[str, Any]) -> RankedTask:
         prompt = _text(obj, "prompt")
         raw = obj.get("completions")
         if not isinstance(raw, list) or len(raw) < 2:
             raise ValueError("'completions' must be a list of at least 2 ranked completions")
-        task_id = obj.get("task_id") or content_id("t-", prompt, *[str(c.get("text", "")) for c in raw
-                                                                    if isinstance(c, Mapping)])
-        completions = [Completion.from_dict(c, f"{task_id}-{i}") for i, c in enumerate(raw)]
-        ids = [c.id for c in completions]
-        if len(set(ids)) != len(ids):
+        task_id = str(obj.get("task_id") or content_id("t-", prompt, *[str(c.get("text", "")) for c in raw
+                                                                        if isinstance(c, Mapping)]))
+        completions = tuple(Completion.from_dict(c, f"{task_id}-{i}") for i, c in enumerate(raw))
+        if len({c.id for c in completions}) != len(completions):
             raise ValueError("completion ids must be unique within a ranking")
-        ranks = Ranking.normalized({c.id: r.get("rank") for c, r in zip(completions, raw)}, ids)
-        annotator = obj.get("annotator") or ""
-        return cls(str(task_id), str(annotator), prompt, tuple(ids), tuple(c.text for c in completions),
-                   tuple(ranks[i] for i in ids))
+        ranking = Ranking(task_id, str(obj.get("annotator") or ""),
+                          {c.id: r.get("rank") for c, r in zip(completions, raw)})
+        return cls.from_task(Task(task_id, prompt, completions), ranking)
 
 
 @dataclass(frozen=True)
@@ -202,7 +222,7 @@ class Pair:
         }
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any]) -> "Pair":
+    def from_dict(cls, obj: Mapping[str, Any]) -> Pair:
         def rank(key: str) -> int | None:
             value = obj.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

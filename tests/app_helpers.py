@@ -1,8 +1,34 @@
-"""Helpers for the labeling app's tests: calling the ASGI app the way a (hostile) client would."""
+"""Helpers for the labeling app's tests: serving the app on a real socket, and calling the ASGI app the way a
+(hostile) client would."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from labeling.serve import bind_socket, make_server
+
+
+@contextmanager
+def serving(store, settings) -> Iterator[tuple[str, int]]:
+    """The app (UI included) served by uvicorn in a thread on a free port of 127.0.0.1; yields (host, port)."""
+    sock = bind_socket("127.0.0.1", 0)
+    server = make_server(store, settings)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        yield sock.getsockname()[:2]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def asgi_request(app, path: str, headers: dict[str, str], chunk: bytes, max_chunks: int) -> tuple[int, int]:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from app_helpers import serving
 
-from labeling.app import bind_socket, make_server
+from labeling.auth import add_annotator
 from labeling.handlers import AppSettings
 from labeling.store import open_store
 from rlhf.records import Task
@@ -58,25 +57,15 @@ def server(tmp_path):
         Task.from_dict({"id": "hamlet", "prompt": OTHER_PROMPT,
                         "completions": [{"id": f"h{i}", "text": t} for i, t in enumerate(OTHER)]}),
     ])
-    store.add_annotator("alice", PASSWORD)
+    add_annotator(store, "alice", PASSWORD)
     # The queue serves the least-ranked tasks first: one earlier ranking of "hamlet" (by a scripted
     # annotator who cannot sign in) makes alice see "story" first, then "hamlet".
-    store.add_annotator("script", None)
+    store.add_annotator("script")
     store.submit_ranking("script", "hamlet", {"h0": 1, "h1": 2, "h2": 3})
-    sock = bind_socket("127.0.0.1", 0)
-    store.add_annotator("carol", PASSWORD)  # an admin (--admin carol)
-    uvicorn_server = make_server(store, AppSettings(overlap=2, guidelines_html="<p>Prefer <em>helpful</em></p>",
-                                                    admins=frozenset({"carol"})))
-    thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uvicorn_server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/", store
-    uvicorn_server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    add_annotator(store, "carol", PASSWORD)  # an admin (--admin carol)
+    with serving(store, AppSettings(overlap=2, guidelines_html="<p>Prefer <em>helpful</em></p>",
+                                    admins=frozenset({"carol"}))) as (host, port):
+        yield f"http://{host}:{port}/", store
     store.close()
 
 

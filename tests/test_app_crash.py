@@ -14,6 +14,7 @@ import uuid
 
 import httpx
 
+from labeling.auth import add_annotator
 from labeling.store import open_store
 from rlhf.records import Task
 
@@ -56,7 +57,7 @@ def test_kill_9_loses_no_acknowledged_ranking(tmp_path):
                                             "completions": [f"answer {i}.{j}" for j in range(3)]})
                             for i in range(200)])
         for name in ANNOTATORS:
-            store.add_annotator(name, PASSWORD)
+            add_annotator(store, name, PASSWORD)
 
     proc, base = start_server(db)
     acked: list = []

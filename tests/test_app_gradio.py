@@ -9,6 +9,7 @@ import pytest
 
 from labeling import gradio_ui
 from labeling.app import SESSION_COOKIE, create_app
+from labeling.auth import add_annotator
 from labeling.gradio_ui import LabelUI, history_choices, ranker_value, refused_value, topbar_html
 from labeling.handlers import AppSettings
 from labeling.store import open_store
@@ -29,8 +30,8 @@ def store(tmp_path):
         Task.from_dict({"id": "t1", "prompt": "plain", "completions": [{"id": "a", "text": "x"},
                                                                         {"id": "b", "text": "y"}]}),
     ])
-    store.add_annotator("alice", PASSWORD)
-    store.add_annotator("bob", PASSWORD)
+    add_annotator(store, "alice", PASSWORD)
+    add_annotator(store, "bob", PASSWORD)
     yield store
     store.close()
 
@@ -60,11 +61,8 @@ def test_topbar_and_history_labels_are_escaped_text():
     html = topbar_html("a<b>", {"ranked": 2, "skipped": 1, "total_tasks": 9})
     assert "a&lt;b&gt;" in html and "<b>a<b>" not in html
     assert ">2 ranked, 1 skipped · 9 tasks in all<" in html
-    items = [{"task_id": "t<1>", "prompt": "line\none \u202eevil" + " x" * 200, "status": "ranked", "at": 0}]
-    [(label, value)] = history_choices(items)
-    assert value == "t<1>"
-    assert label.startswith("ranked · t<1> · line one U+202Eevil x x")  # Gradio shows labels as text
-    assert label.endswith("…") and len(label) < 160 and "\u202e" not in label
+    items = [{"task_id": "t<1>", "prompt": "line one \u202eevil x x…", "status": "ranked", "at": 0}]
+    assert history_choices(items) == [("ranked · t<1> · line one U+202Eevil x x…", "t<1>")]  # shown as text
 
 
 # ------------------------------------------------------------------------------------------ events

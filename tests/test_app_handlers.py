@@ -7,13 +7,15 @@ import json
 import socket
 
 import pytest
-
 from app_helpers import asgi_request
+
 from labeling import handlers
-from labeling.app import MAX_BODY_BYTES, SESSION_COOKIE, bind_socket, create_app, run_label
+from labeling.app import MAX_BODY_BYTES, create_app
+from labeling.auth import NotSignedIn, Sessions, add_annotator
+from labeling.commands import run_label
 from labeling.gradio_ui import LabelUI
-from labeling.handlers import (AppSettings, Forbidden, LoginThrottle, NotSignedIn, RequestError, Sessions,
-                               TooManyAttempts)
+from labeling.handlers import AppSettings, Forbidden, RequestError
+from labeling.serve import bind_socket
 from labeling.store import InvalidRanking, UnknownTask, display_order, open_store
 from rlhf.errors import UserError
 from rlhf.records import Task
@@ -37,8 +39,8 @@ def store(tmp_path):
     store = open_store(tmp_path / "labels.db")
     store.import_tasks([make_task(f"t{i}", [f"answer {i}.{j}" for j in range(3)]) for i in range(3)]
                        + [make_task("evil", HOSTILE, prompt="<script>window.__pwned=1</script> {{7*7}}")])
-    store.add_annotator("alice", PASSWORD)
-    store.add_annotator("bob", PASSWORD)
+    add_annotator(store, "alice", PASSWORD)
+    add_annotator(store, "bob", PASSWORD)
     yield store
     store.close()
 
@@ -79,19 +81,6 @@ def test_login_checks_the_password_and_gives_a_session(store):
                     "guidelines_html": "<p>be kind</p>", "can_view_stats": True}
     sessions.end(token)
     assert sessions.annotator(token) is None
-
-
-def test_sessions_expire_after_idle_time():
-    now = [0.0]
-    sessions = Sessions(ttl=10, clock=lambda: now[0])
-    token = sessions.create("alice")
-    now[0] = 9.0
-    assert sessions.annotator(token) == "alice"  # use extends the session
-    now[0] = 18.0
-    assert sessions.annotator(token) == "alice"
-    now[0] = 28.5
-    assert sessions.annotator(token) is None
-    assert sessions.annotator("forged-token") is None and sessions.annotator(None) is None
 
 
 @pytest.mark.parametrize("call", [
@@ -295,9 +284,9 @@ def test_hostile_text_round_trips_unchanged(store):
     handlers.submit_ranking(store, "alice", SETTINGS, {"task_id": "evil", "ranks": ranks})
     [ranked] = list(store.export_ranked_tasks())
     assert ranked.prompt == "<script>window.__pwned=1</script> {{7*7}}"
-    assert set(ranked.texts) == set(HOSTILE)
+    assert {c.text for c in ranked.completions} == set(HOSTILE)
     shown = {c["id"]: c["text"] for c in opened["task"]["completions"]}
-    assert {shown[i]: r for i, r in ranks.items()} == dict(zip(ranked.texts, ranked.ranks))
+    assert {shown[i]: r for i, r in ranks.items()} == {c.text: c.rank for c in ranked.completions}
 
 
 # ------------------------------------------------------------------------------------------ HTTP layer
@@ -317,11 +306,13 @@ def login(client, name="alice"):
 
 
 def test_http_requires_login_and_sets_a_strict_cookie(client, store):
-    assert client.get("/api/next").status_code == 401
+    assert client.get("/api/health").text == "ok"  # the one route that needs no session besides sign-in
+    assert client.get("/api/next").status_code == 401 and client.get("/api/session").status_code == 401
     assert client.post("/api/rankings", json={"task_id": "t0", "ranks": {}}).status_code == 401
     assert client.post("/api/login", json={"username": "alice", "password": "nope-nope"}).status_code == 401
     cookie = login(client).headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie
+    assert client.get("/api/session").json()["annotator"] == "alice"
     assert client.get("/api/next").json()["task"] is not None
     client.post("/api/logout", json={})
     assert client.get("/api/next").status_code == 401
@@ -341,7 +332,8 @@ def test_http_submit_and_errors_map_to_status_codes(client, store):
     form = client.post("/api/skip", data={"task_id": "t1"})
     assert form.status_code == 400 and "application/json" in form.json()["error"]
     assert client.post("/api/skip", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
-    assert client.get("/api/stats").status_code == 200  # alice is an admin
+    history = client.get("/api/history").json()["items"]
+    assert [(item["task_id"], item["status"]) for item in history] == [(task["id"], "ranked")]
     assert len(store.export_rankings()) == 1 and len(store.events()) == 1
 
 
@@ -458,45 +450,6 @@ def test_oversized_bodies_are_refused_before_they_are_read(store, path):
 
 # ------------------------------------------------------------------------------------------ sign-in throttling
 
-def test_login_throttle_per_account_and_per_address():
-    now = [1000.0]
-    throttle = LoginThrottle(account_failures=5, address_failures=20, base_delay=1.0, max_delay=300.0,
-                             clock=lambda: now[0])
-    for _ in range(5):
-        throttle.attempt("alice", "10.0.0.1")  # five failures go through at once
-    with pytest.raises(TooManyAttempts, match="too many failed sign-ins; try again in 1 s") as info:
-        throttle.attempt("alice", "10.0.0.1")
-    assert info.value.status == 429 and info.value.retry_after == 1
-    with pytest.raises(TooManyAttempts):
-        throttle.attempt("alice", "10.0.0.2")  # the account is throttled from any address
-    throttle.attempt("bob", "10.0.0.1")  # another account from the same address is not (yet)
-    now[0] += 1.0
-    throttle.attempt("alice", "10.0.0.1")  # waited: one more try; the wait now doubles
-    with pytest.raises(TooManyAttempts, match="try again in 2 s"):
-        throttle.attempt("alice", "10.0.0.1")
-    for _ in range(12):
-        now[0] += 301.0
-        throttle.attempt("alice", "10.0.0.3")
-    with pytest.raises(TooManyAttempts, match="try again in 300 s"):  # capped
-        throttle.attempt("alice", "10.0.0.3")
-    throttle.succeeded("alice", "10.0.0.3")  # a success clears the account
-    throttle.attempt("alice", "10.0.0.3")
-    # One address guessing across many names is stopped by the address limit.
-    for i in range(20):
-        throttle.attempt(f"user{i}", "10.9.9.9")
-    with pytest.raises(TooManyAttempts):
-        throttle.attempt("someone-new", "10.9.9.9")
-    now[0] += 901.0  # forgotten after a quiet quarter of an hour
-    throttle.attempt("someone-new", "10.9.9.9")
-
-
-def test_login_throttle_keeps_a_bounded_number_of_keys():
-    throttle = LoginThrottle(max_keys=100)
-    for i in range(1000):
-        throttle.attempt(f"name{i}", f"10.0.{i // 256}.{i % 256}")
-    assert len(throttle._failures) <= 100
-
-
 def test_http_failed_sign_ins_are_throttled(client, store):
     statuses = []
     for _ in range(20):
@@ -521,9 +474,11 @@ def test_sign_in_page_and_api_get_a_strict_content_security_policy(client):
     assert script.status_code == 200 and 'fetch("api/login"' in script.text and "innerHTML" not in script.text
 
 
-def test_no_stats_for_non_admins_over_http(client):
-    login(client, "bob")
-    assert client.get("/api/stats").status_code == 403
+def test_no_stats_over_http(client):
+    # The statistics are the admins' panel in the UI and `rlhf stats`: the API serves them to nobody.
+    for name in ("bob", "alice"):  # alice is an admin
+        login(client, name)
+        assert client.get("/api/stats").status_code == 404
 
 
 # ------------------------------------------------------------------------------------------ command

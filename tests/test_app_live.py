@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 import select
 import socket
-import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
 import httpx
 import pytest
+from app_helpers import serving
 
-from labeling.app import bind_socket, make_server
+from labeling.auth import add_annotator
 from labeling.handlers import AppSettings
 from labeling.store import open_store
 from rlhf.records import Task
@@ -28,19 +28,9 @@ def server(tmp_path_factory):
     store.import_tasks([Task.from_dict({"id": f"t{i}", "prompt": f"prompt {i}", "completions": ["a", "b", "c"]})
                         for i in range(4)])
     for name in ("alice", "bob"):
-        store.add_annotator(name, PASSWORD)
-    sock = bind_socket("127.0.0.1", 0)
-    uvicorn_server = make_server(store, AppSettings(overlap=2))
-    thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uvicorn_server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield sock.getsockname()
-    uvicorn_server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+        add_annotator(store, name, PASSWORD)
+    with serving(store, AppSettings(overlap=2)) as address:
+        yield address
     store.close()
 
 

@@ -5,9 +5,10 @@ import sqlite3
 import sys
 
 import pytest
-
-from labeling.store import open_store
 from labeling_helpers import make_tasks, write_tasks
+
+from labeling.auth import verify_password
+from labeling.store import open_store
 from pipeline.cli import build_parser, main
 
 
@@ -54,8 +55,8 @@ def test_users_add_reads_password_from_stdin(tmp_path, capsys, monkeypatch):
     code, out, _ = run(capsys, "users", "add", "--db", db, "alice")
     assert code == 0 and "added annotator alice" in out
     with open_store(db) as store:
-        assert store.verify_password("alice", "s3cret-password")
-        assert not store.verify_password("alice", "not this line")
+        assert verify_password(store, "alice", "s3cret-password")
+        assert not verify_password(store, "alice", "not this line")
     stored = sqlite3.connect(db).execute("SELECT password_hash FROM annotators").fetchone()[0]
     assert "s3cret-password" not in stored
 

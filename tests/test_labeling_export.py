@@ -1,13 +1,13 @@
 import json
 
 import pytest
+from labeling_helpers import make_tasks, order_ranks
 
 from labeling.export import export, majority_pairs
-from rlhf.prompts import split_by_prompt
 from labeling.store import open_store
-from labeling_helpers import make_tasks, order_ranks
 from rlhf.errors import UserError
-from rlhf.records import Pair, RankedTask, Task
+from rlhf.prompts import split_by_prompt
+from rlhf.records import Pair, RankedCompletion, RankedTask, Task
 
 
 def read_jsonl(path):
@@ -21,7 +21,7 @@ def filled(tmp_path):
     tasks = make_tasks(10, k=3)
     store.import_tasks(tasks)
     for name in ("a", "b", "c"):
-        store.add_annotator(name, None)
+        store.add_annotator(name)
     for task in tasks:
         store.submit_ranking("a", task.id, order_ranks(task, [0, 1, 2]))
         store.submit_ranking("b", task.id, order_ranks(task, [2, 1, 0]))
@@ -85,7 +85,7 @@ def test_same_prompt_in_two_tasks_lands_in_one_split(tmp_path):
         tasks = make_tasks(6, k=2)
         twin = Task.from_dict({"id": "twin", "prompt": tasks[0].prompt, "completions": ["x", "y"]})
         store.import_tasks(tasks + [twin])
-        store.add_annotator("a", None)
+        store.add_annotator("a")
         for task in tasks + [twin]:
             store.submit_ranking("a", task.id, order_ranks(task, [1, 0]))
         for seed in range(6):
@@ -100,7 +100,7 @@ def test_majority_keeps_agreed_pairs_and_drops_contradicted(tmp_path):
         tasks = make_tasks(2, k=3)
         store.import_tasks(tasks)
         for name in ("a", "b", "c"):
-            store.add_annotator(name, None)
+            store.add_annotator(name)
         t0, t1 = tasks
         # task-0: a and b disagree only on (0, 1): that pair is dropped, (0, 2) and (1, 2) kept
         store.submit_ranking("a", t0.id, order_ranks(t0, [0, 1, 2]))
@@ -130,7 +130,7 @@ def test_majority_keeps_agreed_pairs_and_drops_contradicted(tmp_path):
 
 def test_majority_pairs_with_ties():
     def r(ranks, who):
-        return RankedTask("t", who, "p", ("x", "y", "z"), ("X", "Y", "Z"), tuple(ranks))
+        return RankedTask("t", who, "p", tuple(RankedCompletion(i, i.upper(), r) for i, r in zip("xyz", ranks)))
     pairs, dropped = majority_pairs([r([1, 1, 2], "a"), r([2, 1, 3], "b")])
     # (x,y): a ties, b says y > x -> y wins 1-0; (x,z), (y,z): both say x,y > z
     assert dropped == 0

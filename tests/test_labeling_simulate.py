@@ -3,10 +3,10 @@ import random
 from collections import Counter
 
 import pytest
+from labeling_helpers import make_tasks
 
 from labeling.simulate import sample_order, sample_ranks, simulate, tie_groups
 from labeling.store import open_store
-from labeling_helpers import make_tasks
 from rlhf.errors import UserError
 from rlhf.records import Task
 
@@ -66,7 +66,7 @@ def test_simulate_ties_equal_scores_and_exports_no_pair_for_them(tmp_path):
         summary = simulate(store, length_oracle, annotators=1, overlap=1, noise=0.0)
         assert summary["oracle_agreement"] == 1.0
         (ranked,) = list(store.export_ranked_tasks())
-        by_text = dict(zip(ranked.texts, ranked.ranks))
+        by_text = {c.text: c.rank for c in ranked.completions}
         assert by_text == {"dddd": 1, "aa": 2, "bb": 2, "c": 3}
         assert len(expand_pairs(ranked)) == 5  # C(4,2) = 6 minus the tied aa/bb pair
 
@@ -100,7 +100,7 @@ def test_simulate_fills_the_queue_with_strict_rankings(tmp_path):
             lengths = [len(by_id[c]) for c in ordered]
             assert lengths == sorted(lengths, reverse=True)  # noise 0: by oracle score, best first
         assert len(store.events()) == 24  # through submit_ranking, like the app
-        assert not store.verify_password("sim-1", "")
+        assert store.password_hash("sim-1") is None  # scripted accounts cannot sign in
         assert simulate(store, length_oracle, annotators=3, overlap=2)["rankings"] == 0  # queue is empty
 
 

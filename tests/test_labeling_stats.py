@@ -1,10 +1,10 @@
 import math
 
 import pytest
+from labeling_helpers import make_tasks, order_ranks
 
 from labeling.stats import compute_stats, format_stats, kendall_tau_b, pair_agreement
 from labeling.store import open_store
-from labeling_helpers import make_tasks, order_ranks
 
 
 @pytest.mark.parametrize("a, b, tau", [
@@ -34,7 +34,7 @@ def test_compute_stats_on_hand_made_rankings(tmp_path):
         t0, t1, t2 = tasks = make_tasks(3, k=3)
         store.import_tasks(tasks)
         for name in ("a", "b", "c", "d"):
-            store.add_annotator(name, None)
+            store.add_annotator(name)
         store.submit_ranking("a", t0.id, order_ranks(t0, [0, 1, 2]), seconds=10)
         store.submit_ranking("b", t0.id, order_ranks(t0, [0, 1, 2]), seconds=5)
         store.submit_ranking("c", t0.id, order_ranks(t0, [2, 1, 0]))

@@ -3,13 +3,12 @@ from math import comb
 import pytest
 
 from labeling.pairs import expand_pairs, pair_indices
-from rlhf.records import RankedTask
+from rlhf.records import RankedCompletion, RankedTask
 
 
 def ranked(ranks, annotator="a"):
-    k = len(ranks)
-    return RankedTask("t", annotator, "the prompt", tuple(f"c{i}" for i in range(k)),
-                      tuple(f"text {i}" for i in range(k)), tuple(ranks))
+    return RankedTask("t", annotator, "the prompt",
+                      tuple(RankedCompletion(f"c{i}", f"text {i}", rank) for i, rank in enumerate(ranks)))
 
 
 @pytest.mark.parametrize("k", range(2, 10))

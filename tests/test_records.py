@@ -4,7 +4,7 @@ import pytest
 
 from rlhf.errors import UserError
 from rlhf.jsonl import atomic_write, read_jsonl, write_jsonl
-from rlhf.records import Pair, RankedTask, Ranking, Task
+from rlhf.records import Pair, RankedCompletion, RankedTask, Ranking, Task
 
 
 def test_task_round_trip_and_generated_ids():
@@ -46,7 +46,11 @@ def test_ranking_normalization_dense_and_checked():
 def test_ranked_task_round_trip():
     task = Task.from_dict({"id": "t1", "prompt": "p", "completions": ["x", "y", "z"]})
     ranked = RankedTask.from_task(task, Ranking("t1", "ann", {"t1-0": 3, "t1-1": 1, "t1-2": 2}))
-    assert ranked.ranks == (3, 1, 2)
+    assert ranked.completions == (RankedCompletion("t1-0", "x", 3), RankedCompletion("t1-1", "y", 1),
+                                  RankedCompletion("t1-2", "z", 2))
+    assert ranked.to_dict() == {"task_id": "t1", "annotator": "ann", "prompt": "p", "completions": [
+        {"id": "t1-0", "text": "x", "rank": 3}, {"id": "t1-1", "text": "y", "rank": 1},
+        {"id": "t1-2", "text": "z", "rank": 2}]}  # the rankings.jsonl line, a public format
     assert RankedTask.from_dict(json.loads(json.dumps(ranked.to_dict()))) == ranked
 
 

@@ -7,13 +7,18 @@ import torch
 
 from reward_model.data import DataStats, build_examples, collate, epoch_order
 from reward_model.evaluate import expected_calibration_error, human_agreement
-from reward_model.model import EncodedSample
 from reward_model.loss import build_pair_index, pairwise_loss, ranking_loss, ranking_pairs
-from rlhf.records import Pair, RankedTask
+from reward_model.model import EncodedSample
+from rlhf.records import Pair, RankedCompletion, RankedTask
 
 
 def log1p_exp(x):
     return math.log1p(math.exp(x))
+
+
+def ranked_task(task_id, texts):
+    """A ranking of `texts` in order (ranks 1, 2, 3, ...) by annotator "a" of prompt "p"."""
+    return RankedTask(task_id, "a", "p", tuple(RankedCompletion(f"c{i}", t, i + 1) for i, t in enumerate(texts)))
 
 
 def test_pairwise_loss_closed_form():
@@ -89,8 +94,8 @@ def test_margin_uses_rank_gap():
 
 def test_build_examples_skips_identical_and_counts_empty():
     stats = DataStats()
-    same = RankedTask("t1", "a", "p", ("x", "y", "z"), ("same", "same", ""), (1, 2, 3))
-    all_same = RankedTask("t2", "a", "p", ("x", "y"), ("dup", "dup"), (1, 2))
+    same = ranked_task("t1", ("same", "same", ""))
+    all_same = ranked_task("t2", ("dup", "dup"))
     pair = Pair("p", "good", "bad")
     examples = build_examples([same, all_same, pair], stats)
     assert [len(e.pairs) for e in examples] == [2, 1]   # (0,1) identical texts dropped
@@ -101,7 +106,7 @@ def test_build_examples_skips_identical_and_counts_empty():
 
 def test_collate_one_forward_for_all_completions():
     stats = DataStats()
-    examples = build_examples([RankedTask("t", "a", "p", ("a", "b", "c"), ("1", "2", "3"), (1, 2, 3)),
+    examples = build_examples([ranked_task("t", ("1", "2", "3")),
                                Pair("q", "4", "5")], stats)
     examples[0].rows = [EncodedSample([5, 6], 1, False), EncodedSample([5, 6, 7], 2, False), EncodedSample([5], 1, False)]
     examples[1].rows = [EncodedSample([8], 1, False), EncodedSample([8, 9], 1, False)]
