@@ -10,14 +10,8 @@ import argparse
 import json
 import sys
 
+from rlhf.config_args import positive_int
 from rlhf.errors import UserError
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _db_option(p: argparse.ArgumentParser) -> None:
@@ -78,8 +72,8 @@ def add_commands(sub) -> None:
     p.add_argument("--oracle", required=True,
                    help="preference oracle: sentiment, descriptive, on_topic, formality, length, alliteration "
                         "(see rlhf/oracles.py), or module:function taking (prompt, completion)")
-    p.add_argument("--annotators", type=_positive_int, default=3, help="number of scripted annotators (default 3)")
-    p.add_argument("--overlap", type=_positive_int, default=2, help="rankings wanted per task (default 2)")
+    p.add_argument("--annotators", type=positive_int, default=3, help="number of scripted annotators (default 3)")
+    p.add_argument("--overlap", type=positive_int, default=2, help="rankings wanted per task (default 2)")
     p.add_argument("--noise", type=float, default=0.1,
                    help="sampling temperature relative to each task's score range; 0 = always sort by score "
                         "(default 0.1: best above worst with probability sigmoid(1/0.1))")
@@ -103,7 +97,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("stats", help="labeling progress, annotator throughput and inter-annotator agreement")
     _db_option(p)
-    p.add_argument("--overlap", type=_positive_int, default=2,
+    p.add_argument("--overlap", type=positive_int, default=2,
                    help="rankings wanted per task, for the 'complete' count (default 2)")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(func=run_stats)
