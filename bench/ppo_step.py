@@ -143,7 +143,8 @@ def run_layout(layout: str, rm_dir: str, steps: int, batch: int, length: int) ->
 
     from policy.config import PPOConfig
     from policy.roles import build_roles
-    from policy.trainer import ppo_update, reward_function, rollout
+    from policy.rollout import reward_function, rollout
+    from policy.trainer import ppo_update
     from rlhf.models import eos_token_ids
     from rlhf.prompts import read_prompts
 

@@ -58,8 +58,12 @@ class PolicyRoles(nn.Module):
         for name, param in self.named_parameters():
             param.requires_grad_(name in self._trainable)
 
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters by name (actor and critic adapters, value head): what a checkpoint holds."""
+        return {name: p for name, p in self.named_parameters() if name in self._trainable}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if name in self._trainable]
+        return list(self.named_trainable().values())
 
     def parameters_of(self, role: str) -> dict[str, Tensor]:
         """Named parameters of one adapter ("actor", "critic", "reward") or "base" (everything else in

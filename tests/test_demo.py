@@ -1,12 +1,13 @@
 """The end-to-end demo on a tiny model: every stage runs, the report is written, --resume skips done stages."""
 
 import json
-from html import escape
+from html.parser import HTMLParser
 
 import pytest
 
 from pipeline.cli import main
 from pipeline.demo import DemoConfig, run_demo
+from pipeline.report import write_report
 from rlhf.errors import UserError
 
 
@@ -16,6 +17,28 @@ def _config(tmp_path, model, **overrides):
                     ppo_steps=2, ppo_batch_size=4, eval_every=1, oracle="length")
     settings.update(overrides)
     return DemoConfig.quick(**settings)
+
+
+class _Page(HTMLParser):
+    """The tags of a page, and the text of each <pre> block (entities decoded: what a browser shows)."""
+
+    def __init__(self, html):
+        super().__init__()
+        self.tags, self.pre, self._in_pre = [], [], False
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag == "pre":
+            self._in_pre = True
+            self.pre.append("")
+
+    def handle_endtag(self, tag):
+        self._in_pre = self._in_pre and tag != "pre"
+
+    def handle_data(self, data):
+        if self._in_pre:
+            self.pre[-1] += data
 
 
 def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, capsys):
@@ -41,10 +64,13 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, capsys):
     assert "<script" not in html  # model text is escaped; the report runs no script
     samples = [json.loads(line) for line in (out / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3
-    for sample in samples:  # every model text appears escaped, never as raw markup
-        assert f">{escape(sample['prompt'])}<" in html
+    shown = [text.removesuffix("\n") for text in _Page(html).pre]
+    for sample in samples:  # every model text appears as literal text in a code block
+        for text in (sample["prompt"], sample["reference"]["completion"], sample["policy"]["completion"]):
+            assert text in shown
     md = (out / "report.md").read_text()
-    assert "## Samples" in md and "report_files/policy_vs_step.png" in md
+    assert "## Samples" in md and "ppo/plots/reward_vs_kl.png" in md and "rm/train_curves.png" in md
+    assert html.count("data:image/png;base64,") == 4
 
     # --resume after a "crash" in PPO: earlier stages are skipped, not redone
     (out / "stages" / "policy.json").unlink()
@@ -70,3 +96,26 @@ def test_demo_refuses_to_overwrite_and_names_the_failing_stage(tmp_path, tiny_mo
     code = main(["demo", "--quick", "--out", str(tmp_path / "other"), "--model", str(tmp_path / "no-model")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "stage 'generate' failed" in err and len(err.splitlines()) == 1
+
+
+def test_report_renders_model_text_inert(tmp_path):
+    """Raw HTML, links, images and headings written by a model show as literal text in both report.md and
+    report.html, and the page loads nothing and runs nothing."""
+    evil = ("<script>alert(1)</script> [x](javascript:alert(1)) ![i](http://evil/x.png)\n# heading\n"
+            "```\n<img src=x onerror=alert(1)>\n````")
+    out = tmp_path / "demo"
+    (out / "ppo").mkdir(parents=True)
+    side = {"completion": evil, "reward": 0.5, "kl": 1.25}
+    (out / "ppo" / "samples.jsonl").write_text(json.dumps({"prompt": evil, "reference": side, "policy": side}) + "\n")
+    done = {"label": {"stats": {"tasks": 1, "annotators": [{"name": "<b>[m](javascript:x)</b> | x", "ranked": 1,
+                                                            "skipped": 0}]}},
+            "policy": {"final": {"objective/oracle": 1.0}, "reference": {"objective/oracle": 0.5}}}
+    write_report(out, {"oracle": "<i>descriptive</i>"}, done)
+    page = _Page((out / "report.html").read_text())
+    assert [text.removesuffix("\n") for text in page.pre].count(evil) == 3  # prompt, SFT and PPO, literal
+    tags = [tag for tag, _ in page.tags]
+    assert "script" not in tags and "a" not in tags and "img" not in tags and "i" not in tags and "b" not in tags
+    assert tags.count("h1") == 1 and ("meta", {"http-equiv": "Content-Security-Policy", "content":
+                                               "default-src 'none'; img-src data:; style-src 'unsafe-inline'"}) in page.tags
+    html = (out / "report.html").read_text()
+    assert "&lt;b&gt;[m](javascript:x)&lt;/b&gt; | x" in html  # the annotator's name, escaped, in one cell

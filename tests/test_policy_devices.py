@@ -17,7 +17,9 @@ from torch.utils._pytree import tree_flatten
 
 from policy.config import PPOConfig
 from policy.roles import build_roles
-from policy.trainer import evaluate, grpo_update, ppo_update, reward_function, rloo_update, rollout
+from policy.evaluate import evaluate
+from policy.rollout import reward_function, rollout
+from policy.trainer import grpo_update, ppo_update, rloo_update
 from rlhf.models import eos_token_ids
 
 FAKE = torch.device("cuda", 0)
@@ -174,19 +176,19 @@ def test_rollout_evaluate_and_update_on_the_model_device(tiny_model_dir, rm_dir,
     reward_fn = reward_function(config, tokenizer)
     with context():
         # evaluation runs first in train_policy (step 0), on the policy and at the end on the reference
-        metrics, rows = evaluate(roles, tokenizer, ["Hi there", "Tell a story"], config,
-                                 reward_fn if reward == "rm" else None, None, eos)
-        evaluate(roles, tokenizer, ["Hi there"], config, None, None, eos, reference=True)
+        metrics, rows = evaluate(roles, tokenizer, ["Hi there", "Tell a story"], config, reward_fn, None, eos)
+        evaluate(roles, tokenizer, ["Hi there"], config, reward_fn, None, eos, reference=True)
         batch = rollout(roles, tokenizer, ["Hi there", "Tell a story"], config.samples_per_prompt, config,
                         reward_fn, eos, generator_seed=1, with_values=algo == "ppo", with_logprobs=algo != "rloo")
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         if algo == "ppo":
-            update, skipped = ppo_update(roles, accelerator, optimizer, batch, 0.05, config, 1)
+            update = ppo_update(roles, accelerator, optimizer, batch, 0.05, config, 1)
         elif algo == "grpo":
-            update, skipped = grpo_update(roles, accelerator, optimizer, batch, 0.04, config, 1)
+            update = grpo_update(roles, accelerator, optimizer, batch, 0.04, config, 1)
         else:
-            update, skipped = rloo_update(roles, accelerator, optimizer, batch, 0.05, config)
+            update = rloo_update(roles, accelerator, optimizer, batch, 0.05, config)
     assert len(rows) == 2 and all(isinstance(v, float) for v in metrics.values())
     for name in ("input_ids", "attention_mask", "responses", "mask", "finished", "ref_logprobs", "scores"):
         assert on_accelerator(getattr(batch, name)), name
-    assert skipped == 0 and all(v == v for v in update.values())  # no NaN
+    assert on_accelerator(update.logprobs) and on_accelerator(update.entropy)
+    assert update.skipped == 0 and all(v == v for v in update.metrics.values())  # no NaN

@@ -11,7 +11,8 @@ import torch
 from policy import core, trainer
 from policy.config import PPOConfig
 from policy.roles import ACTOR, CRITIC, REWARD, build_roles
-from policy.trainer import ppo_update, reward_function, rloo_update, rollout, train_policy
+from policy.rollout import reward_function, rollout
+from policy.trainer import ppo_update, rloo_update, train_policy
 from pipeline.cli import main as cli_main
 from rlhf.errors import UserError
 from rlhf.models import eos_token_ids
@@ -92,13 +93,14 @@ def test_stop_kl_measures_the_current_policy_before_each_step(tiny_model_dir, al
     _CountingAdam.steps = 0
     optimizer = _CountingAdam(roles.trainable_parameters(), lr=config.lr)
     update = ppo_update if algo == "ppo" else trainer.grpo_update
-    metrics, skipped = update(roles, Accelerator(cpu=True), optimizer, batch, 0.05, config, 1)
-    assert skipped == 0
+    result = update(roles, Accelerator(cpu=True), optimizer, batch, 0.05, config, 1)
+    metrics = result.metrics
+    assert result.skipped == 0
     assert _CountingAdam.steps == 1 and metrics["policy/epochs"] == 1
     assert metrics["policy/approx_kl"] > 0  # the stopping measurement is logged
     config.stop_kl = None
     _CountingAdam.steps = 0
-    metrics, _ = update(roles, Accelerator(cpu=True), optimizer, batch, 0.05, config, 2)
+    metrics = update(roles, Accelerator(cpu=True), optimizer, batch, 0.05, config, 2).metrics
     assert _CountingAdam.steps == 4 and metrics["policy/epochs"] == 4
 
 
@@ -116,7 +118,7 @@ def test_ppo_logs_the_advantage_spread_before_whitening(tiny_model_dir):
     advantages, _ = core.compute_gae(rewards, batch.values, batch.mask, config.gamma, config.lam)
     expected = core.masked_var(advantages, batch.mask).sqrt().item()
     optimizer = torch.optim.Adam(roles.trainable_parameters(), lr=1e-3)
-    metrics, _ = ppo_update(roles, Accelerator(cpu=True), optimizer, batch, 0.05, config, 1)
+    metrics = ppo_update(roles, Accelerator(cpu=True), optimizer, batch, 0.05, config, 1).metrics
     assert metrics["policy/advantage_std"] == pytest.approx(expected, rel=1e-5) and expected > 0
 
 
@@ -132,9 +134,11 @@ def test_rloo_reward_is_score_minus_beta_sum_of_k1(tiny_model_dir):
     batch = rollout(roles, tokenizer, PROMPTS[:2], 2, config, reward_function(config, tokenizer), eos,
                     generator_seed=1, with_values=False, with_logprobs=False)
     optimizer = torch.optim.Adam(list(roles.parameters_of(ACTOR).values()), lr=1e-3)
-    metrics, _ = rloo_update(roles, Accelerator(cpu=True), optimizer, batch, 0.5, config)
-    k1 = ((batch.logprobs - batch.ref_logprobs) * batch.mask).sum(1)
-    k3 = (core.kl_estimate(batch.logprobs, batch.ref_logprobs, "k3") * batch.mask).sum(1)
+    update = rloo_update(roles, Accelerator(cpu=True), optimizer, batch, 0.5, config)
+    metrics = update.metrics
+    assert batch.logprobs is None  # the update returns pi_old's logprobs; the rollout is left as it was
+    k1 = ((update.logprobs - batch.ref_logprobs) * batch.mask).sum(1)
+    k3 = (core.kl_estimate(update.logprobs, batch.ref_logprobs, "k3") * batch.mask).sum(1)
     assert not torch.allclose(k1, k3, atol=1e-3)
     assert metrics["objective/rlhf_reward"] == pytest.approx((batch.scores - 0.5 * k1).mean().item(), rel=1e-5)
     with pytest.raises(UserError, match="k1"):

@@ -10,7 +10,8 @@ import torch
 from policy import core
 from policy.config import PPOConfig
 from policy.roles import build_roles
-from policy.trainer import grpo_update, reward_function, rollout, train_policy
+from policy.rollout import reward_function, rollout
+from policy.trainer import grpo_update, train_policy
 from pipeline.cli import main as cli_main
 from rlhf.errors import UserError
 from rlhf.models import eos_token_ids
@@ -111,9 +112,9 @@ def test_on_policy_grpo_update_uses_the_rollouts_logprobs(tiny_model_dir):
         batch.scores = torch.tensor([1.0, 0.0, 0.2, 0.7])
         params = list(roles.parameters_of("actor").values())
         optimizer = torch.optim.Adam(params, lr=config.lr)
-        metrics, skipped = grpo_update(roles, Accelerator(cpu=True), optimizer, batch, 0.04, config, 1)
-        results.append((batch.logprobs.clone(), batch.entropy.clone(), [p.detach().clone() for p in params],
-                        metrics))
+        update = grpo_update(roles, Accelerator(cpu=True), optimizer, batch, 0.04, config, 1)
+        results.append((update.logprobs.clone(), update.entropy.clone(), [p.detach().clone() for p in params],
+                        update.metrics))
     (lp0, ent0, p0, m0), (lp1, ent1, p1, m1) = results
     assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(ent0, ent1, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p0, p1))

@@ -10,7 +10,8 @@ import torch
 from policy import core
 from policy.config import PPOConfig
 from policy.roles import ACTOR, CRITIC, REWARD, build_roles
-from policy.trainer import _Sampler, ppo_update, rollout, reward_function, train_policy
+from policy.rollout import reward_function, rollout
+from policy.trainer import _Sampler, ppo_update, train_policy
 from pipeline.cli import main as cli_main
 from rlhf.errors import UserError
 from rlhf.models import eos_token_ids
@@ -130,8 +131,7 @@ def test_rm_role_scores_like_the_reward_model(tiny_model_dir, which, request):
     rm, _ = load_reward_model(rm_path)
     prompts, texts = ["Tell a tale.", "Hi"], ["Once upon a time", "Sea and sky"]
     expected = score_texts(rm, tokenizer, prompts, texts)
-    dummy = torch.zeros((2, 3), dtype=torch.long)
-    got = reward_function(config, tokenizer)(roles, prompts, texts, dummy, torch.ones_like(dummy), None, 0)
+    got = reward_function(config, tokenizer)(roles, prompts, texts, torch.device("cpu"))
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
     assert not torch.allclose(got, torch.zeros(2))
 
@@ -188,8 +188,9 @@ def test_ppo_updates_actor_and_critic_only(tiny_model_dir, rm_dir):
     for step in (1, 2):
         batch = rollout(roles, tokenizer, PROMPTS[:4], 1, config, reward_function(config, tokenizer),
                         eos, generator_seed=step, with_values=True)
-        metrics, skipped = ppo_update(roles, Accelerator(cpu=True), optimizer, batch, 0.05, config, step)
-        assert skipped == 0 and math.isfinite(metrics["loss/policy"]) and math.isfinite(metrics["loss/value"])
+        update = ppo_update(roles, Accelerator(cpu=True), optimizer, batch, 0.05, config, step)
+        metrics = update.metrics
+        assert update.skipped == 0 and math.isfinite(metrics["loss/policy"]) and math.isfinite(metrics["loss/value"])
     assert not _changed(before["base"], roles.parameters_of("base")), "the reference (base weights) changed"
     assert not _changed(before[REWARD], roles.parameters_of(REWARD)), "the reward adapter changed"
     assert torch.equal(roles.score_head.weight, heads[1])
@@ -235,10 +236,10 @@ def test_cli_ppo_with_reward_model(tiny_model_dir, rm_dir, prompts_file, tmp_pat
     assert float(evals[0]["objective/kl"]) == pytest.approx(0.0, abs=1e-5)  # step 0: policy == reference
     eval_samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
     assert [r["step"] for r in eval_samples] == [0, 1, 2]  # one held-out prompt (10% of 6)
-    assert {"prompt", "completion", "rm_score", "kl"} <= set(eval_samples[0])
+    assert {"prompt", "completion", "reward", "kl", "oracle"} <= set(eval_samples[0])  # ScoredSample rows
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and {"reference", "policy"} <= set(samples[0])
-    assert "rm_score" in samples[0]["policy"] and "oracle" in samples[0]["reference"]
+    assert "reward" in samples[0]["policy"] and "oracle" in samples[0]["reference"]
     for name in ("reward_vs_step.png", "kl_vs_step.png", "reward_vs_kl.png"):
         assert (out / "plots" / name).stat().st_size > 1000
     assert (out / "policy" / "adapter_model.safetensors").is_file()

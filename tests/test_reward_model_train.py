@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import random
 
 import pytest
@@ -182,3 +183,25 @@ def test_cli_bad_inputs(tiny_model_dir, tmp_path, capsys):
     bad_input.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n" + json.dumps({"prompt": "p"}) + "\n")
     assert main(["score", "--rm", str(tmp_path), "--input", str(bad_input)]) == 2
     assert "in.jsonl:2: 'completion' must be a string" in capsys.readouterr().err
+
+
+def _todays_lr_factor(step, total_steps, final_fraction):
+    """The hand-written schedule reward_model/train.py used before transformers' (kept here as the reference)."""
+    progress = min(step / max(total_steps, 1), 1.0)
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("total_steps,final_fraction", [(12, 0.1), (1, 0.1), (7, 0.0), (50, 0.25), (3, 1.0)])
+def test_learning_rate_per_step_is_the_cosine_decay_to_a_floor(total_steps, final_fraction):
+    """Cosine decay from the peak to final_fraction of it over the run (InstructGPT appendix C.2), no
+    warm-up: the learning rate of every step, both parameter groups, bit for bit as before."""
+    import torch
+
+    body, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [body], "lr": 3e-4}, {"params": [head], "lr": 9e-3}])
+    scheduler = rmtrain.lr_schedule(optimizer, total_steps, final_fraction)
+    for step in range(total_steps + 1):
+        factor = _todays_lr_factor(step, total_steps, final_fraction)
+        assert scheduler.get_last_lr() == [3e-4 * factor, 9e-3 * factor], step
+        optimizer.step()
+        scheduler.step()
