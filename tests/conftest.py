@@ -1,5 +1,4 @@
 import pytest
-
 from tiny_model import build_tiny_model
 
 
@@ -37,4 +36,38 @@ def rm_dir(tiny_model_dir, tmp_path_factory):
                 param.normal_(0, 0.05)
     out = tmp_path_factory.mktemp("rm")
     save_reward_model(rm, out, {"base_model": tiny_model_dir, "max_length": 256, "lora_r": 4})
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory):
+    """The policy tests' prompts (tests/policy_helpers.py) as a JSONL prompt file."""
+    import json
+
+    from policy_helpers import PROMPTS
+
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def peaked_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with 10x larger (tied) embeddings: its logits are no longer near-uniform, so a
+    LoRA adapter can move the distribution a lot in a few steps (the plain tiny model can barely move
+    its logits through the final RMSNorm)."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10)
+    out = tmp_path_factory.mktemp("peaked")
+    model.save_pretrained(out)
+    for f in Path(tiny_model_dir).iterdir():
+        if "token" in f.name or f.suffix == ".jinja":
+            shutil.copy(f, out)
     return str(out)

@@ -1,34 +1,23 @@
 """Correctness of the policy stage on tiny models: role switching, early stopping, the logged metrics,
 RLOO's reward, roles without a critic, the missing-EOS penalty."""
 
-import json
 import logging
 import math
 
 import pytest
 import torch
+from policy_helpers import PROMPTS
 
+from pipeline.cli import main as cli_main
 from policy import core, trainer
 from policy.config import PPOConfig
 from policy.roles import ACTOR, CRITIC, REWARD, build_roles
 from policy.rollout import reward_function, rollout
 from policy.trainer import ppo_update, rloo_update, train_policy
-from pipeline.cli import main as cli_main
 from rlhf.errors import UserError
 from rlhf.models import eos_token_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-PROMPTS = ["Describe a sunny morning at the beach.", "Write a short poem about the moon.",
-           "Explain why the sky is blue.", "The lighthouse keeper heard a knock at midnight."]
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return str(path)
-
 
 def _move_actor(roles, seed=0, std=0.3):
     """Make the actor differ from the reference (a fresh LoRA is a no-op)."""

@@ -6,40 +6,18 @@ import math
 
 import pytest
 import torch
+from policy_helpers import PROMPTS
 
+from pipeline.cli import main as cli_main
 from policy import core
 from policy.config import PPOConfig
 from policy.roles import build_roles
 from policy.rollout import reward_function, rollout
 from policy.trainer import grpo_update, train_policy
-from pipeline.cli import main as cli_main
 from rlhf.errors import UserError
 from rlhf.models import eos_token_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-PROMPTS = [
-    "Describe a sunny morning at the beach.",
-    "Continue this story: Once upon a time, a small fox found a silver key.",
-    "Give three tips for staying focused while studying.",
-    "Write a short poem about the moon.",
-    "The lighthouse keeper heard a knock at midnight.",
-    "Explain why the sky is blue.",
-]
-
-
-def e_fraction(prompt, completion):
-    """Toy oracle: the share of non-space characters that are 'e'."""
-    text = completion.replace(" ", "")
-    return sum(c == "e" for c in text) / max(1, len(text))
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    return str(path)
-
 
 def _rows(path):
     with open(path) as handle:
@@ -128,28 +106,9 @@ def test_on_policy_grpo_update_uses_the_rollouts_logprobs(tiny_model_dir):
                     PPOConfig(algo="grpo", reward="length", grpo_k=2, ppo_epochs=2), 2)
 
 
-@pytest.fixture(scope="module")
-def peaked_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with 10x larger embeddings, so a LoRA can move its logits in a few steps."""
-    import shutil
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10)
-    out = tmp_path_factory.mktemp("peaked-grpo")
-    model.save_pretrained(out)
-    for f in Path(tiny_model_dir).iterdir():
-        if "token" in f.name or f.suffix == ".jinja":
-            shutil.copy(f, out)
-    return str(out)
-
-
 def test_grpo_raises_a_toy_reward_with_finite_kl(peaked_model_dir, prompts_file, tmp_path):
     summary = train_policy(PPOConfig(
-        model=peaked_model_dir, reward=f"{__name__}:e_fraction", prompts=prompts_file, out=str(tmp_path / "grpo"),
+        model=peaked_model_dir, reward="policy_helpers:e_fraction", prompts=prompts_file, out=str(tmp_path / "grpo"),
         algo="grpo", steps=8, batch_size=16, grpo_k=4, response_length=8, lr=1e-2, kl_coef=0.01, eval_every=0,
         eval_fraction=0, eval_size=4, seed=0))
     scores = [float(r["objective/scores"]) for r in _rows(summary["train_log"])]

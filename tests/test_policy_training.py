@@ -6,64 +6,21 @@ import math
 
 import pytest
 import torch
+from policy_helpers import PROMPTS
 
+from pipeline.cli import main as cli_main
 from policy import core
 from policy.config import PPOConfig
 from policy.roles import ACTOR, CRITIC, REWARD, build_roles
 from policy.rollout import reward_function, rollout
 from policy.trainer import _Sampler, ppo_update, train_policy
-from pipeline.cli import main as cli_main
 from rlhf.errors import UserError
 from rlhf.models import eos_token_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PROMPTS = [
-    "Describe a sunny morning at the beach.",
-    "Continue this story: Once upon a time, a small fox found a silver key.",
-    "Give three tips for staying focused while studying.",
-    "Write a short poem about the moon.",
-    "The lighthouse keeper heard a knock at midnight.",
-    "Explain why the sky is blue.",
-]
-
-
-def e_fraction(prompt, completion):
-    """Toy oracle for the learning test: the share of non-space characters that are 'e'."""
-    text = completion.replace(" ", "")
-    return sum(c == "e" for c in text) / max(1, len(text))
-
-
 def nan_oracle(prompt, completion):
     return float("nan")
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def peaked_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with 10x larger (tied) embeddings: its logits are no longer near-uniform, so a
-    LoRA adapter can move the distribution a lot in a few steps (the plain tiny model can barely move
-    its logits through the final RMSNorm)."""
-    import shutil
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10)
-    out = tmp_path_factory.mktemp("peaked")
-    model.save_pretrained(out)
-    for f in Path(tiny_model_dir).iterdir():
-        if "token" in f.name or f.suffix == ".jinja":
-            shutil.copy(f, out)
-    return str(out)
 
 
 def _snapshot(named):
@@ -202,7 +159,7 @@ def test_ppo_updates_actor_and_critic_only(tiny_model_dir, rm_dir):
 @pytest.mark.parametrize("algo,lr", [("rloo", 1e-2), ("ppo", 3e-3)])
 def test_policy_raises_toy_reward_with_finite_kl(peaked_model_dir, prompts_file, tmp_path, algo, lr):
     summary = train_policy(PPOConfig(
-        model=peaked_model_dir, reward=f"{__name__}:e_fraction", prompts=prompts_file, out=str(tmp_path / algo),
+        model=peaked_model_dir, reward="policy_helpers:e_fraction", prompts=prompts_file, out=str(tmp_path / algo),
         algo=algo, steps=8, batch_size=16, response_length=8, lr=lr, kl_coef=0.01, eval_every=0,
         eval_fraction=0, eval_size=4, missing_eos_penalty=None, seed=0))
     with open(summary["train_log"]) as handle:
