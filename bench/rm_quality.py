@@ -72,8 +72,8 @@ def cached_tasks(model: str, k: int, max_new_tokens: int, seed: int = 0, limit: 
 def oracle_rankings(tasks: list[dict], oracle, test_fraction: float, seed: int, tie_margin: float = 0.0) -> list[dict]:
     """rankings.jsonl rows ranked by `oracle` (dense ranks, ties equal), split by prompt as the export
     splits; tasks whose completions all tie are left out (no comparison to learn from)."""
-    from rlhf.prompts import split_by_prompt
     from labeling.simulate import sample_ranks
+    from rlhf.prompts import split_by_prompt
 
     test = split_by_prompt([t["prompt"] for t in tasks], test_fraction, seed)
     rows = []
@@ -125,8 +125,9 @@ def run_ours(rows: list[dict], args, out: Path, **overrides) -> dict:
     summary = train_reward_model(config, progress=False)
     rm, tokenizer = load_reward_model(out / "rm")  # in its training dtype, as `rlhf eval-rm` loads it
     train = evaluate_reward_model(rm, tokenizer, [r for r in rows if r["split"] == "train"])
-    log_rows = (out / "rm" / "train_log.csv").read_text(encoding="utf-8").splitlines()
-    train_seconds = float(log_rows[-1].rsplit(",", 1)[1])  # model load + the training steps, as TRL's timing
+    from rlhf.runlog import read_log
+
+    train_seconds = float(read_log(out / "rm" / "train_log.csv")["seconds"].iloc[-1])  # load + steps, as TRL's
     return {"train": train["accuracy"], "test": summary["test_accuracy"], "seconds": train_seconds,
             "test_result": summary["test"]}
 
@@ -246,9 +247,9 @@ class FrozenFeatures:
     once per (prompt, completion) and cached on disk."""
 
     def __init__(self, model: str, tasks: list[dict]):
-        import torch
-
         import hashlib
+
+        import torch
 
         digest = hashlib.sha256(json.dumps(tasks, sort_keys=True).encode()).hexdigest()[:12]
         path = CACHE / f"probe-features-{Path(model).name}-{digest}-{'-'.join(map(str, PROBE_LAYERS))}.pt"
@@ -346,7 +347,8 @@ def main() -> None:
         if "probe" in methods:
             started = time.time()
             chosen, train_acc, test_acc = select_and_fit(frozen.features(), train_rows, test_rows)
-            result["probe"] = {"train": train_acc, "test": test_acc, "seconds": time.time() - started, "readout": chosen}
+            result["probe"] = {"train": train_acc, "test": test_acc, "seconds": time.time() - started,
+                               "readout": chosen}
         if "bow" in methods:
             started = time.time()
             _, train_acc, test_acc = select_and_fit(bag_of_words(tasks), train_rows, test_rows, standardise=False)
