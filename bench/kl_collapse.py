@@ -1,12 +1,15 @@
-"""The KL-collapse experiment (README, "Why the KL term") on SmolLM2-135M-Instruct with the `alliteration` oracle as reward:
-RLOO with beta = 0 (no KL penalty) against beta > 0, same budget (steps and seconds).
+"""The KL-collapse experiment (README, "Why the KL term") on SmolLM2-135M-Instruct with the `alliteration`
+oracle as reward: RLOO with beta = 0 (no KL penalty) against beta > 0, same budget (steps and seconds).
 
 Targets: beta = 0 collapses ("tall tall tall ...": distinct-2 below half the SFT model's), while beta > 0
 raises the oracle reward by >= 30% over the SFT model, keeps distinct-2 >= 0.8x the SFT model's and
 the mean KL under 5 nats. All numbers are measured on the same held-out story prompts with the same
 sampling seed; the SFT row is the reference model (adapters off) sampled the same way.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/kl_collapse.py   # 2 arms x 480 s of training (+ evals)
+    OMP_NUM_THREADS=2 .venv/bin/python bench/kl_collapse.py   # 2 arms x 1200 s of training (+ evals)
+
+Writes kl_collapse.png in the run folder: oracle score, distinct-2 and KL per evaluation for every arm, the
+SFT model's values as the step-0 point (`--plot DIR` redraws it from an earlier run's folder).
 """
 
 from __future__ import annotations
@@ -30,20 +33,39 @@ def story_prompts(path: Path) -> Path:
     return path
 
 
+def plot_arms(work: Path) -> Path:
+    """One figure, three panels (oracle score, distinct-2, KL to the reference) against the step, a curve per
+    arm (each arm's eval.csv; step 0 is the SFT model)."""
+    from rlhf.runlog import Panel, plot, read_log
+
+    arms = sorted(work.glob("beta_*/eval.csv"), key=lambda p: float(p.parent.name.split("_", 1)[1]))
+    frames = [(f"β = {p.parent.name.split('_', 1)[1]}", read_log(p)) for p in arms]
+    panels = [Panel([(frame, "step", column, label, "o-") for label, frame in frames], title=title, ylabel=ylabel)
+              for column, title, ylabel in (
+                  ("objective/oracle", "alliteration (the reward)", "adjacent same-letter words"),
+                  ("eval/distinct_2", "diversity", "distinct-2 of held-out samples"),
+                  ("objective/kl", "KL to the SFT model", "nats / response"))]
+    return plot(work / "kl_collapse.png", panels)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.3], help="KL coefficients, one arm each")
     parser.add_argument("--algo", default="rloo", choices=["rloo", "ppo"], help="RL algorithm (default rloo)")
     parser.add_argument("--steps", type=int, default=200, help="most steps per arm")
-    parser.add_argument("--budget-s", type=float, default=480, help="training seconds per arm (same for all)")
+    parser.add_argument("--budget-s", type=float, default=1200, help="training seconds per arm (same for all)")
     parser.add_argument("--batch-size", type=int, default=16, help="rollouts per step (RLOO: 4 prompts x 4)")
     parser.add_argument("--response-length", type=int, default=16, help="new tokens per response")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (high: collapse comes fast)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (high: collapse comes fast)")
     parser.add_argument("--eval-size", type=int, default=16, help="held-out prompts")
     parser.add_argument("--model", default="default", help="base model (default SmolLM2-135M-Instruct)")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0, help="seed (same for every arm)")
+    parser.add_argument("--plot", metavar="DIR", help="only redraw DIR/kl_collapse.png from an earlier run")
     args = parser.parse_args()
+    if args.plot:
+        print(plot_arms(Path(args.plot)))
+        return
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from transformers.utils import logging as hf_logging
 
@@ -97,7 +119,7 @@ def main() -> None:
     print(f"  SFT:    {results[0]['sft_example']!r}")
     for r in results:
         print(f"  beta={r['beta']:g}: {r['example']!r}")
-    print(f"\nruns in {work}")
+    print(f"\nfigure: {plot_arms(work)}\nruns in {work}")
 
 
 if __name__ == "__main__":
