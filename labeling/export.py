@@ -8,6 +8,14 @@ Files written into the output folder, each atomically (temporary file + rename):
   (`RankedTask.from_dict` ignores the extra field).
 - `train.jsonl` / `train.parquet`, `test.jsonl` / `test.parquet`: preference pairs in TRL's format
   (`Pair.to_dict()`: prompt, chosen, rejected, task_id, annotator, rank_chosen, rank_rejected).
+- `pairs_dataset/`, `rankings_dataset/`: the same pairs and rankings as `datasets.DatasetDict`s
+  (`save_to_disk`; `datasets.load_from_disk` reads them), with the splits "train" and "test" (a split
+  without rows is left out); the rankings there carry no `split` field, their split says it.
+- `export.json`: the format version (`EXPORT_FORMAT`) and the summary `export` returns. Readers refuse a
+  folder of another format instead of misreading it.
+
+`push_to_hub` uploads the two datasets to one hub dataset repository: the pairs as its default
+configuration (what TRL's trainers load), the rankings as the configuration "rankings".
 
 Split by prompt text, never by row: all rankings and pairs of a prompt land on the same side, or the
 test set would measure memorised prompts. Prompts are ordered by a hash of (seed, prompt) and the
@@ -22,7 +30,12 @@ no ranks.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 from labeling.pairs import expand_pairs, pair_indices
@@ -33,6 +46,10 @@ from rlhf.prompts import split_by_prompt
 from rlhf.records import Pair, RankedTask
 
 AGGREGATIONS = ("none", "majority")
+EXPORT_FORMAT = "rlhf-export/1"
+EXPORT_META = "export.json"
+PAIRS_DATASET = "pairs_dataset"
+RANKINGS_DATASET = "rankings_dataset"
 
 
 def majority_pairs(ranked: list[RankedTask]) -> tuple[list[Pair], int]:
@@ -69,13 +86,55 @@ def _pair_table(rows: list[dict]):
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _ranking_table(rows: list[dict]):
+def _ranking_table(rows: list[dict], with_split: bool = True):
     import pyarrow as pa
 
     completion = pa.struct([("id", pa.string()), ("text", pa.string()), ("rank", pa.int64())])
     schema = pa.schema([("task_id", pa.string()), ("annotator", pa.string()), ("prompt", pa.string()),
-                        ("completions", pa.list_(completion)), ("split", pa.string())])
+                        ("completions", pa.list_(completion))] + ([("split", pa.string())] if with_split else []))
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+@contextmanager
+def quiet_datasets():
+    """No `datasets` progress bars inside the block (small tables; an error is then the only line printed)."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def _dataset_dict(splits: dict[str, list[dict]], table):
+    """A DatasetDict of the non-empty splits, with the columns and types of `table(rows)`."""
+    from datasets import Dataset, DatasetDict, Features
+
+    return DatasetDict({name: Dataset.from_list(rows, features=Features.from_arrow_schema(table(rows).schema))
+                        for name, rows in splits.items() if rows})
+
+
+def _save_dataset(dataset, target: Path) -> None:
+    """`save_to_disk` into a temporary folder beside `target`, then swapped in: a failed export leaves the
+    previous dataset whole."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    old = None
+    try:
+        with quiet_datasets():
+            dataset.save_to_disk(str(tmp))
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_parquet(path: Path, table) -> None:
@@ -123,6 +182,14 @@ def export(store: LabelStore, out_dir, test_fraction: float = 0.1, seed: int = 0
         write_jsonl(out / f"{name}.jsonl", rows)
         _write_parquet(out / f"{name}.parquet", table(rows))
         files[name] = [str(out / f"{name}.jsonl"), str(out / f"{name}.parquet")]
+    ranking_splits: dict[str, list[dict]] = {"train": [], "test": []}
+    for row in rankings_rows:
+        ranking_splits[row["split"]].append({k: v for k, v in row.items() if k != "split"})
+    _save_dataset(_dataset_dict(pairs, _pair_table), out / PAIRS_DATASET)
+    _save_dataset(_dataset_dict(ranking_splits, lambda rows: _ranking_table(rows, with_split=False)),
+                  out / RANKINGS_DATASET)
+    files["datasets"] = [str(out / PAIRS_DATASET), str(out / RANKINGS_DATASET)]
+    files["meta"] = str(out / EXPORT_META)
     n_prompts = len({r.prompt for r in ranked})
     summary = {
         "rankings": len(ranked),
@@ -137,4 +204,26 @@ def export(store: LabelStore, out_dir, test_fraction: float = 0.1, seed: int = 0
         "seed": seed,
         "files": files,
     }
+    with atomic_write(out / EXPORT_META) as handle:
+        handle.write(json.dumps({"format": EXPORT_FORMAT, **summary}, indent=2) + "\n")
     return summary
+
+
+def push_to_hub(out_dir, repo: str) -> None:
+    """Upload an export's datasets to the hub dataset repository `repo` (created if missing; the token of
+    `hf auth login` or $HF_TOKEN): the pairs as the default configuration, the rankings as "rankings"."""
+    from datasets import load_from_disk
+
+    from rlhf.models import _hub_reachable
+
+    out = Path(out_dir)
+    if not _hub_reachable():
+        raise UserError(f"cannot push to {repo!r}: the Hugging Face hub is not reachable (the export is in {out})")
+    try:
+        with quiet_datasets():
+            pairs, rankings = load_from_disk(str(out / PAIRS_DATASET)), load_from_disk(str(out / RANKINGS_DATASET))
+        pairs.push_to_hub(repo)
+        rankings.push_to_hub(repo, config_name="rankings")
+    except Exception as exc:  # noqa: BLE001 -- the hub client's errors have many types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot push to {repo!r} ({reason}); the export is in {out}") from None

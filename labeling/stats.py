@@ -1,4 +1,6 @@
-"""Labeling statistics: progress, per-annotator throughput, and inter-annotator agreement.
+"""Labeling statistics: progress, per-annotator throughput, and inter-annotator agreement, as pandas
+DataFrames (`stats_tables`: per annotator, per task, per annotator pair) and as the summary dict that
+`rlhf stats --json`, the app's admin view and the demo report read (`compute_stats`).
 
 Agreement is measured on tasks ranked by two or more annotators, for every pair of annotators that
 shares a task:
@@ -10,11 +12,14 @@ shares a task:
 
 from __future__ import annotations
 
+import json
 import math
-import statistics
-from collections import defaultdict
+from collections.abc import Sequence
 from itertools import combinations
-from typing import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
 
 from labeling.store import LabelStore
 
@@ -42,65 +47,129 @@ def kendall_tau_b(a: Sequence[int], b: Sequence[int]) -> float | None:
     return None if denominator == 0 else (2 * concordant - compared) / denominator
 
 
-def compute_stats(store: LabelStore, overlap: int = 2) -> dict:
-    """Progress at `overlap`, per-annotator counts with median seconds per ranked task, and agreement
-    (see the module docstring). ADMIN/CLI ONLY: it reads every annotator's rankings."""
-    progress = store.progress(overlap)
-    rankings = store.export_rankings()
-    seconds: dict[str, list[float]] = defaultdict(list)
-    by_task: dict[str, dict[str, dict[str, int]]] = defaultdict(dict)
-    for r in rankings:
-        if r.seconds is not None:
-            seconds[r.annotator].append(r.seconds)
-        by_task[r.task_id][r.annotator] = r.ranks
-
-    by_pair: dict[tuple[str, str], dict] = {}
-    total_agree = total_compared = 0
-    taus: list[float] = []
-    shared_tasks = 0
-    for task_rankings in by_task.values():
-        if len(task_rankings) < 2:
-            continue
-        shared_tasks += 1
-        for name_a, name_b in combinations(sorted(task_rankings), 2):
-            ids = sorted(task_rankings[name_a])
-            a = [task_rankings[name_a][i] for i in ids]
-            b = [task_rankings[name_b][i] for i in ids]
+def _comparisons(rankings: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, annotator pair) where both ranked the task: agree, compared, tau (NaN when undefined)."""
+    rows = []
+    for task_id, task in rankings.groupby("task_id", sort=False):
+        ranks = dict(zip(task["annotator"], task["ranks"]))
+        for name_a, name_b in combinations(sorted(ranks), 2):
+            ids = sorted(ranks[name_a])
+            a = [ranks[name_a][i] for i in ids]
+            b = [ranks[name_b][i] for i in ids]
             agree, compared = pair_agreement(a, b)
             tau = kendall_tau_b(a, b)
-            entry = by_pair.setdefault((name_a, name_b), {"agree": 0, "compared": 0, "taus": [], "tasks": 0})
-            entry["agree"] += agree
-            entry["compared"] += compared
-            entry["tasks"] += 1
-            total_agree += agree
-            total_compared += compared
-            if tau is not None:
-                entry["taus"].append(tau)
-                taus.append(tau)
+            rows.append({"task_id": task_id, "annotator_a": name_a, "annotator_b": name_b, "agree": agree,
+                         "compared": compared, "tau": math.nan if tau is None else tau})
+    return pd.DataFrame(rows, columns=["task_id", "annotator_a", "annotator_b", "agree", "compared", "tau"])
 
+
+def _agreement(frame: pd.DataFrame) -> pd.DataFrame:
+    """Pooled pairwise agreement (NaN where nothing was compared) and mean tau of comparison rows."""
+    out = pd.DataFrame({"pairwise_agreement": frame["agree"] / frame["compared"].where(frame["compared"] > 0)})
+    return out.assign(mean_kendall_tau=frame["tau"])
+
+
+def stats_tables(store: LabelStore, overlap: int = 2) -> dict[str, pd.DataFrame]:
+    """The tables of `rlhf stats` (see the module docstring for agreement). ADMIN/CLI ONLY: it reads every
+    annotator's rankings.
+
+    - annotators: annotator, ranked, skipped, median_seconds (per ranked task, where the client sent times);
+    - tasks: one row per ranked task: task_id, rankings, annotators, median_seconds, pairwise_agreement,
+      mean_kendall_tau (over the task's annotator pairs; empty with fewer than two rankings);
+    - agreement: one row per annotator pair sharing a task: annotator_a, annotator_b, shared_tasks,
+      pairwise_agreement, mean_kendall_tau.
+    """
+    return _tables(store, overlap)[0]
+
+
+def _tables(store: LabelStore, overlap: int):
+    progress = store.progress(overlap)
+    rankings = pd.DataFrame([{"task_id": r.task_id, "annotator": r.annotator, "seconds": r.seconds,
+                              "ranks": dict(r.ranks)} for r in store.export_rankings()],
+                            columns=["task_id", "annotator", "seconds", "ranks"])
+    rankings["seconds"] = pd.to_numeric(rankings["seconds"])
+    comparisons = _comparisons(rankings)
+
+    annotators = pd.DataFrame([{"annotator": a.annotator, "ranked": a.ranked, "skipped": a.skipped}
+                               for a in progress.annotators], columns=["annotator", "ranked", "skipped"])
+    median_seconds = rankings.groupby("annotator")["seconds"].median()
+    annotators["median_seconds"] = annotators["annotator"].map(median_seconds).astype(float)
+
+    tasks = rankings.groupby("task_id", sort=False).agg(
+        rankings=("annotator", "size"), annotators=("annotator", lambda names: ", ".join(sorted(names))),
+        median_seconds=("seconds", "median"))
+    by_task = comparisons.groupby("task_id").agg(agree=("agree", "sum"), compared=("compared", "sum"),
+                                                 tau=("tau", "mean"))
+    tasks = tasks.join(_agreement(by_task)).reset_index()
+
+    by_pair = comparisons.groupby(["annotator_a", "annotator_b"]).agg(
+        shared_tasks=("task_id", "size"), agree=("agree", "sum"), compared=("compared", "sum"), tau=("tau", "mean"))
+    agreement = by_pair[["shared_tasks"]].join(_agreement(by_pair)).reset_index()
+    return {"annotators": annotators, "tasks": tasks, "agreement": agreement}, progress, comparisons
+
+
+def _value(value: Any) -> Any:
+    """A table cell as plain JSON: NaN -> None, numpy numbers -> Python numbers."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def table_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows of a table as JSON-ready dicts (NaN -> None)."""
+    return [{key: _value(v) for key, v in row.items()} for row in frame.to_dict("records")]
+
+
+def compute_stats(store: LabelStore, overlap: int = 2) -> dict:
+    """Progress at `overlap`, per-annotator counts with median seconds per ranked task, and agreement
+    (see the module docstring), from `stats_tables`. ADMIN/CLI ONLY: it reads every annotator's rankings."""
+    tables, progress, comparisons = _tables(store, overlap)
+    compared = int(comparisons["compared"].sum())
+    taus = comparisons["tau"].dropna()
     return {
         "tasks": progress.tasks,
         "overlap": overlap,
         "complete": progress.complete,
         "rankings": progress.rankings,
         "skips": progress.skips,
-        "annotators": [
-            {"name": a.annotator, "ranked": a.ranked, "skipped": a.skipped,
-             "median_seconds": statistics.median(seconds[a.annotator]) if seconds[a.annotator] else None}
-            for a in progress.annotators
-        ],
+        "annotators": [{"name": a["annotator"], "ranked": a["ranked"], "skipped": a["skipped"],
+                        "median_seconds": a["median_seconds"]} for a in table_records(tables["annotators"])],
         "agreement": {
-            "shared_tasks": shared_tasks,
-            "pairwise_agreement": total_agree / total_compared if total_compared else None,
-            "mean_kendall_tau": statistics.fmean(taus) if taus else None,
-            "by_pair": [
-                {"annotators": [a, b], "shared_tasks": e["tasks"],
-                 "pairwise_agreement": e["agree"] / e["compared"] if e["compared"] else None,
-                 "mean_kendall_tau": statistics.fmean(e["taus"]) if e["taus"] else None}
-                for (a, b), e in sorted(by_pair.items())
-            ],
+            "shared_tasks": int(comparisons["task_id"].nunique()),
+            "pairwise_agreement": int(comparisons["agree"].sum()) / compared if compared else None,
+            "mean_kendall_tau": float(taus.mean()) if len(taus) else None,
+            "by_pair": [{"annotators": [e["annotator_a"], e["annotator_b"]], "shared_tasks": e["shared_tasks"],
+                         "pairwise_agreement": e["pairwise_agreement"], "mean_kendall_tau": e["mean_kendall_tau"]}
+                        for e in table_records(tables["agreement"])],
         },
+        "proposals": proposal_stats(store.events()),
     }
+
+
+def proposal_stats(events: list[dict]) -> dict:
+    """How annotators treated the reward model's proposed order (`rlhf label --pre-rank`; `labeling.active`):
+    over the first submits of tasks opened with a proposal, how many kept it unchanged and how many completion
+    pairs they moved on average. A high kept rate with a weak reward model is a sign of anchoring."""
+    shown = [e["payload"] for e in events if e["kind"] == "submit" and "proposal" in e["payload"]]
+    kept = sum(bool(p.get("proposal_kept")) for p in shown)
+    return {"shown": len(shown), "kept": kept, "kept_fraction": kept / len(shown) if shown else None,
+            "mean_moves": sum(p["proposal_moves"] for p in shown) / len(shown) if shown else None}
+
+
+def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path, fmt: str) -> list[Path]:
+    """Each table as OUT_DIR/<name>.csv or .json (a list of row objects), written atomically."""
+    from rlhf.jsonl import atomic_write
+
+    paths = []
+    for name, frame in tables.items():
+        path = Path(out_dir) / f"{name}.{fmt}"
+        with atomic_write(path) as handle:
+            if fmt == "csv":
+                frame.to_csv(handle, index=False)
+            else:
+                handle.write(json.dumps(table_records(frame), indent=2) + "\n")
+        paths.append(path)
+    return paths
 
 
 def format_stats(stats: dict) -> str:
@@ -123,4 +192,9 @@ def format_stats(stats: dict) -> str:
         a, b = entry["annotators"]
         lines.append(f"  {a} vs {b}: {entry['shared_tasks']} tasks, pairwise {num(entry['pairwise_agreement'])}, "
                      f"tau {num(entry['mean_kendall_tau'])}")
+    proposals = stats.get("proposals") or {}
+    if proposals.get("shown"):
+        lines.append(f"reward-model proposals: kept as is in {proposals['kept']} of {proposals['shown']} rankings "
+                     f"({num(proposals['kept_fraction'], '{:.0%}')}), {num(proposals['mean_moves'], '{:.2f}')} "
+                     "pairs moved on average")
     return "\n".join(lines)

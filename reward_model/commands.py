@@ -1,4 +1,5 @@
-"""`rlhf train-rm`, `rlhf eval-rm`, `rlhf score`. Heavy imports happen inside the handlers."""
+"""`rlhf train-rm`, `rlhf eval-rm`, `rlhf score`, `rlhf export-model`. Heavy imports happen inside the
+handlers."""
 
 from __future__ import annotations
 
@@ -26,7 +27,11 @@ def add_commands(sub) -> None:
                                    "margin, ECE (10 bins), and the human agreement ceiling where several "
                                    "annotators judged the same comparison.")
     p.add_argument("--rm", required=True, help="reward model folder written by `rlhf train-rm`")
-    p.add_argument("--data", required=True, help="rankings JSONL (rankings.jsonl rows) or pairs JSONL")
+    p.add_argument("--data", required=True,
+                   help="rankings or pairs: a .jsonl/.json/.parquet/.csv file, a folder from `rlhf export` or "
+                        "saved with save_to_disk, or a hub dataset id")
+    p.add_argument("--data-split", default=None, metavar="SPLIT",
+                   help="evaluate only this split (e.g. test: the rows an export holds out); default: every row")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=run_eval)
 
@@ -37,7 +42,25 @@ def add_commands(sub) -> None:
     p.add_argument("--input", default="-", help="input JSONL file, or - for stdin (default -)")
     p.add_argument("--out", default="-", help="output JSONL file (written atomically), or - for stdout (default -)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="samples per forward pass (default 16)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="the backbone's dtype (default: the one it was trained in; float32 gives the rewards of "
+                        "the float32 folder `rlhf export-model` writes)")
     p.set_defaults(func=run_score)
+
+    p = sub.add_parser("export-model", help="write a reward model or a policy as a standard transformers folder",
+                       description="--rm: the reward model as a folder that AutoModelForSequenceClassification."
+                                   "from_pretrained(OUT, trust_remote_code=True) loads, giving the rewards of "
+                                   "`rlhf score`. --policy: the policy merged into its base model, a folder that "
+                                   "AutoModelForCausalLM.from_pretrained(OUT) loads. Both with the tokenizer and "
+                                   "a model card (README.md).")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--rm", help="reward model folder written by `rlhf train-rm`")
+    source.add_argument("--policy", help="policy folder written by `rlhf ppo` (OUT/policy)")
+    p.add_argument("--out", required=True, help="the folder to write (new, or an earlier export to replace)")
+    p.add_argument("--base-model", default=None,
+                   help="the base model's folder or hub id, when it is no longer where training found it "
+                        "(default: the one recorded with the model)")
+    p.set_defaults(func=run_export_model)
 
 
 def run_train(args) -> None:
@@ -63,11 +86,13 @@ def run_train(args) -> None:
 
 
 def run_eval(args) -> None:
+    from reward_model.data import read_records
     from reward_model.evaluate import evaluate_reward_model
     from reward_model.model import load_reward_model
 
+    records = [record for _, record in read_records(args.data, args.data_split)]
     rm, tokenizer = load_reward_model(args.rm)
-    result = evaluate_reward_model(rm, tokenizer, args.data)
+    result = evaluate_reward_model(rm, tokenizer, records)
     if args.json:
         print(json.dumps(result))
         return
@@ -107,6 +132,8 @@ def _read_samples(source: str) -> list[tuple[str, str]]:
 
 
 def run_score(args) -> None:
+    import torch
+
     from reward_model.model import load_reward_model, score_texts
     from rlhf.jsonl import write_jsonl
     from rlhf.records import ScoredSample
@@ -114,7 +141,7 @@ def run_score(args) -> None:
     if args.input != "-" and not Path(args.input).is_file():
         raise UserError(f"{args.input}: no such file")
     samples = _read_samples(args.input)
-    rm, tokenizer = load_reward_model(args.rm)
+    rm, tokenizer = load_reward_model(args.rm, dtype=getattr(torch, args.dtype) if args.dtype else None)
     rewards = score_texts(rm, tokenizer, [p for p, _ in samples], [c for _, c in samples],
                           batch_size=args.batch_size, max_length=rm.meta["max_length"])
     rows = (ScoredSample(p, c, r).to_dict() for (p, c), r in zip(samples, rewards))
@@ -124,3 +151,17 @@ def run_score(args) -> None:
     else:
         count = write_jsonl(args.out, rows)
         print(f"scored {count} samples -> {args.out}", file=sys.stderr)
+
+
+def run_export_model(args) -> None:
+    if args.rm:
+        from reward_model.export_model import export_reward_model
+
+        out = export_reward_model(args.rm, args.out, base_model=args.base_model)
+        print(f"reward model written to {out}: AutoModelForSequenceClassification.from_pretrained({str(out)!r}, "
+              f"trust_remote_code=True)")
+        return
+    from policy.trainer import merge_policy
+
+    out = merge_policy(Path(args.policy), Path(args.out), base_model=args.base_model)
+    print(f"policy written to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})")

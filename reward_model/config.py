@@ -15,10 +15,16 @@ class RewardTrainingConfig:
 
     # data
     data: str
-    """Folder from `rlhf export`: rankings.jsonl (rows marked "split": "test" are held out), else
-    train.jsonl/test.jsonl pairs (TRL's prompt/chosen/rejected); or one such JSONL file."""
+    """Folder from `rlhf export` (rankings.jsonl, its rows marked "split": "test" held out; else
+    train.jsonl/test.jsonl pairs); a .jsonl/.json/.parquet/.csv file of rankings or of pairs in TRL's format
+    (prompt/chosen/rejected, texts or message lists); a folder saved with `save_to_disk`; or a hub dataset id."""
     out: str
     """Output folder: the reward model, train_log.csv, train_curves.png, checkpoints/."""
+    data_split: str = "train"
+    """The split of --data to train on; the split "test" (and rows marked "split": "test") is held out."""
+    dataset_num_proc: int | None = None
+    """Processes that tokenize the data (`Dataset.map`'s num_proc; off = this one). Tokens are cached
+    with the dataset, so a second run on the same data and model skips this."""
     # model and LoRA
     model: str = "default"
     """Base model (the SFT model): 'default' (SmolLM2-135M-Instruct), a local folder or a HF id."""
@@ -69,6 +75,10 @@ class RewardTrainingConfig:
     """Continue from the last checkpoint in OUT/checkpoints (same data order, no finished step lost)."""
     seed: int = 0
     """Seeds the score head's initialisation and each epoch's shuffle."""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """Also send each train_log.csv row (under train/) to this tracker, through accelerate: "tensorboard"
+    writes event files to OUT/tensorboard/; "wandb" and "trackio" need their package installed. The CSV log
+    is written either way."""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Backbone weights' dtype (LoRA weights, score head and loss stay float32). bfloat16 is faster on
     GPUs since Ampere and on CPUs with AVX-512 BF16 (README, Benchmarks, "Reward-model throughput"); use
@@ -78,7 +88,7 @@ class RewardTrainingConfig:
 
     def check(self) -> None:
         check_fields(self, positive=("lora_r", "lora_alpha", "epochs", "batch_rankings", "max_length",
-                                     "eval_batch_size"))
+                                     "eval_batch_size", "dataset_num_proc"))
         if self.max_length < 8:
             raise UserError(f"--max-length {self.max_length} is too short to hold a completion")
         if not self.lr > 0 or not self.head_lr_multiplier > 0:

@@ -1,28 +1,53 @@
-"""Preference data for the reward model: rankings (K completions, ranked) or plain pairs, read from
-JSONL, checked, tokenized once, and batched as whole rankings.
+"""Preference data for the reward model (and DPO): rankings (K completions, ranked) or plain pairs,
+loaded with `datasets`, checked row by row, tokenized with `Dataset.map` (cached), batched as whole rankings.
 
 A ranking stays one unit all the way to the loss: its K completions are scored once and all its
-pairs are formed from those K scores (InstructGPT sec. 3.5). A pair from a pairs-only file
-(TRL's prompt/chosen/rejected format) is simply a ranking of 2.
+pairs are formed from those K scores (InstructGPT sec. 3.5). A pair is simply a ranking of 2.
+
+Where data comes from (`find_data`, `read_records`):
+- the folder `rlhf export` writes (labeling/export.py): `rankings.jsonl`, else `train.jsonl` (+ `test.jsonl`);
+- a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (the export's `rankings_dataset/`
+  and `pairs_dataset/` are two);
+- one JSON Lines / JSON / Parquet / CSV file;
+- a Hugging Face hub dataset id (`datasets.load_dataset(id)`).
+
+Rows are rankings, `{prompt, completions: [{text, rank, id?}], task_id?, annotator?}`, or pairs in TRL's
+preference format: `{prompt, chosen, rejected}` as texts, or its conversational form with message lists
+(`{"role", "content"}`), where the prompt is every message before the last assistant turn, either in a
+`prompt` column or shared by `chosen` and `rejected`. The reward model formats a prompt as one user turn
+(rlhf.models.format_prompt), so a conversational prompt must be exactly one user message.
+
+Splits: a file is split "train"; a `DatasetDict` has its own; a row may carry "split": "train" | "test",
+which places it in that split (the export marks its held-out rankings so). Training reads one split
+(`--data-split`, default "train") and holds out the split "test".
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from reward_model.loss import PairIndex, build_pair_index, ranking_pairs
+from labeling.export import EXPORT_FORMAT, EXPORT_META, quiet_datasets
+from reward_model.loss import build_pair_index, ranking_pairs
 from reward_model.model import EncodedSample, encode_sample_ids, pad_samples
 from rlhf.errors import UserError
 from rlhf.jsonl import read_jsonl
-from rlhf.records import Pair, RankedTask
+from rlhf.records import Pair, RankedCompletion, RankedTask
 
 log = logging.getLogger(__name__)
+
+ROW_SPLITS = ("train", "test")
+HELD_OUT_SPLIT = "test"
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_EXPECTED = "rankings need the columns prompt, completions; pairs need prompt, chosen, rejected"
 
 
 @dataclass
@@ -36,6 +61,7 @@ class RankingExample:
     task_id: str = ""
     annotator: str = ""
     rows: list[EncodedSample] = field(default_factory=list)  # one per completion, once tokenized
+    origin: tuple[Any, int] | None = None  # (normalized dataset, row) it was read from: tokenized there
 
 
 @dataclass
@@ -61,27 +87,63 @@ class DataStats:
                         source, self.empty_completions)
 
 
+# ---- one row -> one record ----
+
 def parse_record(obj: Mapping[str, Any]) -> RankedTask | Pair:
-    """A rankings.jsonl row (has 'completions') or a pairs row (has 'chosen'/'rejected')."""
+    """A rankings row (has 'completions') or a pairs row (has 'chosen'/'rejected', texts or message lists).
+    Missing values (None, as a table gives them for a row without the field) count as absent."""
+    obj = _without_nulls(obj)
     if "completions" in obj:
         return RankedTask.from_dict(obj)
     if "chosen" in obj or "rejected" in obj:
+        if any(isinstance(obj.get(key), list) for key in ("prompt", "chosen", "rejected")):
+            obj = {**obj, **conversation_texts(obj.get("prompt"), obj.get("chosen"), obj.get("rejected"))}
         return Pair.from_dict(obj)
     raise ValueError("expected a ranking ({prompt, completions: [{text, rank}]}) "
                      "or a pair ({prompt, chosen, rejected})")
 
 
-def read_records(path: str | Path) -> list[tuple[dict[str, Any], RankedTask | Pair]]:
-    """Every row of a rankings or pairs JSONL file as (raw object, record); bad rows name their line."""
-    records = []
-    for line_no, obj in read_jsonl(path):
-        try:
-            records.append((obj, parse_record(obj)))
-        except ValueError as exc:
-            raise UserError(f"{path}:{line_no}: {exc}") from None
-    if not records:
-        raise UserError(f"{path}: no rankings or pairs in the file")
-    return records
+def _without_nulls(obj: Mapping[str, Any]) -> dict[str, Any]:
+    found = {key: value for key, value in obj.items() if value is not None}
+    if isinstance(found.get("completions"), list):
+        found["completions"] = [{k: v for k, v in c.items() if v is not None} if isinstance(c, Mapping) else c
+                                for c in found["completions"]]
+    return found
+
+
+def conversation_texts(prompt: Any, chosen: Any, rejected: Any) -> dict[str, str]:
+    """{prompt, chosen, rejected} as texts from TRL's conversational preference form: `prompt` (optional)
+    + `chosen` and + `rejected` are each a conversation of alternating user and assistant turns that
+    ends with the assistant's reply; the turns before it are the prompt, the same in both."""
+    if not isinstance(chosen, list) or not isinstance(rejected, list):
+        if isinstance(prompt, list):
+            raise ValueError("'prompt' must be a string when 'chosen' and 'rejected' are strings (or all three "
+                             "message lists, TRL's conversational form)")
+        raise ValueError("'chosen' and 'rejected' must both be strings or both message lists")
+    if prompt is not None and not isinstance(prompt, list):
+        raise ValueError("'prompt' must be a message list when 'chosen' and 'rejected' are message lists")
+    replies, prompts = {}, {}
+    for key, reply in (("chosen", chosen), ("rejected", rejected)):
+        turns = [_message(m, key, i) for i, m in enumerate((prompt or []) + reply)]
+        roles = [role for role, _ in turns]
+        if len(turns) % 2 or roles != ["user", "assistant"] * (len(turns) // 2):
+            raise ValueError(f"'{key}' is a conversation of {len(turns)} turns ({', '.join(roles) or 'none'}): "
+                             f"expected user and assistant turns alternating, ending with the assistant's reply "
+                             f"(an even number)")
+        prompts[key], replies[key] = turns[:-1], turns[-1][1]
+    if prompts["chosen"] != prompts["rejected"]:
+        raise ValueError("'chosen' and 'rejected' differ before their last assistant turn (they must share the prompt)")
+    if len(prompts["chosen"]) != 1:
+        raise ValueError(f"the prompt has {len(prompts['chosen'])} turns: only one user turn is supported (the "
+                         f"reward model formats the prompt as a single user message)")
+    return {"prompt": prompts["chosen"][0][1], "chosen": replies["chosen"], "rejected": replies["rejected"]}
+
+
+def _message(message: Any, key: str, index: int) -> tuple[str, str]:
+    if (not isinstance(message, Mapping) or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)):
+        raise ValueError(f"'{key}' message {index + 1} must be {{\"role\": ..., \"content\": text}}")
+    return message["role"], message["content"]
 
 
 def to_example(record: RankedTask | Pair) -> RankingExample:
@@ -97,8 +159,9 @@ def to_example(record: RankedTask | Pair) -> RankingExample:
 
 def build_examples(records: Iterable[RankedTask | Pair], stats: DataStats) -> list[RankingExample]:
     """Examples with identical chosen/rejected pairs removed (counted), rankings left empty dropped."""
+    origins = getattr(records, "origins", None)
     examples = []
-    for record in records:
+    for i, record in enumerate(records):
         example = to_example(record)
         kept = [(b, w, g) for b, w, g in example.pairs if example.texts[b] != example.texts[w]]
         stats.identical_pairs_skipped += len(example.pairs) - len(kept)
@@ -106,12 +169,288 @@ def build_examples(records: Iterable[RankedTask | Pair], stats: DataStats) -> li
             stats.rankings_without_pairs += 1
             continue
         example.pairs = kept
+        example.origin = origins[i] if origins is not None else None
         stats.rankings += 1
         stats.pairs += len(kept)
         stats.completions += len(example.texts)
         stats.empty_completions += sum(1 for t in example.texts if not t.strip())
         examples.append(example)
     return examples
+
+
+# ---- tables -> checked rows ----
+
+def _features():
+    """The columns every source is brought to: one row per ranking (a pair is a ranking of 2)."""
+    from datasets import Features, List, Value
+
+    return Features({"prompt": Value("string"), "texts": List(Value("string")), "ranks": List(Value("int64")),
+                     "completion_ids": List(Value("string")), "task_id": Value("string"),
+                     "annotator": Value("string"), "split": Value("string"), "is_pair": Value("bool")})
+
+
+def _row_place(origin: str, jsonl: str | None, index: int) -> str:
+    """'FILE:LINE' for a JSON Lines file (blank lines are not rows), else 'SOURCE: row N'."""
+    if jsonl is not None:
+        with open(jsonl, "rb") as handle:
+            rows = (line_no for line_no, line in enumerate(handle, start=1) if line.strip())
+            line_no = next((n for i, n in enumerate(rows) if i == index), None)
+        if line_no is not None:
+            return f"{jsonl}:{line_no}"
+    return f"{origin}: row {index + 1}"
+
+
+def _normalize_rows(batch: dict[str, list], indices: list[int], origin: str, jsonl: str | None,
+                    code_version: str) -> dict[str, list]:
+    """`Dataset.map` function: each row checked (`parse_record`) and brought to `_features()`
+    (`code_version` is only part of the cache key, see `_code_version`)."""
+    out: dict[str, list] = {name: [] for name in ("prompt", "texts", "ranks", "completion_ids", "task_id",
+                                                  "annotator", "split", "is_pair")}
+    for j, index in enumerate(indices):
+        row = {column: values[j] for column, values in batch.items()}
+        try:
+            record = parse_record(row)
+            split = row.get("split")
+            if split is not None and split not in ROW_SPLITS:
+                raise ValueError(f"unknown split {split!r} (expected 'train' or 'test')")
+        except ValueError as exc:
+            raise UserError(f"{_row_place(origin, jsonl, index)}: {exc}") from None
+        if isinstance(record, Pair):
+            texts, ranks, ids = [record.chosen, record.rejected], [record.rank_chosen, record.rank_rejected], []
+        else:
+            texts = [c.text for c in record.completions]
+            ranks, ids = [c.rank for c in record.completions], [c.id for c in record.completions]
+        for name, value in (("prompt", record.prompt), ("texts", texts), ("ranks", ranks), ("completion_ids", ids),
+                            ("task_id", record.task_id), ("annotator", record.annotator), ("split", split),
+                            ("is_pair", isinstance(record, Pair))):
+            out[name].append(value)
+    return out
+
+
+def _record(row: Mapping[str, Any]) -> RankedTask | Pair:
+    """The record of a normalized row (checked when it was normalized)."""
+    if row["is_pair"]:
+        return Pair(row["prompt"], row["texts"][0], row["texts"][1], row["task_id"], row["annotator"],
+                    row["ranks"][0], row["ranks"][1])
+    completions = tuple(RankedCompletion(cid, text, rank)
+                        for cid, text, rank in zip(row["completion_ids"], row["texts"], row["ranks"]))
+    return RankedTask(row["task_id"], row["annotator"], row["prompt"], completions)
+
+
+@functools.cache
+def _code_version() -> str:
+    """A hash of the code that checks and encodes rows. `datasets` keys a map's cache on the function's
+    name, not its code, so without this an upgraded toolkit would read rows cached by the old one."""
+    import hashlib
+
+    import reward_model.model
+    import rlhf.models
+    import rlhf.records
+
+    digest = hashlib.sha256()
+    for module in (sys.modules[__name__], rlhf.records, reward_model.model, rlhf.models):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of what went wrong inside a `datasets` call (its own wrapper says little)."""
+    inner = (exc.__cause__ or exc.__context__) if type(exc).__name__ == "DatasetGenerationError" else exc
+    text = str(inner or exc).strip()
+    return text.splitlines()[0] if text else type(inner or exc).__name__
+
+
+class _Part:
+    """One table of a source: a file or one split of a saved or hub dataset, normalized on first use."""
+
+    def __init__(self, split: str, raw, origin: str, jsonl: str | None = None):
+        self.split, self.raw, self.origin, self.jsonl = split, raw, origin, jsonl
+        self._rows = None
+        self._list: list[dict[str, Any]] | None = None
+
+    @property
+    def row_splits(self) -> bool:
+        """Whether rows may name their own split (a "split" column)."""
+        return self.raw is not None and "split" in self.raw.column_names
+
+    @property
+    def rows(self):
+        """The rows as `_features()` (a `Dataset`, cached beside the source's cache files)."""
+        if self._rows is None:
+            from datasets import Dataset
+
+            if self.raw is None or self.raw.num_rows == 0:
+                self._rows = Dataset.from_dict({name: [] for name in _features()}, features=_features())
+            else:
+                self._check_columns()
+                with quiet_datasets():
+                    self._rows = self.raw.map(_normalize_rows, batched=True, with_indices=True,
+                                              remove_columns=self.raw.column_names, features=_features(),
+                                              fn_kwargs={"origin": self.origin, "jsonl": self.jsonl,
+                                                         "code_version": _code_version()})
+        return self._rows
+
+    def _check_columns(self) -> None:
+        from datasets import Value
+
+        columns = self.raw.column_names
+        if "completions" in columns:
+            needed = ["prompt", "completions"]
+        elif "chosen" in columns or "rejected" in columns:
+            conversational = "chosen" in columns and not isinstance(self.raw.features["chosen"], Value)
+            needed = ["chosen", "rejected"] if conversational else ["prompt", "chosen", "rejected"]
+        else:
+            raise UserError(f"{self.origin}: neither rankings nor pairs ({_EXPECTED}); its columns: "
+                            f"{', '.join(columns)}")
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise UserError(f"{self.origin}: missing column{'s' * (len(missing) > 1)} {', '.join(missing)} "
+                            f"({_EXPECTED}); its columns: {', '.join(columns)}")
+
+    def selected(self, split: str | None) -> list[tuple[int, dict[str, Any]]]:
+        """(row, normalized row) of the rows in `split` (None: every row)."""
+        if split is not None and split != self.split and not self.row_splits:
+            return []
+        if self._list is None:
+            self._list = self.rows.to_list()
+        return [(i, row) for i, row in enumerate(self._list)
+                if split is None or (row["split"] or self.split) == split]
+
+
+# ---- sources ----
+
+def _read_file(path: Path):
+    """A JSON Lines / JSON / Parquet / CSV file as a `Dataset` (None when it holds nothing)."""
+    from datasets import load_dataset
+
+    builder = _FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(f"{path}: unsupported file type (expected .jsonl, .json, .parquet or .csv)")
+    if not _has_content(path):
+        return None
+    try:
+        with quiet_datasets():
+            return load_dataset(builder, data_files={"train": str(path)}, split="train")
+    except Exception as exc:  # noqa: BLE001 -- the builders raise arrow, pandas and datasets errors alike
+        if path.suffix.lower() == ".jsonl":
+            for _ in read_jsonl(path):  # names the malformed line, when one is
+                pass
+        raise UserError(f"{path}: cannot be read as a table ({_cause(exc)})") from None
+
+
+def _has_content(path: Path) -> bool:
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
+
+
+def _saved_parts(path: Path) -> list[_Part]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        with quiet_datasets():
+            saved = load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{path}: cannot load the saved dataset ({_cause(exc)})") from None
+    if not isinstance(saved, DatasetDict):
+        return [_Part("train", saved, str(path))]
+    return [_Part(split, saved[split], f"{path} [{split}]") for split in saved]
+
+
+def _hub_parts(name: str) -> list[_Part]:
+    import datasets
+    from datasets import DatasetDict, load_dataset
+
+    from rlhf.models import _hub_reachable
+
+    if not datasets.config.HF_HUB_OFFLINE and not _hub_reachable():
+        raise UserError(f"data {name!r} is not a local file or folder, and the Hugging Face hub is not reachable "
+                        f"to load it as a dataset id (with HF_HUB_OFFLINE=1 a cached copy is used)")
+    try:
+        with quiet_datasets():
+            loaded = load_dataset(name)
+    except Exception as exc:  # noqa: BLE001 -- the hub client's errors have many types
+        raise UserError(f"cannot load dataset {name!r} from the Hugging Face hub ({_cause(exc)})") from None
+    if not isinstance(loaded, DatasetDict):
+        return [_Part("train", loaded, name)]
+    return [_Part(split, loaded[split], f"{name} [{split}]") for split in loaded]
+
+
+def _looks_like_path(data: str) -> bool:
+    """A string that can only mean a local path (a hub id is NAME or OWNER/NAME)."""
+    return (data.startswith((".", "/", "~", "\\")) or data.endswith(("/", "\\")) or data.count("/") > 1
+            or Path(data).suffix.lower() in _FILE_BUILDERS)
+
+
+def check_export_folder(path: Path) -> None:
+    """Refuse a folder written in another export format (an older one, without export.json, reads as it is)."""
+    import json
+
+    meta_path = path / EXPORT_META
+    if not meta_path.is_file():
+        return
+    try:
+        found = json.loads(meta_path.read_text(encoding="utf-8")).get("format")
+    except (ValueError, AttributeError):
+        raise UserError(f"{meta_path}: not a JSON object") from None
+    if found != EXPORT_FORMAT:
+        raise UserError(f"{path} was written by another version of `rlhf export` (format {found!r}); this "
+                        f"version reads {EXPORT_FORMAT!r}: export the labels again, or upgrade")
+
+
+def load_source(data: str | Path) -> list[_Part]:
+    """The tables of a data source (see the module docstring), not yet read row by row."""
+    path = Path(data).expanduser()
+    if path.is_file():
+        return [_Part("train", _read_file(path), str(path), str(path) if path.suffix.lower() == ".jsonl" else None)]
+    if path.is_dir():
+        check_export_folder(path)
+        if (path / "rankings.jsonl").is_file():
+            return [_Part("train", _read_file(path / "rankings.jsonl"), str(path / "rankings.jsonl"),
+                          str(path / "rankings.jsonl"))]
+        if (path / "train.jsonl").is_file():
+            return [_Part(split, _read_file(path / f"{split}.jsonl"), str(path / f"{split}.jsonl"),
+                          str(path / f"{split}.jsonl"))
+                    for split in ("train", "test") if (path / f"{split}.jsonl").is_file()]
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return _saved_parts(path)
+        raise UserError(f"{path} has no rankings.jsonl or train.jsonl, nor a dataset saved with save_to_disk; "
+                        f"export labels with `rlhf export` first")
+    if _looks_like_path(str(data)):
+        raise UserError(f"data {path} does not exist (expected a folder from `rlhf export`, a .jsonl, .parquet "
+                        f"or .csv file, a save_to_disk folder or a hub dataset id)")
+    return _hub_parts(str(data))
+
+
+class Records(list):
+    """Records (RankedTask or Pair) with the normalized row each came from, `origins[i]` = (dataset, row):
+    examples built from them are tokenized by mapping over that dataset (cached)."""
+
+    def __init__(self, records: Iterable[RankedTask | Pair] = (), origins: Iterable[tuple[Any, int]] = ()):
+        super().__init__(records)
+        self.origins = list(origins)
+
+
+def _split_names(parts: Sequence[_Part]) -> list[str]:
+    names = [part.split for part in parts]
+    if any(part.row_splits for part in parts):
+        names += ROW_SPLITS
+    return list(dict.fromkeys(names))
+
+
+def _records(parts: Sequence[_Part], split: str | None) -> tuple[Records, list[str]]:
+    """The records of `split` (None: all) across the parts, in row order, and where they came from."""
+    records, origins = Records(), []
+    for part in parts:
+        selected = part.selected(split)
+        for i, row in selected:
+            records.append(_record(row))
+            records.origins.append((part.rows, i))
+        if selected:
+            origins.append(part.origin)
+    return records, origins
 
 
 @dataclass
@@ -124,56 +463,73 @@ class DataFiles:
     test_source: str | None
 
 
-def _split_field(records, path) -> tuple[list, list]:
-    """Rows may carry "split": "train" | "test" (rows without it train)."""
-    train, test = [], []
-    for obj, record in records:
-        split = obj.get("split", "train")
-        if split not in ("train", "test"):
-            raise UserError(f"{path}: unknown split {split!r} (expected 'train' or 'test')")
-        (test if split == "test" else train).append(record)
-    return train, test
+def find_data(data: str | Path, split: str = "train") -> DataFiles:
+    """The records of `split` for training, and of the split "test" (rows marked so, or a split named so)
+    held out. See the module docstring for the sources."""
+    parts = load_source(data)
+    names = _split_names(parts)
+    if split not in names:
+        raise UserError(f"{data} has no split {split!r} (its splits: {', '.join(names)})")
+    train, train_origins = _records(parts, split)
+    if not train:
+        where = ", ".join(train_origins) or (parts[0].origin if len(parts) == 1 else str(data))
+        raise UserError(f"{where}: no rankings or pairs in split {split!r}")
+    test, test_origins = _records(parts, HELD_OUT_SPLIT) if split != HELD_OUT_SPLIT else (Records(), [])
+    return DataFiles(train, test, ", ".join(train_origins), ", ".join(test_origins) or None)
 
 
-def find_data(data: str | Path) -> DataFiles:
-    """The training (and held-out) records under `data`.
-
-    `data` is a folder or one JSONL file. In a folder (as `rlhf export` writes it, see
-    labeling/export.py): `rankings.jsonl`, whose rows marked "split": "test" are held out; else
-    `train.jsonl` (+ `test.jsonl`), pairs in TRL's prompt/chosen/rejected format from any source.
-    """
-    path = Path(data)
-    if not path.exists():
-        raise UserError(f"data {path} does not exist (expected a folder with rankings.jsonl or train.jsonl)")
-    if path.is_file():
-        train, test = _split_field(read_records(path), path)
-        return DataFiles(train, test, str(path), str(path) if test else None)
-    candidates = [("rankings.jsonl", None), ("train.jsonl", "test.jsonl")]
-    for train_name, test_name in candidates:
-        train_path = path / train_name
-        if not train_path.is_file():
-            continue
-        train, test = _split_field(read_records(train_path), train_path)
-        test_source = str(train_path) if test else None
-        if test_name and (path / test_name).is_file():
-            test += [record for _, record in read_records(path / test_name)]
-            test_source = str(path / test_name)
-        return DataFiles(train, test, str(train_path), test_source)
-    raise UserError(f"{path} has no rankings.jsonl or train.jsonl; "
-                    f"export labels with `rlhf export` first")
+def read_records(data: str | Path, split: str | None = None) -> list[tuple[dict[str, Any], RankedTask | Pair]]:
+    """Every row of a source (or of one split) as (normalized row, record), for evaluation."""
+    parts = load_source(data)
+    if split is not None and split not in _split_names(parts):
+        raise UserError(f"{data} has no split {split!r} (its splits: {', '.join(_split_names(parts))})")
+    rows = [(row, _record(row)) for part in parts for _, row in part.selected(split)]
+    if not rows:
+        raise UserError(f"{data}: no rankings or pairs{f' in split {split!r}' if split else ''}")
+    return rows
 
 
-def tokenize_examples(examples: Sequence[RankingExample], tokenizer, max_length: int, stats: DataStats) -> None:
-    """Fill each example's token rows once (prompt truncated from the left past max_length)."""
-    cache: dict[tuple[str, str], EncodedSample] = {}
+# ---- tokens ----
+
+def _encode_rows(batch: dict[str, list], tokenizer, max_length: int, code_version: str) -> dict[str, list]:
+    """`Dataset.map` function: every completion of each row as the reward model reads it (`code_version`
+    is only part of the cache key)."""
+    out: dict[str, list] = {"input_ids": [], "completion_lengths": [], "truncated": []}
+    for prompt, texts in zip(batch["prompt"], batch["texts"]):
+        samples = [encode_sample_ids(tokenizer, prompt, text, max_length) for text in texts]
+        out["input_ids"].append([s.ids for s in samples])
+        out["completion_lengths"].append([s.completion_length for s in samples])
+        out["truncated"].append([s.truncated for s in samples])
+    return out
+
+
+def tokenize_examples(examples: Sequence[RankingExample], tokenizer, max_length: int, stats: DataStats,
+                      num_proc: int | None = None) -> None:
+    """Fill each example's token rows (prompt truncated from the left past max_length), by mapping
+    `_encode_rows` over the rows the examples came from: `datasets` caches the result beside the
+    source's cache files, so a second run on the same data and tokenizer reads it back. Examples made
+    in memory are tokenized through an in-memory dataset."""
+    from datasets import Dataset
+
+    groups: dict[int, tuple[Any, list[tuple[RankingExample, int]]]] = {}
+    loose = [ex for ex in examples if ex.origin is None]
+    if loose:
+        table = Dataset.from_dict({"prompt": [ex.prompt for ex in loose], "texts": [list(ex.texts) for ex in loose]})
+        groups[id(table)] = (table, [(ex, i) for i, ex in enumerate(loose)])
     for ex in examples:
-        ex.rows = []
-        for text in ex.texts:
-            key = (ex.prompt, text)
-            if key not in cache:
-                cache[key] = encode_sample_ids(tokenizer, ex.prompt, text, max_length)
-                stats.truncated_samples += cache[key].truncated
-            ex.rows.append(cache[key])
+        if ex.origin is not None:
+            groups.setdefault(id(ex.origin[0]), (ex.origin[0], []))[1].append((ex, ex.origin[1]))
+    for table, members in groups.values():
+        encoded = table.select_columns(["prompt", "texts"]).map(
+            _encode_rows, batched=True, remove_columns=["prompt", "texts"], num_proc=num_proc,
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "code_version": _code_version()},
+            desc="tokenizing")
+        columns = encoded.to_dict()
+        for ex, i in members:
+            ex.rows = [EncodedSample(ids, length, truncated) for ids, length, truncated in
+                       zip(columns["input_ids"][i], columns["completion_lengths"][i], columns["truncated"][i])]
+    truncated = {(ex.prompt, text) for ex in examples for text, row in zip(ex.texts, ex.rows) if row.truncated}
+    stats.truncated_samples += len(truncated)
     if stats.truncated_samples:
         log.warning("%d sample(s) over --max-length %d: prompts truncated from the left, completions kept",
                     stats.truncated_samples, max_length)

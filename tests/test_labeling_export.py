@@ -156,3 +156,53 @@ def test_split_by_prompt_is_deterministic_and_bounded():
     assert len(split_by_prompt(["a", "b"], 0.01, 0)) == 1  # a non-zero fraction holds out at least one prompt
     assert split_by_prompt(["a"], 0.5, 0) == set()          # ... but never every prompt
     assert split_by_prompt(prompts, 0.0, 0) == set()
+
+
+def test_export_writes_datasets_that_load_from_disk(filled, tmp_path):
+    import subprocess
+    import sys
+
+    from datasets import load_from_disk
+
+    store, _ = filled
+    out = tmp_path / "out"
+    summary = export(store, out, test_fraction=0.2, seed=3)
+    pairs, rankings = load_from_disk(str(out / "pairs_dataset")), load_from_disk(str(out / "rankings_dataset"))
+    for split in ("train", "test"):
+        assert pairs[split].to_list() == read_jsonl(out / f"{split}.jsonl")
+        assert rankings[split].to_list() == [{k: v for k, v in row.items() if k != "split"}
+                                             for row in read_jsonl(out / "rankings.jsonl") if row["split"] == split]
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["format"] == "rlhf-export/1" and meta["train_pairs"] == summary["train_pairs"]
+    assert summary["files"]["datasets"] == [str(out / "pairs_dataset"), str(out / "rankings_dataset")]
+    script = (f"from datasets import load_from_disk; d = load_from_disk({str(out / 'pairs_dataset')!r}); "
+              f"print(d['train'].num_rows, d['test'].num_rows, d['train'][0]['chosen'] != '')")
+    printed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert printed.split() == [str(summary["train_pairs"]), str(summary["test_pairs"]), "True"]
+
+    export(store, out, test_fraction=0.0)  # again, over the earlier export: no held-out split, no empty one
+    assert list(load_from_disk(str(out / "pairs_dataset"))) == ["train"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_push_to_hub_pushes_both_datasets_or_says_why_not(filled, tmp_path, capsys, monkeypatch):
+    import datasets
+
+    import rlhf.models
+    from pipeline.cli import main
+
+    store, _ = filled
+    pushed = []
+    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub",
+                        lambda self, repo, config_name="default", **kw: pushed.append((repo, config_name, list(self))))
+    monkeypatch.setattr(rlhf.models, "_hub_reachable", lambda: True)
+    db, out = str(tmp_path / "labels.db"), tmp_path / "out"
+    assert main(["export", "--db", db, "--out", str(out), "--test-fraction", "0.2", "--push-to-hub", "me/prefs"]) == 0
+    assert "pushed to the hub dataset me/prefs" in capsys.readouterr().out
+    assert pushed == [("me/prefs", "default", ["train", "test"]), ("me/prefs", "rankings", ["train", "test"])]
+
+    monkeypatch.setattr(rlhf.models, "_hub_reachable", lambda: False)
+    assert main(["export", "--db", db, "--out", str(tmp_path / "o2"), "--push-to-hub", "me/prefs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot push to 'me/prefs': the Hugging Face hub is not reachable" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "o2" / "pairs_dataset").is_dir()  # the local export is written first
