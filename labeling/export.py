@@ -35,7 +35,6 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 from labeling.pairs import expand_pairs, pair_indices
@@ -44,6 +43,7 @@ from rlhf.errors import UserError
 from rlhf.jsonl import atomic_write, write_jsonl
 from rlhf.prompts import split_by_prompt
 from rlhf.records import Pair, RankedTask
+from rlhf.tables import quiet_datasets
 
 AGGREGATIONS = ("none", "majority")
 EXPORT_FORMAT = "rlhf-export/1"
@@ -93,20 +93,6 @@ def _ranking_table(rows: list[dict], with_split: bool = True):
     schema = pa.schema([("task_id", pa.string()), ("annotator", pa.string()), ("prompt", pa.string()),
                         ("completions", pa.list_(completion))] + ([("split", pa.string())] if with_split else []))
     return pa.Table.from_pylist(rows, schema=schema)
-
-
-@contextmanager
-def quiet_datasets():
-    """No `datasets` progress bars inside the block (small tables; an error is then the only line printed)."""
-    import datasets
-
-    enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if enabled:
-            datasets.enable_progress_bars()
 
 
 def _dataset_dict(splits: dict[str, list[dict]], table):
@@ -214,10 +200,10 @@ def push_to_hub(out_dir, repo: str) -> None:
     `hf auth login` or $HF_TOKEN): the pairs as the default configuration, the rankings as "rankings"."""
     from datasets import load_from_disk
 
-    from rlhf.models import _hub_reachable
+    from rlhf.models import hub_reachable
 
     out = Path(out_dir)
-    if not _hub_reachable():
+    if not hub_reachable():
         raise UserError(f"cannot push to {repo!r}: the Hugging Face hub is not reachable (the export is in {out})")
     try:
         with quiet_datasets():

@@ -35,18 +35,24 @@ from typing import Any
 
 import torch
 
-from labeling.export import EXPORT_FORMAT, EXPORT_META, quiet_datasets
+from labeling.export import EXPORT_FORMAT, EXPORT_META
 from reward_model.loss import build_pair_index, ranking_pairs
 from reward_model.model import EncodedSample, encode_sample_ids, pad_samples
 from rlhf.errors import UserError
-from rlhf.jsonl import read_jsonl
 from rlhf.records import Pair, RankedCompletion, RankedTask
+from rlhf.tables import (
+    is_saved_dataset,
+    load_hub,
+    load_saved,
+    looks_like_path,
+    quiet_datasets,
+    read_table_file,
+)
 
 log = logging.getLogger(__name__)
 
 ROW_SPLITS = ("train", "test")
 HELD_OUT_SPLIT = "test"
-_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _EXPECTED = "rankings need the columns prompt, completions; pairs need prompt, chosen, rejected"
 
 
@@ -253,13 +259,6 @@ def _code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def _cause(exc: BaseException) -> str:
-    """The first line of what went wrong inside a `datasets` call (its own wrapper says little)."""
-    inner = (exc.__cause__ or exc.__context__) if type(exc).__name__ == "DatasetGenerationError" else exc
-    text = str(inner or exc).strip()
-    return text.splitlines()[0] if text else type(inner or exc).__name__
-
-
 class _Part:
     """One table of a source: a file or one split of a saved or hub dataset, normalized on first use."""
 
@@ -319,69 +318,15 @@ class _Part:
 
 # ---- sources ----
 
-def _read_file(path: Path):
-    """A JSON Lines / JSON / Parquet / CSV file as a `Dataset` (None when it holds nothing)."""
-    from datasets import load_dataset
-
-    builder = _FILE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise UserError(f"{path}: unsupported file type (expected .jsonl, .json, .parquet or .csv)")
-    if not _has_content(path):
-        return None
-    try:
-        with quiet_datasets():
-            return load_dataset(builder, data_files={"train": str(path)}, split="train")
-    except Exception as exc:  # noqa: BLE001 -- the builders raise arrow, pandas and datasets errors alike
-        if path.suffix.lower() == ".jsonl":
-            for _ in read_jsonl(path):  # names the malformed line, when one is
-                pass
-        raise UserError(f"{path}: cannot be read as a table ({_cause(exc)})") from None
-
-
-def _has_content(path: Path) -> bool:
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 16):
-            if chunk.strip():
-                return True
-    return False
-
-
 def _saved_parts(path: Path) -> list[_Part]:
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        with quiet_datasets():
-            saved = load_from_disk(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{path}: cannot load the saved dataset ({_cause(exc)})") from None
-    if not isinstance(saved, DatasetDict):
-        return [_Part("train", saved, str(path))]
-    return [_Part(split, saved[split], f"{path} [{split}]") for split in saved]
+    saved = load_saved(path)
+    if list(saved) == ["train"] and not (path / "dataset_dict.json").is_file():
+        return [_Part("train", saved["train"], str(path))]
+    return [_Part(split, table, f"{path} [{split}]") for split, table in saved.items()]
 
 
 def _hub_parts(name: str) -> list[_Part]:
-    import datasets
-    from datasets import DatasetDict, load_dataset
-
-    from rlhf.models import _hub_reachable
-
-    if not datasets.config.HF_HUB_OFFLINE and not _hub_reachable():
-        raise UserError(f"data {name!r} is not a local file or folder, and the Hugging Face hub is not reachable "
-                        f"to load it as a dataset id (with HF_HUB_OFFLINE=1 a cached copy is used)")
-    try:
-        with quiet_datasets():
-            loaded = load_dataset(name)
-    except Exception as exc:  # noqa: BLE001 -- the hub client's errors have many types
-        raise UserError(f"cannot load dataset {name!r} from the Hugging Face hub ({_cause(exc)})") from None
-    if not isinstance(loaded, DatasetDict):
-        return [_Part("train", loaded, name)]
-    return [_Part(split, loaded[split], f"{name} [{split}]") for split in loaded]
-
-
-def _looks_like_path(data: str) -> bool:
-    """A string that can only mean a local path (a hub id is NAME or OWNER/NAME)."""
-    return (data.startswith((".", "/", "~", "\\")) or data.endswith(("/", "\\")) or data.count("/") > 1
-            or Path(data).suffix.lower() in _FILE_BUILDERS)
+    return [_Part(split, table, f"{name} [{split}]") for split, table in load_hub(name).items()]
 
 
 def check_export_folder(path: Path) -> None:
@@ -404,21 +349,22 @@ def load_source(data: str | Path) -> list[_Part]:
     """The tables of a data source (see the module docstring), not yet read row by row."""
     path = Path(data).expanduser()
     if path.is_file():
-        return [_Part("train", _read_file(path), str(path), str(path) if path.suffix.lower() == ".jsonl" else None)]
+        jsonl = str(path) if path.suffix.lower() == ".jsonl" else None  # JSONL errors name their line
+        return [_Part("train", read_table_file(path), str(path), jsonl)]
     if path.is_dir():
         check_export_folder(path)
         if (path / "rankings.jsonl").is_file():
-            return [_Part("train", _read_file(path / "rankings.jsonl"), str(path / "rankings.jsonl"),
+            return [_Part("train", read_table_file(path / "rankings.jsonl"), str(path / "rankings.jsonl"),
                           str(path / "rankings.jsonl"))]
         if (path / "train.jsonl").is_file():
-            return [_Part(split, _read_file(path / f"{split}.jsonl"), str(path / f"{split}.jsonl"),
+            return [_Part(split, read_table_file(path / f"{split}.jsonl"), str(path / f"{split}.jsonl"),
                           str(path / f"{split}.jsonl"))
                     for split in ("train", "test") if (path / f"{split}.jsonl").is_file()]
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        if is_saved_dataset(path):
             return _saved_parts(path)
         raise UserError(f"{path} has no rankings.jsonl or train.jsonl, nor a dataset saved with save_to_disk; "
                         f"export labels with `rlhf export` first")
-    if _looks_like_path(str(data)):
+    if looks_like_path(str(data)):
         raise UserError(f"data {path} does not exist (expected a folder from `rlhf export`, a .jsonl, .parquet "
                         f"or .csv file, a save_to_disk folder or a hub dataset id)")
     return _hub_parts(str(data))

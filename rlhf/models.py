@@ -94,7 +94,7 @@ def resolve_model(name: str) -> str:
     return name  # a hub id; loading reports if it cannot be found
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
     """Whether the Hugging Face hub's host resolves. Without this check an offline machine spends ~50 s in
     the hub client's retries before failing; with it we switch to offline mode (the local cache still works)."""
     import socket
@@ -114,7 +114,7 @@ def _hub_reachable() -> bool:
 
 def _load(loader, name: str, **kwargs):
     resolved = resolve_model(name)
-    if resolved == name and not _hub_reachable():
+    if resolved == name and not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"
         from huggingface_hub import constants
 

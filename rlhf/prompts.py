@@ -11,10 +11,17 @@ from rlhf.jsonl import read_jsonl
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[tuple[str | None, str]]:
-    """[(id or None, prompt)] in file order; a missing/empty prompt or duplicate id names its line."""
+    """[(id or None, prompt)] in file order from a JSONL file, or from any table `rlhf.tables` reads (Parquet,
+    CSV, a save_to_disk folder, a hub id: its "train" split) with a "prompt" column and an optional "id";
+    a missing/empty prompt or duplicate id names its line (row)."""
+    source = Path(path).expanduser()
+    if source.suffix.lower() == ".jsonl" and not source.is_dir():
+        rows = read_jsonl(source)
+    else:
+        rows = ((n + 1, row) for n, row in enumerate(_table_rows(source if source.exists() else str(path))))
     prompts: list[tuple[str | None, str]] = []
     seen: set[str] = set()
-    for line_no, obj in read_jsonl(path):
+    for line_no, obj in rows:
         prompt = obj.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError(f"{path}:{line_no}: 'prompt' must be a non-empty string")
@@ -30,6 +37,24 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[tuple[str |
     if not prompts:
         raise UserError(f"{path}: no prompts in the file")
     return prompts
+
+
+def _table_rows(source: Path | str) -> list[dict]:
+    from rlhf.tables import is_saved_dataset, load_hub, load_saved, looks_like_path, read_table_file
+
+    if isinstance(source, Path) and source.is_file():
+        table = read_table_file(source)
+    elif isinstance(source, Path) and is_saved_dataset(source):
+        table = load_saved(source).get("train")
+    elif isinstance(source, Path) or looks_like_path(source):
+        raise UserError(f"{source}: no such file")
+    else:
+        table = load_hub(source).get("train")
+    if table is None:
+        return []
+    if "prompt" not in table.column_names:
+        raise UserError(f"{source}: no 'prompt' column (its columns: {', '.join(table.column_names)})")
+    return table.to_list()
 
 
 def split_by_prompt(prompts: set[str] | list[str], test_fraction: float, seed: int) -> set[str]:

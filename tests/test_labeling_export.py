@@ -195,13 +195,13 @@ def test_push_to_hub_pushes_both_datasets_or_says_why_not(filled, tmp_path, caps
     pushed = []
     monkeypatch.setattr(datasets.DatasetDict, "push_to_hub",
                         lambda self, repo, config_name="default", **kw: pushed.append((repo, config_name, list(self))))
-    monkeypatch.setattr(rlhf.models, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(rlhf.models, "hub_reachable", lambda: True)
     db, out = str(tmp_path / "labels.db"), tmp_path / "out"
     assert main(["export", "--db", db, "--out", str(out), "--test-fraction", "0.2", "--push-to-hub", "me/prefs"]) == 0
     assert "pushed to the hub dataset me/prefs" in capsys.readouterr().out
     assert pushed == [("me/prefs", "default", ["train", "test"]), ("me/prefs", "rankings", ["train", "test"])]
 
-    monkeypatch.setattr(rlhf.models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(rlhf.models, "hub_reachable", lambda: False)
     assert main(["export", "--db", db, "--out", str(tmp_path / "o2"), "--push-to-hub", "me/prefs"]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot push to 'me/prefs': the Hugging Face hub is not reachable" in err and len(err.splitlines()) == 1

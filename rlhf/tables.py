@@ -1,0 +1,102 @@
+"""Tables from wherever users keep them, read with `datasets`: a JSON Lines / JSON / Parquet / CSV file, a
+folder written by `save_to_disk`, or a Hugging Face hub dataset id. Shared by the preference data
+(reward_model.data), prompt files (rlhf.prompts) and the export (labeling.export). Every failure is one
+UserError line."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from rlhf.errors import UserError
+from rlhf.jsonl import read_jsonl
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@contextmanager
+def quiet_datasets():
+    """No `datasets` progress bars inside the block (small tables; an error is then the only line printed)."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def cause(exc: BaseException) -> str:
+    """The first line of what went wrong inside a `datasets` call (its own wrapper says little)."""
+    inner = (exc.__cause__ or exc.__context__) if type(exc).__name__ == "DatasetGenerationError" else exc
+    text = str(inner or exc).strip()
+    return text.splitlines()[0] if text else type(inner or exc).__name__
+
+
+def read_table_file(path: Path):
+    """A JSON Lines / JSON / Parquet / CSV file as a `Dataset` (None when it holds nothing)."""
+    from datasets import load_dataset
+
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(f"{path}: unsupported file type (expected .jsonl, .json, .parquet or .csv)")
+    if not _has_content(path):
+        return None
+    try:
+        with quiet_datasets():
+            return load_dataset(builder, data_files={"train": str(path)}, split="train")
+    except Exception as exc:  # noqa: BLE001 -- the builders raise arrow, pandas and datasets errors alike
+        if path.suffix.lower() == ".jsonl":
+            for _ in read_jsonl(path):  # names the malformed line, when one is
+                pass
+        raise UserError(f"{path}: cannot be read as a table ({cause(exc)})") from None
+
+
+def _has_content(path: Path) -> bool:
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
+
+
+def load_saved(path: Path) -> dict[str, object]:
+    """{split: Dataset} of a folder written by `Dataset.save_to_disk` ("train") or `DatasetDict.save_to_disk`."""
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        with quiet_datasets():
+            saved = load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{path}: cannot load the saved dataset ({cause(exc)})") from None
+    return dict(saved) if isinstance(saved, DatasetDict) else {"train": saved}
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def load_hub(name: str) -> dict[str, object]:
+    """{split: Dataset} of a hub dataset id; fails fast when the hub cannot be reached."""
+    import datasets
+    from datasets import DatasetDict, load_dataset
+
+    from rlhf.models import hub_reachable
+
+    if not datasets.config.HF_HUB_OFFLINE and not hub_reachable():
+        raise UserError(f"{name!r} is not a local file or folder, and the Hugging Face hub is not reachable "
+                        f"to load it as a dataset id (with HF_HUB_OFFLINE=1 a cached copy is used)")
+    try:
+        with quiet_datasets():
+            loaded = load_dataset(name)
+    except Exception as exc:  # noqa: BLE001 -- the hub client's errors have many types
+        raise UserError(f"cannot load dataset {name!r} from the Hugging Face hub ({cause(exc)})") from None
+    return dict(loaded) if isinstance(loaded, DatasetDict) else {"train": loaded}
+
+
+def looks_like_path(data: str) -> bool:
+    """A string that can only mean a local path (a hub id is NAME or OWNER/NAME)."""
+    return (data.startswith((".", "/", "~", "\\")) or data.endswith(("/", "\\")) or data.count("/") > 1
+            or Path(data).suffix.lower() in FILE_BUILDERS)
