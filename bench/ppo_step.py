@@ -70,6 +70,11 @@ def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
         def trainable_parameters(self):
             return [p for p in self.parameters() if p.requires_grad]
 
+        def forward(self, role, input_ids, attention_mask, response_length):  # as PolicyRoles.forward
+            if role == "critic":
+                return self.values(input_ids, attention_mask, response_length)
+            return self.response_logits(role, input_ids, attention_mask, response_length)
+
         def response_logits(self, adapter, input_ids, attention_mask, response_length):
             lm = self.model if adapter is not None else self.reference
             out = lm(input_ids=input_ids, attention_mask=attention_mask,

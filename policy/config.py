@@ -61,11 +61,12 @@ class PPOConfig:
     preference; a warning is logged when it is on and fewer than half finish."""
     # batch sizes
     batch_size: int = 8
-    """Rollouts (sequences) per step. RLOO uses batch_size / rloo_k prompts with rloo_k samples each,
-    GRPO batch_size / grpo_k prompts with grpo_k samples each."""
+    """Rollouts (sequences) per step and process (`accelerate launch --num_processes N`: N times as many per
+    step, each process sampling its own share of the prompts). RLOO uses batch_size / rloo_k prompts with
+    rloo_k samples each, GRPO batch_size / grpo_k prompts with grpo_k samples each."""
     minibatch_size: int | None = None
-    """PPO, GRPO: rollouts per gradient step; default: the whole batch (one minibatch per epoch). RLOO
-    always makes one on-policy step per batch."""
+    """PPO, GRPO: rollouts per gradient step and process; default: the whole batch (one minibatch per epoch).
+    RLOO always makes one on-policy step per batch."""
     micro_batch_size: int = 4
     """Rollouts per forward/backward pass; gradients accumulate up to the minibatch, so this bounds
     memory without changing the update."""
@@ -138,6 +139,10 @@ class PPOConfig:
     """Stop with an error after this many consecutive updates with a non-finite loss or gradient."""
     max_steps_time: float | None = None
     """Stop after this many seconds of training (benchmarks); None: run all steps."""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """Also send each train_log.csv and eval.csv row (eval.csv's under held_out/) to this tracker, through
+    accelerate: "tensorboard" writes event files to OUT/tensorboard/; "wandb" and "trackio" need their
+    package installed. The CSV logs are written either way."""
 
     def __post_init__(self) -> None:
         for name, value in ALGO_DEFAULTS.get(self.algo, ALGO_DEFAULTS["ppo"]).items():

@@ -97,6 +97,18 @@ class PolicyRoles(nn.Module):
     def actor(self):
         return self._activate(ACTOR)
 
+    def forward(self, role: str, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
+        """The trainable roles' one entry point: the actor's response logits [B, T, V] (role ACTOR) or the
+        critic's values [B, T] (role CRITIC). The updates call the roles through it, so that under several
+        processes, where `accelerator.prepare` wraps the roles in DistributedDataParallel, every forward pass
+        goes through DDP and the backward pass all-reduces the gradients (TRL's PolicyAndValueWrapper does the
+        same). Generation, the reward and the reference run on the unwrapped roles, without gradients."""
+        if role == CRITIC:
+            return self.values(input_ids, attention_mask, response_length)
+        if role != ACTOR:
+            raise ValueError(f"only the actor and the critic train, not {role!r}")
+        return self.response_logits(ACTOR, input_ids, attention_mask, response_length)
+
     def response_logits(self, adapter: str | None, input_ids: Tensor, attention_mask: Tensor,
                         response_length: int) -> Tensor:
         """Logits [B, T, V] that predict the last T tokens of `input_ids` (the response), computed only

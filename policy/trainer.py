@@ -49,7 +49,7 @@ from torch import Tensor
 from policy import core
 from policy.config import PPOConfig
 from policy.evaluate import append_eval_samples, evaluate, write_side_by_side
-from policy.roles import ACTOR, PolicyRoles, build_roles, save_actor
+from policy.roles import ACTOR, CRITIC, build_roles, save_actor
 from policy.rollout import Rollout, reward_function, rollout
 from rlhf.errors import UserError
 
@@ -63,10 +63,12 @@ class _Sampler:
     def __init__(self, prompts: list[str], seed: int):
         self.prompts, self.seed = prompts, seed
 
-    def batch(self, step: int, size: int) -> list[str]:
-        n = len(self.prompts)
+    def batch(self, step: int, size: int, rank: int = 0, world: int = 1) -> list[str]:
+        """Process `rank`'s `size` prompts of the step; the step takes `size * world` prompts in all, so
+        processes share the prompts out instead of repeating them."""
+        n, total = len(self.prompts), size * world
         out = []
-        for pos in range(step * size, (step + 1) * size):
+        for pos in range(step * total + rank * size, step * total + (rank + 1) * size):
             epoch, i = divmod(pos, n)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
             out.append(self.prompts[int(perm[i])])
@@ -104,10 +106,12 @@ class Update:
 
 
 MicroStep = Callable[[Tensor, Tensor, dict], bool]
-"""(micro-batch rows, its minibatch's rows, sums) -> False on a non-finite loss."""
+"""(micro-batch rows, its minibatch's rows, sums) -> whether its loss was finite. It runs its backward pass
+whatever the loss (a non-finite loss gives a non-finite gradient, and the step is skipped): under several
+processes every backward pass is a collective all-reduce that each process must join."""
 
 
-def _minibatch_epochs(roles: PolicyRoles, accelerator, optimizer, config: PPOConfig, step: int, batch_size: int,
+def _minibatch_epochs(model, accelerator, optimizer, config: PPOConfig, step: int, batch_size: int,
                       micro_step: MicroStep, epochs: int, minibatch_size: int, micro_batch_size: int,
                       shuffle: bool = True) -> tuple[dict[str, float], int, int]:
     """The epoch / minibatch / micro-batch loop of every update (summarize_from_feedback_details/ppo.py,
@@ -115,6 +119,11 @@ def _minibatch_epochs(roles: PolicyRoles, accelerator, optimizer, config: PPOCon
     one gradient step per minibatch. `micro_step` runs one micro-batch's forward and backward passes (its
     loss weighted so the accumulated gradient equals one pass over the minibatch: memory is bounded by
     `micro_batch_size`, the step unchanged) and adds its weighted statistics to `sums`.
+
+    Several processes: each holds its own batch, and a minibatch is the union of the processes' minibatches
+    (`minibatch_size` rows each). Losses and statistics are weighted by their share of that union (see
+    `_token_share`), the gradients all-reduced by DDP, and the statistics summed over processes here, so every
+    process takes the same decisions from the same numbers.
 
     Early stopping (`stop_kl`, OpenAI's Spinning Up PPO): each minibatch's forward pass measures
     KL(pi_old || pi) of the policy as it is now, after every earlier step; above `stop_kl` that minibatch's
@@ -130,13 +139,14 @@ def _minibatch_epochs(roles: PolicyRoles, accelerator, optimizer, config: PPOCon
             minibatch = order[start:start + minibatch_size]
             optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = defaultdict(float)
-            finite = all(micro_step(micro, minibatch, sums) for micro in minibatch.split(micro_batch_size))
+            finite = [micro_step(micro, minibatch, sums) for micro in minibatch.split(micro_batch_size)]
+            finite, sums = _sum_over_processes(accelerator, all(finite), sums)
             stop = finite and config.stop_kl is not None and sums.get("approx_kl", 0.0) > config.stop_kl
             if stop:
                 optimizer.zero_grad(set_to_none=True)
                 log.info("step %d: approx KL %.3g > %.3g in epoch %d, stopping the update", step, sums["approx_kl"],
                          config.stop_kl, epoch + 1)
-            elif not (finite and _optimizer_step(roles, accelerator, optimizer, config)):
+            elif not (finite and _optimizer_step(model, accelerator, optimizer, config)):
                 skipped += 1
                 continue
             for key, value in sums.items():
@@ -151,9 +161,10 @@ def _minibatch_epochs(roles: PolicyRoles, accelerator, optimizer, config: PPOCon
     return means, skipped, epochs_run
 
 
-def _optimizer_step(roles: PolicyRoles, accelerator, optimizer, config: PPOConfig) -> bool:
-    """Clip the accumulated gradients and step; a non-finite gradient skips the update (NaN guard)."""
-    norm = accelerator.clip_grad_norm_(roles.trainable_parameters(), config.max_grad_norm)
+def _optimizer_step(model, accelerator, optimizer, config: PPOConfig) -> bool:
+    """Clip the accumulated gradients and step; a non-finite gradient skips the update (NaN guard). Under
+    several processes the gradients are the all-reduced ones, so every process decides alike."""
+    norm = accelerator.clip_grad_norm_(accelerator.unwrap_model(model).trainable_parameters(), config.max_grad_norm)
     if not torch.isfinite(torch.as_tensor(norm)):
         optimizer.zero_grad(set_to_none=True)
         return False
@@ -168,52 +179,83 @@ def _mean_of_finite(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def _token_weight(batch: Rollout, micro: Tensor, minibatch: Tensor) -> Tensor:
-    """The micro-batch's share of its minibatch's real tokens (weights per-token means)."""
-    return batch.mask[micro].sum() / batch.mask[minibatch].sum().clamp(min=1)
+def _token_share(accelerator, batch: Rollout, micro: Tensor, minibatch: Tensor) -> Tensor:
+    """The micro-batch's share of the real tokens of its minibatch, the minibatch taken over all processes
+    (weights per-token means)."""
+    return batch.mask[micro].sum() / accelerator.reduce(batch.mask[minibatch].sum(), reduction="sum").clamp(min=1)
 
 
-def ppo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_coef: float, config: PPOConfig,
+def _sum_over_processes(accelerator, finite: bool, sums: dict[str, float]) -> tuple[bool, dict[str, float]]:
+    """A minibatch's statistics summed over processes (each already weighted by its share of the whole
+    minibatch) and whether every process's losses were finite: the same numbers, hence the same early stop
+    and the same skips, on every process. One process: as given."""
+    if accelerator.num_processes == 1:
+        return finite, sums
+    keys = sorted(sums)
+    local = torch.tensor([float(not finite), *(sums[key] for key in keys)], dtype=torch.float64,
+                         device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum").tolist()
+    return total[0] == 0, dict(zip(keys, total[1:]))
+
+
+def _whiten_over_processes(accelerator, values: Tensor, mask: Tensor) -> tuple[Tensor, float]:
+    """`core.masked_whiten` with the mean and the (Bessel-corrected) variance taken over the real tokens of
+    every process's batch, and the std before whitening. One process: exactly core's numbers."""
+    def total(x: Tensor) -> Tensor:
+        return accelerator.reduce(x, reduction="sum")
+
+    weights = mask.to(values.dtype)
+    count = total(weights.sum())
+    mean = total((values * weights).sum()) / count.clamp(min=1)
+    var = total(((values - mean) ** 2 * weights).sum()) / count.clamp(min=1)
+    var = var * count / (count - 1).clamp(min=1)
+    return (values - mean) * torch.rsqrt(var + 1e-8) * weights, var.sqrt().item()
+
+
+def ppo_update(model, accelerator, optimizer, batch: Rollout, kl_coef: float, config: PPOConfig,
                step: int) -> Update:
     """PPO: per-token KL reward -> GAE (once, detached) -> whitened advantages -> epochs of the clipped
-    policy loss + vf_coef * clipped value loss over shuffled minibatches."""
+    policy loss + vf_coef * clipped value loss over shuffled minibatches.
+
+    `model` is the roles as `accelerator.prepare` returned them (DDP-wrapped under several processes); the
+    actor and the critic run through its forward (`PolicyRoles.forward`). Under several processes, `batch`
+    is this process's share and the update is that of all the processes' rollouts together: advantages are
+    whitened over all of them and each loss is weighted by its share of the whole minibatch (the gradient is
+    the one-process gradient of the union, up to float rounding)."""
+    world = accelerator.num_processes
     # 4. per-token reward: -beta * KL_t on every real token, the score added on the last one
     kl = core.kl_estimate(batch.logprobs, batch.ref_logprobs, config.kl_estimator)
     rewards = core.per_token_rewards(batch.scores, kl, batch.mask, kl_coef)
     # 5. GAE from the rollout's values, once; advantages whitened over the real tokens (Huang et al. 2024)
     advantages, returns = core.compute_gae(rewards, batch.values, batch.mask, config.gamma, config.lam)
-    advantage_std = core.masked_var(advantages, batch.mask).sqrt().item()
-    advantages = core.masked_whiten(advantages, batch.mask)
+    advantages, advantage_std = _whiten_over_processes(accelerator, advantages, batch.mask)
     T = batch.response_length
 
     def micro_step(micro: Tensor, minibatch: Tensor, sums: dict) -> bool:
-        weight = _token_weight(batch, micro, minibatch)
+        share = _token_share(accelerator, batch, micro, minibatch)
         # loss = pg_loss + vf_coef * vf_loss, backpropagated in two halves (actor, then critic) so only
-        # one role's activations are alive at a time: same gradients, half the peak memory
-        logits = roles.response_logits(ACTOR, batch.input_ids[micro], batch.attention_mask[micro], T)
+        # one role's activations are alive at a time: same gradients, half the peak memory. DDP averages the
+        # processes' gradients; `* world` turns that average into the sum of their shares.
+        logits = model(ACTOR, batch.input_ids[micro], batch.attention_mask[micro], T)
         logp = core.logprobs_from_logits(logits, batch.responses[micro], config.temperature)
         del logits
         pg_loss, pg_stats = core.ppo_policy_loss(logp, batch.logprobs[micro], advantages[micro], batch.mask[micro],
                                                  config.clip_range)
-        if not torch.isfinite(pg_loss):
-            return False
-        accelerator.backward(pg_loss * weight)
+        accelerator.backward(pg_loss * share * world)
         del logp
-        new_values = roles.values(batch.input_ids[micro], batch.attention_mask[micro], T)
+        new_values = model(CRITIC, batch.input_ids[micro], batch.attention_mask[micro], T)
         vf_loss, vf_stats = core.value_loss(new_values, batch.values[micro], returns[micro], batch.mask[micro],
                                             config.vf_clip)
-        if not torch.isfinite(vf_loss):
-            return False
-        accelerator.backward(config.vf_coef * vf_loss * weight)
+        accelerator.backward(config.vf_coef * vf_loss * share * world)
         for key, value in (("pg", pg_loss), ("vf", vf_loss), ("approx_kl", pg_stats["approx_kl"]),
                            ("clipfrac", pg_stats["clipfrac"]), ("ratio", pg_stats["ratio"]),
                            ("vf_clipfrac", vf_stats["clipfrac"])):
-            sums[key] += value.item() * weight.item()
-        return True
+            sums[key] += value.item() * share.item()
+        return bool(torch.isfinite(pg_loss) and torch.isfinite(vf_loss))
 
     # 6. PPO epochs
     B = batch.responses.shape[0]
-    stats, skipped, epochs = _minibatch_epochs(roles, accelerator, optimizer, config, step, B, micro_step,
+    stats, skipped, epochs = _minibatch_epochs(model, accelerator, optimizer, config, step, B, micro_step,
                                                config.ppo_epochs, config.minibatch_size or B, config.micro_batch_size)
     residual = core.masked_var(returns - batch.values, batch.mask)
     explained = 1.0 - (residual / core.masked_var(returns, batch.mask).clamp(min=1e-8)).item()
@@ -232,7 +274,7 @@ def ppo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_co
     }, skipped, batch.logprobs, batch.entropy)
 
 
-def rloo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_coef: float, config: PPOConfig,
+def rloo_update(model, accelerator, optimizer, batch: Rollout, kl_coef: float, config: PPOConfig,
                 step: int = 0) -> Update:
     """RLOO (Ahmadian et al. 2024): reward = score - beta * sum_t (log pi - log pi_ref), i.e. score -
     beta * (CE_ref - CE_pi) of the sampled text (k1, as TRL's RLOOTrainer, whatever `kl_estimator`
@@ -240,14 +282,16 @@ def rloo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_c
     logprob: one on-policy gradient step per batch.
 
     pi_old's logprobs come from this step's own forward pass (the same numbers: nothing has changed since
-    sampling), run in micro-batches of whole prompt groups so each group's baseline is complete."""
+    sampling), run in micro-batches of whole prompt groups so each group's baseline is complete. `model` and
+    several processes: as in `ppo_update` (every process holds the same number of rollouts, so DDP's average
+    of the processes' gradients is the gradient of the mean over all of them)."""
     B, T, group = batch.responses.shape[0], batch.response_length, config.rloo_k
     logprobs = torch.full_like(batch.ref_logprobs, math.nan)
     entropy = torch.full_like(batch.ref_logprobs, math.nan)
     rewards, advantages = [], []
 
     def micro_step(micro: Tensor, minibatch: Tensor, sums: dict) -> bool:
-        logits = roles.response_logits(ACTOR, batch.input_ids[micro], batch.attention_mask[micro], T)
+        logits = model(ACTOR, batch.input_ids[micro], batch.attention_mask[micro], T)
         logp = core.logprobs_from_logits(logits, batch.responses[micro], config.temperature)
         # 4-5. sequence reward with the KL penalty, leave-one-out advantages (per prompt group)
         logprobs[micro], entropy[micro] = logp.detach(), core.entropy_from_logits(logits.detach(), config.temperature)
@@ -257,15 +301,13 @@ def rloo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_c
         advantage = core.rloo_advantages(reward, group)
         loss = core.rloo_loss((logp * batch.mask[micro]).sum(1), advantage) * (len(micro) / B)
         rewards.append(reward), advantages.append(advantage)
-        if not torch.isfinite(loss):
-            return False
         accelerator.backward(loss)
-        sums["pg"] += loss.item()
-        return True
+        sums["pg"] += loss.item() / accelerator.num_processes
+        return bool(torch.isfinite(loss))
 
     # 6. one REINFORCE step over the whole batch
     micro_size = max(group, config.micro_batch_size // group * group)
-    stats, skipped, _ = _minibatch_epochs(roles, accelerator, optimizer, config, step, B, micro_step, 1, B,
+    stats, skipped, _ = _minibatch_epochs(model, accelerator, optimizer, config, step, B, micro_step, 1, B,
                                           micro_size, shuffle=False)
     advantages = torch.cat(advantages)
     return Update({"objective/rlhf_reward": torch.cat(rewards).mean().item(),
@@ -274,7 +316,7 @@ def rloo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_c
                   skipped, logprobs, entropy)
 
 
-def grpo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_coef: float, config: PPOConfig,
+def grpo_update(model, accelerator, optimizer, batch: Rollout, kl_coef: float, config: PPOConfig,
                 step: int) -> Update:
     """GRPO (Shao et al. 2024): the score of each response, normalised within its prompt's group of
     `grpo_k` samples, is the advantage of all its tokens (computed once, detached; no critic, no KL in
@@ -282,8 +324,10 @@ def grpo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_c
     a loss term, aggregated as `grpo_loss_norm` says (see `core.grpo_loss`), over shuffled minibatches.
 
     With one pass and one minibatch (the default) the update is on-policy: the rollout's logprobs are
-    this forward pass's numbers (pi_old = pi, ratio 1), so the rollout leaves them to it."""
+    this forward pass's numbers (pi_old = pi, ratio 1), so the rollout leaves them to it. `model` and several
+    processes: as in `ppo_update` (groups never straddle processes, so the advantages are the same)."""
     B, T, k = batch.responses.shape[0], batch.response_length, config.grpo_k
+    world = accelerator.num_processes
     minibatch_size = config.minibatch_size or B
     # 4-5. the group-normalised score is the advantage of every token of the response (no KL in the reward)
     advantages = core.grpo_advantages(batch.scores, k, scale=config.grpo_scale_rewards)
@@ -294,7 +338,7 @@ def grpo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_c
     entropy = torch.full_like(batch.ref_logprobs, math.nan) if on_policy else batch.entropy
 
     def micro_step(micro: Tensor, minibatch: Tensor, sums: dict) -> bool:
-        logits = roles.response_logits(ACTOR, batch.input_ids[micro], batch.attention_mask[micro], T)
+        logits = model(ACTOR, batch.input_ids[micro], batch.attention_mask[micro], T)
         logp = core.logprobs_from_logits(logits, batch.responses[micro], config.temperature)
         if on_policy:
             old_logprobs[micro] = logp.detach()
@@ -303,20 +347,19 @@ def grpo_update(roles: PolicyRoles, accelerator, optimizer, batch: Rollout, kl_c
         loss, loss_stats = core.grpo_loss(
             logp, old_logprobs[micro], batch.ref_logprobs[micro], advantages[micro], batch.mask[micro],
             config.clip_range, kl_coef, config.kl_estimator, config.grpo_loss_norm, config.response_length)
-        # the minibatch's loss is the weighted sum of its micro-batches' losses
-        token_weight = _token_weight(batch, micro, minibatch).item()
-        weight = token_weight if config.grpo_loss_norm == "token" else len(micro) / len(minibatch)
-        if not torch.isfinite(loss):
-            return False
-        accelerator.backward(loss * weight)
-        sums["loss"] += loss.item() * weight
-        sums["pg"] += loss_stats["pg"].item() * weight
+        # the minibatch's loss (over all processes) is the weighted sum of its micro-batches' losses; DDP
+        # averages the processes' gradients, which `* world` turns into their sum
+        token_share = _token_share(accelerator, batch, micro, minibatch).item()
+        share = token_share if config.grpo_loss_norm == "token" else len(micro) / (len(minibatch) * world)
+        accelerator.backward(loss * (share * world))
+        sums["loss"] += loss.item() * share
+        sums["pg"] += loss_stats["pg"].item() * share
         for key in ("kl", "approx_kl", "clipfrac", "ratio"):  # per-token means
-            sums[key] += loss_stats[key].item() * token_weight
-        return True
+            sums[key] += loss_stats[key].item() * token_share
+        return bool(torch.isfinite(loss))
 
     # 6. epochs of the clipped surrogate + beta * KL to the reference
-    stats, skipped, epochs = _minibatch_epochs(roles, accelerator, optimizer, config, step, B, micro_step,
+    stats, skipped, epochs = _minibatch_epochs(model, accelerator, optimizer, config, step, B, micro_step,
                                                config.ppo_epochs, minibatch_size, config.micro_batch_size,
                                                shuffle=not on_policy)
     groups = batch.scores.view(-1, k)
@@ -338,15 +381,53 @@ UPDATES = {"ppo": ppo_update, "rloo": rloo_update, "grpo": grpo_update}
 
 # ---- the loop ----
 
-def train_policy(config: PPOConfig) -> dict[str, Any]:
-    """Run PPO, RLOO or GRPO as configured; returns a summary (final eval metrics, output paths)."""
-    from accelerate import Accelerator
+def policy_accelerator(config: PPOConfig):
+    """The run's Accelerator, with the tracker `report_to` names. Under several processes it wraps the roles
+    in DDP, told that a forward pass may leave trainable parameters unused: PPO runs the actor and the critic
+    in separate passes (RLOO and GRPO train the actor alone)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
+    from rlhf.runlog import tracker_options
+
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.algo == "ppo")],
+                       **tracker_options(config.report_to, config.out))
+
+
+def _mean_over_processes(accelerator, row: dict[str, Any]) -> dict[str, Any]:
+    """A log row's values averaged over processes (each measured its own rollouts, as many on every process),
+    the step left as it is; with one process, the row as given."""
+    if accelerator.num_processes == 1:
+        return row
+    keys = [key for key in row if key != "step"]
+    local = torch.tensor([float(row[key]) for key in keys], dtype=torch.float64, device=accelerator.device)
+    means = accelerator.reduce(local, reduction="mean").tolist()
+    return {"step": row["step"], **{key: round(value) if isinstance(row[key], int) else value
+                                    for key, value in zip(keys, means)}}
+
+
+def _finish(accelerator, summary: dict[str, Any] | None) -> dict[str, Any]:
+    """End the tracker's run and give every process the main process's summary (the others wait for it here,
+    while it writes the outputs)."""
+    from accelerate.utils import broadcast_object_list
+
+    from rlhf.runlog import end_tracking
+
+    end_tracking(accelerator)
+    return broadcast_object_list([summary])[0]
+
+
+def train_policy(config: PPOConfig) -> dict[str, Any]:
+    """Run PPO, RLOO or GRPO as configured; returns a summary (final eval metrics, output paths).
+
+    Under `accelerate launch --num_processes N`, every process samples `batch_size` rollouts of its own share
+    of the step's prompts (its own sampling seed), the update is that of all N * batch_size rollouts (DDP
+    all-reduces the gradients), and only the main process evaluates and writes files."""
     from reward_model.model import read_meta
     from rlhf.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from rlhf.models import eos_token_ids
     from rlhf.oracles import load_oracle
-    from rlhf.runlog import RunLog
+    from rlhf.runlog import RunLog, start_tracking
 
     config.check()
     out = Path(config.out)
@@ -370,14 +451,17 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
         config.ppo_epochs > 1 or (config.minibatch_size or config.batch_size) < config.batch_size))
 
     torch.manual_seed(config.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = policy_accelerator(config)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     roles, tokenizer = build_roles(model_name, rm_dir, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
                                    critic=use_critic)
     eos_ids = eos_token_ids(roles.model, tokenizer)
     reward_fn = reward_function(config, tokenizer)
     params = roles.trainable_parameters() if use_critic else list(roles.parameters_of(ACTOR).values())
     optimizer = torch.optim.Adam(params, lr=config.lr, eps=1e-5)  # eps 1e-5 as in CleanRL / Huang et al.
-    roles, optimizer = accelerator.prepare(roles, optimizer)
+    # `model`: the roles in DDP under several processes (else the roles themselves); the updates run the actor
+    # and the critic through it, sampling, scoring and evaluation use the roles
+    model, optimizer = accelerator.prepare(roles, optimizer)
     kl_ctl = (core.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
               if config.target_kl else core.FixedKLController(config.kl_coef))
 
@@ -389,15 +473,20 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
         kl_ctl.load_state_dict(state["kl_ctl"])
         start_step = state["step"]
         log.warning("resuming %s from step %d", out, start_step)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
-    train_log = RunLog(out / "train_log.csv", resume_step=start_step if config.resume else None)
-    eval_log = RunLog(out / "eval.csv", resume_step=start_step if config.resume else None)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
+    start_tracking(accelerator, "rlhf-policy", asdict(config))
+    train_log = RunLog(out / "train_log.csv", resume_step=start_step if config.resume else None, tracker=accelerator)
+    eval_log = RunLog(out / "eval.csv", resume_step=start_step if config.resume else None, tracker=accelerator,
+                      tracker_prefix="held_out/")
     sampler = _Sampler(train_prompts, config.seed)
 
     last_eval: dict[str, Any] = {}
 
     def run_eval(step: int) -> None:
+        if not main:  # the main process evaluates; the others go on to the next rollout
+            return
         metrics, rows = evaluate(roles, tokenizer, eval_prompts, config, reward_fn, oracle, eos_ids)
         eval_log.append({"step": step, **metrics})
         last_eval.update(step=step, metrics=metrics, rows=rows)
@@ -411,15 +500,16 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
         t0 = time.time()
         # 1-3. sample with the actor; score with the RM (or oracle), minus the missing-EOS penalty; logprobs
         # of the actor and the reference at the sampling temperature, values (policy/rollout.py)
-        batch = rollout(roles, tokenizer, sampler.batch(step - 1, prompts_per_step), samples_per_prompt, config,
-                        reward_fn, eos_ids, generator_seed=config.seed * 1_000_003 + step, with_values=use_critic,
-                        with_logprobs=with_logprobs)
-        if not torch.isfinite(batch.raw_scores).all():
+        # (each process its own share of the step's prompts, its own sampling seed)
+        batch = rollout(roles, tokenizer, sampler.batch(step - 1, prompts_per_step, rank, world), samples_per_prompt,
+                        config, reward_fn, eos_ids, generator_seed=(config.seed * 1_000_003 + step) * world + rank,
+                        with_values=use_critic, with_logprobs=with_logprobs)
+        if accelerator.reduce((~torch.isfinite(batch.raw_scores)).sum(), reduction="sum"):
             raise UserError(f"step {step}: the reward is not finite for some responses (NaN/inf from the "
                             f"{'reward model' if config.reward == 'rm' else 'oracle'})")
         t_rollout = time.time() - t0
         # 4-6. the update: PPO's per-token KL reward, GAE + whitening and epochs; RLOO's or GRPO's
-        update = UPDATES[config.algo](roles, accelerator, optimizer, batch, kl_ctl.value, config, step)
+        update = UPDATES[config.algo](model, accelerator, optimizer, batch, kl_ctl.value, config, step)
         # 7. log
         row = {
             "step": step,
@@ -435,14 +525,16 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
             "time/step_s": time.time() - t0,
             "skipped_updates": update.skipped,
         }
-        train_log.append(row)
-        if config.missing_eos_penalty and row["response/finished"] < 0.5 and not warned_eos:
+        row = _mean_over_processes(accelerator, row)
+        if main:
+            train_log.append(row)
+        if main and config.missing_eos_penalty and row["response/finished"] < 0.5 and not warned_eos:
             warned_eos = True
             log.warning("step %d: only %.0f%% of the responses end with EOS within --response-length %d, so "
                         "--missing-eos-penalty %.3g lowers most scores: the policy learns to stop early more than "
                         "the preference; raise --response-length or turn the penalty off", step,
                         100 * row["response/finished"], config.response_length, config.missing_eos_penalty)
-        kl_ctl.update(row["objective/kl"], config.batch_size)
+        kl_ctl.update(row["objective/kl"], config.batch_size * world)
         bad_in_a_row = bad_in_a_row + 1 if update.skipped else 0
         if update.skipped:
             log.warning("step %d: skipped %d update(s) with a non-finite loss or gradient", step, update.skipped)
@@ -451,14 +543,18 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
                                 f"{step}); lower --lr or --kl-coef, or check the reward")
         log.info("step %d: score=%.3f kl=%.3f %.1fs", step, row["objective/scores"], row["objective/kl"],
                  row["time/step_s"])
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
+        if main and config.checkpoint_every and step % config.checkpoint_every == 0:
             save_checkpoint(checkpoints, step, roles.named_trainable(), optimizer, config=asdict(config),
                             kl_ctl=kl_ctl.state_dict())
         if config.eval_every and step % config.eval_every == 0 and step != config.steps:
             run_eval(step)
-        if config.max_steps_time is not None and time.time() - started > config.max_steps_time:
+        if config.max_steps_time is not None and accelerator.reduce(  # stop together when any process is over
+                torch.tensor(float(time.time() - started > config.max_steps_time), device=accelerator.device),
+                reduction="sum"):
             log.warning("time budget of %.0f s reached after step %d", config.max_steps_time, step)
             break
+    if not main:  # only the main process writes outputs; the others wait for it and return its summary
+        return _finish(accelerator, None)
     if last_eval.get("step") != step:  # the final evaluation, also the policy side of samples.jsonl
         run_eval(step)
     save_checkpoint(checkpoints, step, roles.named_trainable(), optimizer, config=asdict(config),
@@ -473,7 +569,7 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
     write_side_by_side(out / "samples.jsonl", ref_rows, last_eval["rows"])
     plots = write_plots(out / "plots", train_log, eval_log)
     merged = merge_policy(policy_dir, out / "merged") if config.save_merged else None
-    return {
+    return _finish(accelerator, {
         "steps": step,
         "final": last_eval["metrics"],
         "reference": ref_metrics,
@@ -485,7 +581,7 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
         "samples": str(out / "samples.jsonl"),
         "eval_samples": str(out / "eval_samples.jsonl"),
         "plots": [str(p) for p in plots],
-    }
+    })
 
 
 def write_plots(folder: Path, train_log, eval_log) -> list[Path]:
@@ -513,12 +609,34 @@ def write_plots(folder: Path, train_log, eval_log) -> list[Path]:
     ]
 
 
-def merge_policy(policy_dir: Path, target: Path) -> Path:
-    """Base model with the actor adapter merged in, saved as a plain HF model folder (+ tokenizer)."""
-    from policy.roles import load_policy
+def merge_policy(policy_dir: Path, target: Path, base_model: str | None = None) -> Path:
+    """Base model with the actor adapter merged in, saved as a plain HF model folder that
+    AutoModelForCausalLM.from_pretrained loads: weights, tokenizer, the generation config of training
+    (sampling at its temperature, up to its response length, stopping at EOS) and a model card.
+    `base_model` replaces the base model recorded in policy.json (moved or renamed)."""
+    from policy.roles import POLICY_META, load_policy
+    from reward_model.export_model import base_model_error, policy_model_card, read_json, write_folder
+    from rlhf.models import eos_token_ids
+    from rlhf.runlog import read_log
 
-    model, tokenizer, _ = load_policy(policy_dir)
+    base = base_model or read_json(policy_dir / POLICY_META).get("base_model", "")
+    try:
+        model, tokenizer, meta = load_policy(policy_dir, model_name=base_model)
+    except UserError as exc:
+        if not (policy_dir / POLICY_META).is_file():
+            raise
+        raise base_model_error(policy_dir, base, exc) from None
     merged = model.merge_and_unload()
-    merged.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
+    merged.generation_config.update(do_sample=True, temperature=meta["temperature"], top_p=1.0, top_k=0,
+                                    max_new_tokens=meta["response_length"], min_new_tokens=1,
+                                    eos_token_id=eos_token_ids(merged, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    evals = read_log(policy_dir.parent / "eval.csv")
+    card = policy_model_card(meta, read_json(policy_dir.parent / "config.json"),
+                             evals.iloc[-1].to_dict() if len(evals) else {})
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "README.md").write_text(card, encoding="utf-8")
+
+    return write_folder(Path(target), write, Path(policy_dir))

@@ -7,9 +7,10 @@ training completions (samples of the SFT model) have mean reward 0, and the mode
 the held-out rankings when the data has them.
 
 Written against `accelerate`: on CPU (or one GPU) it runs as a single process; under
-`accelerate launch --num_processes N -m pipeline.cli train-rm ...` every process takes its share of
-each step's rankings, DDP averages the gradients, and only the main process writes files. Nothing
-else changes. Python:
+`accelerate launch --multi_gpu --num_processes N -m pipeline.cli train-rm ...` every process takes its share
+of each step's rankings (`batch_rankings` each), weights its loss by that share (`step_share`), DDP averages
+the gradients, so the step is the one-process step on all N * batch_rankings rankings; only the main process
+writes files. Nothing else changes. Python:
 
     from reward_model.train import RewardTrainingConfig, train_reward_model
     summary = train_reward_model(RewardTrainingConfig(data="labels/", out="runs/rm"))
@@ -34,7 +35,7 @@ from reward_model.loss import ranking_loss
 from reward_model.model import RewardModel, create_reward_model, save_reward_model, score_rows
 from rlhf.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from rlhf.errors import UserError
-from rlhf.runlog import Panel, RunLog, plot
+from rlhf.runlog import Panel, RunLog, end_tracking, plot, start_tracking, tracker_options
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,18 @@ def find_resume_point(out: Path, config, num_train: int) -> Path | None:
     return path
 
 
+# ---- several processes ----
+
+def step_share(examples, step_ids: list[int], mine: list[int], weighting: str) -> float:
+    """This process's share of a step's loss: its rankings' part of the step's weight (their pairs, or with
+    `--pair-weighting ranking` the rankings themselves). Each process scales its loss, a weighted mean over its
+    own pairs, by share * processes, since DDP averages the processes' gradients: the result is the gradient
+    of the whole step's loss, however unevenly the rankings fall on the processes. One process: 1."""
+    if weighting == "ranking":
+        return len(mine) / len(step_ids)
+    return sum(len(examples[i].pairs) for i in mine) / sum(len(examples[i].pairs) for i in step_ids)
+
+
 # ---- reward normalisation ----
 
 def reward_normalisation(rm: RewardModel, tokenizer, examples, batch_size: int) -> dict[str, float]:
@@ -114,26 +127,29 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
     """Train, normalise, save and evaluate a reward model; returns the training summary (also stored in
     OUT/reward_model.json under "training")."""
     from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
     from tqdm import tqdm
 
     config.check()
     started = time.time()
     out = Path(config.out)
-    accelerator = Accelerator()
-    files = rmdata.find_data(config.data)
+    # cpu= when there is no GPU: accelerate then runs several launched processes as MULTI_CPU (gloo)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **tracker_options(config.report_to, out))
+    files = rmdata.find_data(config.data, config.data_split)
     stats = rmdata.DataStats()
     train_examples = rmdata.build_examples(files.train, stats)
     if not train_examples:
         raise UserError(f"{files.train_source}: no usable ranking (every pair was a tie or identical texts)")
     stats.warn(files.train_source)
-    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # the one process that writes
+        out.mkdir(parents=True, exist_ok=True)
     resume_from = find_resume_point(out, config, len(train_examples))
 
     torch.manual_seed(config.seed)
     rm, tokenizer = create_reward_model(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                         dtype=getattr(torch, config.dtype), readout_layer=config.readout_layer,
                                         readout_pool=config.readout_pool)
-    rmdata.tokenize_examples(train_examples, tokenizer, config.max_length, stats)
+    rmdata.tokenize_examples(train_examples, tokenizer, config.max_length, stats, config.dataset_num_proc)
 
     # Derived sizes, computed once.
     world = accelerator.num_processes
@@ -152,7 +168,9 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
     rm = accelerator.unwrap_model(model)
     device = accelerator.device
 
-    train_log = RunLog(out / "train_log.csv", resume_step=start_step if resume_from else None)
+    start_tracking(accelerator, "rlhf-reward-model", asdict(config))
+    train_log = RunLog(out / "train_log.csv", resume_step=start_step if resume_from else None, tracker=accelerator,
+                       tracker_prefix="train/")
     bar = tqdm(total=total_steps, initial=start_step, desc="train-rm", unit="step",
                disable=not (progress and accelerator.is_main_process) or None)
     last_good = resume_from
@@ -164,31 +182,38 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
             if epoch != order_epoch:
                 order, order_epoch = rmdata.epoch_order(len(train_examples), config.seed, epoch), epoch
             step_ids = order[step_in_epoch * rankings_per_step:(step_in_epoch + 1) * rankings_per_step]
-            mine = step_ids[accelerator.process_index::world] or step_ids[:1]
-            tensors, index = rmdata.collate([train_examples[i] for i in mine], tokenizer.pad_token_id,
+            mine = step_ids[accelerator.process_index::world]
+            # a process left without a ranking (the last step of an epoch) scores one at weight 0, so that it
+            # still joins DDP's all-reduce
+            tensors, index = rmdata.collate([train_examples[i] for i in mine or step_ids[:1]], tokenizer.pad_token_id,
                                             config.pair_weighting)
-            rewards = model(*(t.to(device) for t in tensors))
+            share = step_share(train_examples, step_ids, mine, config.pair_weighting)
+            rewards = model(*(t.to(device) for t in tensors))  # through DDP's forward: the gradients are all-reduced
             loss, metrics = ranking_loss(rewards, index, config.margin)
-            if not torch.isfinite(loss):
+            if accelerator.reduce((~torch.isfinite(loss)).float(), reduction="sum"):  # every process stops
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
                 raise UserError(f"loss is {loss.item()} at step {step + 1}; stopped ({where}); "
                                 f"try a lower --lr or --dtype float32")
-            accelerator.backward(loss)
+            accelerator.backward(loss * (share * world))
             grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            logged = accelerator.reduce(torch.stack([loss.detach(), metrics["accuracy"], metrics["margin"]]),
-                                        reduction="mean")
+            pairs = index.num_pairs if mine else 0  # the step's loss, accuracy and margin over all processes
+            total = accelerator.reduce(torch.stack([
+                loss.detach() * share, metrics["accuracy"] * pairs, metrics["margin"] * pairs,
+                torch.tensor(float(pairs), device=device)]), reduction="sum")
+            logged = [total[0].item(), (total[1] / total[3]).item(), (total[2] / total[3]).item(),
+                      round(total[3].item())]
             if accelerator.is_main_process:
                 train_log.append({
                     "step": step + 1, "epoch": epoch + (step_in_epoch + 1) / steps_per_epoch,
-                    "loss": logged[0].item(), "accuracy": logged[1].item(), "margin": logged[2].item(),
+                    "loss": logged[0], "accuracy": logged[1], "margin": logged[2],
                     "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "rankings": len(step_ids),
-                    "pairs": index.num_pairs, "seconds": round(time.time() - started, 1)})
+                    "pairs": logged[3], "seconds": round(time.time() - started, 1)})
             bar.update(1)
-            bar.set_postfix(loss=f"{logged[0].item():.3f}", acc=f"{logged[1].item():.2f}")
+            bar.set_postfix(loss=f"{logged[0]:.3f}", acc=f"{logged[1]:.2f}")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
                 if accelerator.is_main_process:
                     last_good = save_checkpoint(out / "checkpoints", step + 1, trainable, optimizer, scheduler,
@@ -232,5 +257,5 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
         save_reward_model(rm, out, meta)
         summary.update(rm_dir=str(out), log=str(train_log.path), curves=str(curves))
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: the model itself is the result
-    accelerator.wait_for_everyone()
-    return summary
+    end_tracking(accelerator)
+    return broadcast_object_list([summary])[0]  # the others wait here for the main process's summary

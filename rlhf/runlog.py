@@ -4,6 +4,16 @@ rewritten atomically after each append (the files are small), and the plots draw
     log = RunLog(out / "train_log.csv", resume_step=None)   # a resumed run: resume_step=its checkpoint's step
     log.append({"step": 1, "loss": 0.69})
     plot(out / "curves.png", [Panel([(log.frame, "step", "loss", None, "-")], title="loss", smooth=5)])
+
+A tracker (`--report-to tensorboard|wandb|trackio`, through accelerate's trackers) receives every row a RunLog
+appends, with its numeric values under `tracker_prefix + column` at the row's step: the CSV stays the record,
+the tracker a live view of the same numbers.
+
+    accelerator = Accelerator(**tracker_options(config.report_to, out))
+    start_tracking(accelerator, "rlhf-policy", asdict(config))
+    log = RunLog(out / "train_log.csv", tracker=accelerator)
+    ...
+    end_tracking(accelerator)
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from rlhf.errors import UserError
 from rlhf.jsonl import atomic_write
 
 
@@ -27,8 +38,9 @@ class RunLog:
     """A CSV log with a `step` column. `resume_step=None` starts it afresh; a resumed run keeps the rows up
     to its checkpoint's step, since the steps after it are redone (the log never holds a step twice)."""
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
+    def __init__(self, path: str | Path, resume_step: int | None = None, tracker=None, tracker_prefix: str = ""):
         self.path = Path(path)
+        self.tracker, self.tracker_prefix = tracker, tracker_prefix  # tracker: anything with .log(values, step=)
         self.rows: list[dict[str, Any]] = []
         if resume_step is not None:
             frame = read_log(self.path)
@@ -44,10 +56,42 @@ class RunLog:
         self.rows.append(row)
         with atomic_write(self.path) as handle:
             self.frame.to_csv(handle, index=False, na_rep="nan")
+        if self.tracker is not None:
+            self.tracker.log({self.tracker_prefix + key: value for key, value in row.items()
+                              if key != "step" and isinstance(value, (int, float))}, step=int(row["step"]))
 
     def rolling_mean(self, column: str, window: int) -> pd.Series:
         """Mean of each row's value and the `window - 1` before it (fewer at the start)."""
         return rolling_mean(self.frame[column], window)
+
+
+def tracker_options(report_to: str, out: str | Path) -> dict[str, Any]:
+    """`Accelerator` keyword arguments for `--report-to`: the tracker (none for "none") and where local trackers
+    write (TensorBoard: OUT/tensorboard/<project>/). A tracker whose package is missing is an error here;
+    accelerate itself would drop it without a word."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import ProjectConfiguration
+
+    if report_to == "none":
+        return {}
+    if report_to not in {str(tracker) for tracker in get_available_trackers()}:
+        raise UserError(f"--report-to {report_to}: the {report_to} package is not installed (pip install {report_to})")
+    return {"log_with": report_to,
+            "project_config": ProjectConfiguration(project_dir=str(out), logging_dir=str(Path(out) / "tensorboard"))}
+
+
+def start_tracking(accelerator, project: str, config: dict[str, Any]) -> None:
+    """Open the tracker's run (main process only, as accelerate does), with the run's settings as its
+    hyperparameters; nothing when no tracker was asked for."""
+    if accelerator.log_with:
+        accelerator.init_trackers(project, config=config)
+
+
+def end_tracking(accelerator) -> None:
+    """Close the tracker's run. Not `accelerator.end_training()`: that also tears down the process group,
+    which a caller running its next stage in the same processes (as `rlhf demo` does) still needs."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def rolling_mean(values: pd.Series, window: int) -> pd.Series:
