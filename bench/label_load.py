@@ -1,14 +1,21 @@
-"""Load benchmark of the labeling server: many annotators submitting rankings at once over the HTTP API.
+"""Load and fault benchmark of the labeling server: many annotators submitting rankings at once over the HTTP API,
+on SQLite (one app server) and on PostgreSQL (two app servers on one database), with faults injected mid-run.
 
-Starts `rlhf label` on 127.0.0.1 (loopback only) in its own process on a fresh database with --tasks
-tasks and --clients annotators, runs one asyncio client per annotator (pause --think seconds, GET
-/api/next, POST /api/rankings, in a loop) for --seconds, then kill -9s the server and counts the
-acknowledged (HTTP 200) rankings missing from the database. Targets: submit p95 < 200 ms, 0 missing.
+For each backend: a fresh store with --tasks tasks and --clients annotators; `rlhf label` processes on 127.0.0.1
+(loopback only); one asyncio client per annotator, each in a bounded loop (pause --think seconds, GET /api/next,
+POST /api/rankings with a fresh request id) for --seconds. A request that finds its server gone or the database
+restarting (a dropped connection, HTTP 503) is sent again, the same request id with it, to a live server, for at
+most RETRY_SECONDS; only an HTTP 200 counts as acknowledged.
 
-With --think 0 the clients never pause: a saturation test, where latency is mostly time spent queueing
-(Little's law: 50 clients / throughput), so it measures throughput rather than what an annotator feels.
+Faults: PostgreSQL: `kill -9` of the first app server at a third of the run (its annotators go on on the other
+server with the same session cookie: sessions live in the database), then an immediate-mode stop and restart of
+PostgreSQL itself (`pg_ctl -m immediate`: a crash, recovered from its WAL) at two thirds. SQLite: `kill -9` of
+its one server at the end. Then the database is checked: acknowledged rankings missing, duplicate rankings (one
+annotator's task stored or submitted twice, a request id stored twice), tasks ranked past their overlap.
+Targets: submit p95 < 200 ms, 0 missing, 0 duplicates, 0 tasks past the overlap.
 
-    .venv/bin/python bench/label_load.py [--seconds 20] [--clients 50] [--tasks 2000] [--think 1]
+    .venv/bin/python bench/label_load.py [--backends sqlite postgresql] [--clients 200] [--tasks 2000]
+                                         [--seconds 60] [--think 5] [--overlap 2]
 """
 
 from __future__ import annotations
@@ -30,13 +37,16 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from labeling.auth import add_annotator  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # postgres_cluster: the throwaway cluster of the tests
+from labeling.auth import hash_password  # noqa: E402
 from labeling.store import open_store  # noqa: E402
 from rlhf.records import Task  # noqa: E402
 
 PASSWORD = "benchmark password"
 SERVE = [sys.executable, "-m", "pipeline.cli", "label"]  # the real `rlhf label`
+RETRY_SECONDS = 30.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -44,37 +54,71 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-def make_db(path: Path, tasks: int, k: int, clients: int, rng: random.Random) -> list[str]:
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def make_store(url: str, tasks: int, k: int, clients: int, rng: random.Random) -> list[str]:
     words = "the a lighthouse keeper ship fog lamp sea night tower morning story prince plot river".split()
-    with open_store(path) as store:
+    password_hash = hash_password(PASSWORD)  # one scrypt hash for every account: setting up stays quick
+    with open_store(url) as store:
         store.import_tasks([Task.from_dict({
             "id": f"t{i}", "prompt": f"prompt {i}: " + " ".join(rng.choices(words, k=30)),
             "completions": [" ".join(rng.choices(words, k=60)) for _ in range(k)]}) for i in range(tasks)])
-        names = [f"annotator-{i:02d}" for i in range(clients)]
+        names = [f"annotator-{i:03d}" for i in range(clients)]
         for name in names:
-            add_annotator(store, name, PASSWORD)
+            store.add_annotator(name, password_hash=password_hash)
     return names
 
 
-async def request(client: httpx.AsyncClient, out: dict, method: str, url: str, **kw) -> httpx.Response:
-    """One request, re-sent once if the connection dropped (a re-sent submit carries the same request id,
-    so the server stores it once)."""
-    try:
-        return await client.request(method, url, **kw)
-    except httpx.TransportError:
-        out["retries"] += 1
-        return await client.request(method, url, **kw)
+def start_server(url: str, overlap: int) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([*SERVE, "--db", url, "--host", "127.0.0.1", "--port", "0", "--overlap", str(overlap)],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+    if not match:
+        proc.kill()
+        sys.exit(f"server did not start: {line!r}")
+    return proc, f"http://127.0.0.1:{match[1]}"
 
 
-async def annotate(client: httpx.AsyncClient, name: str, deadline: float, think: float, seed: int,
-                   out: dict) -> None:
+class Annotator:
+    """One scripted annotator: an HTTP client (its cookie works on every server: sessions are in the database)
+    and the server it talks to now."""
+
+    def __init__(self, name: str, bases: list[str], home: int):
+        # TCP_NODELAY like a browser: without it the body of a POST, sent after its headers, waits for the
+        # server's delayed ACK (Nagle), which adds 40 ms to every submit on Linux.
+        self.name, self.bases, self.server = name, bases, home
+        self.http = httpx.AsyncClient(timeout=30, transport=httpx.AsyncHTTPTransport(
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)], limits=httpx.Limits(max_connections=1)))
+
+    async def send(self, out: dict, method: str, path: str, **kw) -> tuple[httpx.Response, float]:
+        """(response, seconds from the first try to the answer): re-sent (same body, so the same request id)
+        after a dropped connection, on the next server, or after a 503, for at most RETRY_SECONDS."""
+        start = time.perf_counter()
+        while True:
+            try:
+                response = await self.http.request(method, self.bases[self.server] + path, **kw)
+                if response.status_code != 503:
+                    return response, time.perf_counter() - start
+                out["retries_503"] += 1
+            except httpx.TransportError:
+                out["retries_dropped"] += 1
+                self.server = (self.server + 1) % len(self.bases)  # that server is gone: go on on another
+            if time.perf_counter() - start > RETRY_SECONDS:
+                raise RuntimeError(f"{method} {path}: no answer for {RETRY_SECONDS} s")
+            await asyncio.sleep(0.2 + random.random() * 0.3)
+
+
+async def annotate(who: Annotator, deadline: float, think: float, seed: int, out: dict) -> None:
     rng = random.Random(seed)
     while time.monotonic() < deadline:
         if think:
             await asyncio.sleep(rng.uniform(0.5, 1.5) * think)  # reading the completions
-        start = time.perf_counter()
-        response = await request(client, out, "GET", "/api/next")
-        out["next_ms"].append((time.perf_counter() - start) * 1000)
+        started = time.monotonic()
+        response, seconds = await who.send(out, "GET", "/api/next")
+        out["next"].append((started, seconds))
         task = response.json()["task"]
         if task is None:
             return
@@ -82,85 +126,181 @@ async def annotate(client: httpx.AsyncClient, name: str, deadline: float, think:
         ranks = {cid: rng.randint(1, len(ids)) for cid in ids}
         if len(set(ranks.values())) == 1:
             ranks[ids[0]] = ranks[ids[0]] % len(ids) + 1  # never all-tied
-        start = time.perf_counter()
-        response = await request(client, out, "POST", "/api/rankings",
-                                 json={"task_id": task["id"], "ranks": ranks, "request_id": uuid.uuid4().hex})
-        out["submit_ms"].append((time.perf_counter() - start) * 1000)
+        started = time.monotonic()
+        response, seconds = await who.send(out, "POST", "/api/rankings",
+                                           json={"task_id": task["id"], "ranks": ranks, "request_id": uuid.uuid4().hex})
+        out["submit"].append((started, seconds))
         if response.status_code == 200:
-            out["acked"].append((name, task["id"], response.json()["ranks"]))
+            out["acked"].append((who.name, task["id"], response.json()["ranks"]))
         else:
             out["errors"].append(f"{response.status_code} {response.text[:100]}")
 
 
-async def run_clients(base: str, names: list[str], seconds: float, think: float, out: dict) -> float:
-    # TCP_NODELAY like a browser: without it the body of a POST, sent after its headers, waits for the
-    # server's delayed ACK (Nagle), which adds 40 ms to every submit on Linux.
-    nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-    clients = [httpx.AsyncClient(base_url=base, timeout=30, transport=httpx.AsyncHTTPTransport(
-        socket_options=nodelay, limits=httpx.Limits(max_connections=1))) for _ in names]
+async def run_clients(names: list[str], bases: list[str], seconds: float, think: float, out: dict,
+                      faults: list[tuple[float, str, callable]]) -> float:
+    annotators = [Annotator(name, bases, i % len(bases)) for i, name in enumerate(names)]
     try:
-        # Log everyone in first (scrypt is slow on purpose), then start the clock.
-        for client, name in zip(clients, names):
-            (await client.post("/api/login", json={"username": name, "password": PASSWORD})).raise_for_status()
+        for who in annotators:  # sign everyone in first (scrypt is slow on purpose), then start the clock
+            (await who.http.post(who.bases[who.server] + "/api/login",
+                                 json={"username": who.name, "password": PASSWORD})).raise_for_status()
         start = time.monotonic()
-        await asyncio.gather(*(annotate(client, name, start + seconds, think, i, out)
-                               for i, (client, name) in enumerate(zip(clients, names))))
+
+        async def inject() -> None:
+            for at, label, fault in faults:
+                await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+                began = time.monotonic()
+                await asyncio.to_thread(fault)
+                out["faults"].append((label, began, time.monotonic()))
+
+        await asyncio.gather(inject(), *(annotate(who, start + seconds, think, i, out)
+                                         for i, who in enumerate(annotators)))
         return time.monotonic() - start
     finally:
-        for client in clients:
-            await client.aclose()
+        for who in annotators:
+            await who.http.aclose()
+
+
+def check_store(url: str, acked: list, overlap: int) -> dict:
+    with open_store(url, create=False) as store:
+        missing = sum(1 for name, task_id, ranks in acked
+                      if (stored := store.get_own_ranking(name, task_id)) is None or stored.ranks != ranks)
+        events = store.events()
+        firsts = [(e["annotator"], e["task_id"]) for e in events if e["kind"] == "submit"]
+        request_ids = [(e["annotator"], e["request_id"]) for e in events]
+        rankings = store.export_rankings()
+        per_task: dict[str, int] = {}
+        for ranking in rankings:
+            per_task[ranking.task_id] = per_task.get(ranking.task_id, 0) + 1
+        return {"missing": missing, "rankings": len(rankings),
+                "duplicates": (len(firsts) - len(set(firsts))) + (len(request_ids) - len(set(request_ids)))
+                + (len(rankings) - len({(r.annotator, r.task_id) for r in rankings})),
+                "over_overlap": sum(1 for n in per_task.values() if n > overlap),
+                "integrity": store.integrity_check()}
+
+
+def summarize(out: dict, elapsed: float, checked: dict) -> dict:
+    def window_free(samples):  # requests that began outside every fault and the 3 s after it
+        return [s for began, s in samples
+                if not any(start - 0.5 <= began <= end + 3.0 for _, start, end in out["faults"])]
+
+    submit = [s * 1000 for _, s in out["submit"]]
+    calm = [s * 1000 for s in window_free(out["submit"])]
+    nxt = [s * 1000 for _, s in out["next"]]
+    return {"acked": len(out["acked"]), "rate": len(out["acked"]) / elapsed, "elapsed": elapsed,
+            "submit_p50": statistics.median(submit) if submit else float("nan"), "submit_p95": percentile(submit, .95),
+            "submit_max": max(submit, default=float("nan")), "calm_p95": percentile(calm, .95),
+            "next_p50": statistics.median(nxt) if nxt else float("nan"), "next_p95": percentile(nxt, .95),
+            "retries": f"{out['retries_dropped']} dropped / {out['retries_503']} x 503",
+            "errors": len(out["errors"]), "faults": out["faults"], **checked}
+
+
+def new_out() -> dict:
+    return {"next": [], "submit": [], "acked": [], "errors": [], "faults": [], "retries_dropped": 0,
+            "retries_503": 0}
+
+
+def bench_sqlite(args, tmp: Path) -> dict:
+    url = str(tmp / "labels.db")
+    names = make_store(url, args.tasks, args.k, args.clients, random.Random(0))
+    proc, base = start_server(url, args.overlap)
+    out = new_out()
+    try:
+        elapsed = asyncio.run(run_clients(names, [base], args.seconds, args.think, out, []))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # no graceful shutdown: acknowledged must mean on disk
+        proc.wait()
+        proc.stdout.close()
+    out["faults"].append(("kill -9 of the server at the end", time.monotonic(), time.monotonic()))
+    return summarize(out, elapsed, check_store(url, out["acked"], args.overlap))
+
+
+def bench_postgresql(args) -> dict:
+    from postgres_cluster import Cluster, unavailable
+
+    reason = unavailable()
+    if reason:
+        sys.exit(f"PostgreSQL benchmark not run: {reason}")
+    cluster = Cluster(fsync=True, max_connections=300).start()
+    procs: list[subprocess.Popen] = []
+    try:
+        url = cluster.new_database()
+        names = make_store(url, args.tasks, args.k, args.clients, random.Random(0))
+        servers = [start_server(url, args.overlap) for _ in range(args.servers)]
+        procs = [proc for proc, _ in servers]
+
+        def kill_first_server() -> None:
+            os.kill(procs[0].pid, signal.SIGKILL)
+            procs[0].wait()
+
+        def restart_database() -> None:
+            cluster.stop("immediate")
+            cluster.start()
+
+        faults = [(args.seconds / 3, "kill -9 of app server 1", kill_first_server),
+                  (2 * args.seconds / 3, "PostgreSQL stopped in immediate mode and restarted", restart_database)]
+        out = new_out()
+        elapsed = asyncio.run(run_clients(names, [base for _, base in servers], args.seconds, args.think, out,
+                                          faults))
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return summarize(out, elapsed, check_store(url, out["acked"], args.overlap))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        cluster.remove()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="how long the clients submit (default 20)")
-    parser.add_argument("--clients", type=int, default=50, help="concurrent annotators (default 50)")
-    parser.add_argument("--tasks", type=int, default=2000, help="tasks in the database (default 2000)")
+    parser.add_argument("--backends", nargs="+", choices=["sqlite", "postgresql"], default=["sqlite", "postgresql"])
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long the clients submit (default 60)")
+    parser.add_argument("--clients", type=int, default=200, help="concurrent annotators (default 200)")
+    parser.add_argument("--tasks", type=int, default=2000, help="tasks in the store (default 2000)")
     parser.add_argument("--k", type=int, default=4, help="completions per task (default 4)")
-    parser.add_argument("--think", type=float, default=1.0,
-                        help="mean seconds each client pauses before a task (uniform 0.5x-1.5x; default 1.0, "
-                             "far quicker than a person reading K completions); 0 = no pause, saturation")
-    parser.add_argument("--overlap", type=int, default=2, help="--overlap of the server (default 2)")
+    parser.add_argument("--think", type=float, default=5.0,
+                        help="mean seconds each client pauses before a task (uniform 0.5x-1.5x; default 5, far "
+                             "quicker than a person reading K completions); 0 = no pause, saturation")
+    parser.add_argument("--overlap", type=int, default=2, help="--overlap of the servers (default 2)")
+    parser.add_argument("--servers", type=int, default=2, help="app servers on the PostgreSQL database (default 2)")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="label-load-") as tmp:
-        db = Path(tmp) / "labels.db"
-        names = make_db(db, args.tasks, args.k, args.clients, random.Random(0))
-        proc = subprocess.Popen([*SERVE, "--db", str(db), "--host", "127.0.0.1",
-                                 "--port", "0", "--overlap", str(args.overlap)],
-                                stdout=subprocess.PIPE, text=True)
-        line = proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-        if not match:
-            proc.kill()
-            sys.exit(f"server did not start: {line!r}")
-        base = f"http://127.0.0.1:{match[1]}"
-        out: dict = {"next_ms": [], "submit_ms": [], "acked": [], "errors": [], "retries": 0}
-        try:
-            elapsed = asyncio.run(run_clients(base, names, args.seconds, args.think, out))
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)  # no graceful shutdown: acknowledged must mean on disk
-            proc.wait()
-            proc.stdout.close()
-        with open_store(db, create=False) as store:
-            missing = sum(1 for name, task_id, ranks in out["acked"]
-                          if (stored := store.get_own_ranking(name, task_id)) is None or stored.ranks != ranks)
-            integrity = store.integrity_check()
-
-    submit, nxt = out["submit_ms"], out["next_ms"]
     print(f"label_load: {args.clients} clients, {args.tasks} tasks x {args.k}, overlap {args.overlap}, "
-          f"think {args.think:g} s, {elapsed:.1f} s, CPUs: {os.cpu_count()}")
-    print(f"  acknowledged submits: {len(out['acked'])}  ({len(out['acked']) / elapsed:.1f} submits/s)  "
-          f"errors: {len(out['errors'])}  re-sent after a dropped connection: {out['retries']}")
-    print(f"  POST /api/rankings latency ms: p50 {statistics.median(submit):.1f}  p95 {percentile(submit, .95):.1f}"
-          f"  max {max(submit):.1f}")
-    print(f"  GET  /api/next     latency ms: p50 {statistics.median(nxt):.1f}  p95 {percentile(nxt, .95):.1f}"
-          f"  max {max(nxt):.1f}")
-    print(f"  acknowledged rankings missing from the DB after kill -9: {missing}  (integrity_check: {integrity})")
-    print(f"  targets: submit p95 < 200 ms -> {'PASS' if percentile(submit, .95) < 200 else 'FAIL'}; "
-          f"0 missing -> {'PASS' if missing == 0 else 'FAIL'}")
-    for error in out["errors"][:5]:
-        print("  error:", error)
+          f"think {args.think:g} s, {args.seconds:g} s per backend, CPUs: {os.cpu_count()}")
+    print("before:", uptime(), flush=True)
+    results = {}
+    for backend in args.backends:
+        with tempfile.TemporaryDirectory(prefix="label-load-") as tmp:
+            results[backend] = bench_sqlite(args, Path(tmp)) if backend == "sqlite" else bench_postgresql(args)
+        print(f"after {backend}:", uptime(), flush=True)
+
+    columns = {"sqlite": "SQLite, 1 server", "postgresql": f"PostgreSQL, {args.servers} servers"}
+    rows = [
+        ("acknowledged submits", lambda r: f"{r['acked']} ({r['rate']:.1f}/s)"),
+        ("submit p50 / p95 / max ms",
+         lambda r: f"{r['submit_p50']:.0f} / {r['submit_p95']:.0f} / {r['submit_max']:.0f}"),
+        ("submit p95 ms away from faults", lambda r: f"{r['calm_p95']:.0f}"),
+        ("next p50 / p95 ms", lambda r: f"{r['next_p50']:.0f} / {r['next_p95']:.0f}"),
+        ("re-sent requests", lambda r: r["retries"]),
+        ("faults", lambda r: "; ".join(f"{label} ({end - start:.1f} s)" for label, start, end in r["faults"])),
+        ("acknowledged rankings missing", lambda r: str(r["missing"])),
+        ("duplicate rankings", lambda r: str(r["duplicates"])),
+        ("tasks past the overlap", lambda r: str(r["over_overlap"])),
+        ("other errors", lambda r: str(r["errors"])),
+    ]
+    print("\n| | " + " | ".join(columns[b] for b in results) + " |")
+    print("|---|" + "---:|" * len(results))
+    for label, cell in rows:
+        print(f"| {label} | " + " | ".join(cell(r) for r in results.values()) + " |")
+    for backend, r in results.items():
+        ok = (r["submit_p95"] < 200, r["missing"] == 0, r["duplicates"] == 0, r["over_overlap"] == 0)
+        print(f"{columns[backend]}: p95 < 200 ms {'PASS' if ok[0] else 'FAIL'}; "
+              f"0 missing {'PASS' if ok[1] else 'FAIL'}; 0 duplicates {'PASS' if ok[2] else 'FAIL'}; "
+              f"overlap kept {'PASS' if ok[3] else 'FAIL'}")
 
 
 if __name__ == "__main__":

@@ -6,18 +6,20 @@ endpoint is a thin wrapper over a plain function in `labeling.handlers`. Account
 check are labeling/auth.py; binding the port and running uvicorn, labeling/serve.py.
 
 One login for both: the sign-in page (static/login.html) posts to /api/login, which sets an HttpOnly,
-SameSite=Strict session cookie; the API reads it, and Gradio reads it through `auth_dependency`, so every
-Gradio event handler gets the annotator as `request.username` from the server's session table. A request
-to / without a session is sent to the sign-in page; every other Gradio route answers 401 without one.
+SameSite=Strict session cookie (Secure over https); the API reads it, and Gradio reads it through
+`auth_dependency`, so every Gradio event handler gets the annotator as `request.username` from the session
+table in the store (shared by every server on the database). A request to / without a session is sent to the
+sign-in page; every other Gradio route answers 401 without one.
 
 Security: every API write must be a JSON request (a cross-site form cannot send one without a CORS
-preflight, which we never grant) and the cookie is SameSite=Strict, so another site cannot act as a
-signed-in annotator. The sign-in page and the API get a strict Content-Security-Policy; Gradio pages need
-inline and evaluated scripts, so theirs still forbids every foreign origin, plugins and framing, and model
-output is kept inert by the widget itself (textContent only). ASGI middleware (labeling/guards.py) in front
-of every route, Gradio's included, refuses bodies over MAX_BODY_BYTES before reading them, requires a session
-for every Gradio route and keeps each Gradio page session to the annotator who opened it. Failed sign-ins
-are throttled per account and per client address (`labeling.auth.LoginThrottle`).
+preflight, which we never grant), a write whose Origin is another site is refused (`SameOrigin`), and the
+cookie is SameSite=Strict, so another site cannot act as a signed-in annotator. The sign-in page and the API
+get a strict Content-Security-Policy; Gradio pages need inline and evaluated scripts, so theirs still forbids
+every foreign origin, plugins and framing, and model output is kept inert by the widget itself (textContent
+only). ASGI middleware (labeling/guards.py) in front of every route, Gradio's included, refuses bodies over
+MAX_BODY_BYTES before reading them, requires a session for every Gradio route and keeps each Gradio page
+session to the annotator who opened it. Failed sign-ins are throttled per account and per client address
+(`labeling.auth.LoginThrottle`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request) at
@@ -28,9 +30,9 @@ from typing import Any, Callable
 
 from labeling import handlers
 from labeling.auth import SESSION_SECONDS, LoginThrottle, Sessions
-from labeling.guards import BodyLimit, SignInGate
+from labeling.guards import SIGNED_IN_STATE, BodyLimit, SameOrigin, SignInGate, route_path
 from labeling.handlers import AppSettings, RequestError
-from labeling.store import Conflict, SQLiteLabelStore, StorageUnavailable, StoreError, UnknownAnnotator, UnknownTask
+from labeling.store import Conflict, LabelStore, StorageUnavailable, StoreError, UnknownAnnotator, UnknownTask
 from rlhf.errors import UserError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -54,6 +56,7 @@ OWN_PATHS = ("/api/", "/login", "/logout", "/auth/")
 """Paths this module serves; everything else is the mounted Gradio app."""
 CLOSED_PATHS = frozenset({"/openapi.json", "/docs", "/redoc", "/gradio_api/openapi.json"})
 """Gradio's API descriptions: the UI does not use them, and they would describe the server to anyone."""
+_UNKNOWN = object()
 
 
 def _status_of(exc: UserError) -> int:
@@ -87,37 +90,58 @@ def render_guidelines(path: str | None) -> str:
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
-def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessions | None" = None, *,
+def create_app(store: LabelStore, settings: AppSettings, sessions: "Sessions | None" = None, *,
                ui: bool = True, throttle: "LoginThrottle | None" = None):
     """The FastAPI app: the Gradio UI at / (when `ui`), the sign-in page at /login, the JSON API under /api.
-    `throttle` limits failed sign-ins (a default LoginThrottle when None)."""
+    `sessions` default to the store's (shared by every server on the database); `throttle` limits failed
+    sign-ins (a default LoginThrottle when None)."""
     from fastapi import FastAPI, Request
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
     from starlette.concurrency import run_in_threadpool
 
-    sessions = sessions or Sessions()
+    sessions = sessions or Sessions(store)
     throttle = throttle or LoginThrottle()
     app = FastAPI(title="rlhf label", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.settings, app.state.sessions = store, settings, sessions
-    # Middleware, outermost first: security_headers (below), BodyLimit, CORS, SignInGate, then the routes.
+    # Middleware, outermost first: security_headers (below), BodyLimit, SameOrigin, CORS, SignInGate, the routes.
     app.add_middleware(SignInGate, annotator_of_token=sessions.annotator, cookie_name=SESSION_COOKIE,
                        open_prefixes=OWN_PATHS, closed_paths=CLOSED_PATHS, max_body_bytes=MAX_BODY_BYTES)
     # No origin may read or call us across origins. (Without a CORS policy of ours, Gradio adds its own,
     # which lets pages served from localhost call the UI's events with the annotator's cookie.)
     app.add_middleware(CORSMiddleware, allow_origins=[])
+    app.add_middleware(SameOrigin)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+
+    def token_of(request: Request) -> str | None:
+        return request.cookies.get(SESSION_COOKIE)
+
+    async def annotator_of(request: Request) -> str | None:
+        """The signed-in annotator (SignInGate already looked Gradio's requests up), read in the thread pool."""
+        known = request.scope.get("state", {}).get(SIGNED_IN_STATE, _UNKNOWN)
+        if known is not _UNKNOWN:
+            return known
+        return await run_in_threadpool(sessions.annotator, token_of(request))
+
+    def cookie_path(request: Request) -> str:
+        return (request.scope.get("root_path") or "").rstrip("/") + "/"
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
-        path = request.url.path
+        path = route_path(request.scope)
         own = path.startswith(OWN_PATHS)
-        if path == "/" and request.method in ("GET", "HEAD") and annotator_of(request) is None:
+        try:
+            signed_out = path == "/" and request.method in ("GET", "HEAD") and await annotator_of(request) is None
+        except UserError as exc:  # the sessions' database cannot be read (it restarts): try again
+            return JSONResponse({"error": str(exc)}, status_code=503, headers={"Cache-Control": "no-store"})
+        if signed_out:
             response = RedirectResponse("login", status_code=303)  # the UI needs a session: sign in first
         else:
             response = await call_next(request)
         for key, value in SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
+        if request.url.scheme == "https":
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
         response.headers["Content-Security-Policy"] = STRICT_CSP if own else GRADIO_CSP
         if own or path == "/":
             response.headers["Cache-Control"] = "no-store"
@@ -130,9 +154,6 @@ def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessio
         retry_after = getattr(exc, "retry_after", None)
         return JSONResponse({"error": message}, status_code=_status_of(exc),
                             headers={"Retry-After": str(retry_after)} if retry_after else None)
-
-    def annotator_of(request: Request) -> str | None:
-        return sessions.annotator(request.cookies.get(SESSION_COOKIE))
 
     async def body_of(request: Request) -> Any:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -148,9 +169,12 @@ def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessio
         except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             raise RequestError("the request body is not valid JSON") from None
 
-    async def call(handler: Callable, *args) -> JSONResponse:
-        # Store calls block (SQLite, scrypt): run them in the thread pool, not on the event loop.
-        return JSONResponse(await run_in_threadpool(handler, store, *args))
+    async def call(request: Request, handler: Callable, *args) -> JSONResponse:
+        # Store calls block (the database, scrypt): the session lookup and the handler run in the thread pool,
+        # not on the event loop.
+        token = token_of(request)
+        return JSONResponse(await run_in_threadpool(
+            lambda: handler(store, sessions.annotator(token), settings, *args)))
 
     @app.get("/login", include_in_schema=False)
     async def login_page():
@@ -167,9 +191,9 @@ def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessio
     @app.get("/logout", include_in_schema=False)
     async def logout_page(request: Request):
         # A plain link from the UI. SameSite=Strict: another site's link arrives without the cookie.
-        sessions.end(request.cookies.get(SESSION_COOKIE))
+        await run_in_threadpool(sessions.end, token_of(request))
         response = RedirectResponse("login?signed_out=1", status_code=303)
-        response.delete_cookie(SESSION_COOKIE, path="/")
+        response.delete_cookie(SESSION_COOKIE, path=cookie_path(request))
         return response
 
     # Gradio's own form sign-in and sign-out routes would answer these (SignInGate lets our paths through).
@@ -187,43 +211,51 @@ def create_app(store: SQLiteLabelStore, settings: AppSettings, sessions: "Sessio
         token, info = await run_in_threadpool(lambda: handlers.login(store, sessions, settings, payload,
                                                                      throttle=throttle, address=address))
         response = JSONResponse(info)
-        response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", path="/",
+        # HttpOnly: no script reads it; SameSite=Strict: no other site's request carries it; Secure over https
+        # (behind a TLS proxy: uvicorn takes the scheme from X-Forwarded-Proto).
+        response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", path=cookie_path(request),
                             max_age=SESSION_SECONDS, secure=request.url.scheme == "https")
         return response
 
     @app.post("/api/logout")
     async def api_logout(request: Request):
         await body_of(request)  # JSON only, like every write
-        sessions.end(request.cookies.get(SESSION_COOKIE))
+        await run_in_threadpool(sessions.end, token_of(request))
         response = JSONResponse({"ok": True})
-        response.delete_cookie(SESSION_COOKIE, path="/")
+        response.delete_cookie(SESSION_COOKIE, path=cookie_path(request))
         return response
 
     @app.get("/api/session")
     async def api_session(request: Request):
-        return await call(handlers.session_info, annotator_of(request), settings)
+        return await call(request, handlers.session_info)
 
     @app.get("/api/next")
     async def api_next(request: Request):
-        return await call(handlers.next_task, annotator_of(request), settings)
+        return await call(request, handlers.next_task)
 
     @app.get("/api/task")
     async def api_task(request: Request, id: str = ""):
-        return await call(handlers.open_task, annotator_of(request), settings, id)
+        return await call(request, handlers.open_task, id)
 
     @app.post("/api/rankings")
     async def api_rankings(request: Request):
-        annotator = annotator_of(request)
-        return await call(handlers.submit_ranking, annotator, settings, await body_of(request))
+        return await call(request, handlers.submit_ranking, await body_of(request))
 
     @app.post("/api/skip")
     async def api_skip(request: Request):
-        annotator = annotator_of(request)
-        return await call(handlers.skip_task, annotator, settings, await body_of(request))
+        return await call(request, handlers.skip_task, await body_of(request))
 
     @app.get("/api/history")
     async def api_history(request: Request):
-        return await call(handlers.history, annotator_of(request), settings)
+        return await call(request, handlers.history)
+
+    @app.get("/api/admin/users")
+    async def api_admin_users(request: Request):
+        return await call(request, handlers.list_accounts)
+
+    @app.post("/api/admin/users")
+    async def api_admin_change_user(request: Request):
+        return await call(request, handlers.change_account, await body_of(request))
 
     @app.get("/api/health", include_in_schema=False)
     async def api_health():

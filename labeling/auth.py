@@ -1,8 +1,10 @@
-"""Annotator accounts and sign-in: the name and password rules, salted scrypt password hashes, the sign-in
-check with its throttle, and the signed-in sessions.
+"""Annotator accounts and sign-in: the name and password rules, salted scrypt password hashes, roles, disabled
+accounts, the sign-in check with its throttle, and the signed-in sessions.
 
-The label store keeps only the rows (each annotator's name and password hash); everything that decides who
-may sign in is here. What this guarantees is listed in the README, "Security: what the server guarantees".
+The label store keeps only the rows (each annotator's name, password hash, role and disabled flag; each session
+by the hash of its token); everything that decides who may sign in is here. Sessions live in the store's
+database, so every app server on one database knows every session, and a restart signs nobody out. What this
+guarantees is listed in the README, "Security: what the server guarantees".
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
 SESSION_SECONDS = 12 * 3600
 """A session ends after this long without a request (sliding expiry)."""
+SESSION_RENEW_SECONDS = 60
+"""A session's expiry is pushed back at most this often (one write per session per minute, not per request)."""
 
 # scrypt parameters (RFC 7914 interactive-login recommendation: N=2**14, r=8, p=1; ~16 MiB, ~50 ms).
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _SCRYPT_LEN = 2**14, 8, 1, 32
@@ -87,15 +91,38 @@ def check_password(password: str, stored: str | None) -> bool:
     return hmac.compare_digest(digest, expected)
 
 
-def add_annotator(store: LabelStore, name: str, password: str | None) -> None:
-    """Create an annotator. The password (MIN_PASSWORD_LENGTH..MAX_PASSWORD_LENGTH characters) is stored only
-    as a salted scrypt hash; None makes an account that cannot sign in (scripted annotators). Raises
-    InvalidAnnotator for a bad name or password, the store's AnnotatorExists if the name is taken."""
-    check_annotator_name(name)
-    if password is not None and (not isinstance(password, str)
-                                 or not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH):
+def check_password_rules(password: str) -> str:
+    """Return `password` if it is MIN_PASSWORD_LENGTH..MAX_PASSWORD_LENGTH characters; else InvalidAnnotator."""
+    if not isinstance(password, str) or not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH:
         raise InvalidAnnotator(f"password must be {MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} characters")
-    store.add_annotator(name, password_hash=None if password is None else hash_password(password))
+    return password
+
+
+def add_annotator(store: LabelStore, name: str, password: str | None, *, role: str = "annotator") -> None:
+    """Create an annotator (role 'annotator' or 'admin'). The password is stored only as a salted scrypt hash;
+    None makes an account that cannot sign in (scripted annotators). Raises InvalidAnnotator for a bad name or
+    password, the store's AnnotatorExists if the name is taken."""
+    check_annotator_name(name)
+    if password is not None:
+        check_password_rules(password)
+    store.add_annotator(name, password_hash=None if password is None else hash_password(password), role=role)
+
+
+def reset_password(store: LabelStore, name: str, password: str) -> int:
+    """Give the annotator a new password and end every session of theirs; returns how many ended."""
+    check_password_rules(password)
+    return store.set_password_hash(name, hash_password(password))
+
+
+def is_admin(store: LabelStore, name: str | None, admins: frozenset[str] = frozenset()) -> bool:
+    """Whether this signed-in annotator may see the statistics and manage accounts: the admin role in the store,
+    or a name given with `rlhf label --admin`."""
+    if not name:
+        return False
+    if name in admins:
+        return True
+    account = store.account(name)
+    return account is not None and account.role == "admin" and not account.disabled
 
 
 def verify_password(store: LabelStore, name: str, password: str) -> bool:
@@ -110,7 +137,8 @@ def verify_password(store: LabelStore, name: str, password: str) -> bool:
 # ------------------------------------------------------------------------------------------ sign-in
 
 class LoginThrottle:
-    """Failed sign-ins per account name and per client address, kept in memory.
+    """Failed sign-ins per account name and per client address, kept in the server's memory (each app server
+    counts the attempts it answers; with N servers a guesser gets at most N times the allowance).
 
     An account may fail `account_failures` times, an address `address_failures` times; after that, each further
     attempt must wait `base_delay` seconds after the latest failure, doubling with every failure up to
@@ -168,47 +196,59 @@ class LoginThrottle:
 
 
 class Sessions:
-    """Signed-in sessions: an unguessable token (the cookie) -> annotator name, kept in memory.
+    """Signed-in sessions, kept in the label store: an unguessable token (the cookie) whose SHA-256 is stored
+    with the annotator's name and an expiry. The database holds no token, so reading it does not sign anyone in.
 
-    A server restart signs everyone out, which costs a sign-in and nothing else: all work is in the store.
+    A session ends `ttl` seconds after its latest request (renewed at most every SESSION_RENEW_SECONDS), when
+    the annotator signs out, and when their account is disabled or given a new password. Every app server on
+    the database shares them; a restart signs nobody out.
     """
 
-    def __init__(self, ttl: float = SESSION_SECONDS, clock=time.monotonic):
-        self._ttl = ttl
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._sessions: dict[str, tuple[str, float]] = {}
+    def __init__(self, store: LabelStore, ttl: float = SESSION_SECONDS, clock=time.time):
+        self._store, self._ttl, self._clock = store, ttl, clock
+        self._renew_after = min(SESSION_RENEW_SECONDS, ttl / 12)
+
+    @staticmethod
+    def _hash(token: str) -> str:
+        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
     def create(self, annotator: str) -> str:
         token = secrets.token_urlsafe(32)
-        with self._lock:
-            self._sessions[token] = (annotator, self._clock() + self._ttl)
+        now = self._clock()
+        self._store.add_session(self._hash(token), annotator, now, now + self._ttl)
         return token
 
     def annotator(self, token: str | None) -> str | None:
-        """The annotator signed in with this token, or None (unknown or expired token)."""
-        if not token:
+        """The annotator signed in with this token, or None (unknown, expired or ended token; disabled account)."""
+        if not token or not isinstance(token, str) or len(token) > 256:
             return None
+        token_hash = self._hash(token)
+        found = self._store.find_session(token_hash)
+        if found is None:
+            return None
+        annotator, expires_at = found
         now = self._clock()
-        with self._lock:
-            entry = self._sessions.get(token)
-            if entry is None:
-                return None
-            if entry[1] < now:
-                del self._sessions[token]
-                return None
-            self._sessions[token] = (entry[0], now + self._ttl)
-            return entry[0]
+        if expires_at < now:
+            self._store.end_session(token_hash)
+            return None
+        if expires_at - now < self._ttl - self._renew_after:
+            self._store.renew_session(token_hash, now + self._ttl)
+        return annotator
 
     def end(self, token: str | None) -> None:
-        with self._lock:
-            self._sessions.pop(token or "", None)
+        if token and isinstance(token, str) and len(token) <= 256:
+            self._store.end_session(self._hash(token))
+
+    def end_all(self, annotator: str) -> int:
+        """End every session of this annotator (UnknownAnnotator for an unknown name); returns how many."""
+        return self._store.end_sessions(annotator)
 
 
 def sign_in(store: LabelStore, sessions: Sessions, name, password, *, throttle: LoginThrottle | None = None,
             address: str = "") -> str:
-    """A new session token for this name and password, else NotSignedIn. With a `throttle`, repeated failures
-    for the account or from the client `address` are refused for a while (TooManyAttempts)."""
+    """A new session token for this name and password, else NotSignedIn (also for a disabled account). With a
+    `throttle`, repeated failures for the account or from the client `address` are refused for a while
+    (TooManyAttempts)."""
     account = name[:64] if isinstance(name, str) else ""
     if throttle is not None:
         throttle.attempt(account, address)
@@ -217,4 +257,7 @@ def sign_in(store: LabelStore, sessions: Sessions, name, password, *, throttle: 
         raise NotSignedIn("wrong annotator name or password")
     if throttle is not None:
         throttle.succeeded(account, address)
+    row = store.account(name)
+    if row is None or row.disabled:  # the password was right: saying so tells nothing new
+        raise NotSignedIn(f"the account {name!r} is disabled; ask an admin")
     return sessions.create(name)

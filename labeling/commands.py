@@ -1,4 +1,4 @@
-"""The labeling stage's subcommands: generate, import, users, label, simulate, export, stats.
+"""The labeling stage's subcommands: generate, import, users, label, simulate, export, stats, db.
 
 Handlers are plain functions of the parsed arguments; bad input raises UserError. Heavy imports
 (pyarrow, tqdm) happen inside the handlers so `rlhf --help` stays fast.
@@ -13,9 +13,24 @@ import sys
 from rlhf.config_args import positive_int
 from rlhf.errors import UserError
 
+ORDERS_CHOICES = ("fewest-rankings", "random", "uncertainty")  # labeling.active.ORDERS, without importing it
+
+
+def _active_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--order", choices=ORDERS_CHOICES, default="fewest-rankings",
+                   help="which tasks each queue serves first: fewest-rankings (default), random, or uncertainty: "
+                        "the tasks whose completions the reward model (--rm) finds hardest to order (smallest "
+                        "reward gap between adjacent completions; uncertainty sampling)")
+    p.add_argument("--rm", default=None, metavar="DIR", help="reward model that orders the queue (--order uncertainty)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --order random (default 0)")
+
+
+DB_HELP = ("label store: a SQLite file path (or sqlite:///path), or a PostgreSQL URL "
+           "(postgresql://user:password@host:port/database; the database must exist)")
+
 
 def _db_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", required=True, help="label store: a SQLite file path (or sqlite:///path)")
+    p.add_argument("--db", required=True, help=DB_HELP)
 
 
 def add_commands(sub) -> None:
@@ -36,24 +51,56 @@ def add_commands(sub) -> None:
     p.add_argument("files", nargs="+", metavar="TASKS.jsonl", help="task files, one task per line")
     p.set_defaults(func=run_import)
 
-    p = sub.add_parser("users", help="manage annotator accounts", description="Add or list annotator accounts.")
+    p = sub.add_parser("users", help="manage annotator accounts",
+                       description="Add, list, disable and enable annotator accounts, reset passwords, end "
+                                   "sessions, make admins.")
     users = p.add_subparsers(dest="users_command", required=True, metavar="ACTION")
     q = users.add_parser("add", help="add an annotator (password from a prompt, or the first line of stdin)",
                          description="Add an annotator. The password is read with an interactive prompt, or "
                                      "from the first line of stdin when stdin is not a terminal.")
     _db_option(q)
     q.add_argument("name", help="annotator name: 1-64 letters, digits, '.', '_' or '-'")
+    q.add_argument("--admin", action="store_true",
+                   help="give the account the admin role (statistics and account management in the app)")
     q.set_defaults(func=run_users_add)
-    q = users.add_parser("list", help="list annotators with their ranked/skipped counts")
+    q = users.add_parser("list", help="list annotators with their role, status and ranked/skipped counts")
     _db_option(q)
     q.set_defaults(func=run_users_list)
+    for action, text in (("disable", "disable an account: it cannot sign in, and its sessions end now"),
+                         ("enable", "enable a disabled account again"),
+                         ("reset-password", "give an account a new password (prompt or first line of stdin); "
+                                            "its sessions end"),
+                         ("end-sessions", "sign an account out everywhere (every server on the database)")):
+        q = users.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        _db_option(q)
+        q.add_argument("name", help="annotator name")
+        q.set_defaults(func=run_users_change, users_action=action)
+    q = users.add_parser("role", help="make an account an admin or a plain annotator",
+                         description="Set an account's role: admins see the statistics and manage accounts in "
+                                     "the app; the server checks the role on every request.")
+    _db_option(q)
+    q.add_argument("name", help="annotator name")
+    q.add_argument("role", choices=["admin", "annotator"], help="the new role")
+    q.set_defaults(func=run_users_role)
+
+    p = sub.add_parser("db", help="label store maintenance: copy a store between SQLite and PostgreSQL",
+                       description="Label store maintenance.")
+    db = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    q = db.add_parser("copy", help="copy a whole label store into an empty one (SQLite <-> PostgreSQL)",
+                      description="Copy everything (tasks, accounts, rankings, skips, assignments, the event log) "
+                                  "into an empty store, in one transaction, verified by row counts and a checksum. "
+                                  "Sign-in sessions are not copied. A target that holds anything is refused.")
+    q.add_argument("--from", dest="source", required=True, metavar="DB", help="the store to copy: " + DB_HELP)
+    q.add_argument("--to", dest="target", required=True, metavar="DB",
+                   help="an empty store to copy into (a new SQLite file, or an empty PostgreSQL database)")
+    q.set_defaults(func=run_db_copy)
 
     p = sub.add_parser("label", help="serve the ranking app to annotators (login required)",
                        description="Serve the annotators' Gradio app at /: each signed-in annotator ranks the "
                                    "completions of the tasks in their queue (keyboard, click or drag-and-drop), "
                                    "ties, skips, and edits earlier answers. The same server answers a JSON API "
                                    "under /api (same login).")
-    p.add_argument("--db", required=True, help="label database (SQLite) made by `rlhf import`")
+    p.add_argument("--db", required=True, help="label store made by `rlhf import`: " + DB_HELP)
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for your network)")
     p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860; 0 picks a free one)")
@@ -61,7 +108,14 @@ def add_commands(sub) -> None:
                    help="annotators who should rank each task before it leaves the queues (default 2)")
     p.add_argument("--guidelines", default=None, help="Markdown file shown to annotators in the Guidelines panel")
     p.add_argument("--admin", action="append", default=[], metavar="NAME",
-                   help="annotator allowed to see the statistics view (repeatable)")
+                   help="treat this annotator as an admin on this server, besides the accounts with the admin "
+                        "role (`rlhf users role`): statistics view, account management (repeatable)")
+    p.add_argument("--root-path", default="",
+                   help="the path a reverse proxy serves the app under, e.g. /label (the proxy strips it)")
+    _active_options(p)
+    p.add_argument("--pre-rank", default=None, metavar="RM",
+                   help="open each task with this reward model's order already set; the annotator corrects or keeps "
+                        "it (whether it was kept, and how many pairs were moved, is stored apart from the ranking)")
     p.set_defaults(func=run_label)
 
     p = sub.add_parser("simulate", help="rank pending tasks with scripted annotators driven by an oracle",
@@ -81,11 +135,27 @@ def add_commands(sub) -> None:
                    help="completions whose oracle scores differ by at most this are ranked as a tie "
                         "(default 0: only equal scores tie; set it for continuous oracles)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed reproduces a run")
+    p.add_argument("--strategy", choices=ORDERS_CHOICES, default="fewest-rankings",
+                   help="which tasks the annotators rank first: fewest-rankings (the app's default queue), random, "
+                        "or uncertainty (the reward model's smallest gap between adjacent completions first; needs "
+                        "--rm or --rm-every)")
+    p.add_argument("--rm", default=None, metavar="DIR",
+                   help="reward model that orders the tasks (--strategy uncertainty)")
+    p.add_argument("--rm-every", type=positive_int, default=None, metavar="N",
+                   help="after every N rankings, train a reward model from scratch on all rankings so far and "
+                        "re-order the remaining tasks with it (the active-labeling loop); needs --rm-out")
+    p.add_argument("--rm-out", default=None, metavar="DIR",
+                   help="folder for the reward models the loop trains (DIR/round-1, DIR/round-2, ...)")
+    p.add_argument("--model", default=None,
+                   help="base model of the loop's reward models (default: --rm's base, else 'default')")
+    p.add_argument("--rm-epochs", type=positive_int, default=5, help="epochs of each retraining (default 5)")
     p.set_defaults(func=run_simulate)
 
-    p = sub.add_parser("export", help="write rankings and train/test preference pairs (JSONL + Parquet)",
-                       description="Write DIR/rankings.jsonl (with a split field), DIR/train.jsonl, DIR/test.jsonl "
-                                   "and their Parquet twins. The split is by prompt: no prompt is in both.")
+    p = sub.add_parser("export", help="write rankings and train/test preference pairs (JSONL, Parquet, datasets)",
+                       description="Write DIR/rankings.jsonl (with a split field), DIR/train.jsonl, DIR/test.jsonl, "
+                                   "their Parquet twins, and the same rankings and pairs as datasets.DatasetDict "
+                                   "folders (DIR/rankings_dataset, DIR/pairs_dataset: datasets.load_from_disk reads "
+                                   "them). The split is by prompt: no prompt is in both.")
     _db_option(p)
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of prompts held out (default 0.1)")
@@ -93,13 +163,23 @@ def add_commands(sub) -> None:
     p.add_argument("--aggregate", choices=["none", "majority"], default="none",
                    help="none: every annotator's pairs (default); majority: one pair per completion pair by "
                         "majority vote, dropping tied votes")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="also upload the datasets to this Hugging Face hub dataset repository (owner/name): the "
+                        "pairs as its default configuration, the rankings as the configuration 'rankings'")
     p.set_defaults(func=run_export)
 
-    p = sub.add_parser("stats", help="labeling progress, annotator throughput and inter-annotator agreement")
+    p = sub.add_parser("stats", help="labeling progress, annotator throughput and inter-annotator agreement",
+                       description="Print the labeling statistics, or write their tables (per annotator, per "
+                                   "task, per annotator pair) as CSV or JSON.")
     _db_option(p)
     p.add_argument("--overlap", type=positive_int, default=2,
                    help="rankings wanted per task, for the 'complete' count (default 2)")
-    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--json", action="store_true", help="print the summary (progress, annotators, agreement) as JSON")
+    p.add_argument("--format", choices=["text", "csv", "json"], default="text",
+                   help="text: the report (default); csv or json: the tables annotators, tasks and agreement, "
+                        "printed one after another, or written to --out")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="with --format csv|json: write DIR/annotators, DIR/tasks and DIR/agreement (.csv or .json)")
     p.set_defaults(func=run_stats)
 
 
@@ -145,12 +225,12 @@ def read_task_files(paths: list[str]) -> list:
 def run_import(args) -> None:
     from pathlib import Path
 
-    from labeling.store import open_store
+    from labeling.store import is_postgres_url, open_store
 
     tasks = read_task_files(args.files)  # all files validated before anything is written
     db = str(args.db)
     path = Path(db[len("sqlite:///"):] if db.startswith("sqlite:///") else db)
-    created = "://" not in str(path) and not path.exists()
+    created = not is_postgres_url(db) and not path.exists()
     try:
         with open_store(args.db) as store:
             added, skipped = store.import_tasks(tasks)
@@ -185,22 +265,77 @@ def run_users_add(args) -> None:
     check_annotator_name(args.name)  # before asking for a password
     password = _read_password(args.name)
     with open_store(args.db) as store:
-        add_annotator(store, args.name, password)
-    print(f"added annotator {args.name}")
+        add_annotator(store, args.name, password, role="admin" if args.admin else "annotator")
+    print(f"added {'admin' if args.admin else 'annotator'} {args.name}")
 
 
 def run_users_list(args) -> None:
     from labeling.store import open_store
 
     with open_store(args.db, create=False) as store:
-        progress = store.progress(1)
-    if not progress.annotators:
+        progress = {p.annotator: p for p in store.progress(1).annotators}
+        accounts = store.accounts()
+    if not accounts:
         print("no annotators yet (add one with `rlhf users add`)")
         return
-    width = max(9, *(len(a.annotator) for a in progress.annotators))
-    print(f"{'annotator':<{width}}  {'ranked':>6}  {'skipped':>7}")
-    for a in progress.annotators:
-        print(f"{a.annotator:<{width}}  {a.ranked:>6}  {a.skipped:>7}")
+    width = max(9, *(len(a.name) for a in accounts))
+    print(f"{'annotator':<{width}}  {'role':<9}  {'status':<8}  {'ranked':>6}  {'skipped':>7}")
+    for a in accounts:
+        status = "disabled" if a.disabled else "active" if a.password_hash else "scripted"
+        print(f"{a.name:<{width}}  {a.role:<9}  {status:<8}  {progress[a.name].ranked:>6}  "
+              f"{progress[a.name].skipped:>7}")
+
+
+def run_users_change(args) -> None:
+    from labeling.auth import reset_password
+    from labeling.store import open_store
+
+    with open_store(args.db, create=False) as store:
+        if not store.has_annotator(args.name):  # before asking for a password
+            raise UserError(f"unknown annotator {args.name!r}")
+        if args.users_action == "reset-password":
+            ended = reset_password(store, args.name, _read_password(args.name))
+            done = "gave a new password to"
+        elif args.users_action == "end-sessions":
+            ended, done = store.end_sessions(args.name), "signed out"
+        else:
+            ended = store.set_disabled(args.name, args.users_action == "disable")
+            done = args.users_action + "d"
+    print(f"{done} {args.name}" + (f"; {ended} session{'s' * (ended != 1)} ended" if ended else ""))
+
+
+def run_users_role(args) -> None:
+    from labeling.store import open_store
+
+    with open_store(args.db, create=False) as store:
+        store.set_role(args.name, args.role)
+    print(f"{args.name} is now {'an admin' if args.role == 'admin' else 'an annotator'}")
+
+
+def run_db_copy(args) -> None:
+    from pathlib import Path
+
+    from labeling.store import is_postgres_url, open_store
+    from labeling.store_copy import copy_store
+
+    with open_store(args.source, create=False) as source:
+        target_path = None
+        if not is_postgres_url(args.target):
+            text = args.target[len("sqlite:///"):] if args.target.startswith("sqlite:///") else args.target
+            target_path = None if Path(text).exists() else Path(text)  # made here: removed again on failure
+        try:
+            with open_store(args.target) as target:
+                report = copy_store(source, target)
+        except BaseException:
+            if target_path is not None:
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    Path(f"{target_path}{suffix}").unlink(missing_ok=True)
+            raise
+        print(f"copied {source.location} -> {target.location}")
+    width = max(len(table) for table in report.counts)
+    for table, count in report.counts.items():
+        print(f"  {table:<{width}}  {count:>8} rows")
+    print(f"  checksum (SHA-256 of every row, equal in both): {report.checksum}")
 
 
 def run_label(args) -> None:
@@ -215,41 +350,99 @@ def run_label(args) -> None:
         raise UserError(f"--port must be 0-65535, got {args.port}")
     settings = AppSettings(overlap=args.overlap, guidelines_html=render_guidelines(args.guidelines),
                            admins=frozenset(args.admin))
+    root_path = args.root_path.rstrip("/")
+    if root_path and not root_path.startswith("/"):
+        raise UserError(f"--root-path must start with '/', got {args.root_path!r}")
     with open_store(args.db, create=False) as store:
+        where = store.location
         if store.count_tasks() == 0:  # an empty queue would be a confusing app
-            raise UserError(f"{args.db} holds no tasks; import some first with "
-                            f"`rlhf import --db {args.db} tasks.jsonl`")
+            raise UserError(f"{where} holds no tasks; import some first with `rlhf import --db {where} tasks.jsonl`")
+        if not any(a.password_hash and not a.disabled for a in store.accounts()):  # nobody could sign in
+            raise UserError(f"{where} has no annotator who can sign in; add one first with "
+                            f"`rlhf users add --db {where} NAME`")
         unknown = sorted(name for name in settings.admins if not store.has_annotator(name))
         if unknown:
             raise UserError(f"--admin names unknown annotators {unknown}; add them first")
+        active = active_queue(store, args.order, args.rm, args.pre_rank, args.seed)  # scores every task: last check
+        if active is not None:
+            import dataclasses
+
+            settings = dataclasses.replace(settings, active=active)
 
         sock = bind_socket(args.host, args.port)  # a port in use fails here, before the app is built
         try:
-            server = make_server(store, settings)
+            server = make_server(store, settings, root_path=root_path)
             shown = f"[{args.host}]" if ":" in args.host else args.host
             print(f"labeling app: http://{shown}:{sock.getsockname()[1]}/  ({store.count_tasks()} tasks, "
-                  f"overlap {args.overlap}; Ctrl+C stops)", flush=True)
-            if not store.list_annotators():
-                print("no annotators yet: add one before anyone can sign in", file=sys.stderr, flush=True)
+                  f"overlap {args.overlap}, store: {where}; Ctrl+C stops)", flush=True)
             server.run(sockets=[sock])
         finally:
             sock.close()
 
 
+def active_queue(store, order: str, rm: str | None, pre_rank: str | None, seed: int = 0):
+    """The ActiveQueue of `rlhf label --order/--rm/--pre-rank` (None without them): every task scored once now by
+    the reward model(s), which takes a while for a large store (a progress line is printed)."""
+    if order == "uncertainty" and not rm:
+        raise UserError("--order uncertainty needs --rm DIR: the reward model whose uncertainty orders the queue")
+    if rm and order != "uncertainty":
+        raise UserError("--rm orders the queue only with --order uncertainty (use --pre-rank RM to propose orders)")
+    if order == "fewest-rankings" and not pre_rank:
+        return None
+    from labeling.active import ActiveQueue, score_store
+
+    scores: dict[str, dict] = {}
+    for path in dict.fromkeys(p for p in (rm, pre_rank) if p):
+        print(f"scoring {store.count_tasks()} tasks with the reward model {path} ...", flush=True)
+        scores[path] = score_store(path, store)
+    return ActiveQueue(order, rewards=scores.get(rm), proposal_rewards=scores.get(pre_rank), seed=seed,
+                       task_ids=store.task_ids())
+
+
 def run_simulate(args) -> None:
+    from pathlib import Path
+
     from tqdm import tqdm
 
     from labeling.simulate import simulate
     from labeling.store import open_store
     from rlhf.oracles import load_oracle
 
+    if args.strategy == "uncertainty" and not (args.rm or args.rm_every):
+        raise UserError("--strategy uncertainty needs a reward model: --rm DIR, or --rm-every N to train one as "
+                        "it goes")
+    if args.rm and args.strategy != "uncertainty":
+        raise UserError("--rm orders the tasks only with --strategy uncertainty")
+    if args.rm_every and not args.rm_out:
+        raise UserError("--rm-every needs --rm-out DIR, the folder for the reward models it trains")
+    if args.rm_out and not args.rm_every:
+        raise UserError("--rm-out is used only with --rm-every N")
+    if args.rm_out and Path(args.rm_out).exists() and any(Path(args.rm_out).iterdir()):
+        raise UserError(f"--rm-out {args.rm_out} is not empty; choose a new folder")
     oracle = load_oracle(args.oracle)
     with open_store(args.db, create=False) as store:
         if store.count_tasks() == 0:
             raise UserError(f"{args.db} has no tasks; load some with `rlhf import`")
+        serve = after = loop = None
+        if args.strategy != "fewest-rankings" or args.rm_every:
+            from labeling.active import ActiveQueue, RetrainingLoop, score_store
+
+            queue = ActiveQueue(args.strategy, rewards=score_store(args.rm, store) if args.rm else None,
+                                seed=args.seed, task_ids=store.task_ids())
+            serve = lambda annotator, overlap: queue.next_task(store, annotator, overlap)  # noqa: E731
+            if args.rm_every:
+                from labeling.active import base_model_of
+
+                model = args.model or (base_model_of(args.rm) if args.rm else "default")
+                after = loop = RetrainingLoop(store, queue, args.rm_every, args.rm_out,
+                                              {"model": model, "epochs": args.rm_epochs, "seed": args.seed},
+                                              overlap=args.overlap)
         with tqdm(total=store.open_slots(args.overlap), desc="simulate", unit="ranking", disable=None) as bar:
             summary = simulate(store, oracle, annotators=args.annotators, overlap=args.overlap, noise=args.noise,
-                               seed=args.seed, on_progress=bar.update, tie_margin=args.tie_margin)
+                               seed=args.seed, on_progress=bar.update, tie_margin=args.tie_margin,
+                               next_task=serve, after_ranking=after)
+    if loop is not None and loop.rounds:
+        print(f"{len(loop.rounds)} reward models trained along the way; the last: {loop.rounds[-1]['rm_dir']}")
     agreement = summary["oracle_agreement"]
     print(f"{summary['rankings']} rankings by {len(summary['annotators'])} annotators; "
           f"{summary['complete']}/{summary['tasks']} tasks have {summary['overlap']} rankings; "
@@ -266,12 +459,31 @@ def run_export(args) -> None:
     print(f"{summary['rankings']} rankings of {summary['prompts']} prompts -> "
           f"train: {summary['train_pairs']} pairs ({summary['train_prompts']} prompts), "
           f"test: {summary['test_pairs']} pairs ({summary['test_prompts']} prompts){dropped}; written to {args.out}")
+    if args.push_to_hub:
+        from labeling.export import push_to_hub
+
+        push_to_hub(args.out, args.push_to_hub)
+        print(f"pushed to the hub dataset {args.push_to_hub} (configurations: default = pairs, rankings)")
 
 
 def run_stats(args) -> None:
-    from labeling.stats import compute_stats, format_stats
+    from labeling.stats import compute_stats, format_stats, stats_tables, table_records, write_tables
     from labeling.store import open_store
 
+    if args.out and args.format == "text":
+        raise UserError("--out writes the tables: give --format csv or --format json")
+    if args.json and args.format != "text":
+        raise UserError("--json prints the summary; --format csv|json the tables: give one of them")
     with open_store(args.db, create=False) as store:
-        stats = compute_stats(store, overlap=args.overlap)
-    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+        if args.format == "text":
+            stats = compute_stats(store, overlap=args.overlap)
+            print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+            return
+        tables = stats_tables(store, overlap=args.overlap)
+    if args.out:
+        paths = write_tables(tables, args.out, args.format)
+        print(f"wrote {', '.join(str(p) for p in paths)}")
+    elif args.format == "json":
+        print(json.dumps({name: table_records(frame) for name, frame in tables.items()}, indent=2))
+    else:
+        print("\n".join(f"# {name}\n{frame.to_csv(index=False)}" for name, frame in tables.items()), end="")

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from labeling import handlers
+from labeling.auth import is_admin
 from labeling.handlers import AppSettings
-from labeling.store import SQLiteLabelStore
+from labeling.store import LabelStore
 from rlhf.errors import UserError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -79,12 +80,16 @@ class LabelUI:
     """The UI's event logic over the store: plain methods of (annotator, payload), testable without Gradio.
     Each returns the ranker's new value (and what else the page shows)."""
 
-    def __init__(self, store: SQLiteLabelStore, settings: AppSettings):
+    def __init__(self, store: LabelStore, settings: AppSettings):
         self.store, self.settings = store, settings
 
     def next_view(self, annotator: str, notice: str | None = None) -> tuple[str, dict]:
         result = handlers.next_task(self.store, annotator, self.settings)
-        return ranker_value(result["task"], notice=notice), result["progress"]
+        proposal = result.get("proposal")  # --pre-rank: the task opens with the reward model's order set
+        if proposal:
+            notice = " ".join(filter(None, [notice, "The reward model's order is set: correct it, or submit it."]))
+        return (ranker_value(result["task"], own={"ranks": proposal} if proposal else None, notice=notice),
+                result["progress"])
 
     def submit(self, annotator: str, payload: Any) -> tuple[str, dict | None]:
         """Store a ranking from the widget, then serve the next task. A refused ranking keeps the widget's work."""
@@ -109,7 +114,8 @@ class LabelUI:
             result = handlers.open_task(self.store, annotator, self.settings, task_id)
         except UserError as exc:
             return refused_value(str(exc), task_id)
-        return ranker_value(result["task"], own=result["own"], editing=True)
+        own = result["own"] or ({"ranks": result["proposal"]} if result.get("proposal") else None)
+        return ranker_value(result["task"], own=own, editing=True)
 
     def history(self, annotator: str) -> list[tuple[str, str]]:
         return history_choices(handlers.history(self.store, annotator, self.settings)["items"])
@@ -142,7 +148,7 @@ def css() -> str:
     return (STATIC_DIR / "ranker.css").read_text(encoding="utf-8")
 
 
-def build_ui(store: SQLiteLabelStore, settings: AppSettings):
+def build_ui(store: LabelStore, settings: AppSettings):
     """The Blocks page. Mount it with `gr.mount_gradio_app(..., auth_dependency=...)` (labeling/app.py)."""
     # Gradio's queue rebuilds a pandas summary of its last (up to 10,000) events after every event, for a
     # monitoring page we do not serve: work on every submit that grows with the session. Read once, when the
@@ -177,9 +183,9 @@ def build_ui(store: SQLiteLabelStore, settings: AppSettings):
         def on_load(request: gr.Request):
             annotator = request.username
             value, progress = ui.next_view(annotator)
-            is_admin = annotator in settings.admins
+            admin = is_admin(store, annotator, settings.admins)
             return (topbar_html(annotator, progress), value, gr.Dropdown(choices=ui.history(annotator), value=None),
-                    gr.Accordion(visible=is_admin), ui.stats_text(annotator) if is_admin else "")
+                    gr.Accordion(visible=admin), ui.stats_text(annotator) if admin else "")
 
         def after_answer(annotator: str, value: str, progress: dict | None):
             if progress is None:  # refused: only the widget changes

@@ -3,6 +3,9 @@
 - `BodyLimit`: refuses a request whose body is over the limit: on its Content-Length before reading any of
   it, and a chunked body as soon as the bytes read pass the limit. An unauthenticated client cannot make
   the server hold more than the limit per request.
+- `SameOrigin`: refuses a state-changing request (any method but GET, HEAD and OPTIONS; a WebSocket) that a
+  browser says came from another origin (its Origin header, or Sec-Fetch-Site: cross-site), so another site
+  cannot act with an annotator's cookie even where SameSite is not enforced.
 - `SignInGate`: every route outside the server's own (sign-in page, JSON API) needs a signed-in session,
   Gradio's included (its queue, heartbeat, cancel, reset, startup events, config ...); a few routes nobody
   needs are closed. Gradio identifies a page by a client-chosen `session_hash` and streams that page's
@@ -21,8 +24,10 @@ from collections import OrderedDict
 from typing import Awaitable, Callable, Iterable
 from urllib.parse import parse_qs
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import cookie_parser
 
+from rlhf.errors import UserError
 from rlhf.records import is_text
 
 Scope = dict
@@ -30,6 +35,9 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 MAX_SESSION_HASH_LENGTH = 128
+SIGNED_IN_STATE = "rlhf_annotator"
+"""Key of the request's state (scope["state"]) where SignInGate leaves the annotator it found."""
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _TOO_LARGE = object()
 _HASH_IN_PATH = re.compile(r"^/gradio_api/(?:heartbeat|stream)/([^/]+)")
 _ERROR_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store"),
@@ -46,6 +54,39 @@ async def send_error(send: Send, status: int, message: str, headers: Iterable[tu
 
 def _header(scope: Scope, name: bytes) -> list[bytes]:
     return [value for key, value in scope.get("headers", ()) if key.lower() == name]
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path below the server's root path (`rlhf label --root-path`, behind a reverse proxy)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+class SameOrigin:
+    """Refuse (403) a state-changing request or a WebSocket whose Origin is not this server's own origin (scheme
+    and Host as the request arrived: behind a proxy, uvicorn takes the scheme from X-Forwarded-Proto and the proxy
+    must pass the Host on), or that has no Origin but Sec-Fetch-Site 'cross-site'. Clients that send neither
+    (scripts) pass: they carry no one's cookie but their own."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" or (scope["type"] == "http" and scope["method"] not in SAFE_METHODS):
+            origin = _header(scope, b"origin")
+            host = (_header(scope, b"host") or [b""])[0].decode("latin-1").lower()
+            scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
+            if origin:
+                allowed = origin[0].decode("latin-1").lower() == f"{scheme}://{host}"
+            else:
+                allowed = (_header(scope, b"sec-fetch-site") or [b""])[0].lower() != b"cross-site"
+            if not allowed:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                else:
+                    await send_error(send, 403, "request from another site refused")
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -137,20 +178,30 @@ class SignInGate:
         self.max_body_bytes = max_body_bytes
         self.session_hashes = session_hashes or SessionHashes()
 
-    def _annotator(self, scope: Scope) -> str | None:
+    async def _annotator(self, scope: Scope) -> str | None:
+        """The signed-in annotator (looked up in the thread pool: sessions are in the database), left in the
+        request's state for the routes."""
         cookies = _header(scope, b"cookie")
-        if not cookies:
-            return None
-        token = cookie_parser(b"; ".join(cookies).decode("latin-1")).get(self.cookie_name)
-        return self.annotator_of_token(token)
+        token = cookie_parser(b"; ".join(cookies).decode("latin-1")).get(self.cookie_name) if cookies else None
+        annotator = await run_in_threadpool(self.annotator_of_token, token) if token else None
+        scope.setdefault("state", {})[SIGNED_IN_STATE] = annotator
+        return annotator
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"].startswith(self.open_prefixes):
+        if scope["type"] not in ("http", "websocket") or route_path(scope).startswith(self.open_prefixes):
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = route_path(scope)
+        try:
+            annotator = await self._annotator(scope)
+        except UserError as exc:  # the sessions' database cannot be read (it restarts): try again
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1013})
+            else:
+                await send_error(send, 503, str(exc))
+            return
         if scope["type"] == "websocket":  # Gradio serves none to this UI; refuse any without a session
-            if self._annotator(scope) is None:
+            if annotator is None:
                 await send({"type": "websocket.close", "code": 1008})
                 return
             await self.app(scope, receive, send)
@@ -158,7 +209,6 @@ class SignInGate:
         if path in self.closed_paths:
             await send_error(send, 404, "not found")
             return
-        annotator = self._annotator(scope)
         if annotator is None:
             await send_error(send, 401, "sign in first")
             return

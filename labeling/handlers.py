@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from labeling.auth import LoginThrottle, NotSignedIn, Sessions, sign_in
-from labeling.store import SQLiteLabelStore
+from labeling.active import ActiveQueue
+from labeling.auth import LoginThrottle, NotSignedIn, Sessions, is_admin, sign_in
+from labeling.store import ROLES, LabelStore, UnknownAnnotator
 from rlhf.errors import UserError
 from rlhf.records import Task
 
@@ -31,6 +32,10 @@ class Forbidden(RequestError):
     status = 403
 
 
+class NotFound(RequestError):
+    status = 404
+
+
 @dataclass(frozen=True)
 class AppSettings:
     """How `rlhf label` was started."""
@@ -40,7 +45,11 @@ class AppSettings:
     guidelines_html: str = ""
     """The project owner's guidelines, already rendered from Markdown (trusted text)."""
     admins: frozenset[str] = frozenset()
-    """Annotators who may open the statistics view (it shows everyone's counts and agreement)."""
+    """Annotators treated as admins by this server besides those with the admin role in the store: they may open
+    the statistics view (everyone's counts and agreement) and manage accounts."""
+    active: ActiveQueue | None = None
+    """Active labeling (`--order`, `--pre-rank`; `labeling.active`): the order tasks are served in and the reward
+    model's proposed rankings. None: the store's queue and no proposal."""
 
 
 def completion_label(index: int) -> str:
@@ -84,17 +93,23 @@ def task_view(task: Task) -> dict[str, Any]:
     }
 
 
-def progress(store: SQLiteLabelStore, annotator: str, settings: AppSettings) -> dict:
+def progress(store: LabelStore, annotator: str, settings: AppSettings) -> dict:
     """The annotator's own counts and the task total. (Not the length of their queue: counting it costs
     as much as finding the next task, on every request.)"""
-    own = next((p for p in store.progress(settings.overlap).annotators if p.annotator == annotator), None)
-    return {"ranked": own.ranked if own else 0, "skipped": own.skipped if own else 0,
-            "total_tasks": store.count_tasks()}
+    own = store.annotator_progress(annotator)
+    return {"ranked": own.ranked, "skipped": own.skipped, "total_tasks": store.count_tasks()}
+
+
+def _admin(store: LabelStore, annotator: str | None, settings: AppSettings) -> str:
+    annotator = _signed_in(annotator)
+    if not is_admin(store, annotator, settings.admins):
+        raise Forbidden("only admins can do this (`rlhf users role NAME admin`, or `rlhf label --admin NAME`)")
+    return annotator
 
 
 # ------------------------------------------------------------------------------------------ handlers
 
-def login(store: SQLiteLabelStore, sessions: Sessions, settings: AppSettings, payload: Any, *,
+def login(store: LabelStore, sessions: Sessions, settings: AppSettings, payload: Any, *,
           throttle: LoginThrottle | None = None, address: str = "") -> tuple[str, dict]:
     """Sign in with {username, password} (`labeling.auth.sign_in`, throttled with a `throttle`); returns
     (session token, session info)."""
@@ -104,22 +119,27 @@ def login(store: SQLiteLabelStore, sessions: Sessions, settings: AppSettings, pa
     return token, session_info(store, payload["username"], settings)
 
 
-def session_info(store: SQLiteLabelStore, annotator: str | None, settings: AppSettings) -> dict:
+def session_info(store: LabelStore, annotator: str | None, settings: AppSettings) -> dict:
     """Who is signed in, their progress, the guidelines, and whether they may open the statistics."""
     annotator = _signed_in(annotator)
     return {"annotator": annotator, "progress": progress(store, annotator, settings),
-            "guidelines_html": settings.guidelines_html, "can_view_stats": annotator in settings.admins}
+            "guidelines_html": settings.guidelines_html,
+            "can_view_stats": is_admin(store, annotator, settings.admins)}
 
 
-def next_task(store: SQLiteLabelStore, annotator: str | None, settings: AppSettings) -> dict:
+def next_task(store: LabelStore, annotator: str | None, settings: AppSettings) -> dict:
     """The next task of this annotator's queue (None when it is empty) and their progress."""
     annotator = _signed_in(annotator)
-    task = store.next_task(annotator, settings.overlap)
-    return {"task": None if task is None else task_view(task),
-            "progress": progress(store, annotator, settings)}
+    active = settings.active
+    task = (active.next_task(store, annotator, settings.overlap) if active is not None
+            else store.next_task(annotator, settings.overlap))
+    result = {"task": None if task is None else task_view(task), "progress": progress(store, annotator, settings)}
+    if active is not None and active.proposal_rewards:  # --pre-rank: the order the task opens with
+        result["proposal"] = None if task is None else active.proposal(task.id)
+    return result
 
 
-def open_task(store: SQLiteLabelStore, annotator: str | None, settings: AppSettings, task_id: Any) -> dict:
+def open_task(store: LabelStore, annotator: str | None, settings: AppSettings, task_id: Any) -> dict:
     """A task to (re)rank, with this annotator's own stored ranking of it, if any, to edit. A task they
     skipped is assigned to them again if it still has a free slot, so they can rank it after all; any other
     task they can read but not submit unless it was handed to them."""
@@ -130,10 +150,13 @@ def open_task(store: SQLiteLabelStore, annotator: str | None, settings: AppSetti
     own = store.get_own_ranking(annotator, task_id)
     if own is None and store.has_skipped(annotator, task_id):
         store.assign_task(annotator, task_id, settings.overlap)  # refused later, with the reason, if it is full
-    return {"task": task_view(task), "own": None if own is None else {"ranks": own.ranks}}
+    result = {"task": task_view(task), "own": None if own is None else {"ranks": own.ranks}}
+    if own is None and settings.active is not None and settings.active.proposal_rewards:
+        result["proposal"] = settings.active.proposal(task_id)
+    return result
 
 
-def submit_ranking(store: SQLiteLabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
+def submit_ranking(store: LabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
     """Store (or replace) the annotator's ranking of a task: {task_id, ranks: {completion_id: rank},
     request_id, seconds?}. The store validates the ranks against the task and accepts only a task handed to
     this annotator, or their own earlier ranking (NotAssigned otherwise); a re-sent request id stores nothing
@@ -144,13 +167,16 @@ def submit_ranking(store: SQLiteLabelStore, annotator: str | None, settings: App
     ranks = payload.get("ranks")
     if not isinstance(ranks, Mapping):
         raise RequestError("'ranks' must map completion ids to ranks")
+    # With --pre-rank the task was opened with the reward model's order; the store keeps it beside the ranking.
+    proposal = settings.active.proposal(task_id) if settings.active is not None else None
     result = store.submit_ranking(annotator, task_id, dict(ranks), request_id=payload.get("request_id"),
-                                  seconds=payload.get("seconds"), require_assignment=True)
+                                  seconds=payload.get("seconds"), require_assignment=True,
+                                  **({"proposal": proposal} if proposal else {}))
     return {"task_id": task_id, "action": result.action, "ranks": result.ranking.ranks,
             "progress": progress(store, annotator, settings)}
 
 
-def skip_task(store: SQLiteLabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
+def skip_task(store: LabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
     """Skip a task, with an optional reason: {task_id, reason?, request_id}."""
     annotator = _signed_in(annotator)
     payload = _payload(payload)
@@ -162,19 +188,55 @@ def skip_task(store: SQLiteLabelStore, annotator: str | None, settings: AppSetti
     return {"task_id": task_id, "action": result.action, "progress": progress(store, annotator, settings)}
 
 
-def history(store: SQLiteLabelStore, annotator: str | None, settings: AppSettings) -> dict:
+def history(store: LabelStore, annotator: str | None, settings: AppSettings) -> dict:
     """The annotator's own ranked and skipped tasks, newest first (never anyone else's)."""
     annotator = _signed_in(annotator)
     return {"items": [{"task_id": h.task_id, "prompt": h.prompt_preview, "status": h.status, "at": h.at}
                       for h in store.history(annotator, limit=MAX_HISTORY)]}
 
 
-def stats(store: SQLiteLabelStore, annotator: str | None, settings: AppSettings) -> dict:
-    """Project statistics (counts, agreement) for the annotators named with --admin."""
-    annotator = _signed_in(annotator)
-    if annotator not in settings.admins:
-        raise Forbidden("only the annotators named with `rlhf label --admin` can see the statistics")
+def stats(store: LabelStore, annotator: str | None, settings: AppSettings) -> dict:
+    """Project statistics (counts, agreement), for admins."""
+    _admin(store, annotator, settings)
     from labeling.stats import compute_stats, format_stats
 
     result = compute_stats(store, settings.overlap)
     return {"stats": result, "text": format_stats(result)}
+
+
+ACCOUNT_ACTIONS = ("disable", "enable", "end-sessions", *(f"make-{role}" for role in ROLES))
+
+
+def list_accounts(store: LabelStore, annotator: str | None, settings: AppSettings) -> dict:
+    """Every account with its role, whether it is disabled, and its counts (admins only)."""
+    _admin(store, annotator, settings)
+    counts = {p.annotator: p for p in store.progress(settings.overlap).annotators}
+    return {"users": [{"name": a.name, "role": a.role, "disabled": a.disabled,
+                       "can_sign_in": a.password_hash is not None,
+                       "ranked": counts[a.name].ranked if a.name in counts else 0,
+                       "skipped": counts[a.name].skipped if a.name in counts else 0} for a in store.accounts()]}
+
+
+def change_account(store: LabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
+    """An admin's change to an account: {name, action} with action one of ACCOUNT_ACTIONS. Disabling an account
+    or ending its sessions signs it out everywhere. Admins cannot disable or demote themselves."""
+    admin = _admin(store, annotator, settings)
+    payload = _payload(payload)
+    name, action = payload.get("name"), payload.get("action")
+    if not isinstance(name, str) or not name:
+        raise RequestError("'name' must be a non-empty string")
+    if action not in ACCOUNT_ACTIONS:
+        raise RequestError(f"'action' must be one of {', '.join(ACCOUNT_ACTIONS)}")
+    if name == admin and action in ("disable", "make-annotator"):
+        raise RequestError("you cannot disable or demote your own account")
+    ended = 0
+    try:
+        if action in ("disable", "enable"):
+            ended = store.set_disabled(name, action == "disable")
+        elif action == "end-sessions":
+            ended = store.end_sessions(name)
+        else:
+            store.set_role(name, action.removeprefix("make-"))
+    except UnknownAnnotator as exc:
+        raise NotFound(str(exc)) from None
+    return {"name": name, "action": action, "sessions_ended": ended}

@@ -6,7 +6,7 @@ import errno
 import socket
 
 from labeling.handlers import AppSettings
-from labeling.store import SQLiteLabelStore
+from labeling.store import LabelStore
 from rlhf.errors import UserError
 
 
@@ -33,14 +33,17 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(store: SQLiteLabelStore, settings: AppSettings):
-    """A uvicorn server for the app (`server.run(sockets=[bind_socket(...)])`; set `should_exit` to stop)."""
+def make_server(store: LabelStore, settings: AppSettings, *, root_path: str = ""):
+    """A uvicorn server for the app (`server.run(sockets=[bind_socket(...)])`; set `should_exit` to stop).
+    `root_path` is the path a reverse proxy serves the app under (e.g. '/label'; the proxy strips it)."""
     import uvicorn
 
     from labeling.app import create_app
 
     # Keep idle connections 75 s (uvicorn's default is 5): an annotator reads for tens of seconds between
-    # requests, and a reused connection saves a TCP handshake per submit.
+    # requests, and a reused connection saves a TCP handshake per submit. uvicorn takes the client's address
+    # and scheme from X-Forwarded-For / X-Forwarded-Proto sent by a proxy on 127.0.0.1 (and from nobody else).
     return uvicorn.Server(uvicorn.Config(create_app(store, settings), log_level="warning", access_log=False,
-                                         timeout_keep_alive=75, timeout_graceful_shutdown=5))
+                                         timeout_keep_alive=75, timeout_graceful_shutdown=5, root_path=root_path,
+                                         proxy_headers=True, forwarded_allow_ips="127.0.0.1"))
 

@@ -1,29 +1,36 @@
-"""The label store: tasks, completions, annotators, rankings, skips and an append-only event log.
+"""The label store: tasks, completions, annotators, rankings, skips, assignments, sign-in sessions and an
+append-only event log.
 
-`open_store(url_or_path)` returns a `LabelStore`. SQLite is the implementation (stdlib `sqlite3`):
-a plain path or `sqlite:///path`. `postgresql://...` is the intended next backend and is refused
-with a one-line error for now. The store knows nothing of Gradio: handlers call it, and so do
-`rlhf simulate`, `rlhf export` and `rlhf stats`.
+`open_store(url_or_path)` returns a `LabelStore`, picking the backend from the URL: a plain path or
+`sqlite:///path` is SQLite (stdlib `sqlite3`, `SQLiteLabelStore` below), `postgresql://...` is PostgreSQL
+(psycopg 3, `labeling.store_postgres.PostgresLabelStore`). The store knows nothing of Gradio: handlers call
+it, and so do `rlhf simulate`, `rlhf export`, `rlhf stats` and `rlhf db copy`.
 
-Durability: every write is one transaction (`BEGIN IMMEDIATE` ... `COMMIT`) in WAL mode with
-`synchronous=FULL`, so a method that returned has committed, and a kill -9 afterwards loses nothing.
-Threads: each thread gets its own connection (Gradio/FastAPI run handlers in a thread pool); SQLite's
-lock plus `busy_timeout` serialises writers.
+Written once for both backends (`SQLLabelStore`): every rule (validation, the queue, assignments, request-id
+replay, edits, skips), every query (in one notation: `?` and `:name` placeholders) and the row <-> record
+conversion, plus the schema-version rules. A backend supplies its connections and transactions, its
+migrations (DDL), and two lock clauses: SQLite serialises writers with one database lock, PostgreSQL locks
+the task row a write is about (`SELECT ... FOR UPDATE`; the queue takes the first free task with `FOR UPDATE
+SKIP LOCKED`), so several app servers on one database never hand out more places than a task has.
+
+Durability: every write is one transaction, committed before the method returns, so a kill -9 afterwards loses
+nothing (SQLite: WAL with `synchronous=FULL`; PostgreSQL: its WAL, fsync'd at COMMIT). The event log is
+append-only, enforced by the database (triggers refuse UPDATE and DELETE).
 
 Assignments: `next_task` hands a task to an annotator and records it in the `assignments` table (annotator,
 task, overlap, expiry), in the same transaction that chose it. A live assignment holds one of the task's
-`overlap` slots, so annotators working at the same time never push a task past its overlap; after
-`ASSIGNMENT_SECONDS` the slot may go to someone else. The app submits with `require_assignment=True`: a
+`overlap` places, so annotators working at the same time never push a task past its overlap; after
+`ASSIGNMENT_SECONDS` the place may go to someone else. The app submits with `require_assignment=True`: a
 ranking is accepted only for a task handed to this annotator (after the expiry too, while the task still has
-a free slot) or as an edit of their own ranking. A ranking or a skip ends the assignment.
+a free place) or as an edit of their own ranking. A ranking or a skip ends the assignment.
 
-Accounts: the store keeps the annotators' rows (name, password hash); the name and password rules, the
-hashing and the sign-in check are `labeling.auth`'s.
+Accounts and sessions: the store keeps the rows (name, password hash, role, disabled flag; sessions by the hash
+of their token); the rules, the hashing and the sign-in check are `labeling.auth`'s. Sessions live in the
+database, so every app server on it knows every session.
 
-Privacy: the methods a request handler uses take the logged-in annotator's name and only ever return
-that annotator's own work (`get_own_ranking`, `history`). Everyone's rankings are reachable only
-through the explicitly named admin methods `export_ranked_tasks` / `export_rankings`, used by the CLI
-and the admin view.
+Privacy: the methods a request handler uses take the signed-in annotator's name and only ever return that
+annotator's own work (`get_own_ranking`, `history`). Everyone's rankings are reachable only through the
+explicitly named admin methods `export_ranked_tasks` / `export_rankings`, used by the CLI and the admin view.
 """
 
 from __future__ import annotations
@@ -37,20 +44,22 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 from rlhf.errors import UserError
 from rlhf.records import Completion, RankedTask, Ranking, Task, is_text
 
-SCHEMA_VERSION = 2
-"""1: tasks, completions, annotators, rankings, skips, events. 2: + assignments."""
+SCHEMA_VERSION = 3
+"""1: tasks, completions, annotators, rankings, skips, events. 2: + assignments. 3: + sessions; annotators gain
+a role and a disabled flag; tasks count their rankings (`ranking_count`, kept by `submit_ranking`)."""
+ROLES = ("annotator", "admin")
 MAX_REQUEST_ID_LENGTH = 128
 MAX_REASON_LENGTH = 500
 PREVIEW_CHARS = 80
 MAX_SECONDS = 365 * 24 * 3600
 """The most time on a task a client may report (anything larger is a broken or hostile client)."""
 ASSIGNMENT_SECONDS = 30 * 60
-"""How long a served task stays reserved for its annotator before its slot may go to someone else."""
+"""How long a served task stays reserved for its annotator before its place may go to someone else."""
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -76,7 +85,8 @@ class AnnotatorExists(StoreError):
 
 
 class StorageUnavailable(StoreError):
-    """The database could not be written (locked too long, disk full, I/O error); the write was rolled back."""
+    """The database could not be written or read (locked too long, unreachable, disk full, I/O error); the write
+    was rolled back."""
 
 
 class ConflictingTask(StoreError):
@@ -93,7 +103,7 @@ class RequestIdReused(Conflict):
 
 class NotAssigned(Conflict):
     """A submit or skip (with `require_assignment`) for a task that was not handed to this annotator, or whose
-    assignment expired and whose slots have been taken since."""
+    assignment expired and whose places have been taken since."""
 
 
 # ------------------------------------------------------------------------------------- result records
@@ -126,7 +136,22 @@ class Assignment:
     """The overlap the task was handed out under: a late submit is still accepted while the task has room."""
     assigned_at: float
     expires_at: float
-    """Unix time after which the slot no longer counts as held (the annotator may still submit while there is room)."""
+    """Unix time after which the place no longer counts as held (the annotator may still submit while there is
+    room)."""
+
+
+@dataclass(frozen=True)
+class Account:
+    """An annotator's account row."""
+
+    name: str
+    password_hash: str | None
+    """None: cannot sign in (scripted annotators)."""
+    role: str
+    """'annotator' or 'admin' (admins see the statistics and manage accounts in the app)."""
+    disabled: bool
+    """A disabled account cannot sign in, and its sessions are refused."""
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -171,7 +196,7 @@ def display_order(annotator: str, task_id: str, completion_ids: Iterable[str]) -
     so it is stable across calls and processes but differs between annotators and tasks. Showing
     every annotator the same order would let position bias leak into the labels."""
     def key(cid: str) -> str:
-        return hashlib.sha256(f"{annotator}\x00{task_id}\x00{cid}".encode("utf-8")).hexdigest()
+        return hashlib.sha256(f"{annotator}\x00{task_id}\x00{cid}".encode()).hexdigest()
     return sorted(completion_ids, key=key)
 
 
@@ -183,7 +208,7 @@ def queue_key(annotator: str, task_id: str) -> int:
     """The queue's tie-break among tasks with equally few rankings (smallest first): a per-task hash XOR a
     per-annotator hash. Deterministic, yet annotators working at the same time are mostly served different
     tasks, so the overlap is not overshot by everyone opening the file's first task. Computed in SQL from
-    the stored `tasks.queue_key` (SQLite has no XOR: a ^ b = (a | b) - (a & b))."""
+    the stored `tasks.queue_key` (a ^ b = (a | b) - (a & b): SQLite has no XOR operator)."""
     return _hash63(task_id) ^ _hash63(annotator)
 
 
@@ -192,40 +217,115 @@ def _preview(prompt: str) -> str:
     return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
 
 
+def storable(value: Any) -> bool:
+    """Whether `value` is text every backend can store: valid Unicode (JSON's "\\ud800" escapes decode to lone
+    surrogates) without NUL characters (PostgreSQL's text cannot hold them)."""
+    return is_text(value) and "\x00" not in value
+
+
 def _task_fingerprint(task: Task) -> str:
+    texts = [task.id, task.prompt] + [text for c in task.completions for text in (c.id, c.text, c.model)]
+    if not all(is_text(text) for text in texts):
+        raise StoreError(f"task {task.id!r} contains text that is not valid Unicode (a lone surrogate)")
+    if any("\x00" in text for text in texts):
+        raise StoreError(f"task {task.id!r} contains a NUL character, which the label store cannot hold")
     return hashlib.sha256(json.dumps(task.to_dict(), sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def _check_request_id(request_id: str | None) -> None:
-    if request_id is not None and (not is_text(request_id) or not request_id
+    if request_id is not None and (not storable(request_id) or not request_id
                                    or len(request_id) > MAX_REQUEST_ID_LENGTH):
         raise InvalidRanking(f"request id must be a non-empty string of at most {MAX_REQUEST_ID_LENGTH} characters")
 
 
 def _check_task_id(task_id: str) -> None:
-    if not is_text(task_id):
+    if not storable(task_id):
         raise UnknownTask(f"unknown task {task_id!r}")
+
+
+def _float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+# ------------------------------------------------------------------------------- rows <-> records
+
+def _ranking(task_id: str, annotator: str, ranks: str, seconds, request_id, created_at, updated_at) -> Ranking:
+    return Ranking(task_id, annotator, json.loads(ranks), _float(seconds), request_id, _float(created_at),
+                   _float(updated_at))
+
+
+def _account(name, password_hash, role, disabled, created_at) -> Account:
+    return Account(name, password_hash, role, bool(disabled), float(created_at))
+
+
+@dataclass(frozen=True)
+class CopiedTable:
+    """A table `rlhf db copy` carries over: its columns, the order that makes a dump deterministic, and how a
+    stored value becomes the one canonical Python value both backends agree on (for the checksum)."""
+
+    name: str
+    columns: tuple[str, ...]
+    order_by: str
+    convert: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
+
+    def canonical(self, row: tuple) -> tuple:
+        return tuple(self.convert[c](v) if c in self.convert and v is not None else v
+                     for c, v in zip(self.columns, row))
+
+
+COPIED_TABLES = (
+    CopiedTable("tasks", ("seq", "id", "prompt", "fingerprint", "queue_key", "created_at", "ranking_count"), "seq",
+                {"created_at": float}),
+    CopiedTable("completions", ("task_id", "position", "id", "text", "model", "num_tokens"), "task_id, position"),
+    CopiedTable("annotators", ("name", "password_hash", "role", "disabled", "created_at"), "name",
+                {"disabled": bool, "created_at": float}),
+    CopiedTable("rankings", ("annotator", "task_id", "ranks", "seconds", "request_id", "created_at", "updated_at"),
+                "annotator, task_id", {"seconds": float, "created_at": float, "updated_at": float}),
+    CopiedTable("skips", ("annotator", "task_id", "reason", "created_at"), "annotator, task_id",
+                {"created_at": float}),
+    CopiedTable("assignments", ("annotator", "task_id", "overlap", "assigned_at", "expires_at"), "annotator, task_id",
+                {"assigned_at": float, "expires_at": float}),
+    CopiedTable("events", ("id", "at", "annotator", "task_id", "kind", "payload", "request_id"), "id", {"at": float}),
+)
+"""Everything a label store holds, in an order that satisfies the foreign keys. Sign-in sessions are not copied:
+after a copy everyone signs in again."""
+LABEL_TABLES = tuple(t.name for t in COPIED_TABLES) + ("sessions",)
 
 
 # ------------------------------------------------------------------------------------------- interface
 
 class LabelStore(Protocol):
-    """What the app, the simulator, export and stats need from a label store."""
+    """What the app, the simulator, export, stats and the copy need from a label store."""
+
+    backend: str
+    location: str
 
     def import_tasks(self, tasks: Iterable[Task]) -> tuple[int, int]: ...
     def get_task(self, task_id: str) -> Task: ...
     def count_tasks(self) -> int: ...
-    def add_annotator(self, name: str, *, password_hash: str | None = None) -> None: ...
+    def task_ids(self) -> list[str]: ...
+    def add_annotator(self, name: str, *, password_hash: str | None = None, role: str = "annotator") -> None: ...
     def has_annotator(self, name: str) -> bool: ...
     def password_hash(self, name: str) -> str | None: ...
+    def account(self, name: str) -> Account | None: ...
+    def accounts(self) -> list[Account]: ...
+    def set_password_hash(self, name: str, password_hash: str | None) -> int: ...
+    def set_disabled(self, name: str, disabled: bool) -> int: ...
+    def set_role(self, name: str, role: str) -> None: ...
     def list_annotators(self) -> list[str]: ...
+    def add_session(self, token_hash: str, annotator: str, now: float, expires_at: float) -> None: ...
+    def find_session(self, token_hash: str) -> tuple[str, float] | None: ...
+    def renew_session(self, token_hash: str, expires_at: float) -> None: ...
+    def end_session(self, token_hash: str) -> None: ...
+    def end_sessions(self, annotator: str) -> int: ...
     def next_task(self, annotator: str, overlap: int) -> Task | None: ...
     def assign_task(self, annotator: str, task_id: str, overlap: int) -> bool: ...
     def remaining(self, annotator: str, overlap: int) -> int: ...
     def open_slots(self, overlap: int) -> int: ...
     def task_for(self, annotator: str, task_id: str) -> Task: ...
     def submit_ranking(self, annotator: str, task_id: str, ranks: Mapping[str, int], request_id: str | None = None,
-                       seconds: float | None = None, *, require_assignment: bool = False) -> SubmitResult: ...
+                       seconds: float | None = None, *, require_assignment: bool = False,
+                       proposal: Mapping[str, int] | None = None) -> SubmitResult: ...
     def skip_task(self, annotator: str, task_id: str, reason: str | None = None,
                   request_id: str | None = None, *, require_assignment: bool = False) -> SkipResult: ...
     def get_own_ranking(self, annotator: str, task_id: str) -> Ranking | None: ...
@@ -233,25 +333,33 @@ class LabelStore(Protocol):
     def assignments(self) -> list[Assignment]: ...
     def history(self, annotator: str, limit: int | None = None) -> list[HistoryItem]: ...
     def progress(self, overlap: int) -> Progress: ...
+    def annotator_progress(self, annotator: str) -> AnnotatorProgress: ...
+    def row_counts(self) -> dict[str, int]: ...
     def export_ranked_tasks(self) -> Iterator[RankedTask]: ...
     def export_rankings(self) -> list[Ranking]: ...
     def events(self) -> list[dict]: ...
+    def integrity_check(self) -> str: ...
     def close(self) -> None: ...
 
 
-def open_store(url_or_path: str | os.PathLike, *, create: bool = True) -> "SQLiteLabelStore":
-    """Open a label store: a plain path or 'sqlite:///path' opens (and with create=True, creates) SQLite.
+def is_postgres_url(text: str) -> bool:
+    return text.startswith(("postgresql://", "postgres://"))
 
-    'postgresql://...' is the extension point for a shared server and is not implemented yet.
-    With create=False a missing database is a UserError (read-only commands should not make empty files).
-    """
+
+def open_store(url_or_path: str | os.PathLike, *, create: bool = True, **options) -> SQLLabelStore:
+    """Open a label store: a plain path or 'sqlite:///path' opens SQLite, 'postgresql://...' (or 'postgres://')
+    opens PostgreSQL. With create=True a missing store is created (the SQLite file; the PostgreSQL tables, in a
+    database that must exist); with create=False it is a UserError (read-only commands make nothing).
+    `options` go to the backend's constructor (clock, assignment_seconds; SQLite: busy_timeout)."""
     text = os.fspath(url_or_path)
-    if text.startswith(("postgresql://", "postgres://")):
-        raise UserError("PostgreSQL label stores are not implemented yet; use a SQLite path such as labels.db")
+    if is_postgres_url(text):
+        from labeling.store_postgres import PostgresLabelStore
+
+        return PostgresLabelStore(text, create=create, **options)
     if text.startswith("sqlite:///"):
         text = text[len("sqlite:///"):]
     elif "://" in text:
-        raise UserError(f"unsupported label store URL {text!r}: use a file path or sqlite:///path")
+        raise UserError(f"unsupported label store URL {text!r}: use a file path, sqlite:///path or postgresql://...")
     if not text or text == ":memory:":
         raise UserError("the label store needs a file path (an in-memory database is not shared between threads)")
     path = Path(text)
@@ -259,93 +367,777 @@ def open_store(url_or_path: str | os.PathLike, *, create: bool = True) -> "SQLit
         raise UserError(f"no label database at {path} (create one with `rlhf import --db {path} tasks.jsonl`)")
     if not path.parent.exists():
         raise UserError(f"cannot create {path}: folder {path.parent} does not exist")
-    return SQLiteLabelStore(path)
+    return SQLiteLabelStore(path, create=create, **options)
+
+
+# ------------------------------------------------------------------------------ the shared SQL store
+
+class Statements:
+    """A connection as the store's shared code uses it: statements in one notation (`?` and `:name`
+    placeholders), translated by `translate` for the backend's driver; rows come back as tuples."""
+
+    def __init__(self, conn, translate: Callable[[str], str] = lambda sql: sql):
+        self.conn, self._translate = conn, translate
+
+    def execute(self, sql: str, params: Any = ()):
+        return self.conn.execute(self._translate(sql), params)
+
+    def one(self, sql: str, params: Any = ()) -> tuple | None:
+        return self.execute(sql, params).fetchone()
+
+    def all(self, sql: str, params: Any = ()) -> list[tuple]:
+        return self.execute(sql, params).fetchall()
+
+    def value(self, sql: str, params: Any = ()):
+        row = self.one(sql, params)
+        return None if row is None else row[0]
+
+    def many(self, sql: str, rows: Iterable[tuple]) -> None:
+        self.conn.cursor().executemany(self._translate(sql), list(rows))
+
+
+class SQLLabelStore:
+    """The `LabelStore` for SQL databases: all of its rules and queries, written once. A backend subclass
+    supplies `_write()` (one write transaction), `_read()` (single statements), `_snapshot()` (a consistent
+    read transaction), `close()`, its `MIGRATIONS` and the lock clauses below."""
+
+    backend = ""
+    location = ""
+    """Where the store is, for messages (a path, or a URL without its password)."""
+    MIGRATIONS: Mapping[int, tuple[str, ...]] = {}
+    """Schema version -> the statements that bring a store of the version before it to this one."""
+    _LOCK_TASK = ""
+    """Appended to the statement that looks a task up before a write about it: a row lock where writers do not
+    already hold a lock on the whole database."""
+    _PICK_LOCK = ""
+    """Appended to the queue's choice of a task: lock it, passing over tasks that other writers hold."""
+    _TABLE_EXISTS = ""
+    """A query with one placeholder (a table name) that returns a row if the table exists."""
+
+    def __init__(self, *, clock: Callable[[], float], assignment_seconds: float):
+        self._clock = clock
+        self._assignment_seconds = assignment_seconds
+
+    # --- hooks (the backend's)
+
+    @contextmanager
+    def _write(self) -> Iterator[Statements]:  # pragma: no cover - every backend overrides it
+        raise NotImplementedError
+        yield
+
+    @contextmanager
+    def _read(self) -> Iterator[Statements]:  # pragma: no cover
+        raise NotImplementedError
+        yield
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Statements]:  # pragma: no cover
+        raise NotImplementedError
+        yield
+
+    def _lock_schema(self, tx: Statements) -> None:
+        """Keep two processes from migrating at once (a no-op where the write transaction locks everything)."""
+
+    def _after_copy(self, tx: Statements) -> None:
+        """Bring generated-id counters past the ids a copy wrote (a no-op where the database does it itself)."""
+
+    def close(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- schema
+
+    def _open_schema(self, create: bool) -> None:
+        """Check the schema version and apply the missing migrations in one transaction: a store written by a
+        newer version is refused, and so (with create=False) is a database that holds no label store; either
+        way nothing is written."""
+        with self._write() as tx:
+            self._lock_schema(tx)
+            current = self._schema_version(tx)
+            if current > SCHEMA_VERSION:
+                raise UserError(f"{self.location} was written by a newer version of rlhf (schema {current}, this "
+                                f"one reads up to {SCHEMA_VERSION}); upgrade rlhf")
+            if current == 0 and not create:
+                raise UserError(f"{self.location} holds no label store (create one with "
+                                f"`rlhf import --db {self.location} tasks.jsonl`)")
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in self.MIGRATIONS[version]:
+                    tx.execute(statement)
+            if current != SCHEMA_VERSION:
+                tx.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE"
+                           " SET value = excluded.value", (str(SCHEMA_VERSION),))
+
+    def _schema_version(self, tx: Statements) -> int:
+        if tx.one(self._TABLE_EXISTS, ("meta",)) is None:
+            return 0
+        value = tx.value("SELECT value FROM meta WHERE key = 'schema_version'")
+        return 0 if value is None else int(value)
+
+    def schema_version(self) -> int:
+        with self._read() as tx:
+            return self._schema_version(tx)
+
+    # --- tasks
+
+    def import_tasks(self, tasks: Iterable[Task]) -> tuple[int, int]:
+        """Add tasks in one transaction; returns (added, skipped). A task whose id is already stored with
+        the same content is skipped (re-importing a file adds nothing twice); the same id with different
+        content raises ConflictingTask naming the id, and then nothing of this call is stored."""
+        added = skipped = 0
+        now = self._clock()
+        with self._write() as tx:
+            for task in tasks:
+                fingerprint = _task_fingerprint(task)
+                inserted = tx.execute("INSERT INTO tasks (id, prompt, fingerprint, queue_key, created_at)"
+                                      " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                                      (task.id, task.prompt, fingerprint, _hash63(task.id), now)).rowcount
+                if not inserted:
+                    if tx.value("SELECT fingerprint FROM tasks WHERE id = ?", (task.id,)) != fingerprint:
+                        raise ConflictingTask(f"task id {task.id!r} is already stored with different content")
+                    skipped += 1
+                    continue
+                tx.many("INSERT INTO completions (task_id, position, id, text, model, num_tokens)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        [(task.id, i, c.id, c.text, c.model, c.num_tokens) for i, c in enumerate(task.completions)])
+                added += 1
+        return added, skipped
+
+    def get_task(self, task_id: str) -> Task:
+        """The task with this id, completions in their stored (generation) order; UnknownTask if absent."""
+        _check_task_id(task_id)
+        with self._read() as tx:
+            prompt = tx.value("SELECT prompt FROM tasks WHERE id = ?", (task_id,))
+            if prompt is None:
+                raise UnknownTask(f"unknown task {task_id!r}")
+            completions = tuple(Completion(id=cid, text=text, model=model, num_tokens=num_tokens)
+                                for cid, text, model, num_tokens in tx.all(
+                                    "SELECT id, text, model, num_tokens FROM completions WHERE task_id = ?"
+                                    " ORDER BY position", (task_id,)))
+        return Task(id=task_id, prompt=prompt, completions=completions)
+
+    def count_tasks(self) -> int:
+        """Number of tasks in the store."""
+        with self._read() as tx:
+            return tx.value("SELECT COUNT(*) FROM tasks")
+
+    def task_ids(self) -> list[str]:
+        """Every task id, in import order (active labeling scores them all: `labeling.active`)."""
+        with self._read() as tx:
+            return [row[0] for row in tx.all("SELECT id FROM tasks ORDER BY seq")]
+
+    def task_for(self, annotator: str, task_id: str) -> Task:
+        """The task with its completions in this annotator's display order (see `display_order`)."""
+        task = self.get_task(task_id)
+        by_id = {c.id: c for c in task.completions}
+        return Task(task.id, task.prompt, tuple(by_id[c] for c in display_order(annotator, task.id, by_id)))
+
+    # --- annotators
+
+    def add_annotator(self, name: str, *, password_hash: str | None = None, role: str = "annotator") -> None:
+        """Store a new annotator (`labeling.auth.add_annotator` checks the name and hashes the password); no
+        password hash makes an account that cannot sign in (scripted annotators). AnnotatorExists if taken."""
+        if role not in ROLES:
+            raise StoreError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        with self._write() as tx:
+            if not tx.execute("INSERT INTO annotators (name, password_hash, role, disabled, created_at)"
+                              " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                              (name, password_hash, role, False, self._clock())).rowcount:
+                raise AnnotatorExists(f"annotator {name!r} already exists")
+
+    def has_annotator(self, name: str) -> bool:
+        """Whether an annotator with this name exists."""
+        return self.account(name) is not None
+
+    def account(self, name: str) -> Account | None:
+        """The annotator's account row, or None for an unknown name."""
+        if not storable(name):
+            return None
+        with self._read() as tx:
+            row = tx.one("SELECT name, password_hash, role, disabled, created_at FROM annotators WHERE name = ?",
+                         (name,))
+        return None if row is None else _account(*row)
+
+    def accounts(self) -> list[Account]:
+        """Every account, sorted by name."""
+        with self._read() as tx:
+            return [_account(*row) for row in tx.all(
+                "SELECT name, password_hash, role, disabled, created_at FROM annotators ORDER BY name")]
+
+    def password_hash(self, name: str) -> str | None:
+        """The annotator's stored password hash; None for an unknown name or an account that cannot sign in."""
+        account = self.account(name)
+        return None if account is None else account.password_hash
+
+    def list_annotators(self) -> list[str]:
+        """All annotator names, sorted."""
+        with self._read() as tx:
+            return [r[0] for r in tx.all("SELECT name FROM annotators ORDER BY name")]
+
+    def set_password_hash(self, name: str, password_hash: str | None) -> int:
+        """Replace the annotator's password hash and end their sessions (a new password signs them out
+        everywhere); returns the number of sessions ended. UnknownAnnotator for an unknown name."""
+        with self._write() as tx:
+            self._update_account(tx, name, "password_hash", password_hash)
+            return tx.execute("DELETE FROM sessions WHERE annotator = ?", (name,)).rowcount
+
+    def set_disabled(self, name: str, disabled: bool) -> int:
+        """Disable (no sign-in, and every session of theirs ends) or enable an account; returns the number of
+        sessions ended. UnknownAnnotator for an unknown name."""
+        with self._write() as tx:
+            self._update_account(tx, name, "disabled", bool(disabled))
+            return tx.execute("DELETE FROM sessions WHERE annotator = ?", (name,)).rowcount if disabled else 0
+
+    def set_role(self, name: str, role: str) -> None:
+        """Make the account an 'annotator' or an 'admin'. UnknownAnnotator for an unknown name."""
+        if role not in ROLES:
+            raise StoreError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        with self._write() as tx:
+            self._update_account(tx, name, "role", role)
+
+    def _update_account(self, tx: Statements, name: str, column: str, value) -> None:
+        if not storable(name) or not tx.execute(f"UPDATE annotators SET {column} = ? WHERE name = ?",
+                                                (value, name)).rowcount:
+            raise UnknownAnnotator(f"unknown annotator {name!r}")
+
+    def _require_annotator(self, tx: Statements, annotator: str) -> None:
+        if not storable(annotator) or tx.one("SELECT 1 FROM annotators WHERE name = ?", (annotator,)) is None:
+            raise UnknownAnnotator(f"unknown annotator {annotator!r}")
+
+    # --- sessions (rows only: labeling.auth.Sessions decides)
+
+    def add_session(self, token_hash: str, annotator: str, now: float, expires_at: float) -> None:
+        """Store a session (by the hash of its token), dropping every session that expired by `now`."""
+        with self._write() as tx:
+            tx.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+            tx.execute("INSERT INTO sessions (token_hash, annotator, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                       (token_hash, annotator, now, expires_at))
+
+    def find_session(self, token_hash: str) -> tuple[str, float] | None:
+        """(annotator, expires_at) of the session with this token hash, or None (unknown, or its account is
+        disabled). Whether it expired is the caller's to check."""
+        with self._read() as tx:
+            row = tx.one("SELECT s.annotator, s.expires_at FROM sessions s JOIN annotators a ON a.name = s.annotator"
+                         " WHERE s.token_hash = ? AND NOT a.disabled", (token_hash,))
+        return None if row is None else (row[0], float(row[1]))
+
+    def renew_session(self, token_hash: str, expires_at: float) -> None:
+        with self._write() as tx:
+            tx.execute("UPDATE sessions SET expires_at = ? WHERE token_hash = ?", (expires_at, token_hash))
+
+    def end_session(self, token_hash: str) -> None:
+        with self._write() as tx:
+            tx.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+
+    def end_sessions(self, annotator: str) -> int:
+        """End every session of this annotator; returns how many. UnknownAnnotator for an unknown name."""
+        with self._write() as tx:
+            self._require_annotator(tx, annotator)
+            return tx.execute("DELETE FROM sessions WHERE annotator = ?", (annotator,)).rowcount
+
+    # --- the queue
+
+    # Tasks this annotator may be served: not ranked or skipped by them, and with a free place, i.e. fewer
+    # than :overlap rankings plus live assignments of other annotators. The rankings are counted in
+    # tasks.ranking_count, and the annotator's own rankings and skips and the live assignments are few, so the
+    # queue costs one pass over the tasks with a lookup in three small sets.
+    _HELD = """(SELECT COUNT(*) FROM assignments h WHERE h.task_id = t.id AND h.expires_at > :now
+                AND h.annotator <> :annotator)"""
+    _PENDING = """
+        FROM tasks t
+        LEFT JOIN (SELECT task_id, COUNT(*) AS n FROM assignments WHERE expires_at > :now AND annotator <> :annotator
+                   GROUP BY task_id) h ON h.task_id = t.id
+        WHERE t.ranking_count + COALESCE(h.n, 0) < :overlap
+          AND t.id NOT IN (SELECT task_id FROM rankings WHERE annotator = :annotator)
+          AND t.id NOT IN (SELECT task_id FROM skips WHERE annotator = :annotator)
+    """
+
+    def next_task(self, annotator: str, overlap: int) -> Task | None:
+        """The next task for this annotator, completions in their display order; None when nothing is left.
+        The task is assigned to them (recorded in the store, expiring after `assignment_seconds`).
+
+        Serves the task already assigned to this annotator if it is still open to them (a reload shows the same
+        task), else the tasks with the fewest rankings first, only tasks with a free place (fewer than `overlap`
+        rankings plus other annotators' live assignments), never one this annotator already ranked or skipped.
+        Ties are broken by `queue_key(annotator, task_id)` (deterministic: the same call returns the same task
+        until something changes). The choice is locked (`_PICK_LOCK`) and its room checked again with what
+        other writers committed meanwhile, so servers sharing the database never hand out the same place."""
+        if overlap < 1:
+            raise ValueError("overlap must be at least 1")
+        with self._write() as tx:
+            self._require_annotator(tx, annotator)
+            now = self._clock()
+            params: dict[str, Any] = {"overlap": overlap, "annotator": annotator, "salt": _hash63(annotator),
+                                      "now": now}
+            passed: list[str] = []  # chosen, but full once locked (another server filled it meanwhile)
+            while True:
+                exclude = "".join(f" AND t.id <> :passed{i}" for i in range(len(passed)))
+                task_id = tx.value(
+                    f"""SELECT t.id {self._PENDING} {exclude} ORDER BY
+                            t.id IN (SELECT task_id FROM assignments WHERE annotator = :annotator) DESC,
+                            t.ranking_count, (t.queue_key | :salt) - (t.queue_key & :salt), t.seq
+                        LIMIT 1 {self._PICK_LOCK}""",
+                    {**params, **{f"passed{i}": p for i, p in enumerate(passed)}})
+                if task_id is None:
+                    return None
+                if self._has_room(tx, annotator, task_id, overlap, now):
+                    break
+                passed.append(task_id)
+            self._assign(tx, annotator, task_id, overlap, now)
+        return self.task_for(annotator, task_id)
+
+    def assign_task(self, annotator: str, task_id: str, overlap: int) -> bool:
+        """Hand this task to this annotator if it is open to them (see `next_task`; the app uses it when an
+        annotator reopens a task they skipped). Returns whether they may now submit a ranking of it: True
+        also for a task they already ranked (an edit), False when its places are taken."""
+        if overlap < 1:
+            raise ValueError("overlap must be at least 1")
+        _check_task_id(task_id)
+        with self._write() as tx:
+            self._require_annotator(tx, annotator)
+            if not self._lock_task(tx, task_id):
+                raise UnknownTask(f"unknown task {task_id!r}")
+            if self._own_ranking(tx, annotator, task_id) is not None:
+                return True
+            now = self._clock()
+            if not self._has_room(tx, annotator, task_id, overlap, now):
+                return False
+            self._assign(tx, annotator, task_id, overlap, now)
+        return True
+
+    def _lock_task(self, tx: Statements, task_id: str) -> bool:
+        """Whether the task exists; locks its row for the rest of the transaction where the backend needs it
+        (every write about a task's places takes this lock first, so they happen one after another)."""
+        return tx.one("SELECT 1 FROM tasks WHERE id = ?" + self._LOCK_TASK, (task_id,)) is not None
+
+    def _assign(self, tx: Statements, annotator: str, task_id: str, overlap: int, now: float) -> None:
+        tx.execute("INSERT INTO assignments (annotator, task_id, overlap, assigned_at, expires_at)"
+                   " VALUES (?, ?, ?, ?, ?) ON CONFLICT (annotator, task_id) DO UPDATE"
+                   " SET overlap = excluded.overlap, expires_at = excluded.expires_at",
+                   (annotator, task_id, overlap, now, now + self._assignment_seconds))
+
+    def _has_room(self, tx: Statements, annotator: str, task_id: str, overlap: int, now: float) -> bool:
+        """Whether the task has a place for this annotator: fewer than `overlap` rankings plus other annotators'
+        live assignments."""
+        taken = tx.value(f"SELECT t.ranking_count + {self._HELD} FROM tasks t WHERE t.id = :task",
+                         {"task": task_id, "annotator": annotator, "now": now})
+        return taken < overlap
+
+    def _check_assigned(self, tx: Statements, annotator: str, task_id: str, now: float) -> None:
+        """NotAssigned unless the task was handed to this annotator and, if that assignment expired, still
+        has a place for them (a late answer is welcome while nobody else took its place)."""
+        row = tx.one("SELECT overlap, expires_at FROM assignments WHERE annotator = ? AND task_id = ?",
+                     (annotator, task_id))
+        if row is None:
+            raise NotAssigned(f"task {task_id!r} was not handed to you; nothing was stored "
+                              "(rank the tasks the app serves you, or edit your own earlier rankings)")
+        overlap, expires_at = row
+        if expires_at <= now and not self._has_room(tx, annotator, task_id, overlap, now):
+            raise NotAssigned(f"your hold on task {task_id!r} expired and other annotators have taken its places; "
+                              "nothing was stored (go on with the next task)")
+
+    def remaining(self, annotator: str, overlap: int) -> int:
+        """How many tasks `next_task` could still serve this annotator at this overlap."""
+        with self._read() as tx:
+            self._require_annotator(tx, annotator)
+            return tx.value(f"SELECT COUNT(*) {self._PENDING}",
+                            {"overlap": overlap, "annotator": annotator, "now": self._clock()})
+
+    def open_slots(self, overlap: int) -> int:
+        """Rankings still wanted to bring every task to `overlap` rankings: sum of max(0, overlap - count)."""
+        with self._read() as tx:
+            return int(tx.value(
+                """SELECT COALESCE(SUM(CASE WHEN ranking_count < :overlap THEN :overlap - ranking_count ELSE 0 END), 0)
+                   FROM tasks""",
+                {"overlap": overlap}))
+
+    # --- submissions
+
+    def submit_ranking(self, annotator: str, task_id: str, ranks: Mapping[str, int], request_id: str | None = None,
+                       seconds: float | None = None, *, require_assignment: bool = False,
+                       proposal: Mapping[str, int] | None = None) -> SubmitResult:
+        """Store this annotator's ranking of a task (dense ranks, 1 best, ties allowed but not all-tied).
+
+        Checks everything itself: unknown annotator/task -> UnknownAnnotator/UnknownTask; ranks that do not
+        cover exactly the task's completion ids with positive integers, or all tie -> InvalidRanking; bad
+        seconds/request id -> InvalidRanking. A request id this annotator already used for the same task
+        stores nothing and returns the current ranking with action 'duplicate'; one used for another task or
+        for a skip is a RequestIdReused conflict. With `require_assignment` (the app) a first ranking is
+        accepted only for a task assigned to this annotator (see `_check_assigned`), else NotAssigned. Nothing
+        is stored on error. A second submit for a task the annotator already ranked replaces it (action
+        'edit', logged as an 'edit' event with the previous ranks; `seconds` add up over edits). Ranking a
+        task ends its assignment and removes a skip. `proposal`: the order the task was opened with (active
+        labeling's pre-ranking, `labeling.active`); a first submit records it in its event, apart from the
+        ranking, with whether it was kept and how many pairs were moved. Returns after COMMIT."""
+        _check_request_id(request_id)
+        _check_task_id(task_id)
+        if seconds is not None:
+            # Compared as given: math.isfinite and float() overflow on huge integers.
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_SECONDS:
+                raise InvalidRanking(f"seconds must be a number from 0 to {MAX_SECONDS}")
+            seconds = float(seconds)
+        with self._write() as tx:
+            self._require_annotator(tx, annotator)
+            exists = self._lock_task(tx, task_id)
+            if request_id is not None and self._replay(tx, annotator, request_id, task_id, ("submit", "edit")):
+                ranking = self._own_ranking(tx, annotator, task_id)
+                if ranking is not None:  # always: rankings are never deleted
+                    return SubmitResult("duplicate", ranking)
+            if not exists:
+                raise UnknownTask(f"unknown task {task_id!r}")
+            ids = [r[0] for r in tx.all("SELECT id FROM completions WHERE task_id = ? ORDER BY position", (task_id,))]
+            try:
+                dense = Ranking.normalized(ranks, ids)
+            except ValueError as exc:
+                raise InvalidRanking(str(exc)) from None
+            now = self._clock()
+            previous = self._own_ranking(tx, annotator, task_id)
+            if require_assignment and previous is None:
+                self._check_assigned(tx, annotator, task_id, now)
+            ranks_json = json.dumps(dense, ensure_ascii=False)
+            if previous is None:
+                action = "submit"
+                tx.execute("INSERT INTO rankings (annotator, task_id, ranks, seconds, request_id, created_at,"
+                           " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (annotator, task_id, ranks_json, seconds, request_id, now, now))
+                tx.execute("UPDATE tasks SET ranking_count = ranking_count + 1 WHERE id = ?", (task_id,))
+            else:
+                action = "edit"
+                if previous.seconds is not None:  # time spent accumulates over edits
+                    seconds = previous.seconds + (seconds or 0.0)
+                tx.execute("UPDATE rankings SET ranks = ?, seconds = ?, request_id = ?, updated_at = ?"
+                           " WHERE annotator = ? AND task_id = ?",
+                           (ranks_json, seconds, request_id, now, annotator, task_id))
+            tx.execute("DELETE FROM skips WHERE annotator = ? AND task_id = ?", (annotator, task_id))
+            tx.execute("DELETE FROM assignments WHERE annotator = ? AND task_id = ?", (annotator, task_id))
+            payload = {"ranks": dense, "seconds": seconds}
+            if previous is not None:
+                payload["previous"] = previous.ranks
+            elif proposal is not None:
+                from labeling.active import proposal_moves
+
+                try:
+                    shown = Ranking.normalized(proposal, ids)
+                except ValueError as exc:
+                    raise InvalidRanking(f"proposal: {exc}") from None
+                moves = proposal_moves(shown, dense)
+                payload.update(proposal=shown, proposal_kept=moves == 0, proposal_moves=moves)
+            self._log(tx, now, annotator, task_id, action, payload, request_id)
+            stored = self._own_ranking(tx, annotator, task_id)
+        return SubmitResult(action, stored)
+
+    def skip_task(self, annotator: str, task_id: str, reason: str | None = None,
+                  request_id: str | None = None, *, require_assignment: bool = False) -> SkipResult:
+        """Record that this annotator skipped a task (it is not served to them again; they can still rank it
+        later from their history). Ends their assignment of it, so the place goes to someone else. A task they
+        already ranked cannot be skipped (InvalidRanking: edit it instead). With `require_assignment` only a
+        task assigned to them (or skipped before) can be skipped, else NotAssigned. Re-sending the request id
+        of a skip of the same task returns action 'duplicate' and stores nothing; one used for anything else
+        is a RequestIdReused conflict."""
+        _check_request_id(request_id)
+        _check_task_id(task_id)
+        if reason is not None and (not storable(reason) or len(reason) > MAX_REASON_LENGTH):
+            raise InvalidRanking(f"skip reason must be text of at most {MAX_REASON_LENGTH} characters")
+        with self._write() as tx:
+            self._require_annotator(tx, annotator)
+            exists = self._lock_task(tx, task_id)
+            if request_id is not None and self._replay(tx, annotator, request_id, task_id, ("skip",)):
+                return SkipResult("duplicate", task_id, annotator)
+            if not exists:
+                raise UnknownTask(f"unknown task {task_id!r}")
+            if self._own_ranking(tx, annotator, task_id) is not None:
+                raise InvalidRanking(f"task {task_id!r} is already ranked; edit the ranking instead of skipping")
+            if require_assignment and not tx.one(
+                    "SELECT 1 FROM assignments WHERE annotator = :a AND task_id = :t"
+                    " UNION ALL SELECT 1 FROM skips WHERE annotator = :a AND task_id = :t",
+                    {"a": annotator, "t": task_id}):
+                raise NotAssigned(f"task {task_id!r} was not handed to you; nothing was stored")
+            now = self._clock()
+            tx.execute("DELETE FROM assignments WHERE annotator = ? AND task_id = ?", (annotator, task_id))
+            tx.execute("INSERT INTO skips (annotator, task_id, reason, created_at) VALUES (?, ?, ?, ?)"
+                       " ON CONFLICT (annotator, task_id) DO UPDATE SET reason = excluded.reason,"
+                       " created_at = excluded.created_at", (annotator, task_id, reason, now))
+            self._log(tx, now, annotator, task_id, "skip", {"reason": reason}, request_id)
+        return SkipResult("skip", task_id, annotator)
+
+    def _replay(self, tx: Statements, annotator: str, request_id: str, task_id: str, kinds: tuple[str, ...]) -> bool:
+        """Whether this annotator already processed this request (same task, same kind of action): then it is
+        answered again, not stored twice. A request id reused for another task or another kind of action is
+        a RequestIdReused conflict: the client is confused, and answering with the other request's result
+        (or storing anything) would be a guess."""
+        row = tx.one("SELECT task_id, kind FROM events WHERE annotator = ? AND request_id = ?", (annotator, request_id))
+        if row is None:
+            return False
+        done_task, kind = row
+        if done_task != task_id or kind not in kinds:
+            raise RequestIdReused(f"request id {request_id!r} was already used for a {kind} of task {done_task!r}; "
+                                  "nothing was stored (send a new request id for a new answer)")
+        return True
+
+    def _log(self, tx: Statements, at, annotator, task_id, kind, payload, request_id) -> None:
+        tx.execute("INSERT INTO events (at, annotator, task_id, kind, payload, request_id) VALUES (?, ?, ?, ?, ?, ?)",
+                   (at, annotator, task_id, kind, json.dumps(payload, ensure_ascii=False), request_id))
+
+    # --- an annotator's own work (handler-facing)
+
+    def _own_ranking(self, tx: Statements, annotator: str, task_id: str) -> Ranking | None:
+        row = tx.one("SELECT ranks, seconds, request_id, created_at, updated_at FROM rankings"
+                     " WHERE annotator = ? AND task_id = ?", (annotator, task_id))
+        return None if row is None else _ranking(task_id, annotator, *row)
+
+    def get_own_ranking(self, annotator: str, task_id: str) -> Ranking | None:
+        """This annotator's own ranking of a task, or None. Handlers pass the signed-in user's name: there is
+        deliberately no handler-facing way to read someone else's ranking."""
+        if not storable(annotator) or not storable(task_id):
+            return None
+        with self._read() as tx:
+            return self._own_ranking(tx, annotator, task_id)
+
+    def has_skipped(self, annotator: str, task_id: str) -> bool:
+        """Whether this annotator skipped this task (and has not ranked it since)."""
+        if not storable(annotator) or not storable(task_id):
+            return False
+        with self._read() as tx:
+            return tx.one("SELECT 1 FROM skips WHERE annotator = ? AND task_id = ?", (annotator, task_id)) is not None
+
+    def history(self, annotator: str, limit: int | None = None) -> list[HistoryItem]:
+        """This annotator's ranked and skipped tasks, most recent first (at most `limit`)."""
+        if not storable(annotator):
+            return []
+        with self._read() as tx:
+            rows = tx.all(
+                """SELECT h.task_id, t.prompt, h.at, h.status FROM (
+                       SELECT task_id, updated_at AS at, 'ranked' AS status FROM rankings WHERE annotator = :a
+                       UNION ALL
+                       SELECT task_id, created_at AS at, 'skipped' AS status FROM skips WHERE annotator = :a
+                   ) h JOIN tasks t ON t.id = h.task_id ORDER BY h.at DESC, t.seq DESC"""
+                + ("" if limit is None else " LIMIT :limit"), {"a": annotator, "limit": limit})
+        return [HistoryItem(task_id, _preview(prompt), float(at), status) for task_id, prompt, at, status in rows]
+
+    # --- totals and admin access
+
+    def progress(self, overlap: int) -> Progress:
+        """Totals (tasks, tasks with >= overlap rankings, rankings, skips) and per-annotator counts."""
+        with self._read() as tx:
+            tasks = tx.value("SELECT COUNT(*) FROM tasks")
+            complete = tx.value("SELECT COUNT(*) FROM tasks WHERE ranking_count >= ?", (overlap,))
+            rankings = tx.value("SELECT COUNT(*) FROM rankings")
+            skips = tx.value("SELECT COUNT(*) FROM skips")
+            per = [AnnotatorProgress(name, ranked, skipped) for name, ranked, skipped in tx.all(
+                """SELECT a.name,
+                          (SELECT COUNT(*) FROM rankings r WHERE r.annotator = a.name),
+                          (SELECT COUNT(*) FROM skips s WHERE s.annotator = a.name)
+                   FROM annotators a ORDER BY a.name""")]
+        return Progress(tasks, complete, rankings, skips, overlap, per)
+
+    def annotator_progress(self, annotator: str) -> AnnotatorProgress:
+        """One annotator's own counts (what the app shows them after every answer)."""
+        with self._read() as tx:
+            ranked, skipped = tx.one("SELECT (SELECT COUNT(*) FROM rankings WHERE annotator = :a),"
+                                     " (SELECT COUNT(*) FROM skips WHERE annotator = :a)", {"a": annotator})
+        return AnnotatorProgress(annotator, ranked, skipped)
+
+    def export_rankings(self) -> list[Ranking]:
+        """ADMIN/CLI ONLY: every annotator's stored ranking (ordered by task import order, then annotator)."""
+        with self._read() as tx:
+            rows = tx.all("SELECT r.task_id, r.annotator, r.ranks, r.seconds, r.request_id, r.created_at,"
+                          " r.updated_at FROM rankings r JOIN tasks t ON t.id = r.task_id ORDER BY t.seq, r.annotator")
+        return [_ranking(*row) for row in rows]
+
+    def export_ranked_tasks(self) -> Iterator[RankedTask]:
+        """ADMIN/CLI ONLY: every ranking joined with its task, as RankedTask (one line of rankings.jsonl),
+        ordered by task import order, then annotator."""
+        tasks: dict[str, Task] = {}
+        for ranking in self.export_rankings():
+            task = tasks.get(ranking.task_id)
+            if task is None:
+                tasks.clear()  # rankings come grouped by task: keep only the current one in memory
+                task = tasks[ranking.task_id] = self.get_task(ranking.task_id)
+            yield RankedTask.from_task(task, ranking)
+
+    def events(self) -> list[dict]:
+        """ADMIN/CLI ONLY: the append-only event log, oldest first, payload decoded."""
+        with self._read() as tx:
+            rows = tx.all("SELECT id, at, annotator, task_id, kind, payload, request_id FROM events ORDER BY id")
+        return [{"id": i, "at": float(at), "annotator": a, "task_id": t, "kind": k, "payload": json.loads(p),
+                 "request_id": q} for i, at, a, t, k, p, q in rows]
+
+    def assignments(self) -> list[Assignment]:
+        """ADMIN/CLI ONLY: every open assignment (live or expired), oldest first."""
+        with self._read() as tx:
+            rows = tx.all("SELECT annotator, task_id, overlap, assigned_at, expires_at FROM assignments"
+                          " ORDER BY assigned_at, annotator, task_id")
+        return [Assignment(a, t, o, float(at), float(exp)) for a, t, o, at, exp in rows]
+
+    # --- whole-store copies (rlhf db copy)
+
+    def row_counts(self) -> dict[str, int]:
+        """Rows per table, sessions included (a store is empty when every count is 0)."""
+        with self._read() as tx:
+            return {table: tx.value(f"SELECT COUNT(*) FROM {table}") for table in LABEL_TABLES}
+
+    @contextmanager
+    def dump(self) -> Iterator[Callable[[CopiedTable], Iterator[tuple]]]:
+        """A consistent view of the store while it is read: yields a function that gives a table's rows in
+        canonical form (see CopiedTable), in its deterministic order."""
+        with self._snapshot() as tx:
+            yield lambda table: self._table_rows(tx, table)
+
+    @contextmanager
+    def load(self) -> Iterator[Loader]:
+        """One write transaction that adds rows as they are (ids included) and can read them back before they
+        are committed. Committed when the block ends without an error; nothing is written otherwise."""
+        with self._write() as tx:
+            yield Loader(self, tx)
+            self._after_copy(tx)
+
+    @staticmethod
+    def _table_rows(tx: Statements, table: CopiedTable) -> Iterator[tuple]:
+        cursor = tx.execute(f"SELECT {', '.join(table.columns)} FROM {table.name} ORDER BY {table.order_by}")
+        while batch := cursor.fetchmany(1000):
+            for row in batch:
+                yield table.canonical(row)
+
+
+COUNT_RANKINGS = (
+    "ALTER TABLE tasks ADD COLUMN ranking_count INTEGER NOT NULL DEFAULT 0",
+    "UPDATE tasks SET ranking_count = (SELECT COUNT(*) FROM rankings r WHERE r.task_id = tasks.id)",
+)
+"""Schema 3's counter of rankings per task, in SQL both backends read alike."""
+
+
+class Loader:
+    """Rows going into a store within one write transaction (`SQLLabelStore.load`)."""
+
+    def __init__(self, store: SQLLabelStore, tx: Statements):
+        self._store, self._tx = store, tx
+
+    def count(self, table: str) -> int:
+        return self._tx.value(f"SELECT COUNT(*) FROM {table}")
+
+    def add(self, table: CopiedTable, rows: Iterable[tuple]) -> None:
+        statement = (f"INSERT INTO {table.name} ({', '.join(table.columns)})"
+                     f" VALUES ({', '.join('?' for _ in table.columns)})")
+        batch: list[tuple] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= 1000:
+                self._tx.many(statement, batch)
+                batch = []
+        if batch:
+            self._tx.many(statement, batch)
+
+    def rows(self, table: CopiedTable) -> Iterator[tuple]:
+        """The table's rows as this transaction sees them (canonical form)."""
+        return self._store._table_rows(self._tx, table)
 
 
 # -------------------------------------------------------------------------------------------- SQLite
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS tasks (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,      -- import order
-    id TEXT NOT NULL UNIQUE,
-    prompt TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,                  -- sha256 of the task's JSON: same id must mean same content
-    queue_key INTEGER NOT NULL,                 -- 63-bit hash of the id, for the queue's tie-break
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS completions (
-    task_id TEXT NOT NULL REFERENCES tasks(id),
-    position INTEGER NOT NULL,
-    id TEXT NOT NULL,
-    text TEXT NOT NULL,
-    model TEXT NOT NULL,
-    num_tokens INTEGER,
-    PRIMARY KEY (task_id, position),
-    UNIQUE (task_id, id)
-);
-CREATE TABLE IF NOT EXISTS annotators (
-    name TEXT PRIMARY KEY,
-    password_hash TEXT,                         -- NULL: cannot log in (scripted annotators)
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rankings (
-    annotator TEXT NOT NULL REFERENCES annotators(name),
-    task_id TEXT NOT NULL REFERENCES tasks(id),
-    ranks TEXT NOT NULL,                        -- JSON {completion_id: dense rank}, in completion order
-    seconds REAL,
-    request_id TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (annotator, task_id)
-);
-CREATE INDEX IF NOT EXISTS rankings_by_task ON rankings(task_id);
-CREATE TABLE IF NOT EXISTS skips (
-    annotator TEXT NOT NULL REFERENCES annotators(name),
-    task_id TEXT NOT NULL REFERENCES tasks(id),
-    reason TEXT,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (annotator, task_id)
-);
--- Tasks handed out and not yet ranked or skipped by their annotator (schema 2). A row whose expires_at has
--- not passed holds one of the task's overlap slots.
-CREATE TABLE IF NOT EXISTS assignments (
-    annotator TEXT NOT NULL REFERENCES annotators(name),
-    task_id TEXT NOT NULL REFERENCES tasks(id),
-    overlap INTEGER NOT NULL,                   -- the overlap it was handed out under
-    assigned_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    PRIMARY KEY (annotator, task_id)
-);
-CREATE INDEX IF NOT EXISTS assignments_by_task ON assignments(task_id, expires_at);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    annotator TEXT NOT NULL,
-    task_id TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('submit', 'edit', 'skip')),
-    payload TEXT NOT NULL,
-    request_id TEXT
-);
-CREATE UNIQUE INDEX IF NOT EXISTS events_by_request ON events(annotator, request_id) WHERE request_id IS NOT NULL;
-CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
-    BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
-    BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
-"""
+_SQLITE_MIGRATIONS = {
+    1: (
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS tasks (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,      -- import order
+            id TEXT NOT NULL UNIQUE,
+            prompt TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,                  -- sha256 of the task's JSON: same id must mean same content
+            queue_key INTEGER NOT NULL,                 -- 63-bit hash of the id, for the queue's tie-break
+            created_at REAL NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS completions (
+            task_id TEXT NOT NULL REFERENCES tasks(id),
+            position INTEGER NOT NULL,
+            id TEXT NOT NULL,
+            text TEXT NOT NULL,
+            model TEXT NOT NULL,
+            num_tokens INTEGER,
+            PRIMARY KEY (task_id, position),
+            UNIQUE (task_id, id))""",
+        """CREATE TABLE IF NOT EXISTS annotators (
+            name TEXT PRIMARY KEY,
+            password_hash TEXT,                         -- NULL: cannot sign in (scripted annotators)
+            created_at REAL NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS rankings (
+            annotator TEXT NOT NULL REFERENCES annotators(name),
+            task_id TEXT NOT NULL REFERENCES tasks(id),
+            ranks TEXT NOT NULL,                        -- JSON {completion_id: dense rank}, in completion order
+            seconds REAL,
+            request_id TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (annotator, task_id))""",
+        "CREATE INDEX IF NOT EXISTS rankings_by_task ON rankings(task_id)",
+        """CREATE TABLE IF NOT EXISTS skips (
+            annotator TEXT NOT NULL REFERENCES annotators(name),
+            task_id TEXT NOT NULL REFERENCES tasks(id),
+            reason TEXT,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (annotator, task_id))""",
+        """CREATE TABLE IF NOT EXISTS events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            annotator TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('submit', 'edit', 'skip')),
+            payload TEXT NOT NULL,
+            request_id TEXT)""",
+        "CREATE UNIQUE INDEX IF NOT EXISTS events_by_request ON events(annotator, request_id)"
+        " WHERE request_id IS NOT NULL",
+        """CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
+            BEGIN SELECT RAISE(ABORT, 'events are append-only'); END""",
+        """CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
+            BEGIN SELECT RAISE(ABORT, 'events are append-only'); END""",
+    ),
+    2: (
+        # Tasks handed out and not yet ranked or skipped by their annotator. A row whose expires_at has not
+        # passed holds one of the task's overlap places.
+        """CREATE TABLE IF NOT EXISTS assignments (
+            annotator TEXT NOT NULL REFERENCES annotators(name),
+            task_id TEXT NOT NULL REFERENCES tasks(id),
+            overlap INTEGER NOT NULL,                   -- the overlap it was handed out under
+            assigned_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (annotator, task_id))""",
+        "CREATE INDEX IF NOT EXISTS assignments_by_task ON assignments(task_id, expires_at)",
+    ),
+    3: (
+        "ALTER TABLE annotators ADD COLUMN role TEXT NOT NULL DEFAULT 'annotator'"
+        " CHECK (role IN ('annotator', 'admin'))",
+        "ALTER TABLE annotators ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE sessions (
+            token_hash TEXT PRIMARY KEY,                -- sha256 of the cookie's token: the table holds no token
+            annotator TEXT NOT NULL REFERENCES annotators(name),
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL)""",
+        "CREATE INDEX sessions_by_annotator ON sessions(annotator)",
+        "CREATE INDEX sessions_by_expiry ON sessions(expires_at)",
+        *COUNT_RANKINGS,
+    ),
+}
 
 
-class SQLiteLabelStore:
-    """The SQLite `LabelStore`. Use `open_store`; safe to share between threads; `close()` when done."""
+class SQLiteLabelStore(SQLLabelStore):
+    """The SQLite `LabelStore`. Use `open_store`; safe to share between threads; `close()` when done.
 
-    def __init__(self, path: str | os.PathLike, *, clock: Callable[[], float] = time.time, busy_timeout: float = 30.0,
-                 assignment_seconds: float = ASSIGNMENT_SECONDS):
+    Each thread gets its own connection (Gradio/FastAPI run handlers in a thread pool); every write takes the
+    database's write lock up front (`BEGIN IMMEDIATE`), so SQLite runs one writer at a time."""
+
+    backend = "sqlite"
+    MIGRATIONS = _SQLITE_MIGRATIONS
+    _TABLE_EXISTS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = True, clock: Callable[[], float] = time.time,
+                 busy_timeout: float = 30.0, assignment_seconds: float = ASSIGNMENT_SECONDS):
         """`clock` gives the timestamps (injectable for tests); `busy_timeout` is how long (seconds) a write waits
         for another writer's lock before failing with StorageUnavailable; `assignment_seconds` is how long a
-        served task holds its slot."""
+        served task holds its place."""
+        super().__init__(clock=clock, assignment_seconds=assignment_seconds)
         self.path = Path(path)
-        self._clock = clock
-        self._assignment_seconds = assignment_seconds
+        self.location = str(self.path)
         self._busy_timeout = busy_timeout
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -354,25 +1146,13 @@ class SQLiteLabelStore:
         self._write_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         try:
-            conn = self._conn()
-            # executescript commits any open transaction first, so the script carries its own. Every statement
-            # is create-if-missing, so the script also migrates: a schema-1 database gains `assignments`.
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() \
-                if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() else None
-            if row is not None and int(row[0]) > SCHEMA_VERSION:
-                raise UserError(f"{self.path} was written by a newer version (schema {row[0]}); upgrade rlhf")
-            conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
-            with self._write(conn):
-                conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE"
-                             " SET value = excluded.value", (str(SCHEMA_VERSION),))
-        except sqlite3.DatabaseError as exc:
+            self._open_schema(create)
+        except (sqlite3.DatabaseError, StorageUnavailable) as exc:
             self.close()
-            raise UserError(f"{self.path}: not a usable label database ({exc})") from None
+            raise UserError(f"{self.path}: not a usable label database ({exc.__cause__ or exc})") from None
         except BaseException:
             self.close()
             raise
-
-    # --- connections and transactions
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -392,22 +1172,40 @@ class SQLiteLabelStore:
         return conn
 
     @contextmanager
-    def _write(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> Iterator[Statements]:
         """One write transaction: BEGIN IMMEDIATE (take the write lock up front, so two writers never
         deadlock upgrading read locks) ... COMMIT, or ROLLBACK on any error. A database-level failure (locked
         past busy_timeout, disk full, I/O error) becomes StorageUnavailable: one line, nothing stored."""
         try:
+            conn = self._conn()
             with self._write_lock:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    yield conn
+                    yield Statements(conn)
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
         except sqlite3.OperationalError as exc:
-            raise StorageUnavailable(f"{self.path}: cannot write the label database ({exc}); nothing was stored") from exc
+            raise StorageUnavailable(f"{self.path}: cannot write the label database ({exc}); "
+                                     "nothing was stored") from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[Statements]:
+        try:
+            yield Statements(self._conn())
+        except sqlite3.OperationalError as exc:
+            raise StorageUnavailable(f"{self.path}: cannot read the label database ({exc})") from exc
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Statements]:
+        with self._read() as tx:
+            tx.execute("BEGIN")  # a WAL reader sees one snapshot until COMMIT
+            try:
+                yield tx
+            finally:
+                tx.execute("COMMIT")
 
     def close(self) -> None:
         """Close every connection this store opened (in any thread)."""
@@ -417,396 +1215,8 @@ class SQLiteLabelStore:
             self._connections.clear()
         self._local = threading.local()
 
-    def __enter__(self) -> "SQLiteLabelStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # --- tasks
-
-    def import_tasks(self, tasks: Iterable[Task]) -> tuple[int, int]:
-        """Add tasks in one transaction; returns (added, skipped). A task whose id is already stored with
-        the same content is skipped (re-importing a file adds nothing twice); the same id with different
-        content raises ConflictingTask naming the id, and then nothing of this call is stored."""
-        conn = self._conn()
-        added = skipped = 0
-        now = self._clock()
-        with self._write(conn):
-            for task in tasks:
-                try:
-                    fingerprint = _task_fingerprint(task)
-                except UnicodeEncodeError:
-                    raise StoreError(f"task {task.id!r} contains text that is not valid Unicode (a lone surrogate)") from None
-                row = conn.execute("SELECT fingerprint FROM tasks WHERE id = ?", (task.id,)).fetchone()
-                if row is not None:
-                    if row[0] != fingerprint:
-                        raise ConflictingTask(f"task id {task.id!r} is already stored with different content")
-                    skipped += 1
-                    continue
-                conn.execute("INSERT INTO tasks (id, prompt, fingerprint, queue_key, created_at) VALUES (?, ?, ?, ?, ?)",
-                             (task.id, task.prompt, fingerprint, _hash63(task.id), now))
-                conn.executemany(
-                    "INSERT INTO completions (task_id, position, id, text, model, num_tokens) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(task.id, i, c.id, c.text, c.model, c.num_tokens) for i, c in enumerate(task.completions)])
-                added += 1
-        return added, skipped
-
-    def get_task(self, task_id: str) -> Task:
-        """The task with this id, completions in their stored (generation) order; UnknownTask if absent."""
-        _check_task_id(task_id)
-        conn = self._conn()
-        row = conn.execute("SELECT prompt FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        if row is None:
-            raise UnknownTask(f"unknown task {task_id!r}")
-        completions = tuple(
-            Completion(id=cid, text=text, model=model, num_tokens=num_tokens)
-            for cid, text, model, num_tokens in conn.execute(
-                "SELECT id, text, model, num_tokens FROM completions WHERE task_id = ? ORDER BY position", (task_id,)))
-        return Task(id=task_id, prompt=row[0], completions=completions)
-
-    def count_tasks(self) -> int:
-        """Number of tasks in the store."""
-        return self._conn().execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
-
-    def task_for(self, annotator: str, task_id: str) -> Task:
-        """The task with its completions in this annotator's display order (see `display_order`)."""
-        task = self.get_task(task_id)
-        by_id = {c.id: c for c in task.completions}
-        return Task(task.id, task.prompt, tuple(by_id[c] for c in display_order(annotator, task.id, by_id)))
-
-    # --- annotators
-
-    def add_annotator(self, name: str, *, password_hash: str | None = None) -> None:
-        """Store a new annotator (`labeling.auth.add_annotator` checks the name and hashes the password); no
-        password hash makes an account that cannot sign in (scripted annotators). AnnotatorExists if taken."""
-        conn = self._conn()
-        with self._write(conn):
-            if conn.execute("SELECT 1 FROM annotators WHERE name = ?", (name,)).fetchone():
-                raise AnnotatorExists(f"annotator {name!r} already exists")
-            conn.execute("INSERT INTO annotators (name, password_hash, created_at) VALUES (?, ?, ?)",
-                         (name, password_hash, self._clock()))
-
-    def has_annotator(self, name: str) -> bool:
-        """Whether an annotator with this name exists."""
-        return self._conn().execute("SELECT 1 FROM annotators WHERE name = ?", (name,)).fetchone() is not None
-
-    def password_hash(self, name: str) -> str | None:
-        """The annotator's stored password hash; None for an unknown name or an account that cannot sign in."""
-        if not is_text(name):
-            return None
-        row = self._conn().execute("SELECT password_hash FROM annotators WHERE name = ?", (name,)).fetchone()
-        return row[0] if row else None
-
-    def list_annotators(self) -> list[str]:
-        """All annotator names, sorted."""
-        return [r[0] for r in self._conn().execute("SELECT name FROM annotators ORDER BY name")]
-
-    def _require_annotator(self, conn: sqlite3.Connection, annotator: str) -> None:
-        if not is_text(annotator) or conn.execute(
-                "SELECT 1 FROM annotators WHERE name = ?", (annotator,)).fetchone() is None:
-            raise UnknownAnnotator(f"unknown annotator {annotator!r}")
-
-    # --- the queue
-
-    # Tasks this annotator may be served: not ranked or skipped by them, and with a free slot, i.e. fewer
-    # than :overlap rankings plus live assignments of other annotators.
-    _PENDING = """
-        FROM tasks t
-        LEFT JOIN (SELECT task_id, COUNT(*) AS n FROM rankings GROUP BY task_id) c ON c.task_id = t.id
-        LEFT JOIN (SELECT task_id, COUNT(*) AS n FROM assignments WHERE expires_at > :now AND annotator <> :annotator
-                   GROUP BY task_id) h ON h.task_id = t.id
-        WHERE COALESCE(c.n, 0) + COALESCE(h.n, 0) < :overlap
-          AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.task_id = t.id AND r.annotator = :annotator)
-          AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.task_id = t.id AND s.annotator = :annotator)
-    """
-
-    def next_task(self, annotator: str, overlap: int) -> Task | None:
-        """The next task for this annotator, completions in their display order; None when nothing is left.
-        The task is assigned to them (recorded in the store, expiring after `assignment_seconds`).
-
-        Serves the task already assigned to this annotator if it is still open to them (a reload shows the same
-        task), else the tasks with the fewest rankings first, only tasks with a free slot (fewer than `overlap`
-        rankings plus other annotators' live assignments), never one this annotator already ranked or skipped.
-        Ties are broken by `queue_key(annotator, task_id)` (deterministic: the same call returns the same task
-        until something changes)."""
-        if overlap < 1:
-            raise ValueError("overlap must be at least 1")
-        conn = self._conn()
-        with self._write(conn):  # choosing and assigning in one transaction: two servers never share a slot
-            self._require_annotator(conn, annotator)
-            now = self._clock()
-            row = conn.execute(
-                f"""SELECT t.id {self._PENDING} ORDER BY
-                        EXISTS (SELECT 1 FROM assignments a WHERE a.task_id = t.id AND a.annotator = :annotator) DESC,
-                        COALESCE(c.n, 0), (t.queue_key | :salt) - (t.queue_key & :salt), t.seq LIMIT 1""",
-                {"overlap": overlap, "annotator": annotator, "salt": _hash63(annotator), "now": now}).fetchone()
-            if row is None:
-                return None
-            self._assign(conn, annotator, row[0], overlap, now)
-        return self.task_for(annotator, row[0])
-
-    def assign_task(self, annotator: str, task_id: str, overlap: int) -> bool:
-        """Hand this task to this annotator if it is open to them (see `next_task`; the app uses it when an
-        annotator reopens a task they skipped). Returns whether they may now submit a ranking of it: True
-        also for a task they already ranked (an edit), False when its slots are taken."""
-        if overlap < 1:
-            raise ValueError("overlap must be at least 1")
-        _check_task_id(task_id)
-        conn = self._conn()
-        with self._write(conn):
-            self._require_annotator(conn, annotator)
-            if conn.execute("SELECT 1 FROM tasks WHERE id = ?", (task_id,)).fetchone() is None:
-                raise UnknownTask(f"unknown task {task_id!r}")
-            if self._own_ranking(conn, annotator, task_id) is not None:
-                return True
-            now = self._clock()
-            if not self._has_room(conn, annotator, task_id, overlap, now):
-                return False
-            self._assign(conn, annotator, task_id, overlap, now)
-        return True
-
-    def _assign(self, conn: sqlite3.Connection, annotator: str, task_id: str, overlap: int, now: float) -> None:
-        conn.execute("INSERT INTO assignments (annotator, task_id, overlap, assigned_at, expires_at)"
-                     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (annotator, task_id) DO UPDATE"
-                     " SET overlap = excluded.overlap, expires_at = excluded.expires_at",
-                     (annotator, task_id, overlap, now, now + self._assignment_seconds))
-
-    def _has_room(self, conn: sqlite3.Connection, annotator: str, task_id: str, overlap: int, now: float) -> bool:
-        """Whether the task has a slot for this annotator: fewer than `overlap` rankings plus other annotators'
-        live assignments."""
-        taken = conn.execute(
-            """SELECT (SELECT COUNT(*) FROM rankings WHERE task_id = :task)
-                    + (SELECT COUNT(*) FROM assignments WHERE task_id = :task AND annotator <> :annotator
-                       AND expires_at > :now)""",
-            {"task": task_id, "annotator": annotator, "now": now}).fetchone()[0]
-        return taken < overlap
-
-    def _check_assigned(self, conn: sqlite3.Connection, annotator: str, task_id: str, now: float) -> None:
-        """NotAssigned unless the task was handed to this annotator and, if that assignment expired, still
-        has a slot for them (a late answer is welcome while nobody else took its place)."""
-        row = conn.execute("SELECT overlap, expires_at FROM assignments WHERE annotator = ? AND task_id = ?",
-                           (annotator, task_id)).fetchone()
-        if row is None:
-            raise NotAssigned(f"task {task_id!r} was not handed to you; nothing was stored "
-                              "(rank the tasks the app serves you, or edit your own earlier rankings)")
-        overlap, expires_at = row
-        if expires_at <= now and not self._has_room(conn, annotator, task_id, overlap, now):
-            raise NotAssigned(f"your hold on task {task_id!r} expired and other annotators have taken its places; "
-                              "nothing was stored (go on with the next task)")
-
-    def remaining(self, annotator: str, overlap: int) -> int:
-        """How many tasks `next_task` could still serve this annotator at this overlap."""
-        conn = self._conn()
-        self._require_annotator(conn, annotator)
-        return conn.execute(f"SELECT COUNT(*) {self._PENDING}",
-                            {"overlap": overlap, "annotator": annotator, "now": self._clock()}).fetchone()[0]
-
-    def open_slots(self, overlap: int) -> int:
-        """Rankings still wanted to bring every task to `overlap` rankings: sum of max(0, overlap - count)."""
-        return self._conn().execute(
-            """SELECT COALESCE(SUM(MAX(0, :overlap - COALESCE(c.n, 0))), 0) FROM tasks t
-               LEFT JOIN (SELECT task_id, COUNT(*) AS n FROM rankings GROUP BY task_id) c ON c.task_id = t.id""",
-            {"overlap": overlap}).fetchone()[0]
-
-    # --- submissions
-
-    def submit_ranking(self, annotator: str, task_id: str, ranks: Mapping[str, int], request_id: str | None = None,
-                       seconds: float | None = None, *, require_assignment: bool = False) -> SubmitResult:
-        """Store this annotator's ranking of a task (dense ranks, 1 best, ties allowed but not all-tied).
-
-        Checks everything itself: unknown annotator/task -> UnknownAnnotator/UnknownTask; ranks that do not
-        cover exactly the task's completion ids with positive integers, or all tie -> InvalidRanking; bad
-        seconds/request id -> InvalidRanking. A request id this annotator already used for the same task
-        stores nothing and returns the current ranking with action 'duplicate'; one used for another task or
-        for a skip is a RequestIdReused conflict. With `require_assignment` (the app) a first ranking is
-        accepted only for a task assigned to this annotator (see `_check_assigned`), else NotAssigned. Nothing
-        is stored on error. A second submit for a task the annotator already ranked replaces it (action
-        'edit', logged as an 'edit' event with the previous ranks; `seconds` add up over edits). Ranking a
-        task ends its assignment and removes a skip. Returns after COMMIT."""
-        _check_request_id(request_id)
-        _check_task_id(task_id)
-        if seconds is not None:
-            # Compared as given: math.isfinite and float() overflow on huge integers.
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_SECONDS:
-                raise InvalidRanking(f"seconds must be a number from 0 to {MAX_SECONDS}")
-            seconds = float(seconds)
-        conn = self._conn()
-        with self._write(conn):
-            self._require_annotator(conn, annotator)
-            if request_id is not None and self._replay(conn, annotator, request_id, task_id, ("submit", "edit")):
-                ranking = self._own_ranking(conn, annotator, task_id)
-                if ranking is not None:  # always: rankings are never deleted
-                    return SubmitResult("duplicate", ranking)
-            ids = [r[0] for r in conn.execute("SELECT id FROM completions WHERE task_id = ? ORDER BY position",
-                                              (task_id,))]
-            if not ids:
-                raise UnknownTask(f"unknown task {task_id!r}")
-            try:
-                dense = Ranking.normalized(ranks, ids)
-            except ValueError as exc:
-                raise InvalidRanking(str(exc)) from None
-            now = self._clock()
-            previous = self._own_ranking(conn, annotator, task_id)
-            if require_assignment and previous is None:
-                self._check_assigned(conn, annotator, task_id, now)
-            ranks_json = json.dumps(dense, ensure_ascii=False)
-            if previous is None:
-                action = "submit"
-                conn.execute("INSERT INTO rankings (annotator, task_id, ranks, seconds, request_id, created_at, updated_at)"
-                             " VALUES (?, ?, ?, ?, ?, ?, ?)", (annotator, task_id, ranks_json, seconds, request_id, now, now))
-            else:
-                action = "edit"
-                if previous.seconds is not None:  # time spent accumulates over edits
-                    seconds = previous.seconds + (seconds or 0.0)
-                conn.execute("UPDATE rankings SET ranks = ?, seconds = ?, request_id = ?, updated_at = ?"
-                             " WHERE annotator = ? AND task_id = ?", (ranks_json, seconds, request_id, now, annotator, task_id))
-            conn.execute("DELETE FROM skips WHERE annotator = ? AND task_id = ?", (annotator, task_id))
-            conn.execute("DELETE FROM assignments WHERE annotator = ? AND task_id = ?", (annotator, task_id))
-            payload = {"ranks": dense, "seconds": seconds}
-            if previous is not None:
-                payload["previous"] = previous.ranks
-            self._log(conn, now, annotator, task_id, action, payload, request_id)
-            stored = self._own_ranking(conn, annotator, task_id)
-        return SubmitResult(action, stored)
-
-    def skip_task(self, annotator: str, task_id: str, reason: str | None = None,
-                  request_id: str | None = None, *, require_assignment: bool = False) -> SkipResult:
-        """Record that this annotator skipped a task (it is not served to them again; they can still rank it
-        later from their history). Ends their assignment of it, so the slot goes to someone else. A task they
-        already ranked cannot be skipped (InvalidRanking: edit it instead). With `require_assignment` only a
-        task assigned to them (or skipped before) can be skipped, else NotAssigned. Re-sending the request id
-        of a skip of the same task returns action 'duplicate' and stores nothing; one used for anything else
-        is a RequestIdReused conflict."""
-        _check_request_id(request_id)
-        _check_task_id(task_id)
-        if reason is not None and (not is_text(reason) or len(reason) > MAX_REASON_LENGTH):
-            raise InvalidRanking(f"skip reason must be text of at most {MAX_REASON_LENGTH} characters")
-        conn = self._conn()
-        with self._write(conn):
-            self._require_annotator(conn, annotator)
-            if request_id is not None and self._replay(conn, annotator, request_id, task_id, ("skip",)):
-                return SkipResult("duplicate", task_id, annotator)
-            if conn.execute("SELECT 1 FROM tasks WHERE id = ?", (task_id,)).fetchone() is None:
-                raise UnknownTask(f"unknown task {task_id!r}")
-            if self._own_ranking(conn, annotator, task_id) is not None:
-                raise InvalidRanking(f"task {task_id!r} is already ranked; edit the ranking instead of skipping")
-            if require_assignment and not conn.execute(
-                    "SELECT 1 FROM assignments WHERE annotator = :a AND task_id = :t"
-                    " UNION ALL SELECT 1 FROM skips WHERE annotator = :a AND task_id = :t",
-                    {"a": annotator, "t": task_id}).fetchone():
-                raise NotAssigned(f"task {task_id!r} was not handed to you; nothing was stored")
-            now = self._clock()
-            conn.execute("DELETE FROM assignments WHERE annotator = ? AND task_id = ?", (annotator, task_id))
-            conn.execute("INSERT INTO skips (annotator, task_id, reason, created_at) VALUES (?, ?, ?, ?)"
-                         " ON CONFLICT (annotator, task_id) DO UPDATE SET reason = excluded.reason,"
-                         " created_at = excluded.created_at", (annotator, task_id, reason, now))
-            self._log(conn, now, annotator, task_id, "skip", {"reason": reason}, request_id)
-        return SkipResult("skip", task_id, annotator)
-
-    def _replay(self, conn: sqlite3.Connection, annotator: str, request_id: str, task_id: str,
-                kinds: tuple[str, ...]) -> bool:
-        """Whether this annotator already processed this request (same task, same kind of action): then it is
-        answered again, not stored twice. A request id reused for another task or another kind of action is
-        a RequestIdReused conflict: the client is confused, and answering with the other request's result
-        (or storing anything) would be a guess."""
-        row = conn.execute("SELECT task_id, kind FROM events WHERE annotator = ? AND request_id = ?",
-                           (annotator, request_id)).fetchone()
-        if row is None:
-            return False
-        done_task, kind = row
-        if done_task != task_id or kind not in kinds:
-            raise RequestIdReused(f"request id {request_id!r} was already used for a {kind} of task {done_task!r}; "
-                                  "nothing was stored (send a new request id for a new answer)")
-        return True
-
-    def _log(self, conn, at, annotator, task_id, kind, payload, request_id) -> None:
-        conn.execute("INSERT INTO events (at, annotator, task_id, kind, payload, request_id) VALUES (?, ?, ?, ?, ?, ?)",
-                     (at, annotator, task_id, kind, json.dumps(payload, ensure_ascii=False), request_id))
-
-    # --- an annotator's own work (handler-facing)
-
-    def _own_ranking(self, conn: sqlite3.Connection, annotator: str, task_id: str) -> Ranking | None:
-        row = conn.execute("SELECT ranks, seconds, request_id, created_at, updated_at FROM rankings"
-                           " WHERE annotator = ? AND task_id = ?", (annotator, task_id)).fetchone()
-        if row is None:
-            return None
-        return Ranking(task_id, annotator, json.loads(row[0]), *row[1:])
-
-    def get_own_ranking(self, annotator: str, task_id: str) -> Ranking | None:
-        """This annotator's own ranking of a task, or None. Handlers pass the logged-in user's name: there is
-        deliberately no handler-facing way to read someone else's ranking."""
-        if not is_text(annotator) or not is_text(task_id):
-            return None
-        return self._own_ranking(self._conn(), annotator, task_id)
-
-    def has_skipped(self, annotator: str, task_id: str) -> bool:
-        """Whether this annotator skipped this task (and has not ranked it since)."""
-        if not is_text(annotator) or not is_text(task_id):
-            return False
-        return self._conn().execute("SELECT 1 FROM skips WHERE annotator = ? AND task_id = ?",
-                                    (annotator, task_id)).fetchone() is not None
-
-    def history(self, annotator: str, limit: int | None = None) -> list[HistoryItem]:
-        """This annotator's ranked and skipped tasks, most recent first (at most `limit`)."""
-        if not is_text(annotator):
-            return []
-        rows = self._conn().execute(
-            """SELECT h.task_id, t.prompt, h.at, h.status FROM (
-                   SELECT task_id, updated_at AS at, 'ranked' AS status FROM rankings WHERE annotator = :a
-                   UNION ALL
-                   SELECT task_id, created_at AS at, 'skipped' AS status FROM skips WHERE annotator = :a
-               ) h JOIN tasks t ON t.id = h.task_id ORDER BY h.at DESC, t.seq DESC LIMIT :limit""",
-            {"a": annotator, "limit": -1 if limit is None else int(limit)})
-        return [HistoryItem(task_id, _preview(prompt), at, status) for task_id, prompt, at, status in rows]
-
-    # --- totals and admin access
-
-    def progress(self, overlap: int) -> Progress:
-        """Totals (tasks, tasks with >= overlap rankings, rankings, skips) and per-annotator counts."""
-        conn = self._conn()
-        tasks = conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
-        complete = conn.execute("SELECT COUNT(*) FROM (SELECT task_id FROM rankings GROUP BY task_id"
-                                " HAVING COUNT(*) >= ?)", (overlap,)).fetchone()[0]
-        rankings = conn.execute("SELECT COUNT(*) FROM rankings").fetchone()[0]
-        skips = conn.execute("SELECT COUNT(*) FROM skips").fetchone()[0]
-        per = [AnnotatorProgress(name, ranked, skipped) for name, ranked, skipped in conn.execute(
-            """SELECT a.name,
-                      (SELECT COUNT(*) FROM rankings r WHERE r.annotator = a.name),
-                      (SELECT COUNT(*) FROM skips s WHERE s.annotator = a.name)
-               FROM annotators a ORDER BY a.name""")]
-        return Progress(tasks, complete, rankings, skips, overlap, per)
-
-    def export_rankings(self) -> list[Ranking]:
-        """ADMIN/CLI ONLY: every annotator's stored ranking (ordered by task import order, then annotator)."""
-        rows = self._conn().execute(
-            "SELECT r.task_id, r.annotator, r.ranks, r.seconds, r.request_id, r.created_at, r.updated_at"
-            " FROM rankings r JOIN tasks t ON t.id = r.task_id ORDER BY t.seq, r.annotator")
-        return [Ranking(t, a, json.loads(ranks), *rest) for t, a, ranks, *rest in rows]
-
-    def export_ranked_tasks(self) -> Iterator[RankedTask]:
-        """ADMIN/CLI ONLY: every ranking joined with its task, as RankedTask (one line of rankings.jsonl),
-        ordered by task import order, then annotator."""
-        tasks: dict[str, Task] = {}
-        for ranking in self.export_rankings():
-            task = tasks.get(ranking.task_id)
-            if task is None:
-                tasks.clear()  # rankings come grouped by task: keep only the current one in memory
-                task = tasks[ranking.task_id] = self.get_task(ranking.task_id)
-            yield RankedTask.from_task(task, ranking)
-
-    def events(self) -> list[dict]:
-        """ADMIN/CLI ONLY: the append-only event log, oldest first, payload decoded."""
-        return [{"id": i, "at": at, "annotator": a, "task_id": t, "kind": k, "payload": json.loads(p), "request_id": q}
-                for i, at, a, t, k, p, q in self._conn().execute(
-                    "SELECT id, at, annotator, task_id, kind, payload, request_id FROM events ORDER BY id")]
-
-    def assignments(self) -> list[Assignment]:
-        """ADMIN/CLI ONLY: every open assignment (live or expired), oldest first."""
-        return [Assignment(*row) for row in self._conn().execute(
-            "SELECT annotator, task_id, overlap, assigned_at, expires_at FROM assignments"
-            " ORDER BY assigned_at, annotator, task_id")]
-
     def integrity_check(self) -> str:
         """SQLite's `PRAGMA integrity_check` result ('ok' when the file is sound)."""
-        return self._conn().execute("PRAGMA integrity_check").fetchone()[0]
+        with self._read() as tx:
+            return tx.value("PRAGMA integrity_check")
+

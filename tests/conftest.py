@@ -71,3 +71,29 @@ def peaked_model_dir(tiny_model_dir, tmp_path_factory):
         if "token" in f.name or f.suffix == ".jinja":
             shutil.copy(f, out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throwaway PostgreSQL server for the whole run (tests/postgres_cluster.py); skipped, with the reason,
+    where PostgreSQL is not installed."""
+    from postgres_cluster import Cluster, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster(fsync=False).start()
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """Where a test's label store goes, once per backend: a SQLite file, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "labels.db")
+        return
+    cluster = request.getfixturevalue("postgres_cluster")
+    url = cluster.new_database()
+    yield url
+    cluster.drop_database(url)

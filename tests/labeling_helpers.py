@@ -33,3 +33,14 @@ def write_tasks(path: Path, tasks: list[Task]) -> Path:
 def order_ranks(task: Task, order: list[int]) -> dict[str, int]:
     """Ranks that put task.completions[order[0]] first, order[1] second, ... (positions in stored order)."""
     return {task.completions[i].id: rank for rank, i in enumerate(order, start=1)}
+
+
+def raw_connection(url: str):
+    """A plain driver connection to a label store's database (autocommit), to do what the store never would."""
+    if url.startswith("postgresql://"):
+        import psycopg
+
+        return psycopg.connect(url, autocommit=True)
+    import sqlite3
+
+    return sqlite3.connect(url, isolation_level=None)

@@ -1,4 +1,5 @@
-"""kill -9 the labeling server while annotators submit over HTTP: every acknowledged ranking survives."""
+"""kill -9 the labeling server while annotators submit over HTTP: every acknowledged ranking survives (on both
+backends)."""
 
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def annotate(base: str, name: str, acked: list, stop: threading.Event) -> None:
         return  # the server was killed mid-request: that ranking was never acknowledged
 
 
-def test_kill_9_loses_no_acknowledged_ranking(tmp_path):
-    db = tmp_path / "labels.db"
+def test_kill_9_loses_no_acknowledged_ranking(db_url):
+    db = db_url
     with open_store(db) as store:
         store.import_tasks([Task.from_dict({"id": f"t{i}", "prompt": f"prompt {i}",
                                             "completions": [f"answer {i}.{j}" for j in range(3)]})
@@ -108,6 +109,7 @@ def test_port_in_use_is_one_line_and_exit_code_2(tmp_path):
     db = tmp_path / "labels.db"
     with open_store(db) as store:
         store.import_tasks([Task.from_dict({"id": "t0", "prompt": "p", "completions": ["a", "b"]})])
+        add_annotator(store, "alice", PASSWORD)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -101,8 +101,8 @@ requests = st.tuples(st.sampled_from([True, True, True, False]),  # mostly as bo
 
 
 @pytest.fixture()
-def store(tmp_path):
-    store = open_store(tmp_path / "labels.db")
+def store(db_url):
+    store = open_store(db_url)
     store.import_tasks([Task.from_dict({"id": t, "prompt": f"prompt {t} <script>", "completions": [
         {"id": f"{t}-c{i}", "text": f"answer {i} of {t}"} for i in range(3)]}) for t in TASK_IDS])
     for name in ("alice", "bob"):

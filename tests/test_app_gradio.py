@@ -22,8 +22,8 @@ SETTINGS = AppSettings(overlap=2, guidelines_html="<p>be kind</p>", admins=froze
 
 
 @pytest.fixture()
-def store(tmp_path):
-    store = open_store(tmp_path / "labels.db")
+def store(db_url):
+    store = open_store(db_url)
     store.import_tasks([
         Task.from_dict({"id": "evil", "prompt": "<b>hi</b>\u202e {{7*7}}",
                         "completions": [{"id": f"e{i}", "text": t} for i, t in enumerate(HOSTILE)]}),
@@ -241,3 +241,18 @@ def test_ui_assets_exist():
     template = (gradio_ui.STATIC_DIR / "ranker.html").read_text()
     # Gradio evaluates the template as Handlebars and then as a JS template literal: keep it inert.
     assert not any(token in template for token in ("{{", "${", "`", "\\"))
+
+
+def test_the_ui_under_a_root_path(store):
+    from fastapi.testclient import TestClient
+
+    # `rlhf label --root-path /label` behind a proxy that strips /label (uvicorn puts it back into the path).
+    with TestClient(create_app(store, SETTINGS), root_path="/label", follow_redirects=False) as client:
+        first = client.get("/label/")
+        assert first.status_code == 303 and first.headers["location"] == "login"  # relative: /label/login
+        assert client.get("/label/login").status_code == 200
+        assert client.get("/label/config").status_code == 401
+        client.post("/label/api/login", json={"username": "alice", "password": PASSWORD}).raise_for_status()
+        assert client.get("/label/").status_code == 200
+        config = client.get("/label/config").json()
+        assert config["username"] == "alice" and config["root"].endswith("/label")

@@ -35,8 +35,8 @@ def make_task(task_id: str, texts: list[str], prompt: str | None = None) -> Task
 
 
 @pytest.fixture()
-def store(tmp_path):
-    store = open_store(tmp_path / "labels.db")
+def store(db_url):
+    store = open_store(db_url)
     store.import_tasks([make_task(f"t{i}", [f"answer {i}.{j}" for j in range(3)]) for i in range(3)]
                        + [make_task("evil", HOSTILE, prompt="<script>window.__pwned=1</script> {{7*7}}")])
     add_annotator(store, "alice", PASSWORD)
@@ -66,7 +66,7 @@ def hand_out(store, annotator: str, *task_ids: str) -> None:
 # ------------------------------------------------------------------------------------------ login
 
 def test_login_checks_the_password_and_gives_a_session(store):
-    sessions = Sessions()
+    sessions = Sessions(store)
     for payload in ({"username": "alice", "password": "wrong password"},
                     {"username": "mallory", "password": PASSWORD},
                     {"username": "alice"},
@@ -474,6 +474,92 @@ def test_sign_in_page_and_api_get_a_strict_content_security_policy(client):
     assert script.status_code == 200 and 'fetch("api/login"' in script.text and "innerHTML" not in script.text
 
 
+def test_writes_from_another_site_are_refused(client, store):
+    login(client)
+    task = client.get("/api/next").json()["task"]
+    body = {"task_id": task["id"], "ranks": ranks_for(task, [1, 2, 3, 4]), "request_id": "q1"}
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": "https://testserver"},
+                    {"Origin": "http://testserver.evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        for path, payload in (("/api/rankings", body), ("/api/skip", {"task_id": task["id"]}),
+                              ("/api/logout", {}), ("/api/login", {"username": "bob", "password": PASSWORD}),
+                              ("/gradio_api/queue/join", {"fn_index": 0, "session_hash": "h"})):
+            response = client.post(path, json=payload, headers=headers)
+            assert response.status_code == 403, (path, headers)
+            assert response.json() == {"error": "request from another site refused"}
+    assert nothing_stored(store) and client.get("/api/session").json()["annotator"] == "alice"
+    same_site = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+    assert client.post("/api/rankings", json=body, headers=same_site).json()["action"] == "submit"
+    assert client.get("/api/next", headers={"Origin": "http://evil.example"}).status_code == 200  # reads are fine
+
+
+def test_admins_manage_accounts_and_the_role_is_checked_on_the_server(client, store):
+    from fastapi.testclient import TestClient
+
+    login(client, "bob")
+    assert client.get("/api/admin/users").status_code == 403
+    refused = client.post("/api/admin/users", json={"name": "alice", "action": "disable"})
+    assert refused.status_code == 403 and "only admins" in refused.json()["error"]
+    with TestClient(client.app) as admin:
+        login(admin, "alice")  # an admin by `rlhf label --admin alice` (SETTINGS)
+        users = admin.get("/api/admin/users").json()["users"]
+        assert [(u["name"], u["role"], u["disabled"]) for u in users] == [("alice", "annotator", False),
+                                                                           ("bob", "annotator", False)]
+        answer = admin.post("/api/admin/users", json={"name": "bob", "action": "disable"}).json()
+        assert answer == {"name": "bob", "action": "disable", "sessions_ended": 1}
+        assert client.get("/api/session").status_code == 401  # signed out everywhere, at once
+        assert client.post("/api/login", json={"username": "bob", "password": PASSWORD}).status_code == 401
+        admin.post("/api/admin/users", json={"name": "bob", "action": "enable"}).raise_for_status()
+        admin.post("/api/admin/users", json={"name": "bob", "action": "make-admin"}).raise_for_status()
+        for payload, status, error in (({"name": "nobody", "action": "disable"}, 404, "unknown annotator"),
+                                       ({"name": "bob", "action": "delete"}, 400, "'action' must be one of"),
+                                       ({"name": "alice", "action": "disable"}, 400, "your own account"),
+                                       ({"action": "disable"}, 400, "'name'")):
+            response = admin.post("/api/admin/users", json=payload)
+            assert response.status_code == status and error in response.json()["error"]
+    login(client, "bob")  # now an admin by his role in the store
+    assert client.get("/api/session").json()["can_view_stats"] is True
+    assert client.post("/api/admin/users", json={"name": "alice", "action": "end-sessions"}).json()[
+        "sessions_ended"] == 1
+    assert nothing_stored(store)
+
+
+def test_a_session_works_on_every_server_of_the_database(store, db_url):
+    from fastapi.testclient import TestClient
+
+    from labeling.app import SESSION_COOKIE
+
+    with open_store(db_url) as other, TestClient(create_app(store, SETTINGS, ui=False)) as one, \
+            TestClient(create_app(other, SETTINGS, ui=False)) as two:
+        login(one)
+        two.cookies.set(SESSION_COOKIE, one.cookies[SESSION_COOKIE])
+        task = two.get("/api/next").json()["task"]
+        assert one.get("/api/next").json()["task"]["id"] == task["id"]  # the same assignment on both
+        body = {"task_id": task["id"], "ranks": ranks_for(task, [1, 2, 3, 4]), "request_id": "q1"}
+        assert one.post("/api/rankings", json=body).json()["action"] == "submit"
+        assert two.post("/api/rankings", json=body).json()["action"] == "duplicate"  # re-sent to the other one
+        two.post("/api/logout", json={})
+        assert one.get("/api/session").status_code == 401
+    assert len(store.export_rankings()) == 1 and len(store.events()) == 1
+
+
+def test_behind_a_tls_proxy_under_a_root_path(store):
+    from fastapi.testclient import TestClient
+
+    # What uvicorn makes of a request the proxy forwarded (X-Forwarded-Proto: https, prefix /label stripped).
+    with TestClient(create_app(store, SETTINGS, ui=False), base_url="https://labels.example",
+                    root_path="/label") as client:
+        response = client.post("/label/api/login", json={"username": "alice", "password": PASSWORD})
+        cookie = response.headers["set-cookie"].lower()
+        assert all(flag in cookie for flag in ("httponly", "samesite=strict", "secure", "path=/label/"))
+        assert response.headers["strict-transport-security"].startswith("max-age=")
+        assert client.get("/label/api/next").json()["task"] is not None
+        refused = client.post("/label/api/logout", json={}, headers={"Origin": "http://labels.example"})
+        assert refused.status_code == 403  # plain http is another origin
+        own_origin = {"Origin": "https://labels.example"}
+        assert client.post("/label/api/logout", json={}, headers=own_origin).status_code == 200
+        assert client.get("/label/api/next").status_code == 401
+
+
 def test_no_stats_over_http(client):
     # The statistics are the admins' panel in the UI and `rlhf stats`: the API serves them to nobody.
     for name in ("bob", "alice"):  # alice is an admin
@@ -485,7 +571,8 @@ def test_no_stats_over_http(client):
 
 def label_args(db, **kw):
     return argparse.Namespace(**{"db": str(db), "host": "127.0.0.1", "port": 0, "overlap": 2, "guidelines": None,
-                                 "admin": [], **kw})
+                                 "admin": [], "root_path": "", "order": "fewest-rankings", "rm": None,
+                                 "pre_rank": None, "seed": 0, **kw})
 
 
 def test_label_command_refuses_missing_or_empty_databases(tmp_path):
@@ -494,18 +581,25 @@ def test_label_command_refuses_missing_or_empty_databases(tmp_path):
     open_store(tmp_path / "empty.db").close()
     with pytest.raises(UserError, match="holds no tasks"):
         run_label(label_args(tmp_path / "empty.db"))
+    with open_store(tmp_path / "empty.db") as store:
+        store.import_tasks([make_task("t0", ["a", "b"])])
+        store.add_annotator("sim-1")  # a scripted account: it cannot sign in
+    with pytest.raises(UserError, match="has no annotator who can sign in; add one first with `rlhf users add"):
+        run_label(label_args(tmp_path / "empty.db"))
     (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(UserError):
         run_label(label_args(tmp_path / "junk.db"))
 
 
-def test_label_command_refuses_bad_options(store):
+def test_label_command_refuses_bad_options(store, db_url):
     with pytest.raises(UserError, match="--guidelines"):
-        run_label(label_args(store.path, guidelines="/no/such/guidelines.md"))
+        run_label(label_args(db_url, guidelines="/no/such/guidelines.md"))
     with pytest.raises(UserError, match="unknown annotators"):
-        run_label(label_args(store.path, admin=["carol"]))
+        run_label(label_args(db_url, admin=["carol"]))
     with pytest.raises(UserError, match="--overlap"):
-        run_label(label_args(store.path, overlap=0))
+        run_label(label_args(db_url, overlap=0))
+    with pytest.raises(UserError, match="--root-path must start with '/'"):
+        run_label(label_args(db_url, root_path="label"))
 
 
 def test_port_in_use_is_a_one_line_error():

@@ -1,33 +1,37 @@
 """Annotator accounts and sign-in (labeling.auth): password hashes, name rules, sessions, the sign-in throttle."""
 
-import sqlite3
-
 import pytest
+from labeling_helpers import raw_connection
 
 from labeling.auth import (
     InvalidAnnotator,
     LoginThrottle,
+    NotSignedIn,
     Sessions,
     TooManyAttempts,
     add_annotator,
     check_password,
     hash_password,
+    is_admin,
+    reset_password,
+    sign_in,
     verify_password,
 )
-from labeling.store import AnnotatorExists, open_store
+from labeling.store import AnnotatorExists, UnknownAnnotator, open_store
+from rlhf.errors import UserError
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = open_store(tmp_path / "labels.db")
+def store(db_url):
+    s = open_store(db_url)
     yield s
     s.close()
 
 
-def test_passwords_are_salted_hashes(store, tmp_path):
+def test_passwords_are_salted_hashes(store, db_url):
     add_annotator(store, "alice", "correct horse")
     add_annotator(store, "bob", "correct horse")
-    stored = dict(sqlite3.connect(tmp_path / "labels.db").execute("SELECT name, password_hash FROM annotators"))
+    stored = dict(raw_connection(db_url).execute("SELECT name, password_hash FROM annotators").fetchall())
     assert "correct horse" not in stored["alice"] and stored["alice"].startswith("scrypt$")
     assert stored["alice"] != stored["bob"]  # salted
     assert verify_password(store, "alice", "correct horse")
@@ -71,9 +75,10 @@ def test_unusable_names_fail_sign_in_without_an_error(store):
         assert verify_password(store, name, "correct horse") is False
 
 
-def test_sessions_expire_after_idle_time():
+def test_sessions_expire_after_idle_time(store):
+    add_annotator(store, "alice", "correct horse")
     now = [0.0]
-    sessions = Sessions(ttl=10, clock=lambda: now[0])
+    sessions = Sessions(store, ttl=10, clock=lambda: now[0])
     token = sessions.create("alice")
     now[0] = 9.0
     assert sessions.annotator(token) == "alice"  # use extends the session
@@ -121,3 +126,78 @@ def test_login_throttle_keeps_a_bounded_number_of_keys():
     for i in range(1000):
         throttle.attempt(f"name{i}", f"10.0.{i // 256}.{i % 256}")
     assert len(throttle._failures) <= 100
+
+
+def test_sessions_are_in_the_store_and_shared_by_every_server(store, db_url):
+    add_annotator(store, "alice", "correct horse")
+    token = Sessions(store).create("alice")
+    with open_store(db_url) as other_server:
+        assert Sessions(other_server).annotator(token) == "alice"  # another process on the same database
+        Sessions(other_server).end(token)
+    assert Sessions(store).annotator(token) is None
+    rows = raw_connection(db_url).execute("SELECT token_hash, annotator FROM sessions").fetchall()
+    assert rows == [] and Sessions(store).annotator("x" * 10_000) is None
+
+
+def test_sessions_renew_at_most_once_a_minute(store):
+    add_annotator(store, "alice", "correct horse")
+    now = [1000.0]
+    sessions = Sessions(store, ttl=3600, clock=lambda: now[0])
+    token = sessions.create("alice")
+    renewals = []
+    renew = store.renew_session
+    store.renew_session = lambda *args: (renewals.append(args), renew(*args))
+    for _ in range(30):
+        now[0] += 5
+        assert sessions.annotator(token) == "alice"
+    assert len(renewals) == 2  # 150 s of requests: two writes, not thirty
+
+
+def test_disabling_an_account_ends_its_sessions_and_sign_in(store):
+    add_annotator(store, "alice", "correct horse")
+    add_annotator(store, "bob", "correct horse")
+    sessions = Sessions(store)
+    alice = [sign_in(store, sessions, "alice", "correct horse") for _ in range(2)]
+    bob = sign_in(store, sessions, "bob", "correct horse")
+    assert store.set_disabled("alice", True) == 2
+    assert [sessions.annotator(t) for t in alice] == [None, None] and sessions.annotator(bob) == "bob"
+    with pytest.raises(NotSignedIn, match="'alice' is disabled"):
+        sign_in(store, sessions, "alice", "correct horse")
+    with pytest.raises(NotSignedIn, match="wrong annotator name or password"):  # a wrong password says nothing more
+        sign_in(store, sessions, "alice", "wrong password")
+    store.set_disabled("alice", False)
+    assert sessions.annotator(sign_in(store, sessions, "alice", "correct horse")) == "alice"
+    with pytest.raises(UnknownAnnotator):
+        store.set_disabled("nobody", True)
+
+
+def test_a_new_password_ends_the_old_sessions(store):
+    add_annotator(store, "alice", "correct horse")
+    sessions = Sessions(store)
+    token = sign_in(store, sessions, "alice", "correct horse")
+    assert reset_password(store, "alice", "battery staple") == 1
+    assert sessions.annotator(token) is None
+    assert not verify_password(store, "alice", "correct horse") and verify_password(store, "alice", "battery staple")
+    with pytest.raises(InvalidAnnotator, match="password must be"):
+        reset_password(store, "alice", "short")
+    assert verify_password(store, "alice", "battery staple")
+    with pytest.raises(UnknownAnnotator):
+        reset_password(store, "nobody", "battery staple")
+    assert sessions.end_all("alice") == 0
+
+
+def test_the_admin_role_is_in_the_store(store):
+    add_annotator(store, "alice", "correct horse", role="admin")
+    add_annotator(store, "bob", "correct horse")
+    assert is_admin(store, "alice") and not is_admin(store, "bob") and not is_admin(store, None)
+    assert is_admin(store, "bob", frozenset({"bob"}))  # `rlhf label --admin bob`
+    store.set_role("bob", "admin")
+    store.set_role("alice", "annotator")
+    assert is_admin(store, "bob") and not is_admin(store, "alice")
+    store.set_disabled("bob", True)
+    assert not is_admin(store, "bob")
+    with pytest.raises(UserError, match="role must be one of"):
+        store.set_role("bob", "root")
+    with pytest.raises(UserError, match="role must be one of"):
+        add_annotator(store, "carol", "correct horse", role="root")
+    assert [(a.name, a.role) for a in store.accounts()] == [("alice", "annotator"), ("bob", "admin")]

@@ -73,7 +73,8 @@ def test_users_add_reads_password_from_stdin(tmp_path, capsys, monkeypatch):
     assert code == 2 and "annotator name 'bad name'" in err
 
     code, out, _ = run(capsys, "users", "list", "--db", db)
-    assert code == 0 and out.splitlines()[1].split() == ["alice", "0", "0"] and len(out.splitlines()) == 2
+    assert code == 0 and out.splitlines()[1].split() == ["alice", "annotator", "active", "0", "0"]
+    assert len(out.splitlines()) == 2
 
 
 def test_read_only_commands_do_not_create_a_database(tmp_path, capsys):
@@ -233,3 +234,72 @@ def test_export_without_rankings_is_an_error_and_writes_nothing(tmp_path, capsys
     assert run(capsys, "export", "--db", db, "--out", str(out))[0] == 2
     assert [p.name for p in out.iterdir()] == ["train.jsonl"]
     assert (out / "train.jsonl").read_text() == "earlier export\n"
+
+
+def test_users_commands_manage_accounts_on_either_backend(db_url, capsys, monkeypatch):
+    from labeling.auth import Sessions
+
+    def with_stdin(text, *argv):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+        return run(capsys, *argv)
+
+    assert with_stdin("first password\n", "users", "add", "--db", db_url, "alice")[0] == 0
+    code, out, _ = with_stdin("admin password\n", "users", "add", "--db", db_url, "--admin", "root")
+    assert code == 0 and out == "added admin root\n"
+    with open_store(db_url) as store:
+        token = Sessions(store).create("alice")
+    code, out, _ = run(capsys, "users", "disable", "--db", db_url, "alice")
+    assert code == 0 and out == "disabled alice; 1 session ended\n"
+    code, out, _ = run(capsys, "users", "list", "--db", db_url)
+    assert [line.split()[:3] for line in out.splitlines()[1:]] == [["alice", "annotator", "disabled"],
+                                                                  ["root", "admin", "active"]]
+    assert run(capsys, "users", "enable", "--db", db_url, "alice")[1] == "enabled alice\n"
+    with open_store(db_url) as store:
+        assert Sessions(store).annotator(token) is None  # disabling ended it for good
+        token = Sessions(store).create("alice")
+    code, out, _ = with_stdin("second password\n", "users", "reset-password", "--db", db_url, "alice")
+    assert code == 0 and out == "gave a new password to alice; 1 session ended\n"
+    with open_store(db_url) as store:
+        assert verify_password(store, "alice", "second password") and not verify_password(store, "alice",
+                                                                                            "first password")
+        Sessions(store).create("alice")
+    assert run(capsys, "users", "end-sessions", "--db", db_url, "alice")[1] == "signed out alice; 1 session ended\n"
+    assert run(capsys, "users", "role", "--db", db_url, "alice", "admin")[1] == "alice is now an admin\n"
+    for argv, error in ((["users", "disable", "--db", db_url, "nobody"], "unknown annotator 'nobody'"),
+                        (["users", "role", "--db", db_url, "nobody", "admin"], "unknown annotator 'nobody'")):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and error in err and len(err.splitlines()) == 1
+    code, _, err = with_stdin("short\n", "users", "reset-password", "--db", db_url, "alice")
+    assert code == 2 and "password must be" in err
+
+
+def test_db_copy_between_backends(db_url, tmp_path, capsys, request):
+    other = (str(tmp_path / "copy.db") if db_url.startswith("postgresql://")
+             else request.getfixturevalue("postgres_cluster").new_database())
+    tasks_file = write_tasks(tmp_path / "tasks.jsonl", make_tasks(6))
+    assert run(capsys, "import", "--db", db_url, str(tasks_file))[0] == 0
+    assert run(capsys, "simulate", "--db", db_url, "--oracle", "length", "--annotators", "2")[0] == 0
+    code, out, err = run(capsys, "db", "copy", "--from", db_url, "--to", other)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("copied ") and "events" in out and "checksum" in lines[-1]
+    counts = {line.split()[0]: int(line.split()[1]) for line in lines[1:-1]}
+    assert counts["tasks"] == 6 and counts["rankings"] == 12 and counts["events"] >= 12
+    with open_store(db_url) as source, open_store(other) as copy:
+        assert copy.export_rankings() == source.export_rankings() and copy.events() == source.events()
+    code, _, err = run(capsys, "db", "copy", "--from", db_url, "--to", other)  # again: the target holds data
+    assert code == 2 and "is not empty (6 tasks, 24 completions" in err and len(err.splitlines()) == 1
+    missing = tmp_path / "nothing-here.db"
+    code, _, err = run(capsys, "db", "copy", "--from", str(missing), "--to", str(tmp_path / "new.db"))
+    assert code == 2 and "no label database" in err and not (tmp_path / "new.db").exists()
+
+
+def test_unreachable_postgresql_is_one_line_for_every_command(tmp_path, capsys):
+    url = f"postgresql://postgres@/labels?host={tmp_path}"  # no server listens there
+    tasks_file = write_tasks(tmp_path / "tasks.jsonl", make_tasks(1))
+    for argv in (["import", "--db", url, str(tasks_file)], ["users", "list", "--db", url], ["stats", "--db", url],
+                 ["export", "--db", url, "--out", str(tmp_path / "out")], ["label", "--db", url, "--port", "0"],
+                 ["simulate", "--db", url, "--oracle", "length"], ["db", "copy", "--from", url, "--to", url + "x"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "cannot connect to the label database" in err and len(err.splitlines()) == 1, argv
+    assert not (tmp_path / "out").exists()

@@ -1,23 +1,23 @@
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
 
 import pytest
-from labeling_helpers import make_tasks, order_ranks
+from labeling_helpers import make_tasks, order_ranks, raw_connection
 
 from labeling.store import (
     ASSIGNMENT_SECONDS,
     PREVIEW_CHARS,
+    SCHEMA_VERSION,
     AnnotatorExists,
     ConflictingTask,
     InvalidRanking,
     NotAssigned,
     RequestIdReused,
-    SQLiteLabelStore,
+    StorageUnavailable,
     UnknownAnnotator,
     UnknownTask,
     display_order,
@@ -29,8 +29,8 @@ from rlhf.records import Completion, RankedCompletion, Task
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = open_store(tmp_path / "labels.db")
+def store(db_url):
+    s = open_store(db_url)
     yield s
     s.close()
 
@@ -110,7 +110,7 @@ def test_queue_never_serves_a_full_task_or_own_task(store):
     assert store.open_slots(overlap=3) == 1 + 2
 
 
-def test_queue_is_deterministic_with_per_annotator_tiebreak(store, tmp_path):
+def test_queue_is_deterministic_with_per_annotator_tiebreak(store, db_url):
     store.import_tasks(make_tasks(10))
     add_users(store, "a", "b")
     first = store.next_task("a", 2).id
@@ -118,7 +118,7 @@ def test_queue_is_deterministic_with_per_annotator_tiebreak(store, tmp_path):
     assert first == min((f"task-{i}" for i in range(10)), key=lambda tid: queue_key("a", tid))
     assert store.next_task("b", 2).id == min((f"task-{i}" for i in range(10)), key=lambda tid: queue_key("b", tid))
     assert len({min(range(10), key=lambda i: queue_key(name, f"task-{i}")) for name in "abcdefgh"}) > 2
-    with open_store(tmp_path / "labels.db") as again:  # same answer from a fresh connection
+    with open_store(db_url) as again:  # same answer from a fresh connection
         assert again.next_task("a", 2).id == first
 
 
@@ -143,7 +143,7 @@ def test_skipped_task_is_not_served_again_but_can_be_ranked_later(store):
     assert [e["kind"] for e in store.events()] == ["skip", "submit", "submit", "submit"]
 
 
-def test_display_order_is_a_stable_per_annotator_shuffle(store, tmp_path):
+def test_display_order_is_a_stable_per_annotator_shuffle(store, db_url):
     tasks = make_tasks(20)
     store.import_tasks(tasks)
     add_users(store, "a", "b")
@@ -156,7 +156,7 @@ def test_display_order_is_a_stable_per_annotator_shuffle(store, tmp_path):
     assert sum(orders_a[t.id] != [c.id for c in t.completions] for t in tasks) >= 10  # not the stored order
     served = store.next_task("a", 2)
     assert [c.id for c in served.completions] == orders_a[served.id]
-    with open_store(tmp_path / "labels.db") as again:
+    with open_store(db_url) as again:
         assert [c.id for c in again.task_for("a", "task-7").completions] == orders_a["task-7"]
 
 
@@ -295,10 +295,9 @@ def test_annotators_only_see_their_own_work(store):
     assert store.get_own_ranking("bob", task.id).ranks == order_ranks(task, [3, 2, 1, 0])
 
 
-def test_history_and_progress(tmp_path):
+def test_history_and_progress(db_url):
     clock = iter(range(100, 200))
-    from labeling.store import SQLiteLabelStore
-    with SQLiteLabelStore(tmp_path / "h.db", clock=lambda: float(next(clock))) as store:
+    with open_store(db_url, clock=lambda: float(next(clock))) as store:
         tasks = make_tasks(4, k=2)
         store.import_tasks(tasks)
         add_users(store, "a", "b")
@@ -347,9 +346,9 @@ def test_concurrent_submissions_from_threads(store):
 
 # ---------------------------------------------------------------------------------------- assignments
 
-def test_next_task_records_an_assignment_that_survives_a_restart(tmp_path):
+def test_next_task_records_an_assignment_that_survives_a_restart(db_url):
     now = [1000.0]
-    with SQLiteLabelStore(tmp_path / "labels.db", clock=lambda: now[0]) as store:
+    with open_store(db_url, clock=lambda: now[0]) as store:
         tasks = make_tasks(3, k=2)
         store.import_tasks(tasks)
         add_users(store, "a")
@@ -358,7 +357,7 @@ def test_next_task_records_an_assignment_that_survives_a_restart(tmp_path):
         [held] = store.assignments()
         assert (held.annotator, held.task_id, held.overlap, held.expires_at) == ("a", task.id, 2,
                                                                                  1000.0 + ASSIGNMENT_SECONDS)
-    with open_store(tmp_path / "labels.db") as again:  # another process (or server) sees it
+    with open_store(db_url) as again:  # another process (or server) sees it
         assert [(x.annotator, x.task_id) for x in again.assignments()] == [("a", task.id)]
         result = again.submit_ranking("a", task.id, order_ranks(task, [1, 0]), require_assignment=True)
         assert result.action == "submit"
@@ -386,9 +385,9 @@ def test_required_assignment_refuses_tasks_not_handed_out(store):
     assert [e["kind"] for e in store.events()] == ["submit", "edit"]
 
 
-def test_live_assignments_hold_slots_and_expired_ones_free_them(tmp_path):
+def test_live_assignments_hold_slots_and_expired_ones_free_them(db_url):
     now = [1000.0]
-    store = SQLiteLabelStore(tmp_path / "labels.db", clock=lambda: now[0])
+    store = open_store(db_url, clock=lambda: now[0])
     try:
         tasks = make_tasks(2, k=2)
         store.import_tasks(tasks)
@@ -432,30 +431,31 @@ def test_a_skip_frees_the_slot_and_a_reopened_skip_needs_one(store):
         store.assign_task("a", "nope", overlap=1)
 
 
-def test_a_schema_1_database_gains_the_assignments_table(tmp_path):
-    path = tmp_path / "old.db"
+def test_a_schema_1_store_is_migrated_forward_and_a_newer_one_refused(db_url):
     tasks = make_tasks(2, k=2)
-    with open_store(path) as store:
+    with open_store(db_url) as store:
         store.import_tasks(tasks)
         add_users(store, "a")
         store.submit_ranking("a", "task-0", order_ranks(tasks[0], [0, 1]))
-    conn = sqlite3.connect(path)  # what a store written by schema 1 looks like
-    conn.execute("DROP TABLE assignments")
-    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    conn.commit()
-    conn.close()
-    with open_store(path) as store:
+    conn = raw_connection(db_url)  # what a store written by schema 1 looks like
+    for statement in ("DROP TABLE assignments", "DROP TABLE sessions", "ALTER TABLE annotators DROP COLUMN role",
+                      "ALTER TABLE annotators DROP COLUMN disabled", "ALTER TABLE tasks DROP COLUMN ranking_count",
+                      "UPDATE meta SET value = '1' WHERE key = 'schema_version'"):
+        conn.execute(statement)
+    with open_store(db_url) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 3
         assert store.next_task("a", overlap=2).id == "task-1"
         assert [x.task_id for x in store.assignments()] == ["task-1"]
         assert store.get_own_ranking("a", "task-0").ranks == order_ranks(tasks[0], [0, 1])
-    version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-    assert version == "2"
-    conn = sqlite3.connect(path)
+        assert store.account("a").role == "annotator" and not store.account("a").disabled
+        assert store.open_slots(overlap=1) == 1 and store.progress(1).complete == 1  # the counts were filled in
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    conn.commit()
+    before = conn.execute("SELECT COUNT(*) FROM assignments").fetchone()
+    with pytest.raises(UserError, match=r"newer version of rlhf \(schema 99, this one reads up to 3\); upgrade rlhf"):
+        open_store(db_url)
+    assert conn.execute("SELECT COUNT(*) FROM assignments").fetchone() == before
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "99"
     conn.close()
-    with pytest.raises(UserError, match="newer version"):
-        open_store(path)
 
 
 def test_queue_serves_concurrent_annotators_without_passing_the_overlap(store):
@@ -491,9 +491,9 @@ def test_open_store_urls_and_errors(tmp_path):
     with open_store(f"sqlite:///{tmp_path / 'u.db'}") as s:
         s.import_tasks(make_tasks(1))
     with open_store(tmp_path / "u.db", create=False) as s:
-        assert s.count_tasks() == 1
-    with pytest.raises(UserError, match="PostgreSQL .* not implemented"):
-        open_store("postgresql://localhost/labels")
+        assert s.count_tasks() == 1 and s.backend == "sqlite"
+    with pytest.raises(UserError, match="unsupported label store URL"):
+        open_store("mysql://localhost/labels")
     with pytest.raises(UserError, match="no label database"):
         open_store(tmp_path / "missing.db", create=False)
     with pytest.raises(UserError, match="does not exist"):
@@ -503,15 +503,54 @@ def test_open_store_urls_and_errors(tmp_path):
         open_store(tmp_path / "junk.db")
 
 
-def test_events_are_append_only(store, tmp_path):
+def test_postgresql_urls_that_cannot_work_are_one_line_errors(postgres_cluster, tmp_path):
+    socket_dir = postgres_cluster.socket_dir
+    cases = [
+        (f"postgresql://postgres@/labels?host={tmp_path}", "cannot connect to the label database"),  # no server
+        (f"postgresql://postgres@/no_such_database?host={socket_dir}", 'database "no_such_database" does not exist'),
+        (f"postgresql://nobody:secret-pw@/postgres?host={socket_dir}", 'role "nobody" does not exist'),
+        ("postgresql://postgres@127.0.0.1:1/labels?connect_timeout=2", "cannot connect"),
+    ]
+    for url, reason in cases:
+        with pytest.raises(UserError, match=reason) as info:
+            open_store(url)
+        assert "\n" not in str(info.value) and "secret-pw" not in str(info.value)
+    empty = postgres_cluster.new_database()
+    with pytest.raises(UserError, match="holds no label store"):
+        open_store(empty, create=False)
+    conn = raw_connection(empty)
+    tables = conn.execute("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'").fetchone()
+    assert tables[0] == 0
+    conn.close()
+    with open_store(empty) as store:  # create=True makes the tables
+        assert store.count_tasks() == 0 and store.backend == "postgresql"
+    postgres_cluster.drop_database(empty)
+
+
+def test_wrong_password_is_one_line(postgres_cluster):
+    url = postgres_cluster.new_database()
+    postgres_cluster.admin("CREATE ROLE labeler LOGIN PASSWORD 'right-password'")  # signs in with a password
+    try:
+        with pytest.raises(UserError, match='password authentication failed for user "labeler"') as info:
+            open_store(url.replace("postgres@", "labeler:wrong-password@"))
+        assert "\n" not in str(info.value) and "wrong-password" not in str(info.value) and "***" in str(info.value)
+    finally:
+        postgres_cluster.drop_database(url)
+        postgres_cluster.admin("DROP ROLE labeler")
+
+
+def test_events_are_append_only(store, db_url):
     store.import_tasks(make_tasks(1, k=2))
     add_users(store, "a")
     store.submit_ranking("a", "task-0", {"task-0-0": 1, "task-0-1": 2})
-    conn = sqlite3.connect(tmp_path / "labels.db")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+    conn = raw_connection(db_url)
+    with pytest.raises(Exception, match="append-only"):
         conn.execute("UPDATE events SET kind = 'skip'")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+    with pytest.raises(Exception, match="append-only"):
         conn.execute("DELETE FROM events")
+    if store.backend == "postgresql":
+        with pytest.raises(Exception, match="append-only"):
+            conn.execute("TRUNCATE events")
     conn.close()
     assert len(store.events()) == 1
 
@@ -533,12 +572,11 @@ CRASH_CHILD = textwrap.dedent("""
 """)
 
 
-def test_kill_9_mid_run_loses_nothing_acknowledged(tmp_path):
-    db = tmp_path / "crash.db"
-    with open_store(db) as store:
+def test_kill_9_mid_run_loses_nothing_acknowledged(db_url):
+    with open_store(db_url) as store:
         store.import_tasks(make_tasks(3000, k=3))
         store.add_annotator("writer")
-    child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(db)], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, db_url], stdout=subprocess.PIPE, text=True)
     acknowledged = []
     try:
         for line in child.stdout:
@@ -552,25 +590,31 @@ def test_kill_9_mid_run_loses_nothing_acknowledged(tmp_path):
         child.wait()
     assert child.returncode == -signal.SIGKILL
     assert len(acknowledged) >= 40 and len(acknowledged) < 3000  # it really died mid-run
-    with open_store(db) as store:
+    with open_store(db_url) as store:
         assert store.integrity_check() == "ok"
         stored = {e["request_id"] for e in store.events()}
         assert set(acknowledged) <= stored
         assert len(store.export_rankings()) == len(stored)  # every stored event has its ranking, nothing half-done
 
 
-def test_locked_database_fails_with_one_line_error_and_stores_nothing(tmp_path):
-    from labeling.store import SQLiteLabelStore, StorageUnavailable
-
-    with open_store(tmp_path / "labels.db") as setup:
+def test_locked_database_fails_with_one_line_error_and_stores_nothing(db_url):
+    with open_store(db_url) as setup:
         setup.import_tasks(make_tasks(1, k=2))
         setup.add_annotator("a")
-    store = SQLiteLabelStore(tmp_path / "labels.db", busy_timeout=0.1)
-    other = sqlite3.connect(tmp_path / "labels.db", isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock past our busy timeout
+    other = raw_connection(db_url)
+    if db_url.startswith("postgresql://"):
+        store = open_store(db_url, lock_timeout=0.1)
+        other.execute("BEGIN")
+        other.execute("SELECT * FROM tasks FOR UPDATE")  # another server is writing about this task
+        locked = "lock timeout.*nothing was stored"
+    else:
+        store = open_store(db_url, busy_timeout=0.1)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock past our busy timeout
+        locked = "database is locked.*nothing was stored"
     try:
-        with pytest.raises(StorageUnavailable, match="database is locked.*nothing was stored"):
+        with pytest.raises(StorageUnavailable, match=locked) as info:
             store.submit_ranking("a", "task-0", {"task-0-0": 1, "task-0-1": 2})
+        assert "\n" not in str(info.value)
     finally:
         other.execute("ROLLBACK")
         other.close()
@@ -610,3 +654,141 @@ def test_absurd_seconds_are_refused_cleanly(store, seconds):
     with pytest.raises(InvalidRanking, match="seconds must be a number from 0 to"):
         store.submit_ranking("a", "task-0", {"task-0-0": 1, "task-0-1": 2}, seconds=seconds)
     assert store.events() == []
+
+
+# ---------------------------------------------------------------------------------- several app servers
+
+def test_servers_sharing_a_database_keep_every_rule(store, db_url):
+    """Annotators whose requests land on one of two servers (two stores on one database) at random, each
+    submit re-sent at once to the other server: no task ever held or ranked past its overlap, nobody served a
+    task they already ranked, every re-sent submit stored once."""
+    import random
+
+    overlap, annotators = 2, [f"u{i}" for i in range(6)]
+    store.import_tasks(make_tasks(24, k=2))
+    add_users(store, *annotators)
+    servers = [open_store(db_url), open_store(db_url)]
+    over, problems, results = [], [], []
+    done = threading.Event()
+
+    def annotate(name: str, seed: int) -> None:
+        rng = random.Random(seed)
+        ranked: set[str] = set()
+        try:
+            while (task := rng.choice(servers).next_task(name, overlap)) is not None:
+                if task.id in ranked:
+                    problems.append(f"{name} was served {task.id} again")
+                    return
+                ranks, request_id = order_ranks(task, [0, 1]), f"{name}-{task.id}"
+                first, second = rng.sample(servers, 2)
+                resent = threading.Thread(target=lambda server, *args: results.append(server.submit_ranking(
+                    *args, require_assignment=True).action), args=(second, name, task.id, ranks, request_id))
+                resent.start()
+                results.append(first.submit_ranking(name, task.id, ranks, request_id=request_id,
+                                                    require_assignment=True).action)
+                resent.join()
+                ranked.add(task.id)
+        except Exception as exc:  # surfaced by the assert below
+            problems.append(repr(exc))
+
+    def watch() -> None:  # the places held or filled, as a third connection sees them, all along
+        watcher = raw_connection(db_url)
+        while not done.is_set():
+            rows = watcher.execute(
+                "SELECT task_id, COUNT(*) FROM (SELECT task_id FROM rankings UNION ALL"
+                " SELECT task_id FROM assignments) AS held GROUP BY task_id HAVING COUNT(*) > 2").fetchall()
+            over.extend(rows)
+        watcher.close()
+
+    threads = [threading.Thread(target=annotate, args=(name, i)) for i, name in enumerate(annotators)]
+    observer = threading.Thread(target=watch)
+    observer.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    observer.join()
+    for server in servers:
+        server.close()
+    assert problems == [] and over == []
+    assert sorted(set(results)) == ["duplicate", "submit"] and results.count("submit") == 24 * overlap
+    assert all(ranking_count(store, f"task-{i}") == overlap for i in range(24))
+    assert len(store.events()) == 24 * overlap and store.assignments() == []
+
+
+def test_text_a_database_cannot_hold_is_refused_cleanly(store):
+    store.import_tasks(make_tasks(1, k=2))
+    add_users(store, "a")
+    good = {"task-0-0": 1, "task-0-1": 2}
+    with pytest.raises(InvalidRanking, match="request id"):
+        store.submit_ranking("a", "task-0", good, request_id="r\x00")
+    with pytest.raises(InvalidRanking, match="reason"):
+        store.skip_task("a", "task-0", reason="nul\x00")
+    with pytest.raises(UnknownTask):
+        store.submit_ranking("a", "task\x00", good)
+    with pytest.raises(UnknownAnnotator):
+        store.next_task("a\x00", 2)
+    with pytest.raises(UserError, match="NUL character"):
+        store.import_tasks([Task("nul", "p\x00", (Completion("nul-0", "a"), Completion("nul-1", "b")))])
+    assert store.password_hash("a\x00") is None and store.history("a\x00") == []
+    assert store.events() == [] and store.count_tasks() == 1
+
+
+# ---------------------------------------------------------------------------------------- copies
+
+def filled_store(url):
+    now = [1000.0]
+    store = open_store(url, clock=lambda: now.__setitem__(0, now[0] + 0.25) or now[0])
+    tasks = make_tasks(5, k=3)
+    store.import_tasks(tasks)
+    store.add_annotator("alice", password_hash="scrypt$x", role="admin")
+    add_users(store, "bob", "sim-1")
+    store.set_disabled("bob", True)
+    store.submit_ranking("alice", "task-0", order_ranks(tasks[0], [2, 0, 1]), request_id="r1", seconds=3.5)
+    store.submit_ranking("alice", "task-0", order_ranks(tasks[0], [0, 1, 2]), request_id="r2", seconds=1)
+    store.skip_task("sim-1", "task-1", reason="ünïcode <b>")
+    store.next_task("sim-1", 2)
+    store.add_session("hash", "alice", now[0], now[0] + 60)
+    return store
+
+
+def test_copy_carries_everything_both_ways_and_verifies_it(store, db_url, tmp_path, request):
+    """SQLite -> PostgreSQL -> SQLite, and PostgreSQL -> SQLite -> SQLite."""
+    from labeling.store_copy import copy_store
+
+    store.close()
+    source = filled_store(db_url)
+    there = (str(tmp_path / "copy.db") if source.backend == "postgresql"
+             else request.getfixturevalue("postgres_cluster").new_database())
+    with open_store(there) as target:
+        report = copy_store(source, target)
+        assert report.counts == {"tasks": 5, "completions": 15, "annotators": 3, "rankings": 1, "skips": 1,
+                                 "assignments": 1, "events": 3}
+        assert target.export_rankings() == source.export_rankings() and target.events() == source.events()
+        assert target.accounts() == source.accounts() and target.assignments() == source.assignments()
+        assert target.history("sim-1") == source.history("sim-1")
+        assert target.row_counts()["sessions"] == 0  # everyone signs in again
+        # ids go on after the copied ones
+        target.submit_ranking("sim-1", "task-2", order_ranks(source.get_task("task-2"), [0, 1, 2]))
+        assert [e["id"] for e in target.events()] == [1, 2, 3, 4]
+        target.import_tasks(make_tasks(1, prefix="new"))
+        assert target.history("sim-1")[0].task_id == "task-2"
+    back = tmp_path / "back.db"
+    with open_store(there) as middle, open_store(back) as again:
+        again_report = copy_store(middle, again)
+        assert again_report.counts["events"] == 4 and again.export_rankings() == middle.export_rankings()
+    source.close()
+
+
+def test_copy_refuses_a_target_that_holds_anything(store, db_url, tmp_path):
+    from labeling.store_copy import copy_store
+
+    store.close()
+    with filled_store(db_url) as source, open_store(tmp_path / "other.db") as target:
+        target.add_annotator("someone")
+        with pytest.raises(UserError, match=r"is not empty \(1 annotators\); nothing was written"):
+            copy_store(source, target)
+        assert target.row_counts() == {**dict.fromkeys(target.row_counts(), 0), "annotators": 1}
+        with pytest.raises(UserError, match="is the store being copied"):
+            copy_store(source, source)
