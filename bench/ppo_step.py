@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -28,6 +29,32 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TRL_SECONDS, TRL_PEAK_GB = 27.0, 5.3  # from the issue, measured on this machine with trl PPOTrainer
+LAYOUTS = ["shared", "shared-bf16", "separate", "trl"]
+
+
+class PhaseTimer:
+    """Seconds per phase of a step, summed over the timed steps (`on` False during the warm-up step)."""
+
+    def __init__(self):
+        self.on, self.seconds = False, {}
+
+    def wrap(self, owner, name: str, phase, *, no_grad_only: bool = False):
+        """Time calls of owner.name under `phase` (a label, or a function of the call's args giving one)."""
+        import torch
+
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if not self.on or (no_grad_only and torch.is_grad_enabled()):
+                return inner(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                label = phase(*args, **kwargs) if callable(phase) else phase
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, timed)
 
 
 def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
@@ -101,11 +128,12 @@ def run_trl(rm_dir: str, steps: int, batch: int, length: int) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification, TrainerCallback
-    from trl.experimental.ppo import PPOConfig as TRLConfig, PPOTrainer
+    from trl.experimental.ppo import PPOConfig as TRLConfig
+    from trl.experimental.ppo import PPOTrainer
 
+    from rlhf.causal_lm import lora_target_modules
     from rlhf.models import format_prompt, load_causal_lm, load_tokenizer, resolve_model
     from rlhf.prompts import read_prompts
-    from rlhf.causal_lm import lora_target_modules
 
     torch.manual_seed(0)
     path = resolve_model("default")
@@ -126,10 +154,17 @@ def run_trl(rm_dir: str, steps: int, batch: int, length: int) -> dict:
                      stop_token="eos", missing_eos_penalty=1.0, learning_rate=1e-5, report_to=[],
                      save_strategy="no", use_cpu=True, logging_steps=1, seed=0)
     times = [time.perf_counter()]
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
+
+    timer = PhaseTimer()
+    timer.wrap(trl_ppo, "batch_generation", "generation (+ actor logprobs from its logits)")
+    timer.wrap(trl_ppo, "forward", "reference logprobs", no_grad_only=True)
+    timer.wrap(trl_ppo, "get_reward", "values + reward (no grad)", no_grad_only=True)
 
     class StepTimer(TrainerCallback):
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter())
+            timer.on = True  # the first step is the warm-up
 
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
                          train_dataset=dataset, value_model=value, callbacks=[StepTimer()],
@@ -138,8 +173,10 @@ def run_trl(rm_dir: str, steps: int, batch: int, length: int) -> dict:
     trainer.train()
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     params = sum(p.numel() for p in {id(p): p for m in (trainer.model, reward) for p in m.parameters()}.values())
-    return {"layout": "trl", "step_s": [b - a for a, b in zip(times, times[1:])], "peak_gb": peak_gb,
-            "params_m": params / 1e6}
+    step_s = [b - a for a, b in zip(times, times[1:])]
+    split = {k: v / max(steps - 1, 1) for k, v in timer.seconds.items()}
+    split["PPO epochs and the rest"] = sum(step_s[1:]) / max(steps - 1, 1) - sum(split.values())
+    return {"layout": "trl", "step_s": step_s, "peak_gb": peak_gb, "params_m": params / 1e6, "split": split}
 
 
 def run_layout(layout: str, rm_dir: str, steps: int, batch: int, length: int) -> dict:
@@ -156,32 +193,49 @@ def run_layout(layout: str, rm_dir: str, steps: int, batch: int, length: int) ->
     torch.manual_seed(0)
     config = PPOConfig(rm=rm_dir, batch_size=batch, response_length=length, ppo_epochs=4, lr=1e-5,
                        stop_kl=None)  # all 4 epochs every step, as in the spec
-    if layout == "shared":
-        roles, tokenizer = build_roles("default", rm_dir, lora_r=config.lora_r, lora_alpha=config.lora_alpha)
+    import rlhf.generation
+
+    if layout.startswith("shared"):
+        dtype = torch.bfloat16 if layout == "shared-bf16" else torch.float32
+        roles, tokenizer = build_roles("default", rm_dir, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
+                                       dtype=dtype)
     else:
         roles, tokenizer = separate_roles("default", rm_dir, config.lora_r, config.lora_alpha)
     optimizer = torch.optim.Adam(roles.trainable_parameters(), lr=config.lr, eps=1e-5)
     accelerator = Accelerator(cpu=True)
     eos = eos_token_ids(roles.model, tokenizer)
+    timer = PhaseTimer()
+    timer.wrap(rlhf.generation, "sample_batch", "generation")
+    timer.wrap(type(roles), "response_logits", lambda self, adapter, *a, **k: "reference logprobs" if adapter is None
+               else "actor logprobs (no grad)", no_grad_only=True)
+    timer.wrap(type(roles), "values", "values (no grad)", no_grad_only=True)
     reward_fn = reward_function(config, tokenizer)
+    holder = type("Holder", (), {"fn": staticmethod(reward_fn)})
+    timer.wrap(holder, "fn", "reward")
     prompts = [p for _, p in read_prompts(ROOT / "data" / "prompts.jsonl")]
     times = []
+    update_label = "PPO epochs (forward + backward)"
     for step in range(steps):
+        timer.on = step > 0  # the first step is the warm-up
         t0 = time.perf_counter()
         batch_prompts = prompts[step * batch:(step + 1) * batch]
-        data = rollout(roles, tokenizer, batch_prompts, 1, config, reward_fn, eos, generator_seed=step,
+        data = rollout(roles, tokenizer, batch_prompts, 1, config, holder.fn, eos, generator_seed=step,
                        with_values=True)
+        timer.on, t1 = False, time.perf_counter()
         ppo_update(roles, accelerator, optimizer, data, config.kl_coef, config, step)
         times.append(time.perf_counter() - t0)
+        if step > 0:
+            timer.seconds[update_label] = timer.seconds.get(update_label, 0.0) + time.perf_counter() - t1
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # ru_maxrss is KiB on Linux
     params = sum(p.numel() for p in roles.parameters())
-    return {"layout": layout, "step_s": times, "peak_gb": peak_gb, "params_m": params / 1e6}
+    return {"layout": layout, "step_s": times, "peak_gb": peak_gb, "params_m": params / 1e6,
+            "split": {k: v / max(steps - 1, 1) for k, v in timer.seconds.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layout", choices=["shared", "separate", "trl"], help="run one layout (internal)")
-    parser.add_argument("--only", choices=["shared", "separate", "trl"], help="measure just this layout")
+    parser.add_argument("--layout", choices=LAYOUTS, help="run one layout (internal)")
+    parser.add_argument("--only", nargs="+", choices=LAYOUTS, help="measure just these layouts")
     parser.add_argument("--rm", help="reward model dir (default: an untrained one on SmolLM2, made once)")
     parser.add_argument("--steps", type=int, default=3, help="PPO steps per layout; the first is warm-up")
     parser.add_argument("--batch-size", type=int, default=8, help="rollouts per step")
@@ -208,9 +262,10 @@ def main() -> None:
         del rm
     import importlib.util
 
-    layouts = ["shared", "separate"] + (["trl"] if importlib.util.find_spec("trl") else [])
+    layouts = ["shared", "shared-bf16", "separate"] + (["trl"] if importlib.util.find_spec("trl") else [])
     if args.only:
-        layouts = [args.only]
+        layouts = args.only
+    print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
     results = []
     for layout in layouts:
         proc = subprocess.run([sys.executable, __file__, "--layout", layout, "--rm", rm_dir, "--steps",
@@ -238,6 +293,14 @@ def main() -> None:
               f"time, {by['shared']['peak_gb'] / by['trl']['peak_gb']:.2f}x peak memory (targets: <= 0.5x, <= 0.4x)")
     elif "trl" not in by:
         print("TRL PPOTrainer: not installed, not measured in this run (the TRL columns use the issue's figures).")
+    print("\ntime split per step (s, mean over the timed steps):")
+    for r in results:
+        if r.get("split"):
+            print(f"  {r['layout']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["split"].items()))
+    if "shared-bf16" in by and "trl" in by:
+        print(f"one base in bf16 vs TRL PPOTrainer: {by['shared-bf16']['median'] / by['trl']['median']:.2f}x time, "
+              f"{by['shared-bf16']['peak_gb'] / by['trl']['peak_gb']:.2f}x peak memory")
+    print(f"uptime: {os.popen('uptime').read().strip()}")
     print("all step times per layout:", {r["layout"]: [round(t, 1) for t in r["step_s"]] for r in results})
 
 

@@ -7,15 +7,15 @@ everything the update needs computed on them without gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from policy import core
 from policy.config import PPOConfig
-from policy.roles import ACTOR, PolicyRoles
+from policy.roles import PolicyRoles
 
 
 @dataclass
@@ -30,13 +30,14 @@ class Samples:
     mask: Tensor             # [B, T] 1 on real response tokens, the first EOS included
     lengths: Tensor          # [B] response tokens before the first EOS
     finished: Tensor         # [B] bool: the response ended with EOS
+    logits: Tensor | None = None  # [B, T, V] the sampler's raw logits at each response position (`with_logits`)
 
     @property
     def response_length(self) -> int:
         return self.responses.shape[1]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Rollout(Samples):
     """Samples of the actor and what was computed on them without gradients (rollout time)."""
 
@@ -76,20 +77,21 @@ def reward_function(config: PPOConfig, tokenizer) -> RewardFn:
 
 @torch.no_grad()
 def sample(roles: PolicyRoles, tokenizer, prompts: list[str], samples_per_prompt: int, config: PPOConfig,
-           eos_ids: list[int], generator_seed: int, reference: bool = False) -> Samples:
+           eos_ids: list[int], generator_seed: int, reference: bool = False, with_logits: bool = False) -> Samples:
     """Sample `samples_per_prompt` responses per prompt from the actor (`reference=True`: the frozen
     reference) at `config.temperature`, and mask them: the real response is everything up to and including
     the first EOS (stopping is an action too); after it, generate's padding, masked out everywhere (Huang et
     al. 2024, "truncate at EOS"). `sample_batch` returns CPU tensors: they are moved to the model's device
-    here, so a GPU model never meets them."""
+    here, so a GPU model never meets them. `with_logits=True` keeps the sampler's own logits, so the
+    rollout's logprobs need no second forward pass (as TRL's PPOTrainer takes them)."""
     from rlhf.generation import SamplingParams, completion_lengths, decode_responses, sample_batch
 
     # top_p stays 1: the logprobs are of the plain temperature-scaled softmax, which is what the tokens
     # were sampled from only without nucleus truncation.
     params = SamplingParams(temperature=config.temperature, top_p=1.0, max_new_tokens=config.response_length)
     with roles.reference if reference else roles.actor():
-        encoded, responses = sample_batch(roles.model, tokenizer, prompts, samples_per_prompt, params,
-                                          generator_seed=generator_seed)
+        encoded, responses, *logits = sample_batch(roles.model, tokenizer, prompts, samples_per_prompt, params,
+                                                   generator_seed=generator_seed, with_logits=with_logits)
     texts = [t for t, _ in decode_responses(tokenizer, responses, eos_ids)]
     device = next(roles.parameters()).device
     responses = responses.to(device)
@@ -99,7 +101,7 @@ def sample(roles: PolicyRoles, tokenizer, prompts: list[str], samples_per_prompt
     query_mask = encoded.attention_mask.to(device).repeat_interleave(samples_per_prompt, 0)
     return Samples([p for p in prompts for _ in range(samples_per_prompt)], texts,
                    torch.cat([query, responses], dim=1), torch.cat([query_mask, mask], dim=1), responses, mask,
-                   lengths, finished)
+                   lengths, finished, logits[0] if logits else None)
 
 
 @torch.no_grad()
@@ -110,14 +112,14 @@ def rollout(roles: PolicyRoles, tokenizer, prompts: list[str], samples_per_promp
     missing-EOS penalty; logprobs of the actor and the reference at the sampling temperature, entropy, values.
     with_logprobs=False leaves the actor's logprobs to the update's own forward pass (RLOO's and
     single-update GRPO's on-policy step computes exactly the same numbers, so a second pass would be wasted)."""
-    s = sample(roles, tokenizer, prompts, samples_per_prompt, config, eos_ids, generator_seed)
+    s = sample(roles, tokenizer, prompts, samples_per_prompt, config, eos_ids, generator_seed,
+               with_logits=with_logprobs)
     T = s.response_length
     logprobs = entropy = None
-    if with_logprobs:
-        logits = roles.response_logits(ACTOR, s.input_ids, s.attention_mask, T)
-        logprobs = core.logprobs_from_logits(logits, s.responses, config.temperature)
-        entropy = core.entropy_from_logits(logits, config.temperature)
-        del logits
+    if with_logprobs:  # from the sampler's logits: the same numbers as an actor forward, up to float error
+        logprobs = core.logprobs_from_logits(s.logits, s.responses, config.temperature)
+        entropy = core.entropy_from_logits(s.logits, config.temperature)
+    s.logits = None
     ref_logits = roles.response_logits(None, s.input_ids, s.attention_mask, T)
     ref_logprobs = core.logprobs_from_logits(ref_logits, s.responses, config.temperature)
     del ref_logits

@@ -64,11 +64,14 @@ def completion_lengths(response_ids: torch.Tensor, eos_ids: list[int]) -> tuple[
 
 @torch.no_grad()
 def sample_batch(model, tokenizer, prompts: list[str], num_samples: int, params: SamplingParams,
-                 generator_seed: int | None = None) -> tuple[EncodedPrompts, torch.Tensor]:
+                 generator_seed: int | None = None, with_logits: bool = False):
     """Sample `num_samples` completions for each prompt in one `generate` call.
 
     Returns the encoded prompts and the response ids [B*num_samples, T] (rows grouped by prompt,
     samples of prompt i at rows i*num_samples ... ); tokens after the first EOS are padding.
+    `with_logits=True` adds a third item: the model's raw logits [B*num_samples, T, V] at every sampled
+    position, before temperature and any logits processor (what a forward pass over the sequence gives, up
+    to float error), on the model's device.
     """
     encoded = encode_prompts(tokenizer, prompts, max_prompt_tokens(model, params.max_new_tokens))
     for prompt, cut in zip(prompts, encoded.truncated):
@@ -90,8 +93,12 @@ def sample_batch(model, tokenizer, prompts: list[str], num_samples: int, params:
         eos_token_id=eos_token_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
+        output_logits=with_logits,
+        return_dict_in_generate=with_logits,
     )
-    return encoded, out[:, encoded.input_ids.shape[1]:].cpu()
+    if not with_logits:
+        return encoded, out[:, encoded.input_ids.shape[1]:].cpu()
+    return encoded, out.sequences[:, encoded.input_ids.shape[1]:].cpu(), torch.stack(out.logits, dim=1)
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor, eos_ids: list[int]) -> list[tuple[str, int]]:

@@ -187,3 +187,25 @@ def test_cli_parses_the_new_options(tiny_model_dir, prompts_file, tmp_path, caps
     assert cli_main(["ppo", "--reward", "length", "--model", tiny_model_dir, "--prompts", prompts_file,
                      "--out", str(tmp_path / "b"), "--algo", "rloo", "--rloo-k", "2", "--kl-estimator", "k3"]) == 2
     assert "k1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_rollout_logprobs_from_the_sampler_equal_an_actor_forward(tiny_model_dir, algo):
+    """The old logprobs and entropy come from generate's own logits (no second actor forward); they must be
+    what a forward pass of the actor over the sampled sequences gives, up to float error."""
+    torch.manual_seed(0)
+    roles, tokenizer = build_roles(tiny_model_dir, None, lora_r=4, lora_alpha=8, critic=algo == "ppo")
+    _move_actor(roles)
+    config = PPOConfig(algo=algo, reward="length", response_length=7, temperature=0.8, ppo_epochs=2)
+    eos = eos_token_ids(roles.model, tokenizer)
+    batch = rollout(roles, tokenizer, PROMPTS[:3], 2, config, reward_function(config, tokenizer), eos,
+                    generator_seed=3, with_values=algo == "ppo")
+    T = batch.response_length
+    with torch.no_grad():
+        logits = roles.response_logits(ACTOR, batch.input_ids, batch.attention_mask, T)
+    forward = core.logprobs_from_logits(logits, batch.responses, config.temperature)
+    real = batch.mask.bool()
+    assert (forward[real] - batch.ref_logprobs[real]).abs().max() > 0.05  # the actor really differs
+    assert torch.allclose(batch.logprobs[real], forward[real], atol=1e-4)
+    assert torch.allclose(batch.entropy[real], core.entropy_from_logits(logits, config.temperature)[real], atol=1e-4)
+    assert batch.logits is None  # not carried into the update
