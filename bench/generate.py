@@ -71,7 +71,7 @@ def main() -> None:
 
     print(f"model {args.model} ({args.dtype}), {args.prompts} prompts x K={args.k}, {args.max_new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads; load from cache {load_s:.2f} s")
-    print(f"| method | tokens | seconds | tokens/s |\n|---|---:|---:|---:|")
+    print("| method | tokens | seconds | tokens/s |\n|---|---:|---:|---:|")
     for label, tokens, seconds in rows:
         print(f"| {label} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} |")
     batched = rows[0][1] / rows[0][2]

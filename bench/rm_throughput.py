@@ -5,7 +5,8 @@ TRL's RewardTrainer) vs TRL's RewardTrainer itself, same data, model (SmolLM2-13
 
 Data: the cached completions of bench/rm_quality.py ranked by the `sentiment` oracle (K completions
 per prompt, equal oracle scores tie). Our reward model uses its defaults (RewardTrainingConfig: the
-read-out layer and pooling); TRL's reads the last layer's last token, as it always does. Every configuration trains on the SAME rankings, in a fresh subprocess
+read-out layer and pooling); TRL's reads the last layer's last token, as it always does. Every configuration
+trains on the SAME rankings, in a fresh subprocess
 (so peak RSS, from getrusage, does not mix), with the same number of sequences per forward pass
 (--seqs): K-wise packs seqs/K whole rankings per step and gets all their pairs from one pass;
 pairwise packs seqs/2 (chosen, rejected) pairs of those rankings. One warm-up step, then --steps
@@ -37,8 +38,9 @@ LORA_R = 8
 def synthetic_tasks(limit: int | None, k: int = 8, words: int = 36) -> list[dict]:
     """Real prompts with random-word completions (~48 tokens): for timing only, when generating real
     completions is too slow on the machine at hand. Speed depends on lengths, not on the words."""
-    from rlhf.prompts import read_prompts
     from rm_quality import ROOT
+
+    from rlhf.prompts import read_prompts
 
     rng = random.Random(0)
     vocab = ("sun sea sky silver small soft tree tall tale fox found key snow bird blue bright boat "
@@ -51,10 +53,10 @@ def synthetic_tasks(limit: int | None, k: int = 8, words: int = 36) -> list[dict
 
 
 def load_rankings(k: int, model: str, limit: int | None, synthetic: bool = False):
-    from reward_model.data import DataStats, build_examples, find_data
-    from rlhf.jsonl import write_jsonl
     from rm_quality import CACHE
 
+    from reward_model.data import DataStats, build_examples, find_data
+    from rlhf.jsonl import write_jsonl
     from rlhf.oracles import sentiment
 
     tasks = synthetic_tasks(limit) if synthetic else cached_tasks(model, 8, 48, limit=limit)
@@ -75,9 +77,9 @@ def pair_batches(examples, pairs_per_step):
 def run_ours(mode: str, k: int, args) -> dict:
     import torch
 
+    from reward_model.config import RewardTrainingConfig
     from reward_model.data import DataStats, collate, tokenize_examples
     from reward_model.loss import ranking_loss
-    from reward_model.config import RewardTrainingConfig
     from reward_model.model import create_reward_model, pad_samples
 
     torch.manual_seed(0)
@@ -254,14 +256,16 @@ def main() -> None:
             cmd += ["--limit", str(args.limit)] if args.limit else []
             cmd += ["--synthetic"] if args.synthetic else []
             cmd += ["--grad-ckpt"] if args.grad_ckpt else []
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+            line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
             if line is None:
                 print(f"k={k} {method}: FAILED\n{proc.stderr[-3000:]}")
                 continue
             results[(k, method)] = r = json.loads(line[7:])
             acc = f"  held-out acc {r['accuracy']:.3f}" if "accuracy" in r else ""
-            print(f"k={k} {r['method']:13s} {r['pairs']:5d} pairs in {r['seconds']:7.1f} s = {r['pairs_per_s']:6.2f} pairs/s"
+            print(f"k={k} {r['method']:13s} {r['pairs']:5d} pairs in {r['seconds']:7.1f} s = "
+                  f"{r['pairs_per_s']:6.2f} pairs/s"
                   f"  peak RSS {r['peak_rss_mb']:6.0f} MB{acc}", flush=True)
     print(f"\nsummary ({args.dtype}, {args.seqs} sequences per forward pass, {args.steps} timed steps, "
           f"{'synthetic' if args.synthetic else 'generated'} completions):")

@@ -12,8 +12,8 @@ m * (rank gap) inside the sigmoid, like Llama 2's margin loss (Touvron et al. 20
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -27,10 +27,11 @@ import logging
 import math
 import threading
 import warnings
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -75,7 +76,7 @@ class Readout:
             raise UserError(f"reward read-out layer must be in 0..{num_layers} (0 = last), got {self.layer}")
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "Readout":
+    def from_meta(cls, meta: dict[str, Any]) -> Readout:
         """The read-out recorded in reward_model.json (none recorded: the last layer's last token)."""
         readout = meta.get("readout", {})
         if not isinstance(readout, dict) or set(readout) - {"layer", "pool"}:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -70,7 +71,8 @@ def save_checkpoint(root: str | Path, step: int, trainable: Mapping[str, torch.T
     return final
 
 
-def load_checkpoint(path: str | Path, trainable: Mapping[str, torch.Tensor], optimizer, scheduler=None) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, trainable: Mapping[str, torch.Tensor], optimizer,
+                    scheduler=None) -> dict[str, Any]:
     """Copy the checkpoint's tensors into `trainable` (by name), restore the optimizer, scheduler and RNG
     states; returns its `trainer_state.json`."""
     path = Path(path)

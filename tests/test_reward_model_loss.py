@@ -108,7 +108,8 @@ def test_collate_one_forward_for_all_completions():
     stats = DataStats()
     examples = build_examples([ranked_task("t", ("1", "2", "3")),
                                Pair("q", "4", "5")], stats)
-    examples[0].rows = [EncodedSample([5, 6], 1, False), EncodedSample([5, 6, 7], 2, False), EncodedSample([5], 1, False)]
+    examples[0].rows = [EncodedSample([5, 6], 1, False), EncodedSample([5, 6, 7], 2, False),
+                        EncodedSample([5], 1, False)]
     examples[1].rows = [EncodedSample([8], 1, False), EncodedSample([8, 9], 1, False)]
     (ids, mask, completion), index = collate(examples, pad_id=0, weighting="ranking")
     assert ids.shape == (5, 3)

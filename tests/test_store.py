@@ -92,7 +92,7 @@ def test_queue_serves_fewest_rankings_first_and_respects_overlap(store):
     assert all(store.next_task(name, 2) is None for name in "abcd")
     assert all(ranking_count(store, t.id) == 2 for t in tasks)  # overlap reached exactly, never exceeded
     assert sum(len(v) for v in served.values()) == 12
-    for name, ids in served.items():
+    for ids in served.values():
         assert len(ids) == len(set(ids))  # never the same task twice to one annotator
 
 
