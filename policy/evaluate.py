@@ -5,8 +5,9 @@ its KL to the reference, and the diversity of all responses. Evaluation samples 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

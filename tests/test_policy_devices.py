@@ -16,8 +16,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from policy.config import PPOConfig
-from policy.roles import build_roles
 from policy.evaluate import evaluate
+from policy.roles import build_roles
 from policy.rollout import reward_function, rollout
 from policy.trainer import grpo_update, ppo_update, rloo_update
 from rlhf.models import eos_token_ids

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from reward_model.model import (
+    Readout,
     create_reward_model,
     encode_sample_ids,
     encode_samples,
@@ -14,10 +15,10 @@ from reward_model.model import (
     load_reward_model,
     pad_rows,
     pad_samples,
+    reward_features,
     save_reward_model,
     score_texts,
 )
-from reward_model.model import Readout, reward_features
 from rlhf.errors import UserError
 from rlhf.models import format_sample
 

@@ -7,10 +7,10 @@ import random
 
 import pytest
 
+from pipeline.cli import main
 from reward_model import train as rmtrain
 from reward_model.config import RewardTrainingConfig
 from reward_model.train import train_reward_model
-from pipeline.cli import main
 from rlhf.errors import UserError
 
 WORDS = "sun sea sky tree fox bear moon star boat bird key snow".split()
