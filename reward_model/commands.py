@@ -66,11 +66,13 @@ def add_commands(sub) -> None:
 def run_train(args) -> None:
     from reward_model.config import RewardTrainingConfig
     from reward_model.train import train_reward_model
-    from rlhf.config_args import config_from_args
+    from rlhf.config_args import config_from_args, is_main_process
 
     config = config_from_args(RewardTrainingConfig, args)
     config.check()
     summary = train_reward_model(config)
+    if not is_main_process():  # under `accelerate launch` every process returns the summary; one prints it
+        return
     if args.json:
         print(json.dumps(summary, indent=2))
         return

@@ -103,6 +103,13 @@ def given_fields(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
+def is_main_process() -> bool:
+    """Whether this process prints a command's result: the only one, or rank 0 of an `accelerate launch`."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def positive_int(text: str) -> int:
     """argparse type of a count given by hand (a flag not made from a config)."""
     value = int(text)

@@ -242,7 +242,8 @@ class Pair:
 
 @dataclass(frozen=True)
 class ScoredSample:
-    """A prompt and completion with a scalar reward: what `rlhf score` writes."""
+    """A prompt and completion with a scalar reward: what `rlhf score` writes, and each held-out evaluation
+    sample of `rlhf ppo` (eval_samples.jsonl, samples.jsonl), which adds "kl" and "oracle" beside it."""
 
     prompt: str
     completion: str
