@@ -37,7 +37,8 @@ def oracle_scores(oracle: Oracle, task: Task) -> list[float]:
     for completion in task.completions:
         value = oracle(task.prompt, completion.text)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"oracle returned {value!r} for a completion of task {task.id!r}; it must return a finite number")
+            raise UserError(f"oracle returned {value!r} for a completion of task {task.id!r}; it must return a "
+                            f"finite number")
         scores.append(float(value))
     return scores
 
@@ -85,8 +86,14 @@ def sample_ranks(scores: list[float], noise: float, tie_margin: float, rng: rand
 
 
 def simulate(store: LabelStore, oracle: Oracle, annotators: int = 3, overlap: int = 2, noise: float = 0.1,
-             seed: int = 0, on_progress: Callable[[int], None] | None = None, tie_margin: float = 0.0) -> dict:
+             seed: int = 0, on_progress: Callable[[int], None] | None = None, tie_margin: float = 0.0,
+             next_task: Callable[[str, int], Task | None] | None = None,
+             after_ranking: Callable[[int], None] | None = None) -> dict:
     """Rank every pending task with `annotators` scripted annotators until the queue is empty for all.
+
+    `next_task(annotator, overlap)` serves the tasks (default: the store's queue; active labeling passes
+    `ActiveQueue.next_task`); `after_ranking(n)` is called after the n-th stored ranking (active labeling
+    retrains the reward model there: `labeling.active.RetrainingLoop`).
 
     Annotators take turns (one task each per turn), as people working in parallel would. Each one's
     random stream is seeded by (seed, name), so a run is reproducible. `on_progress(1)` is called after
@@ -110,10 +117,11 @@ def simulate(store: LabelStore, oracle: Oracle, annotators: int = 3, overlap: in
     rngs = {name: random.Random(f"{seed}\x00{name}") for name in names}
     counts = {name: 0 for name in names}
     agree = compared = skipped = 0
+    serve = next_task or store.next_task
     active = list(names)
     while active:
         for name in list(active):
-            task = store.next_task(name, overlap)
+            task = serve(name, overlap)
             if task is None:
                 active.remove(name)
                 continue
@@ -126,6 +134,8 @@ def simulate(store: LabelStore, oracle: Oracle, annotators: int = 3, overlap: in
                 continue
             store.submit_ranking(name, task.id, {c.id: r for c, r in zip(task.completions, ranks)})
             counts[name] += 1
+            if after_ranking is not None:
+                after_ranking(sum(counts.values()))
             for a in range(len(ranks)):
                 for b in range(len(ranks)):
                     if ranks[a] < ranks[b] and scores[a] != scores[b]:

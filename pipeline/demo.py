@@ -1,6 +1,9 @@
 """`rlhf demo`: the whole pipeline end to end on the embedded defaults, with scripted annotators.
 
-    generate -> label (import + simulate) -> export -> reward model -> policy (PPO) -> report
+    generate -> label (import + simulate) -> export -> reward model -> policy (PPO) -> policy (DPO) -> report
+
+PPO learns from the reward model, DPO directly from the same exported rankings; the report compares the SFT
+model, RM + PPO and DPO on the same held-out prompts.
 
 Every stage writes its outputs under OUT and, when it succeeds, `OUT/stages/<stage>.json` with its
 summary. `--resume` skips the stages that have that file, so a crash late in PPO redoes neither the
@@ -84,6 +87,13 @@ class DemoConfig:
     penalty would teach brevity instead of the annotators' preference."""
     eval_every: int = 4
     """PPO evaluation interval in steps."""
+    # policy (DPO)
+    dpo_epochs: int = 1
+    """DPO epochs over the exported training rankings (Rafailov et al. 2023 and TRL train one)."""
+    dpo_lr: float = 1e-4
+    """DPO learning rate of the LoRA weights (DPOConfig.lr)."""
+    dpo_beta: float = 0.1
+    """DPO's beta, the strength of its implicit KL constraint (Rafailov et al. 2023; TRL's default)."""
     # run
     seed: int = 0
     """Seed of every stage."""
@@ -92,7 +102,7 @@ class DemoConfig:
 
     def check(self) -> None:
         check_fields(self, positive=("label_prompts", "eval_prompts", "k", "max_new_tokens", "annotators", "overlap",
-                                     "rm_epochs", "ppo_steps", "ppo_batch_size", "eval_every"))
+                                     "rm_epochs", "ppo_steps", "ppo_batch_size", "eval_every", "dpo_epochs"))
         if self.k < 2:
             raise UserError(f"--k must be at least 2 (a ranking needs two completions), got {self.k}")
         if not 0 < self.eval_fraction < 1:
@@ -193,6 +203,19 @@ def _policy(cfg: DemoConfig, out: Path, done: dict) -> dict:
     return train_policy(config)
 
 
+def _dpo(cfg: DemoConfig, out: Path, done: dict) -> dict:
+    from policy.dpo import DPOConfig, train_dpo
+
+    # The same held-out prompts, sampling seed, length and temperature as PPO's evaluation, so the three
+    # policies (SFT, RM + PPO, DPO) are compared on the same footing; the RM only scores the samples.
+    config = DPOConfig(data=str(out / "pairs"), out=str(out / "dpo"), model=cfg.model,
+                       eval_prompts=str(out / "prompts_eval.jsonl"), rm=str(out / "rm"), oracle=cfg.oracle,
+                       beta=cfg.dpo_beta, lr=cfg.dpo_lr, epochs=cfg.dpo_epochs, seed=cfg.seed, max_length=384,
+                       eval_size=cfg.eval_prompts, response_length=cfg.max_new_tokens, temperature=cfg.temperature,
+                       resume=cfg.resume and (out / "dpo" / "checkpoint").is_dir())  # a crash mid-DPO
+    return train_dpo(config)
+
+
 def _report(cfg: DemoConfig, out: Path, done: dict) -> dict:
     from pipeline.report import write_report
 
@@ -200,12 +223,13 @@ def _report(cfg: DemoConfig, out: Path, done: dict) -> dict:
 
 
 STAGES = [
-    Stage("generate", "1/6 generate: sample K completions per prompt from the SFT model", _generate),
-    Stage("label", "2/6 label: import tasks, scripted annotators rank them", _label),
-    Stage("export", "3/6 export: rankings -> C(K,2) preference pairs, split by prompt", _export),
-    Stage("reward_model", "4/6 reward model: LoRA + score head, K-wise loss", _reward_model),
-    Stage("policy", "5/6 policy: PPO against the reward model with a KL penalty", _policy),
-    Stage("report", "6/6 report: report.html and report.md", _report),
+    Stage("generate", "1/7 generate: sample K completions per prompt from the SFT model", _generate),
+    Stage("label", "2/7 label: import tasks, scripted annotators rank them", _label),
+    Stage("export", "3/7 export: rankings -> C(K,2) preference pairs, split by prompt", _export),
+    Stage("reward_model", "4/7 reward model: LoRA + score head, K-wise loss", _reward_model),
+    Stage("policy", "5/7 policy: PPO against the reward model with a KL penalty", _policy),
+    Stage("dpo", "6/7 policy: DPO directly on the rankings, K-wise", _dpo),
+    Stage("report", "7/7 report: report.html and report.md", _report),
 ]
 
 

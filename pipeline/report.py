@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,10 @@ from rlhf.jsonl import atomic_write, read_jsonl
 PLOTS = [("rm/train_curves.png", "Reward model training curves"),
          ("ppo/plots/reward_vs_step.png", "Policy reward against step (rollouts and held-out prompts)"),
          ("ppo/plots/kl_vs_step.png", "KL to the reference against step"),
-         ("ppo/plots/reward_vs_kl.png", "Held-out reward against KL (each point an evaluation, labelled with its step)")]
+         ("ppo/plots/reward_vs_kl.png",
+          "Held-out reward against KL (each point an evaluation, labelled with its step)"),
+         ("dpo/plots/train_curves.png", "DPO training curves (train steps; held-out pairs as points)")]
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -53,6 +57,65 @@ def _fenced(text: str, info: str = "") -> list[str]:
     return [fence + info, text, fence, ""]
 
 
+def bootstrap_ci(values: list[float], seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+    """95% percentile-bootstrap confidence interval of the mean of `values` (Efron 1979): the 2.5th and 97.5th
+    percentiles of the means of `resamples` resamples drawn with replacement (seeded, so a report is stable)."""
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
+
+
+def _mean_ci(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    low, high = bootstrap_ci(values)
+    return f"{sum(values) / len(values):.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _side_values(samples: list[dict], side: str, key: str) -> list[float]:
+    return [s[side][key] for s in samples if isinstance(s.get(side, {}).get(key), (int, float))]
+
+
+def comparison_rows(ppo_samples: list[dict], dpo_samples: list[dict], reference: dict, ppo: dict, dpo: dict,
+                    rm_accuracy: float | None, seconds: dict[str, Any]) -> list[tuple]:
+    """The SFT / RM + PPO / DPO table: each policy's held-out samples (the same prompts, sampling seed, length
+    and temperature) measured the same way. Oracle scores with their 95% bootstrap interval over the prompts,
+    and each policy's change against the SFT model's sample of the same prompt (paired)."""
+    sft_rows = ppo_samples or dpo_samples
+    sft = {s["prompt"]: s["reference"].get("oracle") for s in sft_rows}
+
+    def paired(samples):
+        diffs = [s["policy"]["oracle"] - sft[s["prompt"]] for s in samples
+                 if isinstance(s["policy"].get("oracle"), (int, float))
+                 and isinstance(sft.get(s["prompt"]), (int, float))]
+        return _mean_ci(diffs) if diffs else "n/a"
+
+    dpo_final = dpo.get("final", {}) or {}
+    ppo_final = ppo.get("final", {}) or {}
+    return [
+        ("Oracle score, mean [95% CI]", _mean_ci(_side_values(sft_rows, "reference", "oracle")),
+         _mean_ci(_side_values(ppo_samples, "policy", "oracle")),
+         _mean_ci(_side_values(dpo_samples, "policy", "oracle"))),
+        ("Change vs SFT on the same prompt [95% CI]", "0", paired(ppo_samples), paired(dpo_samples)),
+        ("Reward-model score", _fmt(reference.get("objective/rm_score")), _fmt(ppo_final.get("objective/rm_score")),
+         _fmt(dpo_final.get("objective/rm_score"))),
+        ("KL to the SFT model, nats per response", "0", _fmt(ppo_final.get("objective/kl")),
+         _fmt(dpo_final.get("objective/kl"))),
+        ("Distinct-2", _fmt(reference.get("eval/distinct_2")), _fmt(ppo_final.get("eval/distinct_2")),
+         _fmt(dpo_final.get("eval/distinct_2"))),
+        ("Held-out pairwise accuracy (RM score; DPO's implicit reward)", "n/a", _fmt(rm_accuracy),
+         _fmt(dpo_final.get("rewards/accuracies"))),
+        ("Training seconds (RM + PPO; DPO)", "n/a", _fmt(_sum(seconds.get("reward_model"), seconds.get("policy")), 0),
+         _fmt(seconds.get("dpo"), 0)),
+        ("Held-out prompts", str(len(sft_rows)), str(len(ppo_samples)), str(len(dpo_samples))),
+    ]
+
+
+def _sum(*values: Any) -> float | None:
+    return None if any(v is None for v in values) else float(sum(values))
+
+
 def _table(header: tuple[str, ...], rows: list[tuple], align: str = "---") -> list[str]:
     return ([f"| {' | '.join(header)} |", "|---|" + f"{align}|" * (len(header) - 1)]
             + [f"| {' | '.join(map(str, row))} |" for row in rows] + [""])
@@ -60,7 +123,7 @@ def _table(header: tuple[str, ...], rows: list[tuple], align: str = "---") -> li
 
 def write_report(out: Path, settings: dict[str, Any], done: dict[str, dict]) -> dict[str, Any]:
     out = Path(out)
-    label, pairs, rm, policy = (done.get(k, {}) for k in ("label", "export", "reward_model", "policy"))
+    label, pairs, rm, policy, dpo = (done.get(k, {}) for k in ("label", "export", "reward_model", "policy", "dpo"))
     stats, agreement = label.get("stats", {}), label.get("stats", {}).get("agreement", {})
     final, reference = policy.get("final", {}) or {}, policy.get("reference", {}) or {}
     oracle_sft, oracle_ppo = reference.get("objective/oracle"), final.get("objective/oracle")
@@ -69,7 +132,8 @@ def write_report(out: Path, settings: dict[str, Any], done: dict[str, dict]) -> 
 
     lines = ["# RLHF demo report", "",
              f"Scripted annotators ranked SFT completions by the {oracle} oracle; a LoRA reward model learned their "
-             "preferences; PPO with a KL penalty optimised the policy against it.", "", "## Results", ""]
+             "preferences; PPO with a KL penalty optimised the policy against it; DPO trained another policy "
+             "directly on the same rankings.", "", "## Results", ""]
     lines += _table(("", ""), [
         (f"Oracle score ({oracle}), SFT policy", _fmt(oracle_sft)),
         ("Oracle score, PPO policy", _fmt(oracle_ppo)),
@@ -81,13 +145,26 @@ def write_report(out: Path, settings: dict[str, Any], done: dict[str, dict]) -> 
         ("Reward model held-out accuracy", _fmt(rm.get("test_accuracy"))),
         ("Reward model calibration error (ECE)", _fmt(rm_test.get("ece"))),
         ("Human agreement ceiling", _fmt(rm_test.get("human_agreement")))])
+    ppo_samples = _samples(out / "ppo" / "samples.jsonl")
+    dpo_samples = _samples(out / "dpo" / "samples.jsonl")
+    if ppo_samples or dpo_samples:
+        seconds = {name: summary.get("seconds") for name, summary in done.items() if isinstance(summary, dict)}
+        lines += ["## SFT, RM + PPO and DPO on the same held-out prompts", "",
+                  f"One sample per held-out prompt from each policy (same prompts, sampling seed, length and "
+                  f"temperature), scored by the {oracle} oracle (the annotators' preference). Intervals: 95% "
+                  f"percentile bootstrap over the prompts ({BOOTSTRAP_RESAMPLES} resamples); the change is paired, "
+                  "each policy's sample against the SFT model's sample of the same prompt.", ""]
+        lines += _table(("", "SFT", "RM + PPO", "DPO"),
+                        comparison_rows(ppo_samples, dpo_samples, reference, policy, dpo, rm.get("test_accuracy"),
+                                        seconds), align="---:")
     lines += ["## Labeling", ""] + _table(("", ""), [
         ("Tasks", _fmt(stats.get("tasks"))), ("Rankings", _fmt(stats.get("rankings"))),
         ("Tasks complete at overlap", f"{_fmt(stats.get('complete'))} / {_fmt(stats.get('tasks'))}"),
         ("Shared tasks", _fmt(agreement.get("shared_tasks"))),
         ("Pairwise agreement between annotators", _fmt(agreement.get("pairwise_agreement"))),
         ("Mean Kendall's tau", _fmt(agreement.get("mean_kendall_tau"))),
-        ("Train pairs / test pairs (split by prompt)", f"{pairs.get('train_pairs', 'n/a')} / {pairs.get('test_pairs', 'n/a')}")])
+        ("Train pairs / test pairs (split by prompt)",
+         f"{pairs.get('train_pairs', 'n/a')} / {pairs.get('test_pairs', 'n/a')}")])
     if stats.get("annotators"):
         lines += _table(("annotator", "ranked", "skipped", "median s/task"), [
             (_escape(a["name"]), a["ranked"], a["skipped"], _fmt(a.get("median_seconds"), 1))
@@ -96,13 +173,17 @@ def write_report(out: Path, settings: dict[str, Any], done: dict[str, dict]) -> 
     for path, title in PLOTS:
         if (out / path).is_file():
             lines += [f"**{title}**", "", f"![{title}]({path})", ""]
-    samples_path = out / "ppo" / "samples.jsonl"
-    samples = [obj for _, obj in read_jsonl(samples_path)][:6] if samples_path.is_file() else []
+    dpo_by_prompt = {s["prompt"]: s["policy"] for s in dpo_samples}
+    samples = (ppo_samples or [{**s, "policy": None} for s in dpo_samples])[:6]
     if samples:
-        lines += ["## Samples: SFT and PPO on held-out prompts", ""]
+        lines += ["## Samples: SFT, PPO and DPO on held-out prompts", ""]
         for i, sample in enumerate(samples, 1):
             lines += [f"### Prompt {i}", ""] + _fenced(sample["prompt"])
-            for name, side in (("SFT", sample["reference"]), ("PPO", sample["policy"])):
+            sides = (("SFT", sample["reference"]), ("PPO", sample["policy"]),
+                     ("DPO", dpo_by_prompt.get(sample["prompt"])))
+            for name, side in sides:
+                if side is None:
+                    continue
                 scores = ", ".join(f"{_escape(k.split('/')[-1])} {_fmt(v, 2)}" for k, v in side.items()
                                    if isinstance(v, (int, float)))
                 lines += [f"**{name}** ({scores})", ""] + _fenced(side.get("completion", ""))
@@ -117,16 +198,23 @@ def write_report(out: Path, settings: dict[str, Any], done: dict[str, dict]) -> 
         handle.write(markdown)
     with atomic_write(out / "report.html") as handle:
         handle.write(render_html(markdown, out, "RLHF demo report"))
+    dpo_final = dpo.get("final", {}) or {}
     return {"html": str(out / "report.html"), "markdown": str(out / "report.md"),
             "oracle_sft": oracle_sft, "oracle_ppo": oracle_ppo, "kl": final.get("objective/kl"),
-            "rm_test_accuracy": rm.get("test_accuracy")}
+            "oracle_dpo": dpo_final.get("objective/oracle"), "kl_dpo": dpo_final.get("objective/kl"),
+            "rm_test_accuracy": rm.get("test_accuracy"), "dpo_test_accuracy": dpo_final.get("rewards/accuracies")}
+
+
+def _samples(path: Path) -> list[dict]:
+    return [obj for _, obj in read_jsonl(path)] if path.is_file() else []
 
 
 _CSS = """
 body { font: 15px/1.5 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #1d232b; }
 h1 { margin-bottom: .2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #dde3ea; padding-bottom: .2em; }
 h3 { margin: 1.4em 0 .3em; font-size: 1em; color: #566; }
-table { border-collapse: collapse; margin: .6em 0; } td, th { border: 1px solid #dde3ea; padding: .35em .7em; text-align: left; }
+table { border-collapse: collapse; margin: .6em 0; }
+td, th { border: 1px solid #dde3ea; padding: .35em .7em; text-align: left; }
 th { background: #f3f6f9; } img { max-width: 100%; border: 1px solid #eef1f4; }
 pre { background: #f7f9fb; padding: .7em 1em; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 13px; }
 """

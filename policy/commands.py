@@ -1,4 +1,5 @@
-"""`rlhf ppo` (train the policy with PPO, RLOO or GRPO) and `rlhf sample` (policy vs reference side by side)."""
+"""`rlhf ppo` (train the policy with PPO, RLOO or GRPO), `rlhf dpo` (train it directly on preferences) and
+`rlhf sample` (policy vs reference side by side)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from rlhf.errors import UserError
 
 def add_commands(sub) -> None:
     from policy.config import PPOConfig
+    from policy.dpo import DPOConfig
     from rlhf.config_args import add_config_arguments, positive_int
 
     p = sub.add_parser("ppo", help="fine-tune the policy against the reward model (PPO, RLOO or GRPO, KL to the "
@@ -19,6 +21,16 @@ def add_commands(sub) -> None:
                                    "that takes a number or 'off' leaves the setting unset with 'off'.")
     add_config_arguments(p, PPOConfig, required=("prompts", "out"))
     p.set_defaults(func=run_ppo)
+
+    p = sub.add_parser("dpo", help="fine-tune the policy directly on rankings or pairs with DPO (no reward model)",
+                       description="Direct preference optimisation (Rafailov et al. 2023; or IPO) of the SFT model + "
+                                   "a LoRA adapter on the rankings of `rlhf export` or TRL-format pairs. K-wise: a "
+                                   "ranking's K completions are read once and all its pairs are taken from them. "
+                                   "The reference is the same base model with the adapter disabled; its "
+                                   "log-probabilities are computed once, before training. A flag that takes a "
+                                   "number or 'off' leaves the setting unset with 'off'.")
+    add_config_arguments(p, DPOConfig, required=("data", "out"))
+    p.set_defaults(func=run_dpo)
 
     s = sub.add_parser("sample", help="generate from a trained policy next to the reference (SFT) model",
                        description="Sample completions from a trained policy (`rlhf ppo` OUT/policy) and from "
@@ -38,14 +50,29 @@ def add_commands(sub) -> None:
 def run_ppo(args) -> None:
     from policy.config import PPOConfig
     from policy.trainer import train_policy
-    from rlhf.config_args import config_from_args
+    from rlhf.config_args import config_from_args, is_main_process
 
     summary = train_policy(config_from_args(PPOConfig, args))
+    if not is_main_process():  # under `accelerate launch` every process returns the summary; one prints it
+        return
     final = summary["final"]
     shown = " ".join(f"{k}={v:.3g}" for k, v in final.items() if isinstance(v, (int, float)) and k != "step")
     print(f"trained {summary['steps']} steps: {shown}")
     print(f"policy: {summary['policy']}  logs: {summary['train_log']}, {summary['eval_log']}  "
           f"samples: {summary['samples']}")
+
+
+def run_dpo(args) -> None:
+    from policy.dpo import DPOConfig, train_dpo
+    from rlhf.config_args import config_from_args
+
+    summary = train_dpo(config_from_args(DPOConfig, args))
+    final = summary["final"]
+    shown = " ".join(f"{k}={v:.3g}" for k, v in final.items() if isinstance(v, (int, float)) and k != "pairs")
+    print(f"trained {summary['steps']} steps on {summary['train_rankings']} rankings ({summary['train_pairs']} pairs, "
+          f"{summary['pairs_per_second']:.2f} pairs/s); held-out: {shown or 'none'}")
+    print(f"policy: {summary['policy']}  logs: {summary['train_log']}, {summary['eval_log']}"
+          + (f"  samples: {summary['samples']}" if summary["samples"] else ""))
 
 
 def run_sample(args) -> None:

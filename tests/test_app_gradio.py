@@ -224,7 +224,8 @@ def test_no_cross_origin_calls_even_from_localhost(client):
     client.post("/api/login", json={"username": "alice", "password": PASSWORD}).raise_for_status()
     for origin in ("http://localhost:8888", "http://evil.example", "null"):
         preflight = client.options("/gradio_api/queue/join", headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type"})
         assert "access-control-allow-origin" not in preflight.headers
         assert "access-control-allow-origin" not in client.get("/config", headers={"Origin": origin}).headers
 

@@ -331,7 +331,8 @@ def test_http_submit_and_errors_map_to_status_codes(client, store):
     # A cross-site form post (not JSON) is refused before anything happens.
     form = client.post("/api/skip", data={"task_id": "t1"})
     assert form.status_code == 400 and "application/json" in form.json()["error"]
-    assert client.post("/api/skip", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+    bad = client.post("/api/skip", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400
     history = client.get("/api/history").json()["items"]
     assert [(item["task_id"], item["status"]) for item in history] == [(task["id"], "ranked")]
     assert len(store.export_rankings()) == 1 and len(store.events()) == 1

@@ -44,7 +44,7 @@ class _Page(HTMLParser):
 def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, capsys):
     cfg = _config(tmp_path, tiny_model_dir)
     done = run_demo(cfg)
-    assert list(done) == ["generate", "label", "export", "reward_model", "policy", "report"]
+    assert list(done) == ["generate", "label", "export", "reward_model", "policy", "dpo", "report"]
     out = tmp_path / "demo"
     assert done["generate"]["tasks"] == 6
     prompts = {name: {json.loads(line)["prompt"] for line in (out / f"prompts_{name}.jsonl").read_text().splitlines()}
@@ -59,18 +59,26 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, capsys):
         expected = sum(len(pair_indices(r.ranks)) for r in store.export_ranked_tasks())
     assert 0 < done["export"]["train_pairs"] + done["export"]["test_pairs"] == expected <= 6 * 2 * 6
     assert (out / "rm" / "reward_model.json").is_file() and (out / "ppo" / "policy").is_dir()
+    assert (out / "dpo" / "policy").is_dir()
+    dpo_samples = [json.loads(line) for line in (out / "dpo" / "samples.jsonl").read_text().splitlines()]
+    ppo_samples = [json.loads(line) for line in (out / "ppo" / "samples.jsonl").read_text().splitlines()]
+    # the three policies are compared on the same held-out prompts, the SFT side sampled identically
+    assert [s["prompt"] for s in dpo_samples] == [s["prompt"] for s in ppo_samples]
+    assert [s["reference"]["completion"] for s in dpo_samples] == [s["reference"]["completion"] for s in ppo_samples]
     html = (out / "report.html").read_text()
     assert "RLHF demo report" in html and "data:image/png;base64," in html
     assert "<script" not in html  # model text is escaped; the report runs no script
     samples = [json.loads(line) for line in (out / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3
     shown = [text.removesuffix("\n") for text in _Page(html).pre]
-    for sample in samples:  # every model text appears as literal text in a code block
-        for text in (sample["prompt"], sample["reference"]["completion"], sample["policy"]["completion"]):
+    for sample, dpo_sample in zip(samples, dpo_samples):  # every model text appears as literal text in a code block
+        for text in (sample["prompt"], sample["reference"]["completion"], sample["policy"]["completion"],
+                     dpo_sample["policy"]["completion"]):
             assert text in shown
     md = (out / "report.md").read_text()
     assert "## Samples" in md and "ppo/plots/reward_vs_kl.png" in md and "rm/train_curves.png" in md
-    assert html.count("data:image/png;base64,") == 4
+    assert "## SFT, RM + PPO and DPO on the same held-out prompts" in md and "| SFT | RM + PPO | DPO |" in md
+    assert html.count("data:image/png;base64,") == 5
 
     # --resume after a "crash" in PPO: earlier stages are skipped, not redone
     (out / "stages" / "policy.json").unlink()
@@ -78,10 +86,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, capsys):
     capsys.readouterr()
     again = run_demo(_config(tmp_path, tiny_model_dir, resume=True))
     printed = capsys.readouterr().out
-    for stage in ("generate", "label", "export", "reward_model"):
+    for stage in ("generate", "label", "export", "reward_model", "dpo"):
         assert f"{stage}: done earlier, skipped" in printed
         assert again[stage]["seconds"] == done[stage]["seconds"]  # read back from its marker, not rerun
-    assert printed.count("done earlier, skipped") == 4
+    assert printed.count("done earlier, skipped") == 5
     assert "policy done in" in printed
 
 
@@ -115,7 +123,7 @@ def test_report_renders_model_text_inert(tmp_path):
     assert [text.removesuffix("\n") for text in page.pre].count(evil) == 3  # prompt, SFT and PPO, literal
     tags = [tag for tag, _ in page.tags]
     assert "script" not in tags and "a" not in tags and "img" not in tags and "i" not in tags and "b" not in tags
-    assert tags.count("h1") == 1 and ("meta", {"http-equiv": "Content-Security-Policy", "content":
-                                               "default-src 'none'; img-src data:; style-src 'unsafe-inline'"}) in page.tags
+    policy = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+    assert tags.count("h1") == 1 and ("meta", {"http-equiv": "Content-Security-Policy", "content": policy}) in page.tags
     html = (out / "report.html").read_text()
     assert "&lt;b&gt;[m](javascript:x)&lt;/b&gt; | x" in html  # the annotator's name, escaped, in one cell

@@ -3,10 +3,9 @@ import json
 import pytest
 import torch
 
-from pipeline.cli import main
 from labeling.generate import generate_tasks
-from rlhf.generation import (SamplingParams, completion_lengths, encode_prompts,
-                             sample_batch)
+from pipeline.cli import main
+from rlhf.generation import SamplingParams, completion_lengths, encode_prompts, sample_batch
 from rlhf.models import format_prompt, load_causal_lm, load_tokenizer
 
 

@@ -1,0 +1,246 @@
+"""Active labeling: a reward model chooses which tasks people rank first, and can propose an order.
+
+Human rankings are the scarce resource; once a first reward model exists, spend them where it is least sure.
+
+**Order** (`rlhf label --order`, `rlhf simulate --strategy`):
+
+- `fewest-rankings` (default): the store's own queue, the tasks with the fewest rankings first.
+- `uncertainty`: margin-based uncertainty sampling (Lewis & Gale 1994; the margin form: Scheffer et al.
+  2001). The reward model scores the task's K completions; sorted by reward, the smallest gap between two
+  adjacent ones is the task's margin,
+
+      margin(task) = min_i (r_(i) - r_(i+1)),   r_(1) >= r_(2) >= ... >= r_(K)
+
+  and the task with the smallest margin is served first: the pair it is least sure how to order, whose
+  Bradley-Terry probability sigmoid(margin) is closest to 1/2. A task is served until it has `overlap`
+  rankings, then the next most uncertain one.
+- `random`: a seeded random order (the baseline the benchmark compares against).
+
+Tasks the reward model has not scored (imported after the server started) come after the scored ones, in
+the store's order.
+
+**Proposal** (`rlhf label --pre-rank RM`): each task opens with the reward model's order already set (rank 1
+= highest reward; equal rewards tie) and the annotator corrects it or keeps it. The proposal is stored apart
+from the annotator's ranking, in the submit event of the store's event log (`"proposal"`, `"proposal_kept"`:
+whether it was submitted unchanged, `"proposal_moves"`: how many completion pairs the annotator ordered
+differently), so anchoring (people keeping what they are shown) can be measured; `rlhf stats` reports how
+often the proposal was kept.
+
+**The loop** (`rlhf simulate --strategy S --rm-every N`): scripted annotators rank N tasks in the strategy's
+order, a reward model is trained from scratch on every ranking so far, the unranked tasks are scored again
+and the queue re-ordered, and so on until the queue is empty. The first N come in random order when there
+is no reward model yet, so both strategies share their first round.
+
+Pure functions and the queue at the top (no torch). Scoring and retraining need the reward model, a floor
+above this package: they import `reward_model` inside the functions below (`score_tasks`, `score_store`,
+`base_model_of`, `retrain_reward_model`, `RetrainingLoop.retrain`), the labeling package's only reach upwards,
+so the queue, the store and the app never load it unless active labeling is asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import combinations
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlhf.errors import UserError
+
+if TYPE_CHECKING:
+    from labeling.store import LabelStore
+    from rlhf.records import Task
+
+log = logging.getLogger(__name__)
+
+ORDERS = ("fewest-rankings", "uncertainty", "random")
+
+
+# ---- pure functions ----
+
+def reward_margin(rewards: Sequence[float]) -> float:
+    """The smallest gap between two adjacent rewards in sorted order (0 when two tie; inf for one reward)."""
+    ordered = sorted(rewards, reverse=True)
+    return min((a - b for a, b in zip(ordered, ordered[1:])), default=float("inf"))
+
+
+def proposed_ranks(rewards: Mapping[str, float]) -> dict[str, int]:
+    """Dense ranks (1 best) by reward, highest first; equal rewards tie."""
+    levels = {value: rank for rank, value in enumerate(sorted(set(rewards.values()), reverse=True), start=1)}
+    return {cid: levels[value] for cid, value in rewards.items()}
+
+
+def proposal_moves(proposal: Mapping[str, int], ranks: Mapping[str, int]) -> int:
+    """How many completion pairs the annotator ordered differently from the proposal (better, worse or tied).
+    For rankings without ties it is the Kendall tau distance: the fewest swaps of adjacent completions that
+    turn one order into the other."""
+    def relation(r: Mapping[str, int], a: str, b: str) -> int:
+        return (r[a] > r[b]) - (r[a] < r[b])
+
+    ids = sorted(proposal)
+    return sum(relation(proposal, a, b) != relation(ranks, a, b) for a, b in combinations(ids, 2))
+
+
+def random_key(seed: int, task_id: str) -> str:
+    """A task's place in the seeded random order."""
+    return hashlib.sha256(f"{seed}\x00{task_id}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# ---- the queue ----
+
+class ActiveQueue:
+    """Serves tasks in an `ORDERS` order and proposes the reward model's ranking of a task (`proposal`).
+
+    `rewards` {task id: {completion id: reward}} orders the queue (uncertainty); `proposal_rewards` those
+    proposed to annotators (the same mapping when one reward model does both). The store keeps the rules:
+    a task is handed out through `store.assign_task`, which checks its free places atomically, so the
+    overlap holds with several servers; this class only chooses which task to try first."""
+
+    def __init__(self, order: str = "fewest-rankings", rewards: Mapping[str, Mapping[str, float]] | None = None,
+                 proposal_rewards: Mapping[str, Mapping[str, float]] | None = None, seed: int = 0,
+                 task_ids: Iterable[str] = (), clock: Callable[[], float] = time.time):
+        if order not in ORDERS:
+            raise UserError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+        self.order, self.seed, self.clock = order, seed, clock
+        self.rewards: dict[str, dict[str, float]] = {}
+        self.proposal_rewards = {t: dict(r) for t, r in (proposal_rewards or {}).items()}
+        self._known: list[str] = []
+        self._ranked: list[str] = []
+        self.update(rewards or {}, task_ids)
+
+    def update(self, rewards: Mapping[str, Mapping[str, float]], task_ids: Iterable[str] | None = None) -> None:
+        """New reward-model scores (after retraining): the queue is re-ordered. `task_ids`: tasks to order even
+        without a score (uncertainty: after the scored ones, in the random order)."""
+        self.rewards = {t: dict(r) for t, r in rewards.items()}
+        self._known = list(dict.fromkeys([*self._known, *(task_ids or ()), *self.rewards]))
+        shuffled = sorted(self._known, key=lambda t: random_key(self.seed, t))
+        if self.order == "uncertainty":
+            scored = sorted(self.rewards, key=lambda t: (reward_margin(list(self.rewards[t].values())),
+                                                         random_key(self.seed, t)))
+            self._ranked = scored + [t for t in shuffled if t not in self.rewards]
+        elif self.order == "random":
+            self._ranked = shuffled
+        else:
+            self._ranked = []
+
+    @property
+    def serving_order(self) -> list[str]:
+        """The known tasks in the order they are tried (empty for `fewest-rankings`: the store's queue)."""
+        return list(self._ranked)
+
+    def proposal(self, task_id: str) -> dict[str, int] | None:
+        """The reward model's ranking of a task to open it with (None: no proposal for it)."""
+        rewards = self.proposal_rewards.get(task_id)
+        return proposed_ranks(rewards) if rewards else None
+
+    def next_task(self, store: LabelStore, annotator: str, overlap: int) -> Task | None:
+        """The next task for this annotator in this queue's order, assigned to them; as `store.next_task`: their
+        own open assignment first, never a task they ranked or skipped, only a task with a free place. When
+        the ordered tasks are done, the store's own queue serves the rest."""
+        if not self._ranked:
+            return store.next_task(annotator, overlap)
+        done = {item.task_id for item in store.history(annotator)}  # ranked or skipped by them
+        counts = Counter(r.task_id for r in store.export_rankings())
+        now, held, mine = self.clock(), Counter(), []
+        for a in store.assignments():
+            if a.annotator == annotator:
+                mine.append(a.task_id)
+            elif a.expires_at > now:
+                held[a.task_id] += 1
+        for task_id in [*mine, *self._ranked]:
+            if task_id in done or counts[task_id] + held[task_id] >= overlap:
+                continue
+            if store.assign_task(annotator, task_id, overlap):  # the store checks the room again, atomically
+                return store.task_for(annotator, task_id)
+        return store.next_task(annotator, overlap)
+
+
+# ---- scoring with a reward model ----
+
+def score_tasks(rm, tokenizer, tasks: Iterable[Task], batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """{task id: {completion id: reward}}: every completion scored once by the reward model."""
+    from reward_model.model import score_texts
+
+    tasks = list(tasks)
+    prompts = [t.prompt for t in tasks for _ in t.completions]
+    texts = [c.text for t in tasks for c in t.completions]
+    rewards = iter(score_texts(rm, tokenizer, prompts, texts, batch_size=batch_size,
+                               max_length=getattr(rm, "meta", {}).get("max_length", 512)))
+    return {t.id: {c.id: next(rewards) for c in t.completions} for t in tasks}
+
+
+def store_tasks(store: LabelStore) -> list[Task]:
+    """Every task in the store, in import order."""
+    return [store.get_task(task_id) for task_id in store.task_ids()]
+
+
+def score_store(rm_dir: str | Path, store: LabelStore, batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """The reward model at `rm_dir` scores every task of the store (what `rlhf label --rm` does at start)."""
+    from reward_model.model import load_reward_model
+
+    rm, tokenizer = load_reward_model(rm_dir)
+    return score_tasks(rm, tokenizer, store_tasks(store), batch_size)
+
+
+def base_model_of(rm_dir: str | Path) -> str:
+    """The base model a reward model directory was trained on (its retrained successors use the same)."""
+    from reward_model.model import read_meta
+
+    return read_meta(rm_dir)["base_model"]
+
+
+# ---- the simulated loop: label N, retrain, re-order ----
+
+def retrain_reward_model(store: LabelStore, out: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Train a reward model from scratch on every ranking in the store (written to OUT/data/rankings.jsonl);
+    `settings` are RewardTrainingConfig fields (model, epochs, ...). Returns the training summary."""
+    from reward_model.config import RewardTrainingConfig
+    from reward_model.train import train_reward_model
+    from rlhf.jsonl import write_jsonl
+
+    count = write_jsonl(out / "data" / "rankings.jsonl", (r.to_dict() for r in store.export_ranked_tasks()))
+    if not count:
+        raise UserError("no rankings to train a reward model on yet")
+    config = RewardTrainingConfig(data=str(out / "data"), out=str(out / "rm"), **{"checkpoint_every": 0, **settings})
+    return train_reward_model(config, progress=False)
+
+
+class RetrainingLoop:
+    """What `rlhf simulate --rm-every N` does between rounds: after every N new rankings, train a reward model
+    on all of them (OUT/round-R/), score every task again and re-order the queue. `on_round(round, rankings,
+    rm_dir)` is called after each retraining (the benchmark evaluates the reward model there)."""
+
+    def __init__(self, store: LabelStore, queue: ActiveQueue, every: int, out: str | Path,
+                 rm_settings: Mapping[str, Any], on_round: Callable[[int, int, str], None] | None = None,
+                 overlap: int = 1):
+        if every < 1:
+            raise UserError(f"--rm-every must be >= 1, got {every}")
+        self.store, self.queue, self.every, self.out, self.overlap = store, queue, every, Path(out), overlap
+        self.rm_settings, self.on_round = dict(rm_settings), on_round
+        self.rounds: list[dict[str, Any]] = []
+
+    def __call__(self, rankings: int) -> None:
+        """Called by `simulate` after each stored ranking, with the number stored so far."""
+        if rankings % self.every == 0:
+            self.retrain(rankings)
+
+    def retrain(self, rankings: int) -> None:
+        from reward_model.model import load_reward_model
+
+        folder = self.out / f"round-{len(self.rounds) + 1}"
+        started = time.time()
+        summary = retrain_reward_model(self.store, folder, self.rm_settings)
+        if self.queue.order == "uncertainty":  # the other orders do not depend on the scores
+            rm, tokenizer = load_reward_model(summary["rm_dir"])
+            counts = Counter(r.task_id for r in self.store.export_rankings())
+            open_tasks = [t for t in store_tasks(self.store) if counts[t.id] < self.overlap]  # full ones: never served
+            self.queue.update(score_tasks(rm, tokenizer, open_tasks))
+        self.rounds.append({"round": len(self.rounds) + 1, "rankings": rankings, "rm_dir": summary["rm_dir"],
+                            "seconds": round(time.time() - started, 1)})
+        log.warning("round %d: reward model retrained on %d rankings in %.0f s", len(self.rounds), rankings,
+                    time.time() - started)
+        if self.on_round is not None:
+            self.on_round(len(self.rounds), rankings, summary["rm_dir"])
