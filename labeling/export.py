@@ -31,16 +31,13 @@ no ranks.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 from labeling.pairs import expand_pairs, pair_indices
 from labeling.store import LabelStore
 from rlhf.errors import UserError
-from rlhf.jsonl import atomic_write, write_jsonl
+from rlhf.jsonl import atomic_write, replace_folder, write_jsonl
 from rlhf.prompts import split_by_prompt
 from rlhf.records import Pair, RankedTask
 from rlhf.tables import quiet_datasets
@@ -104,23 +101,12 @@ def _dataset_dict(splits: dict[str, list[dict]], table):
 
 
 def _save_dataset(dataset, target: Path) -> None:
-    """`save_to_disk` into a temporary folder beside `target`, then swapped in: a failed export leaves the
-    previous dataset whole."""
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    old = None
-    try:
+    """`save_to_disk`, swapped in whole: a failed export leaves the previous dataset as it was."""
+    def save(tmp: Path) -> None:
         with quiet_datasets():
             dataset.save_to_disk(str(tmp))
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
-            os.replace(target, old / target.name)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+    replace_folder(target, save)
 
 
 def _write_parquet(path: Path, table) -> None:

@@ -311,7 +311,7 @@ def held_out_prompts(config: DPOConfig, test_examples) -> list[str]:
 # ---- the loop ----
 
 def _find_resume_point(checkpoints: Path, config: DPOConfig, num_train: int) -> Path | None:
-    from rlhf.checkpoint import latest_checkpoint, read_meta
+    from rlhf.checkpoint import check_resumable, latest_checkpoint
 
     path = latest_checkpoint(checkpoints)
     if not config.resume:
@@ -321,12 +321,7 @@ def _find_resume_point(checkpoints: Path, config: DPOConfig, num_train: int) -> 
         return None
     if path is None:
         raise UserError(f"--resume: no checkpoint in {checkpoints}")
-    state = read_meta(path)
-    saved = {"num_train_rankings": state.get("num_train_rankings"), **state["config"]}
-    for key, value in {"num_train_rankings": num_train, **{k: getattr(config, k) for k in _RESUME_KEYS}}.items():
-        if saved.get(key) != value:
-            raise UserError(f"cannot resume from {path}: it was made with {key}={saved.get(key)!r}, "
-                            f"this run has {key}={value!r}")
+    check_resumable(path, {"num_train_rankings": num_train, **{k: getattr(config, k) for k in _RESUME_KEYS}})
     return path
 
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rlhf.errors import UserError
+from rlhf.jsonl import replace_folder
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +57,7 @@ def write_folder(out: Path, write: Callable[[Path], None], *sources: Path) -> Pa
         raise UserError(f"--out {out} is the folder being exported; choose another")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
         raise UserError(f"--out {out} exists and is not an exported model folder; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    old = None
-    try:
-        write(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return out
+    return replace_folder(out, write)
 
 
 def base_model_error(folder: Path, base: str, exc: UserError) -> UserError:

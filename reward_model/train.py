@@ -33,7 +33,7 @@ from reward_model.config import RewardTrainingConfig
 from reward_model.evaluate import evaluate_reward_model
 from reward_model.loss import ranking_loss
 from reward_model.model import RewardModel, create_reward_model, save_reward_model, score_rows
-from rlhf.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from rlhf.checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf.errors import UserError
 from rlhf.runlog import Panel, RunLog, end_tracking, plot, start_tracking, tracker_options
 
@@ -73,12 +73,7 @@ def find_resume_point(out: Path, config, num_train: int) -> Path | None:
     if path is None:
         log.warning("--resume: no checkpoint in %s, starting from step 0", out / "checkpoints")
         return None
-    state = read_meta(path)
-    saved = {"num_train_rankings": state.get("num_train_rankings"), **state["config"]}
-    for key, value in {"num_train_rankings": num_train, **{k: getattr(config, k) for k in _RESUME_KEYS}}.items():
-        if saved.get(key) != value:
-            raise UserError(f"cannot resume from {path}: it was made with {key}={saved.get(key)!r}, "
-                            f"this run has {key}={value!r}")
+    check_resumable(path, {"num_train_rankings": num_train, **{k: getattr(config, k) for k in _RESUME_KEYS}})
     return path
 
 

@@ -91,3 +91,15 @@ def load_checkpoint(path: str | Path, trainable: Mapping[str, torch.Tensor], opt
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return read_meta(path)
+
+
+def check_resumable(path: Path, expected: Mapping[str, Any]) -> None:
+    """UserError unless the checkpoint at `path` was made with the same values of `expected`'s keys (its
+    config, or an extra such as "num_train_rankings" saved beside it): the data order and the optimizer
+    depend on them, so a run resumed under other settings would not be the same run."""
+    state = read_meta(path)
+    saved = {**{k: v for k, v in state.items() if k != "config"}, **state.get("config", {})}
+    for key, value in expected.items():
+        if saved.get(key) != value:
+            raise UserError(f"cannot resume from {path}: it was made with {key}={saved.get(key)!r}, "
+                            f"this run has {key}={value!r}")
