@@ -91,7 +91,7 @@ def oracle_rankings(tasks: list[dict], oracle, test_fraction: float, seed: int, 
 
 def comparisons(rows: list[dict]) -> list[tuple[str, str, str]]:
     """(prompt, better text, worse text) of every non-tied pair of the rows."""
-    from labeling.pairs import pair_indices
+    from rlhf.pairs import pair_indices
 
     out = []
     for row in rows:

@@ -31,10 +31,10 @@ order, a reward model is trained from scratch on every ranking so far, the unran
 and the queue re-ordered, and so on until the queue is empty. The first N come in random order when there
 is no reward model yet, so both strategies share their first round.
 
-Pure functions and the queue at the top (no torch). Scoring and retraining need the reward model, a floor
-above this package: they import `reward_model` inside the functions below (`score_tasks`, `score_store`,
-`base_model_of`, `retrain_reward_model`, `RetrainingLoop.retrain`), the labeling package's only reach upwards,
-so the queue, the store and the app never load it unless active labeling is asked for.
+Pure functions and the queue at the top (no torch). Scoring and retraining need the reward model (the floor
+below this package): they import `reward_model` inside the functions below (`score_tasks`, `score_store`,
+`base_model_of`, `retrain_reward_model`, `RetrainingLoop.retrain`), so the queue, the store and the app never
+load torch unless active labeling is asked for.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,17 +70,6 @@ def proposed_ranks(rewards: Mapping[str, float]) -> dict[str, int]:
     """Dense ranks (1 best) by reward, highest first; equal rewards tie."""
     levels = {value: rank for rank, value in enumerate(sorted(set(rewards.values()), reverse=True), start=1)}
     return {cid: levels[value] for cid, value in rewards.items()}
-
-
-def proposal_moves(proposal: Mapping[str, int], ranks: Mapping[str, int]) -> int:
-    """How many completion pairs the annotator ordered differently from the proposal (better, worse or tied).
-    For rankings without ties it is the Kendall tau distance: the fewest swaps of adjacent completions that
-    turn one order into the other."""
-    def relation(r: Mapping[str, int], a: str, b: str) -> int:
-        return (r[a] > r[b]) - (r[a] < r[b])
-
-    ids = sorted(proposal)
-    return sum(relation(proposal, a, b) != relation(ranks, a, b) for a, b in combinations(ids, 2))
 
 
 def random_key(seed: int, task_id: str) -> str:

@@ -34,17 +34,15 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from labeling.pairs import expand_pairs, pair_indices
 from labeling.store import LabelStore
 from rlhf.errors import UserError
 from rlhf.jsonl import atomic_write, replace_folder, write_jsonl
+from rlhf.pairs import expand_pairs, pair_indices
 from rlhf.prompts import split_by_prompt
 from rlhf.records import Pair, RankedTask
-from rlhf.tables import quiet_datasets
+from rlhf.tables import EXPORT_FORMAT, EXPORT_META, quiet_datasets
 
 AGGREGATIONS = ("none", "majority")
-EXPORT_FORMAT = "rlhf-export/1"
-EXPORT_META = "export.json"
 PAIRS_DATASET = "pairs_dataset"
 RANKINGS_DATASET = "rankings_dataset"
 

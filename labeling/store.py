@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 from rlhf.errors import UserError
+from rlhf.pairs import proposal_moves
 from rlhf.records import Completion, RankedTask, Ranking, Task, is_text
 
 SCHEMA_VERSION = 3
@@ -818,8 +819,6 @@ class SQLLabelStore:
             if previous is not None:
                 payload["previous"] = previous.ranks
             elif proposal is not None:
-                from labeling.active import proposal_moves
-
                 try:
                     shown = Ranking.normalized(proposal, ids)
                 except ValueError as exc:

@@ -17,7 +17,7 @@ metrics, named as TRL names them.
 
 K-wise, as the reward model (InstructGPT sec. 3.5; reward_model/loss.py): one ranking of K completions is
 one batch element, its K sequence log-probabilities are computed once, and all its C(K,2) pair losses are
-taken from those K numbers (ties give no pair; `labeling.pairs.pair_indices`): K sequences per ranking
+taken from those K numbers (ties give no pair; `rlhf.pairs.pair_indices`): K sequences per ranking
 where a pairwise trainer runs 2 * C(K,2). A pair from a pairs-only file (TRL's prompt/chosen/rejected) is
 a ranking of 2, so such files train as they are.
 

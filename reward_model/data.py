@@ -35,12 +35,13 @@ from typing import Any
 
 import torch
 
-from labeling.export import EXPORT_FORMAT, EXPORT_META
 from reward_model.loss import build_pair_index, ranking_pairs
 from reward_model.model import EncodedSample, encode_sample_ids, pad_samples
 from rlhf.errors import UserError
 from rlhf.records import Pair, RankedCompletion, RankedTask
 from rlhf.tables import (
+    EXPORT_FORMAT,
+    EXPORT_META,
     is_saved_dataset,
     load_hub,
     load_saved,

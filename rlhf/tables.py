@@ -12,6 +12,9 @@ from rlhf.errors import UserError
 from rlhf.jsonl import read_jsonl
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# The folder `rlhf export` writes names its format in export.json; readers refuse another one.
+EXPORT_FORMAT = "rlhf-export/1"
+EXPORT_META = "export.json"
 
 
 @contextmanager
@@ -92,6 +95,9 @@ def load_hub(name: str) -> dict[str, object]:
         with quiet_datasets():
             loaded = load_dataset(name)
     except Exception as exc:  # noqa: BLE001 -- the hub client's errors have many types
+        if datasets.config.HF_HUB_OFFLINE:  # set by the user, or by a model load that found no hub
+            raise UserError(f"{name!r} is not a local file or folder, and the Hugging Face hub is not reachable to "
+                            f"load it as a dataset id (offline mode, no cached copy: {cause(exc)})") from None
         raise UserError(f"cannot load dataset {name!r} from the Hugging Face hub ({cause(exc)})") from None
     return dict(loaded) if isinstance(loaded, DatasetDict) else {"train": loaded}
 

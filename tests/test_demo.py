@@ -52,8 +52,8 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, capsys):
     tasks = {json.loads(line)["prompt"] for line in (out / "tasks.jsonl").read_text().splitlines()}
     assert prompts["eval"] and tasks <= prompts["train"] and not prompts["train"] & prompts["eval"]
     # every stored ranking's non-tied pairs, at most 6 tasks x overlap 2 x C(4,2)
-    from labeling.pairs import pair_indices
     from labeling.store import open_store
+    from rlhf.pairs import pair_indices
 
     with open_store(out / "labels.db") as store:
         expected = sum(len(pair_indices(r.ranks)) for r in store.export_ranked_tasks())

@@ -7,7 +7,7 @@ import pytest
 from labeling_helpers import make_tasks, order_ranks
 
 from labeling import handlers
-from labeling.active import ActiveQueue, proposal_moves, proposed_ranks, reward_margin
+from labeling.active import ActiveQueue, proposed_ranks, reward_margin
 from labeling.commands import active_queue
 from labeling.gradio_ui import LabelUI
 from labeling.handlers import AppSettings
@@ -15,6 +15,7 @@ from labeling.stats import compute_stats, format_stats
 from labeling.store import InvalidRanking, open_store
 from pipeline.cli import main as cli_main
 from rlhf.errors import UserError
+from rlhf.pairs import proposal_moves
 
 
 def test_margin_proposal_and_moves_on_hand_made_numbers():

@@ -58,7 +58,7 @@ def test_tie_groups_and_tied_ranks():
 
 
 def test_simulate_ties_equal_scores_and_exports_no_pair_for_them(tmp_path):
-    from labeling.pairs import expand_pairs
+    from rlhf.pairs import expand_pairs
 
     with open_store(tmp_path / "labels.db") as store:
         task = Task.from_dict({"id": "t", "prompt": "p", "completions": ["aa", "bb", "c", "dddd"]})

@@ -2,7 +2,7 @@ from math import comb
 
 import pytest
 
-from labeling.pairs import expand_pairs, pair_indices
+from rlhf.pairs import expand_pairs, pair_indices
 from rlhf.records import RankedCompletion, RankedTask
 
 

@@ -6,6 +6,9 @@ ties we only keep the comparisons the annotator actually expressed).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from itertools import combinations
+
 from rlhf.records import Pair, RankedTask
 
 
@@ -24,3 +27,14 @@ def expand_pairs(ranked: RankedTask) -> list[Pair]:
     c = ranked.completions
     return [Pair(ranked.prompt, c[better].text, c[worse].text, ranked.task_id, ranked.annotator, c[better].rank,
                  c[worse].rank) for better, worse in pair_indices(ranked.ranks)]
+
+
+def proposal_moves(proposal: Mapping[str, int], ranks: Mapping[str, int]) -> int:
+    """How many completion pairs the annotator ordered differently from the proposal (better, worse or tied).
+    For rankings without ties it is the Kendall tau distance: the fewest swaps of adjacent completions that
+    turn one order into the other."""
+    def relation(r: Mapping[str, int], a: str, b: str) -> int:
+        return (r[a] > r[b]) - (r[a] < r[b])
+
+    ids = sorted(proposal)
+    return sum(relation(proposal, a, b) != relation(ranks, a, b) for a, b in combinations(ids, 2))
