@@ -442,8 +442,14 @@ class SQLLabelStore:
     def _after_copy(self, tx: Statements) -> None:
         """Bring generated-id counters past the ids a copy wrote (a no-op where the database does it itself)."""
 
-    def close(self) -> None:  # pragma: no cover
-        raise NotImplementedError
+    def close(self) -> None:
+        """Close every connection this store opened (in any thread); each backend keeps them in
+        `_connections` under `_lock`, one per thread in `_local`."""
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
 
     def __enter__(self):
         return self
@@ -1205,14 +1211,6 @@ class SQLiteLabelStore(SQLLabelStore):
                 yield tx
             finally:
                 tx.execute("COMMIT")
-
-    def close(self) -> None:
-        """Close every connection this store opened (in any thread)."""
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
 
     def integrity_check(self) -> str:
         """SQLite's `PRAGMA integrity_check` result ('ok' when the file is sound)."""

@@ -305,14 +305,6 @@ class PostgresLabelStore(SQLLabelStore):
             tx.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
                        f" COALESCE((SELECT MAX({column}) FROM {table}), 0) + 1, false)")
 
-    def close(self) -> None:
-        """Close every connection this store opened (in any thread)."""
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
-
     def integrity_check(self) -> str:
         """'ok' when every table of the store reads (PostgreSQL checks its own pages; a damaged table fails here
         with its error)."""
