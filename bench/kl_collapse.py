@@ -9,7 +9,9 @@ sampling seed; the SFT row is the reference model (adapters off) sampled the sam
     OMP_NUM_THREADS=2 .venv/bin/python bench/kl_collapse.py   # 2 arms x 1200 s of training (+ evals)
 
 Writes kl_collapse.png in the run folder: oracle score, distinct-2 and KL per evaluation for every arm, the
-SFT model's values as the step-0 point (`--plot DIR` redraws it from an earlier run's folder).
+SFT model's values as the step-0 point. Each arm's summary is kept in its folder, so arms can run as separate
+processes into one --out folder (`--betas 0` and `--betas 0.5` side by side on two cores), and `--report DIR`
+prints the table and redraws the figure from every arm found there.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -61,10 +64,10 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="base model (default SmolLM2-135M-Instruct)")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0, help="seed (same for every arm)")
-    parser.add_argument("--plot", metavar="DIR", help="only redraw DIR/kl_collapse.png from an earlier run")
+    parser.add_argument("--report", metavar="DIR", help="only print the table and redraw the figure of DIR's arms")
     args = parser.parse_args()
-    if args.plot:
-        print(plot_arms(Path(args.plot)))
+    if args.report:
+        report(Path(args.report))
         return
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from transformers.utils import logging as hf_logging
@@ -77,7 +80,6 @@ def main() -> None:
     work = Path(args.out or tempfile.mkdtemp(prefix="kl-collapse-"))
     work.mkdir(parents=True, exist_ok=True)
     prompts = story_prompts(work / "story_prompts.jsonl")
-    results = []
     for beta in args.betas:
         t0 = time.time()
         summary = train_policy(PPOConfig(
@@ -90,12 +92,19 @@ def main() -> None:
         samples = [json.loads(x) for x in Path(summary["samples"]).read_text().splitlines()]
         summary["example"] = samples[0]["policy"]["completion"]
         summary["sft_example"] = samples[0]["reference"]["completion"]
-        results.append(summary)
+        summary["setup"] = (f"{args.algo.upper()}, alliteration oracle, {args.model}, batch {args.batch_size}, "
+                            f"{args.response_length} tokens, lr {args.lr:g}, at most {args.steps} steps and "
+                            f"{args.budget_s:.0f} s per arm")
+        (work / f"beta_{beta:g}" / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         print(f"arm beta={beta:g}: {summary['steps']} steps in {summary['wall_s']:.0f} s", flush=True)
+    report(work)
 
+
+def report(work: Path) -> None:
+    """The table, the targets and the figure from every arm's summary.json in `work` (beta 0 first)."""
+    results = sorted((json.loads(p.read_text()) for p in work.glob("beta_*/summary.json")), key=lambda r: r["beta"])
     sft = results[0]["reference"]
-    print(f"\n{args.algo.upper()}, alliteration oracle, {args.model}, batch {args.batch_size}, "
-          f"{args.response_length} tokens, lr {args.lr:g}, {args.budget_s:.0f} s per arm (2 CPU cores, shared)\n")
+    print(f"\n{results[0]['setup']}; uptime {os.popen('uptime').read().strip()}\n")
     print("| model | steps | oracle (alliteration) | vs SFT | distinct-2 | vs SFT | KL (nats) | entropy |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| SFT (reference) | 0 | {sft['objective/oracle']:.2f} | 1.00x | {sft['eval/distinct_2']:.3f} | 1.00x "
@@ -107,9 +116,12 @@ def main() -> None:
               f"{f['eval/distinct_2'] / max(sft['eval/distinct_2'], 1e-9):.2f}x | {f['objective/kl']:.2f} | "
               f"{f['policy/entropy']:.2f} |")
     print()
-    collapse = results[0]["final"]["eval/distinct_2"] < 0.5 * sft["eval/distinct_2"]
-    print(f"beta=0 collapse (distinct-2 < 0.5x SFT): {'MET' if collapse else 'MISSED'}")
-    for r in results[1:]:
+    if results[0]["beta"] == 0:
+        collapse = results[0]["final"]["eval/distinct_2"] < 0.5 * sft["eval/distinct_2"]
+        print(f"beta=0 collapse (distinct-2 < 0.5x SFT): {'MET' if collapse else 'MISSED'}")
+    for r in results:
+        if r["beta"] == 0:
+            continue
         f = r["final"]
         ok = (f["objective/oracle"] >= 1.3 * sft["objective/oracle"],
               f["eval/distinct_2"] >= 0.8 * sft["eval/distinct_2"], f["objective/kl"] < 5)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TRL_SECONDS, TRL_PEAK_GB = 27.0, 5.3  # from the issue, measured on this machine with trl PPOTrainer
-LAYOUTS = ["shared", "shared-bf16", "separate", "trl"]
+LAYOUTS = ["shared", "shared-bf16", "shared-full-critic", "separate", "trl"]
 
 
 class PhaseTimer:
@@ -65,10 +65,14 @@ def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
     from safetensors.torch import load_file
     from torch import nn
 
+    from policy.config import PPOConfig
     from policy.roles import _lora_config
-    from reward_model.model import read_meta
+    from reward_model.model import first_layers, read_meta, resolve_layer
     from rlhf.causal_lm import final_hidden_states, lora_target_modules, position_ids_from_mask
     from rlhf.models import load_causal_lm, load_tokenizer
+
+    depth = load_causal_lm(model_name).config.num_hidden_layers
+    critic_layer = resolve_layer(PPOConfig.critic_layer, depth) % depth
 
     class SeparateRoles(nn.Module):
         def __init__(self):
@@ -76,17 +80,20 @@ def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
             tokenizer = load_tokenizer(model_name)
             base = load_causal_lm(model_name)
             base.requires_grad_(False)
-            self.model = get_peft_model(base, _lora_config(lora_target_modules(base), lora_r, lora_alpha))
+            targets = lora_target_modules(base)
+            self.model = get_peft_model(base, _lora_config(targets, lora_r, lora_alpha))
             self.reference = load_causal_lm(model_name).requires_grad_(False).eval()
-            self.critic = PeftModel.from_pretrained(load_causal_lm(model_name), rm_dir, is_trainable=True).eval()
+            # the critic as the shared layout's: a fresh adapter and value head, reading PPOConfig.critic_layer
+            self.critic = get_peft_model(load_causal_lm(model_name).requires_grad_(False),
+                                         _lora_config(targets, lora_r, lora_alpha, layers=critic_layer)).eval()
             self.reward = PeftModel.from_pretrained(load_causal_lm(model_name), rm_dir).requires_grad_(False).eval()
             head = load_file(str(Path(rm_dir) / "score_head.safetensors"))
             bias = float(read_meta(rm_dir).get("reward_bias", 0.0))
             hidden = base.config.hidden_size
             self.value_head, self.score_head = nn.Linear(hidden, 1), nn.Linear(hidden, 1).requires_grad_(False)
             with torch.no_grad():
-                for h in (self.value_head, self.score_head):
-                    h.weight.copy_(head["weight"]), h.bias.copy_(head["bias"] - bias)
+                self.score_head.weight.copy_(head["weight"]), self.score_head.bias.copy_(head["bias"] - bias)
+                self.value_head.weight.zero_(), self.value_head.bias.zero_()
             self.model.eval()
             self.tokenizer = tokenizer
 
@@ -110,7 +117,9 @@ def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
             return out.logits[:, :-1]
 
         def values(self, input_ids, attention_mask, response_length):
-            hidden = final_hidden_states(self.critic, input_ids, attention_mask)[:, -response_length - 1:-1]
+            with first_layers(self.critic, critic_layer):
+                hidden = final_hidden_states(self.critic, input_ids, attention_mask)
+            hidden = hidden[:, -response_length - 1:-1]
             return self.value_head(hidden.float()).squeeze(-1)
 
         @torch.no_grad()
@@ -197,8 +206,9 @@ def run_layout(layout: str, rm_dir: str, steps: int, batch: int, length: int) ->
 
     if layout.startswith("shared"):
         dtype = torch.bfloat16 if layout == "shared-bf16" else torch.float32
+        critic_layer = 0 if layout == "shared-full-critic" else config.critic_layer
         roles, tokenizer = build_roles("default", rm_dir, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
-                                       dtype=dtype)
+                                       dtype=dtype, critic_layer=critic_layer)
     else:
         roles, tokenizer = separate_roles("default", rm_dir, config.lora_r, config.lora_alpha)
     optimizer = torch.optim.Adam(roles.trainable_parameters(), lr=config.lr, eps=1e-5)

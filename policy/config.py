@@ -45,6 +45,18 @@ class PPOConfig:
     """Rank of the actor's (and a fresh critic's) LoRA adapter."""
     lora_alpha: int = 32
     """LoRA alpha (scale = alpha / r)."""
+    critic_layer: float = 0.33
+    """PPO: the value head reads the hidden state after this layer (a fraction of the depth, a layer
+    number, or 0 = the last layer, as `rlhf train-rm --readout-layer`), and the critic's LoRA adapts only
+    the layers below it, so its forward and backward passes run a third of the model by default: a PPO step
+    in 0.80x the time of a full-depth critic (README, Benchmarks, "PPO step"). It is where the default
+    reward model reads, so the critic sees what the reward depends on. 0 = the papers' critic, which starts
+    as the RM when the RM reads the last layer's last token (InstructGPT; Ziegler et al. 2019)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The base weights' dtype, shared by all four roles (the LoRA weights, the value head, log-probabilities,
+    advantages and losses stay float32). bfloat16 made a PPO step only 4% faster on a CPU with AVX-512 BF16
+    (README, Benchmarks, "PPO step"), and its rollout log-probabilities need a forward pass of their own
+    (policy/rollout.py), so float32 is the default; on a GPU bfloat16 saves memory."""
     seed: int = 0
     """Random seed (adapter init, prompt order, sampling)."""
     # sampling
@@ -167,6 +179,9 @@ class PPOConfig:
                             "a value >= 0 (or 'off')")
         if self.reward == "rm" and not self.rm:
             raise UserError("--rm DIR is required unless --reward names an oracle (e.g. --reward alliteration)")
+        if self.critic_layer < 0 or (self.critic_layer >= 1 and self.critic_layer != int(self.critic_layer)):
+            raise UserError(f"--critic-layer must be 0 (last), a fraction in (0, 1) or a layer number, "
+                            f"got {self.critic_layer}")
         if self.temperature <= 0:
             raise UserError("--temperature must be > 0")
         if self.kl_coef < 0:

@@ -4,9 +4,10 @@ The base causal LM is loaded once and wrapped with peft; the roles differ only i
 runs and which head reads the hidden states:
 
 - actor: adapter "actor" (fresh LoRA, trainable) + the base LM head -> token logits;
-- critic: adapter "critic" + `value_head`, trainable. When the RM reads the last layer's last token (the
-  papers' read-out), both start as the RM's adapter and score head, as in InstructGPT/Ziegler et al.;
-  with another read-out (the default: a middle layer's mean) a fresh adapter and a zero head;
+- critic: adapter "critic" + `value_head`, trainable, reading the state after layer `critic_layer` (a
+  third of the depth by default: only those layers run). When the RM reads that layer's last token (with
+  critic_layer 0: the papers' read-out), both start as the RM's adapter and score head, as in
+  InstructGPT/Ziegler et al.; otherwise (the default RM pools a mean) a fresh adapter and a zero head;
 - reward: adapter "reward" (the RM's adapter, frozen) + `score_head` (frozen) on the RM's read-out;
 - reference: the same base with every adapter DISABLED; its weights are never updated.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from reward_model.model import RMParts, load_rm_parts, reward_features
+from reward_model.model import RMParts, first_layers, load_rm_parts, num_decoder_layers, resolve_layer, reward_features
 from rlhf.causal_lm import final_hidden_states, lora_target_modules, position_ids_from_mask
 from rlhf.models import load_causal_lm, load_tokenizer
 
@@ -39,10 +40,11 @@ POLICY_META = "policy.json"
 class PolicyRoles(nn.Module):
     """The shared peft model plus the value and score heads; one method per role."""
 
-    def __init__(self, peft_model, value_head: nn.Linear | None, rm: RMParts | None = None):
+    def __init__(self, peft_model, value_head: nn.Linear | None, rm: RMParts | None = None, critic_layer: int = 0):
         super().__init__()
         self.model = peft_model
         self.value_head = value_head
+        self.critic_layer = critic_layer  # decoder layers the critic runs (0 = all)
         # The reward model's head, read-out and max_length (None with an oracle reward); its bias
         # already holds the RM's normalisation.
         self.score_head = rm.score_head if rm is not None else None
@@ -123,7 +125,7 @@ class PolicyRoles(nn.Module):
         """Critic values [B, T]: V of the state before each response token (prompt + earlier tokens)."""
         if self.value_head is None:
             raise RuntimeError("no critic in these roles (built with critic=False, as for RLOO and GRPO)")
-        with self._activate(CRITIC):
+        with self._activate(CRITIC), first_layers(self.model, self.critic_layer):
             hidden = final_hidden_states(self.model, input_ids, attention_mask)
         hidden = hidden[:, -response_length - 1:-1]
         return self.value_head(hidden.float()).squeeze(-1)
@@ -139,19 +141,20 @@ class PolicyRoles(nn.Module):
         return self.score_head(features).squeeze(-1)
 
 
-def _lora_config(targets: list[str], r: int, alpha: int):
+def _lora_config(targets: list[str], r: int, alpha: int, layers: int = 0):
     from peft import LoraConfig
 
     # dropout 0: the rollout's logprobs and values must be what the update recomputes (Huang et al.
     # 2024 disable dropout in the policy and value networks for the same reason).
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                      target_modules=targets)
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=targets,
+                      layers_to_transform=list(range(layers)) if layers else None)
 
 
 def build_roles(model_name: str, rm_dir: str | None, *, lora_r: int = 16, lora_alpha: int = 32,
-                dtype: torch.dtype = torch.float32, critic: bool = True):
+                dtype: torch.dtype = torch.float32, critic: bool = True, critic_layer: float = 0):
     """(PolicyRoles, tokenizer) on one base model: actor and critic trainable, reward and base frozen.
-    critic=False (RLOO, GRPO: no value function) loads no critic adapter and no value head."""
+    critic=False (RLOO, GRPO: no value function) loads no critic adapter and no value head. `critic_layer`
+    is PPOConfig.critic_layer (0: the last layer)."""
     from peft import get_peft_model
 
     tokenizer = load_tokenizer(model_name)
@@ -168,20 +171,22 @@ def build_roles(model_name: str, rm_dir: str | None, *, lora_r: int = 16, lora_a
     rm = load_rm_parts(rm_dir, hidden_size) if rm_dir is not None else None
     if rm is not None:
         model.load_adapter(str(rm_dir), adapter_name=REWARD, is_trainable=False)
-    # The critic starts as the RM (InstructGPT; Ziegler et al. 2019) when it reads the same states as the
-    # critic does, the last layer per token. An RM read at a middle layer has adapters on the lower layers
-    # only and a head fitted to pooled features: the critic then starts fresh, like an oracle run's.
-    critic_from_rm = rm is not None and rm.readout.layer == 0 and rm.readout.pool == "last"
+    depth = num_decoder_layers(base)
+    layer = resolve_layer(critic_layer, depth) % depth  # the full depth is 0, as in a Readout
+    # The critic starts as the RM (InstructGPT; Ziegler et al. 2019) when the RM reads the states the critic
+    # reads, one layer's state per token. An RM that pools a mean has a head fitted to pooled features:
+    # the critic then starts fresh, like an oracle run's.
+    critic_from_rm = rm is not None and rm.readout.layer == layer and rm.readout.pool == "last"
     if critic and critic_from_rm:
         model.load_adapter(str(rm_dir), adapter_name=CRITIC, is_trainable=True)
         with torch.no_grad():
             value_head.weight.copy_(rm.score_head.weight)
             value_head.bias.copy_(rm.score_head.bias)
     elif critic:
-        model.add_adapter(CRITIC, _lora_config(targets, lora_r, lora_alpha))
+        model.add_adapter(CRITIC, _lora_config(targets, lora_r, lora_alpha, layers=layer))
     model.set_adapter(ACTOR)
     model.eval()  # no dropout anywhere; gradients still flow
-    roles = PolicyRoles(model, value_head if critic else None, rm)
+    roles = PolicyRoles(model, value_head if critic else None, rm, critic_layer=layer)
     return roles, tokenizer
 
 

@@ -42,7 +42,7 @@ def decoder_body(causal_lm) -> nn.Module:
     decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if isinstance(decoder, nn.Module) and decoder is not model:
         return decoder
-    return model.getdecoder_body()
+    return model.get_decoder()
 
 
 def final_hidden_states(causal_lm, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

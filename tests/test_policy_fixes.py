@@ -209,3 +209,28 @@ def test_rollout_logprobs_from_the_sampler_equal_an_actor_forward(tiny_model_dir
     assert torch.allclose(batch.logprobs[real], forward[real], atol=1e-4)
     assert torch.allclose(batch.entropy[real], core.entropy_from_logits(logits, config.temperature)[real], atol=1e-4)
     assert batch.logits is None  # not carried into the update
+
+
+def test_bf16_rollout_logprobs_come_from_a_forward_pass(tiny_model_dir):
+    """In bfloat16 the sampler's KV-cache logits round differently from a full pass (tenths of a nat on
+    SmolLM2), so the rollout takes the actor's logprobs from a forward pass: the update's first ratio is then
+    exactly 1, and a fresh actor's KL to the reference exactly 0."""
+    torch.manual_seed(0)
+    roles, tokenizer = build_roles(tiny_model_dir, None, lora_r=4, lora_alpha=8, dtype=torch.bfloat16)
+    config = PPOConfig(reward="length", response_length=7, temperature=0.8, dtype="bfloat16")
+    eos = eos_token_ids(roles.model, tokenizer)
+    passes = []  # (a tiny model's logits are too small to show the rounding: check the path too)
+    forward = roles.response_logits
+    roles.response_logits = lambda adapter, *args: passes.append(adapter) or forward(adapter, *args)
+    batch = rollout(roles, tokenizer, PROMPTS[:3], 2, config, reward_function(config, tokenizer), eos,
+                    generator_seed=3, with_values=True)
+    assert passes == [ACTOR, None]
+    real = batch.mask.bool()
+    assert torch.equal(batch.logprobs[real], batch.ref_logprobs[real])  # LoRA B = 0: the actor is the reference
+    _move_actor(roles)
+    batch = rollout(roles, tokenizer, PROMPTS[:3], 2, config, reward_function(config, tokenizer), eos,
+                    generator_seed=3, with_values=True)
+    with torch.no_grad():
+        micro = roles.response_logits(ACTOR, batch.input_ids[:2], batch.attention_mask[:2], batch.response_length)
+    logp = core.logprobs_from_logits(micro, batch.responses[:2], config.temperature)
+    assert torch.equal(logp[batch.mask[:2].bool()], batch.logprobs[:2][batch.mask[:2].bool()])

@@ -263,3 +263,38 @@ def test_prompt_order_is_a_function_of_seed_and_step():
     first_pass = sampler.batch(0, 5)
     assert sorted(first_pass) == [f"p{i}" for i in range(5)]  # every prompt once per pass
     assert sampler.batch(3, 2) == _Sampler([f"p{i}" for i in range(5)], seed=0).batch(3, 2)
+
+
+def test_critic_reads_its_layer_and_adapts_only_the_layers_below(tiny_model_dir, rm_dir):
+    """PPOConfig.critic_layer: the value head reads the state after layer k (the final norm applied) and the
+    critic's LoRA sits on layers < k only; the layers above k leave the values unchanged."""
+    roles, _ = build_roles(tiny_model_dir, rm_dir, lora_r=4, lora_alpha=8, critic_layer=1)
+    assert roles.critic_layer == 1
+    critic = roles.parameters_of(CRITIC)
+    assert critic and all(".layers.0." in name for name in critic), sorted(critic)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        roles.value_head.weight.normal_()
+    ids, mask = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.ones(1, 6, dtype=torch.long)
+    with torch.no_grad():
+        values = roles.values(ids, mask, 3)
+        body = roles.model.get_base_model().model
+        hidden = body.embed_tokens(ids)
+        position_ids = torch.arange(6)[None]
+        embeddings = body.rotary_emb(hidden, position_ids)
+        with roles.model.disable_adapter():  # a fresh critic adapter is the identity (LoRA B = 0)
+            hidden = body.layers[0](hidden, attention_mask=None, position_ids=position_ids,
+                                    position_embeddings=embeddings)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        expected = roles.value_head(body.norm(hidden)[:, 2:5]).squeeze(-1)
+        assert torch.allclose(values, expected, atol=1e-5)
+        logits = roles.response_logits(ACTOR, ids, mask, 3)
+        for p in body.layers[1].parameters():
+            p.add_(torch.randn_like(p))
+        assert torch.equal(roles.values(ids, mask, 3), values)
+        assert not torch.allclose(roles.response_logits(ACTOR, ids, mask, 3), logits)
+
+
+def test_critic_layer_is_checked():
+    with pytest.raises(UserError, match="--critic-layer"):
+        PPOConfig(rm="x", critic_layer=1.5).check()
