@@ -1,15 +1,16 @@
 """Seconds per PPO step and peak memory: our one-base layout (actor, critic, reward and reference as LoRA
 adapters / adapters-off on ONE SmolLM2-135M in memory) against four separate model copies, same code
 path otherwise. Batch 8, 32 new tokens, 4 PPO epochs. Each layout runs in its own subprocess so the
-max-RSS peaks do not mix.
+max-RSS peaks do not mix. Layouts: `shared` (the defaults), `shared-bf16` (--dtype bfloat16),
+`shared-full-critic` (--critic-layer 0, the papers' full-depth critic), `separate`, `trl`.
 
-    .venv/bin/python bench/ppo_step.py                 # both layouts, side by side
-    .venv/bin/python bench/ppo_step.py --layout shared # one layout (what the parent runs)
+    .venv/bin/python bench/ppo_step.py                 # every layout, side by side
+    .venv/bin/python bench/ppo_step.py --only shared trl
 
 Where `trl==1.12.0` is installed (pip install trl==1.12.0; it changes neither torch nor
-transformers), TRL's PPOTrainer runs as a third layout with the same sizes: LoRA policy (reference =
-adapters off, as TRL does with peft_config), separate value and reward models (its design).
-The issue's reference figures for TRL (~27 s/step, 5.3 GB) are printed too.
+transformers), TRL's PPOTrainer runs as a layout with the same sizes and its own defaults (bf16 autocast,
+gradient checkpointing): LoRA policy (reference = adapters off, as TRL does with peft_config), separate
+value and reward models (its design). Earlier reference figures for TRL (~27 s/step, 5.3 GB) are printed too.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-TRL_SECONDS, TRL_PEAK_GB = 27.0, 5.3  # from the issue, measured on this machine with trl PPOTrainer
+TRL_SECONDS, TRL_PEAK_GB = 27.0, 5.3  # an earlier measurement of TRL's PPOTrainer on this machine
 LAYOUTS = ["shared", "shared-bf16", "shared-full-critic", "separate", "trl"]
 
 
@@ -302,7 +303,7 @@ def main() -> None:
         print(f"one base vs TRL PPOTrainer measured in this run: {by['shared']['median'] / by['trl']['median']:.2f}x "
               f"time, {by['shared']['peak_gb'] / by['trl']['peak_gb']:.2f}x peak memory (targets: <= 0.5x, <= 0.4x)")
     elif "trl" not in by:
-        print("TRL PPOTrainer: not installed, not measured in this run (the TRL columns use the issue's figures).")
+        print("TRL PPOTrainer: not installed, not measured in this run (the TRL columns use the earlier figures).")
     print("\ntime split per step (s, mean over the timed steps):")
     for r in results:
         if r.get("split"):
