@@ -68,12 +68,9 @@ def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
 
     from policy.config import PPOConfig
     from policy.roles import _lora_config
-    from reward_model.model import first_layers, read_meta, resolve_layer
+    from reward_model.model import Readout, first_layers, read_meta, resolve_layer, reward_features
     from rlhf.causal_lm import final_hidden_states, lora_target_modules, position_ids_from_mask
     from rlhf.models import load_causal_lm, load_tokenizer
-
-    depth = load_causal_lm(model_name).config.num_hidden_layers
-    critic_layer = resolve_layer(PPOConfig.critic_layer, depth) % depth
 
     class SeparateRoles(nn.Module):
         def __init__(self):
@@ -82,6 +79,8 @@ def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
             base = load_causal_lm(model_name)
             base.requires_grad_(False)
             targets = lora_target_modules(base)
+            depth = base.config.num_hidden_layers
+            self.critic_layer = critic_layer = resolve_layer(PPOConfig.critic_layer, depth) % depth
             self.model = get_peft_model(base, _lora_config(targets, lora_r, lora_alpha))
             self.reference = load_causal_lm(model_name).requires_grad_(False).eval()
             # the critic as the shared layout's: a fresh adapter and value head, reading PPOConfig.critic_layer
@@ -89,7 +88,9 @@ def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
                                          _lora_config(targets, lora_r, lora_alpha, layers=critic_layer)).eval()
             self.reward = PeftModel.from_pretrained(load_causal_lm(model_name), rm_dir).requires_grad_(False).eval()
             head = load_file(str(Path(rm_dir) / "score_head.safetensors"))
-            bias = float(read_meta(rm_dir).get("reward_bias", 0.0))
+            meta = read_meta(rm_dir)
+            bias = float(meta.get("reward_bias", 0.0))
+            self.rm_readout, self.rm_max_length = Readout.from_meta(meta), int(meta["max_length"])
             hidden = base.config.hidden_size
             self.value_head, self.score_head = nn.Linear(hidden, 1), nn.Linear(hidden, 1).requires_grad_(False)
             with torch.no_grad():
@@ -118,15 +119,15 @@ def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
             return out.logits[:, :-1]
 
         def values(self, input_ids, attention_mask, response_length):
-            with first_layers(self.critic, critic_layer):
+            with first_layers(self.critic, self.critic_layer):
                 hidden = final_hidden_states(self.critic, input_ids, attention_mask)
             hidden = hidden[:, -response_length - 1:-1]
             return self.value_head(hidden.float()).squeeze(-1)
 
         @torch.no_grad()
-        def scores(self, input_ids, attention_mask, last_index):
-            hidden = final_hidden_states(self.reward, input_ids, attention_mask)
-            return self.score_head(hidden[torch.arange(hidden.shape[0]), last_index].float()).squeeze(-1)
+        def scores(self, input_ids, attention_mask, completion_mask):  # as PolicyRoles.scores
+            features = reward_features(self.reward, self.rm_readout, input_ids, attention_mask, completion_mask)
+            return self.score_head(features).squeeze(-1)
 
     roles = SeparateRoles()
     return roles, roles.tokenizer
