@@ -80,7 +80,7 @@ def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
             base.requires_grad_(False)
             targets = lora_target_modules(base)
             depth = base.config.num_hidden_layers
-            self.critic_layer = critic_layer = resolve_layer(PPOConfig.critic_layer, depth) % depth
+            self.critic_layer = critic_layer = resolve_layer(PPOConfig.critic_layer, depth)
             self.model = get_peft_model(base, _lora_config(targets, lora_r, lora_alpha))
             self.reference = load_causal_lm(model_name).requires_grad_(False).eval()
             # the critic as the shared layout's: a fresh adapter and value head, reading PPOConfig.critic_layer

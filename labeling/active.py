@@ -73,7 +73,7 @@ def proposed_ranks(rewards: Mapping[str, float]) -> dict[str, int]:
 
 
 def random_key(seed: int, task_id: str) -> str:
-    """A task's place in the seeded random order."""
+    """A task's place in the random order that `seed` fixes (the same on every server)."""
     return hashlib.sha256(f"{seed}\x00{task_id}".encode("utf-8", "surrogatepass")).hexdigest()
 
 

@@ -157,13 +157,16 @@ class RewardModel(nn.Module):
 
 def resolve_layer(requested: float, num_layers: int) -> int:
     """A read-out layer from a config value: an int >= 1 is a layer number, a fraction in (0, 1) a
-    share of the depth (0.5 = the middle layer, whatever the model's size), 0 the last layer."""
+    share of the depth (0.5 = the middle layer, whatever the model's size), 0 the last layer. The last
+    layer is returned as 0 however it was asked for, as a `Readout` records it (0 = run every layer)."""
     if 0 < requested < 1:
-        return max(1, round(requested * num_layers))
-    if requested != int(requested) or not 0 <= requested <= num_layers:
+        layer = max(1, round(requested * num_layers))
+    elif requested != int(requested) or not 0 <= requested <= num_layers:
         raise UserError(f"--readout-layer must be 0 (last), a fraction in (0, 1) or a layer in 1..{num_layers}, "
                         f"got {requested}")
-    return int(requested)
+    else:
+        layer = int(requested)
+    return 0 if layer == num_layers else layer
 
 
 def create_reward_model(base_model: str, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
@@ -176,7 +179,7 @@ def create_reward_model(base_model: str, lora_r: int = 8, lora_alpha: int = 16, 
     causal_lm = load_causal_lm(base_model, dtype=dtype)
     depth = num_decoder_layers(causal_lm)
     layer = resolve_layer(readout_layer, depth)
-    readout = Readout(0 if layer == depth else layer, readout_pool)  # the full depth is written as 0
+    readout = Readout(layer, readout_pool)
     readout.check(depth)
     used = readout.layer or depth
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
