@@ -68,7 +68,7 @@ def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
 
     from policy.config import PPOConfig
     from policy.roles import _lora_config
-    from reward_model.model import Readout, first_layers, read_meta, resolve_layer, reward_features
+    from reward_model.model import Readout, first_layers, num_decoder_layers, read_meta, resolve_layer, reward_features
     from rlhf.causal_lm import final_hidden_states, lora_target_modules, position_ids_from_mask
     from rlhf.models import load_causal_lm, load_tokenizer
 
@@ -79,8 +79,8 @@ def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
             base = load_causal_lm(model_name)
             base.requires_grad_(False)
             targets = lora_target_modules(base)
-            depth = base.config.num_hidden_layers
-            self.critic_layer = critic_layer = resolve_layer(PPOConfig.critic_layer, depth)
+            depth = num_decoder_layers(base)
+            self.critic_layer = critic_layer = resolve_layer(PPOConfig.critic_layer, depth, "--critic-layer")
             self.model = get_peft_model(base, _lora_config(targets, lora_r, lora_alpha))
             self.reference = load_causal_lm(model_name).requires_grad_(False).eval()
             # the critic as the shared layout's: a fresh adapter and value head, reading PPOConfig.critic_layer

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from reward_model.config import check_layer_request
 from rlhf.config_args import check_fields
 from rlhf.errors import UserError
 
@@ -179,9 +180,7 @@ class PPOConfig:
                             "a value >= 0 (or 'off')")
         if self.reward == "rm" and not self.rm:
             raise UserError("--rm DIR is required unless --reward names an oracle (e.g. --reward alliteration)")
-        if self.critic_layer < 0 or (self.critic_layer >= 1 and self.critic_layer != int(self.critic_layer)):
-            raise UserError(f"--critic-layer must be 0 (last), a fraction in (0, 1) or a layer number, "
-                            f"got {self.critic_layer}")
+        check_layer_request(self.critic_layer, "--critic-layer")
         if self.temperature <= 0:
             raise UserError("--temperature must be > 0")
         if self.kl_coef < 0:

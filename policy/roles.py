@@ -172,7 +172,7 @@ def build_roles(model_name: str, rm_dir: str | None, *, lora_r: int = 16, lora_a
     if rm is not None:
         model.load_adapter(str(rm_dir), adapter_name=REWARD, is_trainable=False)
     depth = num_decoder_layers(base)
-    layer = resolve_layer(critic_layer, depth)
+    layer = resolve_layer(critic_layer, depth, "--critic-layer")
     # The critic starts as the RM (InstructGPT; Ziegler et al. 2019) when the RM reads the states the critic
     # reads, one layer's state per token. An RM that pools a mean has a head fitted to pooled features:
     # the critic then starts fresh, like an oracle run's.

@@ -9,6 +9,17 @@ from rlhf.config_args import check_fields
 from rlhf.errors import UserError
 
 
+def check_layer_request(requested: float, flag: str, num_layers: int | None = None) -> None:
+    """A read-out layer as the configs take it (`--readout-layer`, `--critic-layer`): 0 for the last layer, a
+    fraction in (0, 1) of the depth or a layer number, at most `num_layers` where the depth is known. Checked
+    before any model loads, and again against the depth by `reward_model.model.resolve_layer`."""
+    if 0 <= requested < 1:
+        return
+    if requested < 0 or requested != int(requested) or (num_layers is not None and requested > num_layers):
+        where = f"in 1..{num_layers}" if num_layers is not None else "number"
+        raise UserError(f"{flag} must be 0 (last), a fraction in (0, 1) or a layer {where}, got {requested}")
+
+
 @dataclass
 class RewardTrainingConfig:
     """Arguments of `rlhf train-rm` / `train_reward_model`. Defaults follow InstructGPT where it applies."""
@@ -99,3 +110,4 @@ class RewardTrainingConfig:
             raise UserError(f"--margin must be >= 0, got {self.margin}")
         if self.checkpoint_every < 0:
             raise UserError("--checkpoint-every must be >= 0")
+        check_layer_request(self.readout_layer, "--readout-layer")

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from reward_model.config import check_layer_request
 from rlhf.causal_lm import decoder_body, final_hidden_states, last_token_index, lora_target_modules, pad_rows
 from rlhf.errors import UserError
 from rlhf.models import format_prompt, load_causal_lm, load_tokenizer
@@ -155,17 +156,13 @@ class RewardModel(nn.Module):
         return self.score_head(features).squeeze(-1) - self.reward_bias
 
 
-def resolve_layer(requested: float, num_layers: int) -> int:
+def resolve_layer(requested: float, num_layers: int, flag: str = "--readout-layer") -> int:
     """A read-out layer from a config value: an int >= 1 is a layer number, a fraction in (0, 1) a
     share of the depth (0.5 = the middle layer, whatever the model's size), 0 the last layer. The last
-    layer is returned as 0 however it was asked for, as a `Readout` records it (0 = run every layer)."""
-    if 0 < requested < 1:
-        layer = max(1, round(requested * num_layers))
-    elif requested != int(requested) or not 0 <= requested <= num_layers:
-        raise UserError(f"--readout-layer must be 0 (last), a fraction in (0, 1) or a layer in 1..{num_layers}, "
-                        f"got {requested}")
-    else:
-        layer = int(requested)
+    layer is returned as 0 however it was asked for, as a `Readout` records it (0 = run every layer).
+    `flag` names the option in the error."""
+    check_layer_request(requested, flag, num_layers)
+    layer = max(1, round(requested * num_layers)) if 0 < requested < 1 else int(requested)
     return 0 if layer == num_layers else layer
 
 

@@ -298,3 +298,8 @@ def test_critic_reads_its_layer_and_adapts_only_the_layers_below(tiny_model_dir,
 def test_critic_layer_is_checked():
     with pytest.raises(UserError, match="--critic-layer"):
         PPOConfig(rm="x", critic_layer=1.5).check()
+
+
+def test_critic_layer_beyond_the_depth_names_the_critic_option(tiny_model_dir):
+    with pytest.raises(UserError, match="--critic-layer must be .* a layer in 1..2, got 3"):
+        build_roles(tiny_model_dir, None, lora_r=4, lora_alpha=8, critic_layer=3)

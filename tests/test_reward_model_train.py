@@ -205,3 +205,10 @@ def test_learning_rate_per_step_is_the_cosine_decay_to_a_floor(total_steps, fina
         assert scheduler.get_last_lr() == [3e-4 * factor, 9e-3 * factor], step
         optimizer.step()
         scheduler.step()
+
+
+def test_readout_layer_is_checked_before_the_model_loads(tmp_path):
+    for bad in (1.5, -1):
+        with pytest.raises(UserError, match=f"--readout-layer must be .*got {bad}"):
+            RewardTrainingConfig(data=str(tmp_path), out=str(tmp_path / "rm"), model="no-such-model",
+                                 readout_layer=bad).check()
