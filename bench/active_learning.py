@@ -2,10 +2,10 @@
 annotators rank the tasks in random order or in the reward model's uncertainty order (labeling/active.py),
 same tasks, seeds and budget, side by side in one run.
 
-    .venv/bin/python bench/active_learning.py [--budget 80] [--every 20] [--epochs 5] [--seeds 0]
+    .venv/bin/python bench/active_learning.py [--k 4] [--budget 80] [--every 20] [--epochs 5] [--seeds 0]
 
-Data: the SFT completions cached by bench/rm_quality.py (K=4 per prompt of data/prompts.jsonl, 32 tokens),
-the demo's `descriptive` oracle standing in for the annotators (one annotator, overlap 1, noise 0.1, as
+Data: the SFT completions cached by bench/rm_quality.py (--k per prompt of data/prompts.jsonl, 32 tokens), the
+demo's `descriptive` oracle standing in for the annotators (one annotator, overlap 1, noise 0.1, as
 `rlhf simulate`), 20% of the prompts held out by the export's rule and ranked without noise for the
 evaluation. For each strategy: a fresh store with the other prompts' tasks; `simulate` with the strategy's
 queue and `RetrainingLoop` (every --every rankings a reward model is trained from scratch on all rankings
@@ -99,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--oracle", default="descriptive")
+    parser.add_argument("--k", type=int, default=4, help="completions per task")
     parser.add_argument("--budget", type=int, default=80, help="rankings per strategy")
     parser.add_argument("--every", type=int, default=20, help="rankings between retrainings")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of each retraining (train-rm's default: 5)")
@@ -117,7 +118,7 @@ def main() -> None:
 
     from rlhf.oracles import load_oracle
 
-    tasks = cached_tasks(args.model, 4, 32, limit=args.limit)
+    tasks = cached_tasks(args.model, args.k, 32, limit=args.limit)
     rows = oracle_rankings(tasks, load_oracle(args.oracle), 0.2, 0)
     test_rows = [r for r in rows if r["split"] == "test"]
     test_prompts = {r["prompt"] for r in test_rows}

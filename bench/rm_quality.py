@@ -192,26 +192,32 @@ def run_trl(rows: list[dict], args, out: Path) -> dict:
 
 # ---- frozen-feature probes and bag of words ----
 
+def fit_pairwise_logistic(x, l2: float):
+    """w minimising mean(-log sigmoid(x @ w)) + l2 |w|^2: a Bradley-Terry head on pair-difference rows x
+    (each row: preferred minus other)."""
+    import torch
+
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.softplus(-(x @ w)).mean() + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach()
+
+
 def logistic_accuracy(x_train, x_eval_sets, l2: float, standardise: bool = True):
     """Fit w on pair-difference features (label: first preferred) and return accuracies on each eval set.
     Hidden states are standardised per dimension; word counts are not (a rare word would be blown up)."""
     import torch
 
     scale = x_train.abs().mean(0, keepdim=True) + 1e-6 if standardise else torch.ones(1, x_train.shape[1])
-    x = torch.cat([x_train, -x_train]) / scale
-    y = torch.cat([torch.ones(len(x_train)), torch.zeros(len(x_train))])
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    optimizer = torch.optim.LBFGS([w], max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        return [accuracy(((s / scale) @ w).tolist()) for s in x_eval_sets]
+    w = fit_pairwise_logistic(x_train / scale, l2)
+    return [accuracy(((s / scale) @ w).tolist()) for s in x_eval_sets]
 
 
 def select_and_fit(features: dict[str, callable], train_rows, test_rows, l2s=(1e-4, 1e-3, 1e-2, 1e-1, 1.0),

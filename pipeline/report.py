@@ -116,6 +116,16 @@ def _sum(*values: Any) -> float | None:
     return None if any(v is None for v in values) else float(sum(values))
 
 
+def _held_out_accuracy(test: dict[str, Any]) -> str:
+    """'0.706 [0.624, 0.789], 674 pairs of 22 prompts': the interval resamples prompts, since pairs of one prompt
+    are not independent (reward_model.evaluate.prompt_bootstrap_interval)."""
+    if test.get("accuracy") is None:
+        return "n/a"
+    interval = test.get("accuracy_interval")
+    shown = f" [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else ""
+    return f"{_fmt(test['accuracy'])}{shown}, {test.get('pairs')} pairs of {test.get('prompts', '?')} prompts"
+
+
 def _table(header: tuple[str, ...], rows: list[tuple], align: str = "---") -> list[str]:
     return ([f"| {' | '.join(header)} |", "|---|" + f"{align}|" * (len(header) - 1)]
             + [f"| {' | '.join(map(str, row))} |" for row in rows] + [""])
@@ -142,7 +152,7 @@ def write_report(out: Path, settings: dict[str, Any], done: dict[str, dict]) -> 
          f"{_fmt(reference.get('objective/rm_score'))} -> {_fmt(final.get('objective/rm_score'))}"),
         ("KL(PPO \\|\\| SFT), nats per response", _fmt(final.get("objective/kl"))),
         ("Distinct-2, SFT -> PPO", f"{_fmt(reference.get('eval/distinct_2'))} -> {_fmt(final.get('eval/distinct_2'))}"),
-        ("Reward model held-out accuracy", _fmt(rm.get("test_accuracy"))),
+        ("Reward model held-out accuracy [95% interval over the held-out prompts]", _held_out_accuracy(rm_test)),
         ("Reward model calibration error (ECE)", _fmt(rm_test.get("ece"))),
         ("Human agreement ceiling", _fmt(rm_test.get("human_agreement")))])
     ppo_samples = _samples(out / "ppo" / "samples.jsonl")

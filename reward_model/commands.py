@@ -82,8 +82,9 @@ def run_train(args) -> None:
           f"per-prompt spread of mean reward {summary['per_prompt_mean_std']:.4f}")
     if "test" in summary:
         t = summary["test"]
-        print(f"held-out: accuracy {t['accuracy']:.3f} on {t['pairs']} pairs, mean margin "
-              f"{t['mean_margin']:.3f}, ECE {t['ece']:.3f}")
+        low, high = t["accuracy_interval"]
+        print(f"held-out: accuracy {t['accuracy']:.3f} [{low:.3f}, {high:.3f} over prompts] on {t['pairs']} pairs "
+              f"of {t['prompts']} prompts, mean margin {t['mean_margin']:.3f}, ECE {t['ece']:.3f}")
     print(f"reward model saved to {summary['rm_dir']} (curves: {summary['curves']})")
 
 
@@ -101,7 +102,9 @@ def run_eval(args) -> None:
     if not result["pairs"]:
         raise UserError(f"{args.data}: no comparable pairs (all ties or identical texts)")
     print(f"pairs            {result['pairs']}")
-    print(f"accuracy         {result['accuracy']:.4f}")
+    low, high = result["accuracy_interval"]
+    print(f"accuracy         {result['accuracy']:.4f}  (95% interval {low:.4f}-{high:.4f}, resampling the "
+          f"{result['prompts']} prompts)")
     print(f"mean margin      {result['mean_margin']:.4f}")
     print(f"ECE (10 bins)    {result['ece']:.4f}")
     if "human_agreement" in result:

@@ -5,6 +5,7 @@ and, where several annotators judged the same comparison, how often humans agree
 from __future__ import annotations
 
 import math
+import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -48,6 +49,27 @@ def _comparisons(records: Iterable[RankedTask | Pair]):
 def _accuracy(diffs: Sequence[float]) -> float:
     """Fraction of comparisons the reward orders right; a tie in reward counts half."""
     return sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
+
+
+def prompt_bootstrap_interval(prompts: Sequence[str], diffs: Sequence[float], draws: int = 2000,
+                              seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the pairwise accuracy when the held-out PROMPTS are resampled with
+    replacement (the cluster bootstrap: Davison & Hinkley 1997, sec. 3.8). The pairs of one prompt share its
+    completions and annotators, so they are not independent: a held-out set of a few dozen prompts is far
+    less precise than its pair count suggests, and the interval says how much the figure would move with
+    another draw of prompts."""
+    correct: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for prompt, diff in zip(prompts, diffs):
+        correct[prompt][0] += 1.0 if diff > 0 else 0.5 if diff == 0 else 0.0
+        correct[prompt][1] += 1
+    groups = list(correct.values())
+    rng = random.Random(seed)
+    accuracies = []
+    for _ in range(draws):
+        sample = [groups[rng.randrange(len(groups))] for _ in groups]
+        accuracies.append(sum(s for s, _ in sample) / sum(n for _, n in sample))
+    accuracies.sort()
+    return accuracies[int(0.025 * (draws - 1))], accuracies[math.ceil(0.975 * (draws - 1))]
 
 
 def diagnostics(comparisons: Sequence[tuple], diffs: Sequence[float]) -> dict[str, Any]:
@@ -127,10 +149,10 @@ def evaluate_reward_model(rm, tokenizer, path_or_records: str | Path | Iterable[
                           max_length: int | None = None, batch_size: int = 32) -> dict[str, Any]:
     """Metrics of `rm` on a rankings/pairs JSONL file, or on records (RankedTask, Pair or their dicts).
 
-    Every distinct (prompt, completion) is scored once. Returns: pairs, accuracy (a tie in reward
-    counts half), mean_margin (mean r_better - r_worse), ece (10 bins), the `diagnostics` (by rank gap,
-    by length difference, reliability), and human_agreement beside model_agreement_same_judgements
-    when several annotators judged the same comparison.
+    Every distinct (prompt, completion) is scored once. Returns: pairs, prompts, accuracy (a tie in reward
+    counts half), accuracy_interval (`prompt_bootstrap_interval`), mean_margin (mean r_better - r_worse),
+    ece (10 bins), the `diagnostics` (by rank gap, by length difference, reliability), and human_agreement
+    beside model_agreement_same_judgements when several annotators judged the same comparison.
     """
     if isinstance(path_or_records, (str, Path)):
         records = [record for _, record in read_records(path_or_records)]
@@ -152,7 +174,9 @@ def evaluate_reward_model(rm, tokenizer, path_or_records: str | Path | Iterable[
     probs = [1.0 / (1.0 + math.exp(-d)) for d in diffs]
     result = {
         "pairs": len(diffs),
+        "prompts": len({c[0] for c in comparisons}),
         "accuracy": _accuracy(diffs),
+        "accuracy_interval": list(prompt_bootstrap_interval([c[0] for c in comparisons], diffs)),
         "mean_margin": sum(diffs) / len(diffs),
         "ece": expected_calibration_error(probs),
         **diagnostics(comparisons, diffs),

@@ -78,6 +78,11 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, capsys):
     md = (out / "report.md").read_text()
     assert "## Samples" in md and "ppo/plots/reward_vs_kl.png" in md and "rm/train_curves.png" in md
     assert "## SFT, RM + PPO and DPO on the same held-out prompts" in md and "| SFT | RM + PPO | DPO |" in md
+    test = done["reward_model"]["test"]
+    low, high = test["accuracy_interval"]
+    assert low <= test["accuracy"] <= high and test["prompts"] == len({r["prompt"] for r in _held_out_rows(out)})
+    assert (f"| Reward model held-out accuracy [95% interval over the held-out prompts] | {test['accuracy']:.3f} "
+            f"[{low:.3f}, {high:.3f}], {test['pairs']} pairs of {test['prompts']} prompts |") in md
     assert html.count("data:image/png;base64,") == 5
 
     # --resume after a "crash" in PPO: earlier stages are skipped, not redone
@@ -91,6 +96,11 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, capsys):
         assert again[stage]["seconds"] == done[stage]["seconds"]  # read back from its marker, not rerun
     assert printed.count("done earlier, skipped") == 5
     assert "policy done in" in printed
+
+
+def _held_out_rows(out):
+    rows = [json.loads(line) for line in (out / "pairs" / "rankings.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "test" and len({c["rank"] for c in r["completions"]}) > 1]
 
 
 def test_demo_refuses_to_overwrite_and_names_the_failing_stage(tmp_path, tiny_model_dir, capsys):

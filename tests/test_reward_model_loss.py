@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reward_model.data import DataStats, build_examples, collate, epoch_order
-from reward_model.evaluate import expected_calibration_error, human_agreement
+from reward_model.evaluate import expected_calibration_error, human_agreement, prompt_bootstrap_interval
 from reward_model.loss import build_pair_index, pairwise_loss, ranking_loss, ranking_pairs
 from reward_model.model import EncodedSample
 from rlhf.records import Pair, RankedCompletion, RankedTask
@@ -133,6 +133,21 @@ def test_ece():
     # bin [0.2, 0.3) predicts 0.25 and observes 0: |0.75 - 1| = |0.25 - 0| = 0.25.
     assert expected_calibration_error([0.75] * 4) == pytest.approx(0.25)
     assert expected_calibration_error([0.5]) == pytest.approx(0.0)  # (0.5,1) and (0.5,0) share a bin
+
+
+def test_prompt_bootstrap_interval_resamples_prompts_not_pairs():
+    # prompt a: both pairs right, prompt b: both wrong -> a draw holds aa (1.0), ab/ba (0.5) or bb (0.0); the
+    # 95% interval reaches both ends, where resampling the four pairs as independent would be far narrower
+    assert prompt_bootstrap_interval(["a", "a", "b", "b"], [1.0, 2.0, -1.0, -0.5]) == (0.0, 1.0)
+    # every prompt 1 right, 1 wrong: every draw has accuracy 0.5, however many prompts
+    prompts = [p for p in "abcdef" for _ in range(2)]
+    assert prompt_bootstrap_interval(prompts, [1.0, -1.0] * 6) == (0.5, 0.5)
+    # one prompt: nothing to resample; a reward tie counts half, as in the accuracy
+    assert prompt_bootstrap_interval(["a"] * 4, [1.0, 1.0, 0.0, -1.0]) == (0.625, 0.625)
+    # 30 prompts, 10 of them wrong: the interval holds 2/3 and lies inside (0, 1)
+    prompts = [str(i) for i in range(30) for _ in range(3)]
+    low, high = prompt_bootstrap_interval(prompts, [1.0 if int(p) >= 10 else -1.0 for p in prompts])
+    assert 0.4 < low < 2 / 3 < high < 0.9
 
 
 def test_human_agreement_leave_one_out():
