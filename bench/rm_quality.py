@@ -21,7 +21,8 @@ For each preference (an oracle from rlhf/oracles.py standing in for noiseless an
    - bow: logistic regression on the difference of bag-of-words counts, L2 chosen the same way (how much
      signal the labels carry for a model-free learner).
 Accuracy counts a reward tie as half right. The +- column is 1.96 standard errors of the held-out
-accuracy treating pairs as independent (pairs from one ranking are not, so the real interval is wider).
+accuracy treating pairs as independent (pairs from one ranking are not, so the real interval is wider: ours
+is also given with its interval over the held-out prompts, `reward_model.evaluate.prompt_bootstrap_interval`).
 `--learning-curve` adds ours' held-out accuracy against the number of training rankings.
 """
 
@@ -363,7 +364,9 @@ def main() -> None:
         cells = "  ".join(f"{m} {result[m]['train']:.2f}/{result[m]['test']:.2f} ({result[m]['seconds']:.0f}s)"
                           for m in methods if m in result)
         probe = f"  [probe read-out {result['probe']['readout']}]" if "probe" in result else ""
-        print(f"{name:12s} {n_train:4d}/{n_test:3d} pairs  +-{ci:.2f}  {cells}{probe}", flush=True)
+        interval = result.get("ours", {}).get("test_result", {}).get("accuracy_interval")
+        over_prompts = f"  [ours 95% over prompts {interval[0]:.2f}-{interval[1]:.2f}]" if interval else ""
+        print(f"{name:12s} {n_train:4d}/{n_test:3d} pairs  +-{ci:.2f}  {cells}{probe}{over_prompts}", flush=True)
         table.append(result)
 
     print("\n| preference | train / held-out pairs | " + " | ".join(f"{m} train / held-out" for m in methods) + " |")

@@ -117,13 +117,14 @@ def _sum(*values: Any) -> float | None:
 
 
 def _held_out_accuracy(test: dict[str, Any]) -> str:
-    """'0.706 [0.624, 0.789], 674 pairs of 22 prompts': the interval resamples prompts, since pairs of one prompt
+    """'0.768 [0.638, 0.888], 142 pairs of 19 prompts': the interval resamples prompts, since pairs of one prompt
     are not independent (reward_model.evaluate.prompt_bootstrap_interval)."""
     if test.get("accuracy") is None:
         return "n/a"
     interval = test.get("accuracy_interval")
     shown = f" [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else ""
-    return f"{_fmt(test['accuracy'])}{shown}, {test.get('pairs')} pairs of {test.get('prompts', '?')} prompts"
+    prompts = f" of {test['prompts']} prompts" if "prompts" in test else ""  # summaries written before it was kept
+    return f"{_fmt(test['accuracy'])}{shown}, {test.get('pairs')} pairs{prompts}"
 
 
 def _table(header: tuple[str, ...], rows: list[tuple], align: str = "---") -> list[str]:

@@ -5,7 +5,6 @@ and, where several annotators judged the same comparison, how often humans agree
 from __future__ import annotations
 
 import math
-import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -58,18 +57,18 @@ def prompt_bootstrap_interval(prompts: Sequence[str], diffs: Sequence[float], dr
     completions and annotators, so they are not independent: a held-out set of a few dozen prompts is far
     less precise than its pair count suggests, and the interval says how much the figure would move with
     another draw of prompts."""
-    correct: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    correct: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for prompt, diff in zip(prompts, diffs):
         correct[prompt][0] += 1.0 if diff > 0 else 0.5 if diff == 0 else 0.0
-        correct[prompt][1] += 1
-    groups = list(correct.values())
-    rng = random.Random(seed)
+        correct[prompt][1] += 1.0
+    right, pairs = torch.tensor(list(correct.values()), dtype=torch.float64).T
+    generator = torch.Generator().manual_seed(seed)
     accuracies = []
-    for _ in range(draws):
-        sample = [groups[rng.randrange(len(groups))] for _ in groups]
-        accuracies.append(sum(s for s, _ in sample) / sum(n for _, n in sample))
-    accuracies.sort()
-    return accuracies[int(0.025 * (draws - 1))], accuracies[math.ceil(0.975 * (draws - 1))]
+    for start in range(0, draws, 100):  # 100 draws of all the prompts at a time
+        picks = torch.randint(len(right), (min(100, draws - start), len(right)), generator=generator)
+        accuracies.append(right[picks].sum(1) / pairs[picks].sum(1))
+    ordered = torch.cat(accuracies).sort().values.tolist()
+    return ordered[int(0.025 * (draws - 1))], ordered[math.ceil(0.975 * (draws - 1))]
 
 
 def diagnostics(comparisons: Sequence[tuple], diffs: Sequence[float]) -> dict[str, Any]:
