@@ -65,6 +65,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REFERENCE_CACHE = "reference_logps.pt"
+# The default micro-batch's size in completions. The K = 8 demo's 8 rankings (64 completions) in one pass peaked
+# at 15.4 GB RSS; as two passes of 32, at 9.1 GB and 1.1x the pairs/s, with the same losses (README, "DPO
+# throughput").
+COMPLETIONS_PER_PASS = 32
 # Settings a checkpoint must share with the run that resumes it (the data order and the optimiser depend on them).
 _RESUME_KEYS = ("model", "data", "loss", "beta", "pair_weighting", "epochs", "lr", "lr_final_fraction",
                 "batch_rankings", "max_length", "lora_r", "lora_alpha", "dtype", "seed")
@@ -114,7 +118,8 @@ class DPOConfig:
     """Rankings per optimiser step; their completions go through the policy once per step."""
     micro_batch_rankings: int | None = None
     """Rankings per forward/backward pass; gradients accumulate up to `batch_rankings`, so this bounds memory
-    without changing the update. Default: the whole batch at once."""
+    without changing the update. Default: as many rankings as hold `COMPLETIONS_PER_PASS` completions (the
+    whole batch of 8 at K <= 4, 4 rankings at K = 8)."""
     max_length: int = 512
     """Tokens per sample (prompt + completion + EOS); longer prompts are truncated from the left."""
     max_grad_norm: float = 1.0
@@ -197,6 +202,13 @@ def dpo_loss(policy_logps: Tensor, reference_logps: Tensor, index: PairIndex, be
                    "logps/chosen": policy_logps.detach()[better].mean(),
                    "logps/rejected": policy_logps.detach()[worse].mean()}
     return loss, metrics
+
+
+def micro_batches(batch: Sequence, micro_batch_rankings: int | None) -> list[list]:
+    """A step's rankings in forward/backward passes of `micro_batch_rankings` rankings each, or by default of as
+    many as hold COMPLETIONS_PER_PASS completions (at least one ranking per pass)."""
+    size = micro_batch_rankings or max(1, COMPLETIONS_PER_PASS // max([1, *(len(ex.rows) for ex in batch)]))
+    return [list(batch[start:start + size]) for start in range(0, len(batch), size)]
 
 
 # ---- sequence log-probabilities ----
@@ -446,10 +458,9 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, Any]:
                 order, order_epoch = rmdata.epoch_order(len(train_examples), config.seed, epoch), epoch
             step_ids = order[step_in_epoch * rankings_per_step:(step_in_epoch + 1) * rankings_per_step]
             batch = [train_examples[i] for i in step_ids]
-            total_pairs, micro_size = sum(len(ex.pairs) for ex in batch), config.micro_batch_rankings or len(batch)
+            total_pairs = sum(len(ex.pairs) for ex in batch)
             sums: dict[str, float] = defaultdict(float)
-            for start in range(0, len(batch), micro_size):
-                micro = batch[start:start + micro_size]
+            for micro in micro_batches(batch, config.micro_batch_rankings):
                 # each micro-batch's share of the step's loss, so the accumulated gradient is the whole batch's
                 share = (sum(len(ex.pairs) for ex in micro) / total_pairs if config.pair_weighting == "pair"
                          else len(micro) / len(batch))

@@ -12,7 +12,7 @@ from labeling_helpers import make_tasks
 
 from pipeline.cli import build_parser
 from pipeline.cli import main as cli_main
-from policy.dpo import DPOConfig, completion_logps, dpo_loss, logps_without_grad, train_dpo
+from policy.dpo import DPOConfig, completion_logps, dpo_loss, logps_without_grad, micro_batches, train_dpo
 from reward_model.loss import build_pair_index, ranking_pairs
 from rlhf.config_args import field_docs
 from rlhf.errors import UserError
@@ -174,6 +174,23 @@ def export_dir(tmp_path_factory):
         simulate(store, load_oracle("length"), annotators=2, overlap=1, noise=0.0)
         export(store, folder / "pairs", test_fraction=0.3, seed=0)
     return folder / "pairs"
+
+
+def test_micro_batches_hold_32_completions_by_default():
+    from types import SimpleNamespace
+
+    def rankings(k, n):
+        return [SimpleNamespace(rows=[None] * k, name=i) for i in range(n)]
+
+    sizes = lambda batch, micro: [len(m) for m in micro_batches(batch, micro)]  # noqa: E731
+    assert sizes(rankings(8, 8), None) == [4, 4]           # K = 8: 32 completions a pass
+    assert sizes(rankings(4, 8), None) == [8]              # K = 4: the whole batch, as before
+    assert sizes(rankings(2, 8), None) == [8]              # pairs from elsewhere
+    assert sizes(rankings(40, 3), None) == [1, 1, 1]       # one ranking wider than a pass still goes alone
+    assert sizes(rankings(8, 8), 3) == [3, 3, 2]           # --micro-batch-rankings wins
+    mixed = rankings(2, 4) + rankings(16, 1)               # the widest ranking sets the size: 32 // 16
+    assert sizes(mixed, None) == [2, 2, 1]
+    assert [r.name for m in micro_batches(mixed, None) for r in m] == [0, 1, 2, 3, 0]  # order kept
 
 
 def test_cli_dpo_trains_on_an_export(tiny_model_dir, rm_dir, export_dir, tmp_path, capsys):
