@@ -11,13 +11,13 @@ from __future__ import annotations
 import base64
 import json
 import math
-import random
 import re
 from pathlib import Path
 from typing import Any
 
 from markdown_it import MarkdownIt
 
+from rlhf.bootstrap import cluster_bootstrap_interval
 from rlhf.jsonl import atomic_write, read_jsonl
 
 PLOTS = [("rm/train_curves.png", "Reward model training curves"),
@@ -57,19 +57,10 @@ def _fenced(text: str, info: str = "") -> list[str]:
     return [fence + info, text, fence, ""]
 
 
-def bootstrap_ci(values: list[float], seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
-    """95% percentile-bootstrap confidence interval of the mean of `values` (Efron 1979): the 2.5th and 97.5th
-    percentiles of the means of `resamples` resamples drawn with replacement (seeded, so a report is stable)."""
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
-    return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
-
-
 def _mean_ci(values: list[float]) -> str:
     if not values:
         return "n/a"
-    low, high = bootstrap_ci(values)
+    low, high = cluster_bootstrap_interval(values, [1.0] * len(values), BOOTSTRAP_RESAMPLES)
     return f"{sum(values) / len(values):.3f} [{low:.3f}, {high:.3f}]"
 
 

@@ -14,6 +14,7 @@ import torch
 
 from reward_model.data import parse_record, read_records, to_example
 from reward_model.model import encode_sample_ids, score_rows
+from rlhf.bootstrap import cluster_bootstrap_interval
 from rlhf.records import Pair, RankedTask
 
 
@@ -52,23 +53,17 @@ def _accuracy(diffs: Sequence[float]) -> float:
 
 def prompt_bootstrap_interval(prompts: Sequence[str], diffs: Sequence[float], draws: int = 2000,
                               seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the pairwise accuracy when the held-out PROMPTS are resampled with
-    replacement (the cluster bootstrap: Davison & Hinkley 1997, sec. 3.8). The pairs of one prompt share its
-    completions and annotators, so they are not independent: a held-out set of a few dozen prompts is far
-    less precise than its pair count suggests, and the interval says how much the figure would move with
-    another draw of prompts."""
+    """95% interval of the pairwise accuracy when the held-out PROMPTS are resampled with replacement
+    (`rlhf.bootstrap.cluster_bootstrap_interval`). The pairs of one prompt share its completions and
+    annotators, so they are not independent: a held-out set of a few dozen prompts is far less precise than
+    its pair count suggests, and the interval says how much the figure would move with another draw of
+    prompts."""
     correct: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for prompt, diff in zip(prompts, diffs):
         correct[prompt][0] += 1.0 if diff > 0 else 0.5 if diff == 0 else 0.0
         correct[prompt][1] += 1.0
-    right, pairs = torch.tensor(list(correct.values()), dtype=torch.float64).T
-    generator = torch.Generator().manual_seed(seed)
-    accuracies = []
-    for start in range(0, draws, 100):  # 100 draws of all the prompts at a time
-        picks = torch.randint(len(right), (min(100, draws - start), len(right)), generator=generator)
-        accuracies.append(right[picks].sum(1) / pairs[picks].sum(1))
-    ordered = torch.cat(accuracies).sort().values.tolist()
-    return ordered[int(0.025 * (draws - 1))], ordered[math.ceil(0.975 * (draws - 1))]
+    right, pairs = zip(*correct.values())
+    return cluster_bootstrap_interval(right, pairs, draws, seed)
 
 
 def diagnostics(comparisons: Sequence[tuple], diffs: Sequence[float]) -> dict[str, Any]:

@@ -150,6 +150,18 @@ def test_prompt_bootstrap_interval_resamples_prompts_not_pairs():
     assert 0.4 < low < 2 / 3 < high < 0.9
 
 
+def test_cluster_bootstrap_of_a_mean_and_a_ratio():
+    from rlhf.bootstrap import cluster_bootstrap_interval
+
+    assert cluster_bootstrap_interval([0.0, 1.0], [1.0, 1.0]) == (0.0, 1.0)        # a mean: each value one cluster
+    assert cluster_bootstrap_interval([2.0] * 5, [1.0] * 5) == (2.0, 2.0)
+    assert cluster_bootstrap_interval([3.0, 1.0], [4.0, 4.0]) == (0.25, 0.75)      # the clusters' ratios bound it
+    # the same seed gives the same interval; the percentiles of 2000 draws lie inside the values' range
+    values = [float(v) for v in range(20)]
+    low, high = cluster_bootstrap_interval(values, [1.0] * 20)
+    assert (low, high) == cluster_bootstrap_interval(values, [1.0] * 20) and 0 < low < 9.5 < high < 19
+
+
 def test_human_agreement_leave_one_out():
     # Three annotators judge (a vs b): two prefer a, one prefers b. c vs d judged by one only.
     comps = [("p", "a", "b", "ann1", "t"), ("p", "a", "b", "ann2", "t"), ("p", "b", "a", "ann3", "t"),
