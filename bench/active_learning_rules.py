@@ -40,7 +40,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from active_learning import rankings_to_reach  # noqa: E402
-from rm_quality import FrozenFeatures, cached_tasks, comparisons, fit_pairwise_logistic, oracle_rankings  # noqa: E402
+from rm_quality import (  # noqa: E402
+    FrozenFeatures,
+    accuracy,
+    cached_tasks,
+    comparisons,
+    fit_pairwise_logistic,
+    oracle_rankings,
+)
 
 RULES = ("random", "margin", "pair-variance", "information")
 
@@ -97,7 +104,7 @@ def run_rule(rule: str, seed: int, pool: list[dict], features: dict, scores: dic
         pairs = torch.cat([pairs, torch.stack([f[b] - f[w] for b, w in pair_indices(ranks)])])
         if ranked % args.every == 0:
             w = fit_pairwise_logistic(pairs, args.l2)
-            curve.append((ranked, float(((test_x @ w) > 0).float().mean()), skips))
+            curve.append((ranked, accuracy((test_x @ w).tolist()), skips))  # a tie counts half, as everywhere
             queue = order_tasks(rule, queue, features, w, pairs, args.l2, seed)
     return curve
 

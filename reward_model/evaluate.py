@@ -46,9 +46,14 @@ def _comparisons(records: Iterable[RankedTask | Pair]):
                 yield ex.prompt, ex.texts[b], ex.texts[w], ex.annotator, ex.task_id, gap
 
 
+def _credit(diff: float) -> float:
+    """One comparison's share of the accuracy from r_better - r_worse: right 1, a tie in reward 1/2, wrong 0."""
+    return 1.0 if diff > 0 else 0.5 if diff == 0 else 0.0
+
+
 def _accuracy(diffs: Sequence[float]) -> float:
     """Fraction of comparisons the reward orders right; a tie in reward counts half."""
-    return sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
+    return sum(map(_credit, diffs)) / len(diffs)
 
 
 def prompt_bootstrap_interval(prompts: Sequence[str], diffs: Sequence[float], draws: int = 2000,
@@ -60,7 +65,7 @@ def prompt_bootstrap_interval(prompts: Sequence[str], diffs: Sequence[float], dr
     prompts."""
     correct: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for prompt, diff in zip(prompts, diffs):
-        correct[prompt][0] += 1.0 if diff > 0 else 0.5 if diff == 0 else 0.0
+        correct[prompt][0] += _credit(diff)
         correct[prompt][1] += 1.0
     right, pairs = zip(*correct.values())
     return cluster_bootstrap_interval(right, pairs, draws, seed)
