@@ -102,7 +102,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="completions per task")
     parser.add_argument("--budget", type=int, default=80, help="rankings per strategy")
     parser.add_argument("--every", type=int, default=20, help="rankings between retrainings")
-    parser.add_argument("--epochs", type=int, default=5, help="epochs of each retraining (train-rm's default: 5)")
+    parser.add_argument("--epochs", type=int, default=5,
+                        help="epochs of each retraining (train-rm's default is 8; 5 keeps a round short)")
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--strategies", nargs="+", default=["random", "uncertainty"])

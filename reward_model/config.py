@@ -39,17 +39,20 @@ class RewardTrainingConfig:
     # model and LoRA
     model: str = "default"
     """Base model (the SFT model): 'default' (SmolLM2-135M-Instruct), a local folder or a HF id."""
-    lora_r: int = 8
-    """LoRA rank of the adapters on the attention and MLP projections."""
-    lora_alpha: int = 16
+    lora_r: int = 16
+    """LoRA rank of the adapters on the attention and MLP projections. 16 over 8: +2 points of held-out
+    accuracy at 5 epochs and +1 at 8, averaged over 12 prompt splits of four label sets (README, Benchmarks,
+    "Reward-model settings"); the adapters are too small for the rank to change the step time."""
+    lora_alpha: int = 32
     """LoRA scaling numerator (alpha / r scales the update); 2r is the usual choice."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input; 0 keeps a resumed run bit-identical."""
     # optimisation
-    epochs: int = 5
+    epochs: int = 8
     """Passes over the training rankings. InstructGPT trains 1 epoch on ~33k prompts (more overfits there);
-    on a few hundred rankings held-out accuracy rises up to ~5 (README, Benchmarks, "Reward-model
-    quality"). With tens of thousands of rankings, use 1."""
+    on 150-300 rankings held-out accuracy (LoRA rank 8) rose from 0.78 at 3 epochs to 0.81 at 5 and 0.83 at
+    8, then stayed (0.83 at 12; rank 16 at 8 epochs: 0.85), averaged over 12 prompt splits of four label sets
+    (README, Benchmarks, "Reward-model settings"). With tens of thousands of rankings, use 1."""
     lr: float = 3e-4
     """Peak AdamW learning rate for the LoRA weights and the score head (LoRA needs ~10-100x the 9e-6
     InstructGPT uses for full fine-tuning)."""

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 from tiny_model import build_tiny_model
 
@@ -6,6 +8,18 @@ from tiny_model import build_tiny_model
 def tiny_model_dir(tmp_path_factory):
     """A tiny random chat model + tokenizer folder (pad id == EOS id, like the default model)."""
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model")))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one state per process: on a machine with a GPU, a test's `Accelerator(cpu=True)` after
+    another test's `Accelerator()` (on the GPU) in the same process is refused. Each test starts without one."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

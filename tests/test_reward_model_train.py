@@ -63,7 +63,7 @@ def test_learns_separable_preference(tiny_model_dir, data_dir, tmp_path):
     assert sum(rewards) / len(rewards) == pytest.approx(0.0, abs=1e-4)
     meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
     assert meta["reward_bias"] == pytest.approx(summary["reward_bias"])
-    assert meta["training"]["per_prompt_mean_std"] >= 0 and meta["lora_r"] == 8
+    assert meta["training"]["per_prompt_mean_std"] >= 0 and meta["lora_r"] == config.lora_r == 16
     assert len(read_log(tmp_path / "rm")) == 12
     assert (tmp_path / "rm" / "train_curves.png").stat().st_size > 1000
     assert not (tmp_path / "rm" / "checkpoints").exists()
