@@ -9,7 +9,8 @@ resolves to, mean over the completion) of the FROZEN base model, with a Bradley-
 refit each round: the same data, annotators and rounds as `bench/active_learning.py` (the cached SFT
 completions, the `descriptive` oracle as one scripted annotator with noise 0.1, overlap 1, 20% of the
 prompts held out and ranked without noise, every rule's first round in the same random order, tasks whose
-completions all tie skipped), so the rules are compared over many seeds in a few minutes.
+completions all tie skipped), so the rules are compared over many seeds in a few minutes. `--task-size`
+splits each prompt's K cached completions into several tasks, for a pool several times the budget.
 
 Rules (each orders the unranked tasks after every refit; r = the head's rewards, p_ij = sigmoid(r_i - r_j)):
 - random: `labeling.active.random_key`, the product's seeded order;
@@ -114,6 +115,8 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--oracle", default="descriptive")
     parser.add_argument("--k", type=int, default=4, help="completions per task (4 or 8 are cached by rm_quality)")
+    parser.add_argument("--task-size", type=int, help="split each cached prompt's K completions into tasks of this "
+                        "many (8 -> two tasks of 4): a pool several times the budget (default: K)")
     parser.add_argument("--budget", type=int, default=80, help="rankings per rule and seed")
     parser.add_argument("--every", type=int, default=20, help="rankings between refits")
     parser.add_argument("--seeds", type=int, default=16, help="seeds 0..N-1")
@@ -140,7 +143,11 @@ def main() -> None:
     table = FrozenFeatures(args.model, tasks).table
     oracle = load_oracle(args.oracle)
     test_rows = [r for r in oracle_rankings(tasks, oracle, 0.2, 0) if r["split"] == "test"]
-    pool = [t for t in tasks if t["prompt"] not in {r["prompt"] for r in test_rows}]
+    size = args.task_size or args.k
+    if args.k % size:
+        raise SystemExit(f"--task-size {size} must divide --k {args.k}")
+    pool = [{**t, "id": f"{t['id']}-{i // size}", "completions": t["completions"][i:i + size]}
+            for t in tasks if t["prompt"] not in {r["prompt"] for r in test_rows} for i in range(0, args.k, size)]
     raw = {t["id"]: torch.stack([table[((t["prompt"], c["text"]), defaults.readout_pool, layer)]
                                  for c in t["completions"]]) for t in pool}
     scale = torch.cat(list(raw.values())).abs().mean(0) + 1e-6  # one L2 penalty fits every dimension
@@ -150,9 +157,9 @@ def main() -> None:
                           for p, b, w in test_pairs]) / scale
     scores = {t["id"]: [float(oracle(t["prompt"], c["text"])) for c in t["completions"]] for t in pool}
     rankable = sum(len(set(s)) > 1 for s in scores.values())
-    print(f"K={args.k}: {len(pool)} tasks to label ({rankable} not all-tied), {len(test_pairs)} held-out pairs; "
-          f"read-out {defaults.readout_pool}@{layer} of the frozen base model; budget {args.budget}, refit every "
-          f"{args.every}, {args.seeds} seeds", flush=True)
+    print(f"K={args.k} in tasks of {size}: {len(pool)} tasks to label ({rankable} not all-tied), "
+          f"{len(test_pairs)} held-out pairs; read-out {defaults.readout_pool}@{layer} of the frozen base model; "
+          f"budget {args.budget}, refit every {args.every}, {args.seeds} seeds", flush=True)
 
     curves = {rule: [run_rule(rule, seed, pool, features, scores, test_x, args) for seed in range(args.seeds)]
               for rule in args.rules}
