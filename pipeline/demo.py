@@ -47,9 +47,9 @@ class DemoConfig:
     """Most held-out prompts per policy evaluation (the report's samples come from them)."""
     # generation
     k: int = 4
-    """Completions per prompt. K = 8 gives 28 pairs per ranking against 6, but in the full demo its reward model
-    reached 0.71-0.81 held-out accuracy over three prompt splits of the same labels, no better than K = 4's
-    0.77-0.81, at about twice the generation, reward-model and DPO time (README, "The demo")."""
+    """Completions per prompt. K = 8 gives 28 pairs per ranking against 6: over three prompt splits of the
+    demo's labels its reward model reached 0.87 held-out accuracy on average against K = 4's 0.83 (0.76-0.90),
+    at about twice the generation, reward-model and DPO time (README, "The demo")."""
     max_new_tokens: int = 32
     """Completion length for generation and for PPO responses."""
     temperature: float = 0.7
