@@ -8,7 +8,7 @@ For each preference (an oracle from rlhf/oracles.py standing in for noiseless an
 2. Ranked by the oracle; equal scores tie (no pair), as `rlhf simulate --noise 0` ranks them. Held out
    by prompt with the export's own rule (`rlhf.prompts.split_by_prompt`, 20% of prompts).
 3. Four learners on exactly the same train pairs, evaluated on exactly the same held-out pairs:
-   - ours: `train_reward_model` with its defaults (only --epochs and --lr set here);
+   - ours: `train_reward_model` with its defaults (only --epochs, --lr and --lora-r set here);
    - trl: TRL's RewardTrainer (optional: pip install -e ".[bench]") as TRL users run it: LoRA on the same
      modules and rank, the same token ids (our `encode_sample_ids`), the same LoRA lr, epochs and pairs
      per step and backbone dtype, its own defaults otherwise (a score head at the last layer's last
@@ -120,7 +120,8 @@ def run_ours(rows: list[dict], args, out: Path, **overrides) -> dict:
     data = out / "data"
     write_jsonl(data / "rankings.jsonl", rows)
     shutil.rmtree(out / "rm", ignore_errors=True)
-    settings = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, **overrides}
+    rank = {"lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r} if args.lora_r else {}
+    settings = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, **rank, **overrides}
     config = RewardTrainingConfig(data=str(data), out=str(out / "rm"), model=args.model, checkpoint_every=0,
                                   **{k: v for k, v in settings.items() if v is not None})
     summary = train_reward_model(config, progress=False)
@@ -167,7 +168,7 @@ def run_trl(rows: list[dict], args, out: Path) -> dict:
                           use_cpu=not torch.cuda.is_available(),
                           lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0, seed=args.seed)
     tok.padding_side = "right"
-    r = defaults.lora_r
+    r = args.lora_r or defaults.lora_r
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok,
                             peft_config=LoraConfig(r=r, lora_alpha=2 * r, target_modules=lora_target_modules(model),
                                                    task_type="SEQ_CLS", modules_to_save=["score"]))
@@ -320,6 +321,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--epochs", type=int, default=None, help="default: RewardTrainingConfig's")
     parser.add_argument("--lr", type=float, default=None, help="default: RewardTrainingConfig's")
+    parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank of ours and TRL's, alpha 2r "
+                        "(default: RewardTrainingConfig's)")
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning-curve", type=int, nargs="*", default=None,

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from reward_model.config import RewardTrainingConfig
 from rlhf.config_args import check_fields
 from rlhf.errors import UserError
 
@@ -67,11 +68,11 @@ class DemoConfig:
     noise: float = 0.1
     """Annotator noise (Bradley-Terry sampling temperature relative to a task's score range)."""
     # reward model
-    rm_epochs: int = 8
+    rm_epochs: int = RewardTrainingConfig.epochs
     """Reward-model epochs over the training rankings, RewardTrainingConfig's default: on the demo's labels
     (three prompt splits) 3 epochs gave 0.79 held-out accuracy on average, 8 gave 0.81, and with LoRA rank 16
     0.83 (README, Benchmarks, "Reward-model settings")."""
-    rm_lr: float = 3e-4
+    rm_lr: float = RewardTrainingConfig.lr
     """Reward-model learning rate of the LoRA weights (the score head's is 30x, RewardTrainingConfig)."""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Backbone dtype for the reward model's training (RewardTrainingConfig.dtype says why)."""
@@ -182,7 +183,6 @@ def _export(cfg: DemoConfig, out: Path, done: dict) -> dict:
 
 
 def _reward_model(cfg: DemoConfig, out: Path, done: dict) -> dict:
-    from reward_model.config import RewardTrainingConfig
     from reward_model.train import train_reward_model
 
     config = RewardTrainingConfig(data=str(out / "pairs"), out=str(out / "rm"), model=cfg.model,

@@ -42,7 +42,8 @@ class RewardTrainingConfig:
     lora_r: int = 16
     """LoRA rank of the adapters on the attention and MLP projections. 16 over 8: +2 points of held-out
     accuracy at 5 epochs and +1 at 8, averaged over 12 prompt splits of four label sets (README, Benchmarks,
-    "Reward-model settings"); the adapters are too small for the rank to change the step time."""
+    "Reward-model settings"). Its cost is small: an adapter holds 16 x (in + out) weights beside the projection's
+    in x out, about 2% more arithmetic per step than at rank 8."""
     lora_alpha: int = 32
     """LoRA scaling numerator (alpha / r scales the update); 2r is the usual choice."""
     lora_dropout: float = 0.0
