@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,18 +29,25 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def parse_setting(text: str) -> dict:
-    """'epochs=5 lr=1e-4' -> {'epochs': 5, 'lr': 0.0001}, typed by RewardTrainingConfig's defaults."""
+    """'epochs=5 lr=1e-4' -> {'epochs': 5, 'lr': 0.0001}: each item read as `rlhf train-rm`'s flag of that name
+    (`rlhf.config_args`, so typed and checked as on the command line; a bare `resume` is --resume)."""
     from reward_model.config import RewardTrainingConfig
+    from rlhf.config_args import add_config_arguments, given_fields
 
-    defaults = {f.name: f.default for f in fields(RewardTrainingConfig)}
-    out = {}
-    for item in text.split():
-        key, _, value = item.partition("=")
-        if key not in defaults or key in ("data", "out"):
-            raise SystemExit(f"--setting: unknown field {key!r}")
-        kind = type(defaults[key])
-        out[key] = value if kind is str else kind(float(value)) if kind is int else kind(value)
-    return out
+    parser = argparse.ArgumentParser(prog="--setting", exit_on_error=False)
+    add_config_arguments(parser, RewardTrainingConfig)
+    items = [item.partition("=") for item in text.split()]
+    if any(key in ("data", "out") for key, _, _ in items):
+        raise SystemExit(f"--setting {text!r}: data and out are each job's own")
+    try:
+        parsed, unknown = parser.parse_known_args(
+            ["--" + key.replace("_", "-") + sep + value for key, sep, value in items] + ["--data=", "--out="])
+    except argparse.ArgumentError as error:
+        raise SystemExit(f"--setting {text!r}: {error}") from None
+    if unknown:
+        raise SystemExit(f"--setting {text!r}: no such RewardTrainingConfig field: {' '.join(unknown)}")
+    given = given_fields(RewardTrainingConfig, parsed)
+    return {key: value for key, value in given.items() if key not in ("data", "out")}
 
 
 def train_one(job: dict) -> dict:
@@ -97,7 +103,7 @@ def main() -> None:
     settings = {text: {**common, **parse_setting(text)} for text in args.setting or ["epochs=5"]}
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     jobs = [{"name": name, "settings": values, "data": str(Path(data)), "threads": threads,
-             "out": str(Path(args.out) / f"{abs(hash((name, data))):x}")}
+             "out": str(Path(args.out) / name.replace(" ", "_") / Path(data).name)}
             for name, values in settings.items() for data in args.data]
     results, started = [], time.time()
     log = Path(args.out) / "results.jsonl"
