@@ -18,11 +18,13 @@ Rules (each orders the unranked tasks after every refit; r = the head's rewards,
   (`labeling.active.reward_margin`);
 - pair-variance: the largest sum over the task's C(K,2) pairs of p_ij (1 - p_ij), every pair's
   uncertainty rather than the closest one's;
-- information: the largest expected information gain about the head (MacKay 1992; the D-optimal design
-  criterion): with the head's Laplace posterior precision A = 2 l2 n I + sum over the n ranked pairs of
-  p (1 - p) d d^T (d: the pair's feature difference), a task's gain is 1/2 log det(I + G A^-1 G^T), the rows
-  of G being sqrt(p_ij (1 - p_ij)) d_ij over its pairs. It weighs a pair's closeness by how little the ranked
-  pairs already say about its direction, which the margin cannot tell from a true tie.
+- information: the product's `--order information` (`reward_model.posterior.information_order`): the
+  expected information gain about the head under its Laplace posterior (MacKay 1992; the D-optimal design
+  criterion), 1/2 log det(I + G A^-1 G^T) with A the posterior precision and G's rows sqrt(p_ij (1 - p_ij)) d_ij
+  over the task's pairs (d: feature differences), the round's `--every` tasks chosen greedily as one batch
+  (Hoi et al. 2006). It weighs a pair's closeness by how little the ranked pairs already say about its
+  direction, which the margin cannot tell from a true tie, and spreads a batch over directions;
+- information-unbatched: the same gain, every task scored alone (no batch), to show what the batch adds.
 
 Printed: mean held-out accuracy per round (tasks skipped in brackets), each rule's paired difference from
 random (same seed) with its standard error over seeds, and the rankings each needs to reach random's final
@@ -50,14 +52,18 @@ from rm_quality import (  # noqa: E402
     oracle_rankings,
 )
 
-RULES = ("random", "margin", "pair-variance", "information")
+from reward_model.posterior import PRIOR  # noqa: E402
+
+RULES = ("random", "margin", "pair-variance", "information", "information-unbatched")
 
 
-def order_tasks(rule: str, open_tasks: list[str], features: dict, w, pairs, l2: float, seed: int) -> list[str]:
-    """The unranked tasks in the rule's serving order (`pairs`: the ranked pairs' feature differences)."""
+def order_tasks(rule: str, open_tasks: list[str], features: dict, w, pairs, seed: int, batch: int) -> list[str]:
+    """The unranked tasks in the rule's serving order (`pairs`: the ranked pairs' feature differences; `batch`:
+    the rankings until the next refit)."""
     import torch
 
     from labeling.active import random_key, reward_margin
+    from reward_model.posterior import information_order
 
     tie_break = {t: random_key(seed, t) for t in open_tasks}
     if rule == "random" or w is None:
@@ -70,17 +76,10 @@ def order_tasks(rule: str, open_tasks: list[str], features: dict, w, pairs, l2: 
         def score(t):
             p = torch.sigmoid(features[t][i] @ w - features[t][j] @ w)
             return float((p * (1 - p)).sum())
-    else:
-        p = torch.sigmoid(pairs @ w)
-        precision = 2 * l2 * len(pairs) * torch.eye(len(w)) + (pairs * (p * (1 - p)).unsqueeze(1)).T @ pairs
-        covariance = torch.linalg.inv(precision)
-
-        def score(t):
-            d = features[t][i] - features[t][j]
-            q = torch.sigmoid(d @ w)
-            g = (q * (1 - q)).sqrt().unsqueeze(1) * d
-            return 0.5 * float(torch.logdet(torch.eye(len(d)) + g @ covariance @ g.T))
-    return sorted(open_tasks, key=lambda t: (-score(t), tie_break[t]))
+        return sorted(open_tasks, key=lambda t: (-score(t), tie_break[t]))
+    candidates = [features[t][i] - features[t][j] for t in open_tasks]
+    order = information_order(candidates, pairs, w, batch if rule == "information" else 0)
+    return [open_tasks[n] for n in order]
 
 
 def run_rule(rule: str, seed: int, pool: list[dict], features: dict, scores: dict, test_x, args) -> list[tuple]:
@@ -91,7 +90,7 @@ def run_rule(rule: str, seed: int, pool: list[dict], features: dict, scores: dic
     from rlhf.pairs import pair_indices
 
     annotator = random.Random(f"{seed}-annotator")
-    queue = order_tasks("random", [t["id"] for t in pool], features, None, None, args.l2, seed)
+    queue = order_tasks("random", [t["id"] for t in pool], features, None, None, seed, args.every)
     ranked, skips, curve = 0, 0, []
     pairs = torch.zeros(0, next(iter(features.values())).shape[1])
     while ranked < args.budget and queue:
@@ -106,7 +105,7 @@ def run_rule(rule: str, seed: int, pool: list[dict], features: dict, scores: dic
         if ranked % args.every == 0:
             w = fit_pairwise_logistic(pairs, args.l2)
             curve.append((ranked, accuracy((test_x @ w).tolist()), skips))  # a tie counts half, as everywhere
-            queue = order_tasks(rule, queue, features, w, pairs, args.l2, seed)
+            queue = order_tasks(rule, queue, features, w, pairs, seed, args.every)
     return curve
 
 
@@ -121,7 +120,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=20, help="rankings between refits")
     parser.add_argument("--seeds", type=int, default=16, help="seeds 0..N-1")
     parser.add_argument("--noise", type=float, default=0.1)
-    parser.add_argument("--l2", type=float, default=0.01, help="the head's L2 penalty (features standardised)")
+    parser.add_argument("--l2", type=float, default=PRIOR / 2, help="the head's L2 penalty (features standardised; "
+                        "the information rules' prior is reward_model.posterior.PRIOR = 2 x its default)")
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

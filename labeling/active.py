@@ -14,6 +14,12 @@ Human rankings are the scarce resource; once a first reward model exists, spend 
   and the task with the smallest margin is served first: the pair it is least sure how to order, whose
   Bradley-Terry probability sigmoid(margin) is closest to 1/2. A task is served until it has `overlap`
   rankings, then the next most uncertain one.
+- `information`: the tasks whose ranking would tell the reward model's score head most, as expected
+  information gain under its Laplace posterior (MacKay 1992), chosen greedily as one batch until the next
+  retraining (batch-mode D-optimal design, Hoi et al. 2006): `reward_model.posterior`. Unlike the margin it
+  discounts a close pair whose direction the ranked pairs already settle, and it does not spend a batch on
+  near-copies of one uncertain task. It needs the read-out features of every open task's completions and of
+  the ranked ones (one pass of the reward model over both).
 - `random`: a seeded random order (the baseline the benchmark compares against).
 
 Tasks the reward model has not scored (imported after the server started) come after the scored ones, in
@@ -28,13 +34,14 @@ often the proposal was kept.
 
 **The loop** (`rlhf simulate --strategy S --rm-every N`): scripted annotators rank N tasks in the strategy's
 order, a reward model is trained from scratch on every ranking so far, the unranked tasks are scored again
-and the queue re-ordered, and so on until the queue is empty. The first N come in random order when there
-is no reward model yet, so both strategies share their first round.
+and the queue re-ordered (`information`: the next N chosen as one batch), and so on until the queue is
+empty. The first N come in random order when there is no reward model yet, so every strategy shares its
+first round.
 
 Pure functions and the queue at the top (no torch). Scoring and retraining need the reward model (the floor
 below this package): they import `reward_model` inside the functions below (`score_tasks`, `score_store`,
-`base_model_of`, `retrain_reward_model`, `RetrainingLoop.retrain`), so the queue, the store and the app never
-load torch unless active labeling is asked for.
+`information_order`, `reorder_queue`, `base_model_of`, `retrain_reward_model`), so the queue, the store and
+the app never load torch unless active labeling is asked for.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,11 +59,15 @@ from rlhf.errors import UserError
 
 if TYPE_CHECKING:
     from labeling.store import LabelStore
-    from rlhf.records import Task
+    from rlhf.records import RankedTask, Task
 
 log = logging.getLogger(__name__)
 
-ORDERS = ("fewest-rankings", "uncertainty", "random")
+ORDERS = ("fewest-rankings", "uncertainty", "information", "random")
+SCORED_ORDERS = ("uncertainty", "information")  # the orders a reward model's scores decide
+# `rlhf label` never retrains: this many tasks are chosen as one batch by the information order (each pick
+# costs O(tasks x pairs^2 x hidden size)); the rest follow by their own information gain.
+LABEL_BATCH = 1000
 
 
 # ---- pure functions ----
@@ -99,15 +111,22 @@ class ActiveQueue:
         self._ranked: list[str] = []
         self.update(rewards or {}, task_ids)
 
-    def update(self, rewards: Mapping[str, Mapping[str, float]], task_ids: Iterable[str] | None = None) -> None:
+    def update(self, rewards: Mapping[str, Mapping[str, float]], task_ids: Iterable[str] | None = None,
+               informative_first: Sequence[str] = ()) -> None:
         """New reward-model scores (after retraining): the queue is re-ordered. `task_ids`: tasks to order even
-        without a score (uncertainty: after the scored ones, in the random order)."""
+        without a score (after the scored ones, in the random order). `informative_first`: the scored tasks in
+        the `information` order (`information_order`), which the scores alone do not decide."""
         self.rewards = {t: dict(r) for t, r in rewards.items()}
         self._known = list(dict.fromkeys([*self._known, *(task_ids or ()), *self.rewards]))
         shuffled = sorted(self._known, key=lambda t: random_key(self.seed, t))
-        if self.order == "uncertainty":
-            scored = sorted(self.rewards, key=lambda t: (reward_margin(list(self.rewards[t].values())),
-                                                         random_key(self.seed, t)))
+        if self.order in SCORED_ORDERS:
+            if self.order == "uncertainty":
+                scored = sorted(self.rewards, key=lambda t: (reward_margin(list(self.rewards[t].values())),
+                                                             random_key(self.seed, t)))
+            else:
+                scored = list(dict.fromkeys(informative_first))
+                if set(scored) != set(self.rewards):
+                    raise ValueError("the information order must list exactly the scored tasks")
             self._ranked = scored + [t for t in shuffled if t not in self.rewards]
         elif self.order == "random":
             self._ranked = shuffled
@@ -160,6 +179,39 @@ def score_tasks(rm, tokenizer, tasks: Iterable[Task], batch_size: int = 32) -> d
     return {t.id: {c.id: next(rewards) for c in t.completions} for t in tasks}
 
 
+def information_order(rm, tokenizer, open_tasks: Sequence[Task], ranked: Iterable[RankedTask], batch: int,
+                      batch_size: int = 32) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """The `information` order of `open_tasks` for a reward model whose training rankings are `ranked`: their
+    rewards ({task id: {completion id: reward}}, as `score_tasks`) and their ids in serving order, the first
+    `batch` chosen together (`reward_model.posterior.information_order`)."""
+    import torch
+
+    from reward_model.model import readout_texts
+    from reward_model.posterior import information_order as order_by_information
+    from reward_model.posterior import pair_matrix
+    from rlhf.pairs import pair_indices
+
+    open_tasks, ranked = list(open_tasks), list(ranked)
+    texts = [(t.prompt, c.text) for t in [*open_tasks, *ranked] for c in t.completions]
+    features = readout_texts(rm, tokenizer, [p for p, _ in texts], [c for _, c in texts], batch_size,
+                             getattr(rm, "meta", {}).get("max_length", 512))
+    w = rm.score_head.weight.detach().float().cpu().flatten()
+    rewards = (features @ w + float(rm.score_head.bias) - float(rm.reward_bias)).tolist()
+    candidates, scores, start = [], {}, 0
+    for task in open_tasks:
+        k = len(task.completions)
+        candidates.append(pair_matrix(features[start:start + k], list(combinations(range(k), 2))))
+        scores[task.id] = {c.id: r for c, r in zip(task.completions, rewards[start:start + k])}
+        start += k
+    ranked_pairs = [features.new_zeros(0, features.shape[1])]
+    for task in ranked:
+        k = len(task.completions)
+        ranked_pairs.append(pair_matrix(features[start:start + k], pair_indices(task.ranks)))
+        start += k
+    order = order_by_information(candidates, torch.cat(ranked_pairs), w, batch)
+    return scores, [open_tasks[i].id for i in order]
+
+
 def store_tasks(store: LabelStore) -> list[Task]:
     """Every task in the store, in import order."""
     return [store.get_task(task_id) for task_id in store.task_ids()]
@@ -171,6 +223,30 @@ def score_store(rm_dir: str | Path, store: LabelStore, batch_size: int = 32) -> 
 
     rm, tokenizer = load_reward_model(rm_dir)
     return score_tasks(rm, tokenizer, store_tasks(store), batch_size)
+
+
+def open_tasks_of(store: LabelStore, overlap: int) -> list[Task]:
+    """The store's tasks with fewer than `overlap` rankings, in import order (full ones are never served)."""
+    counts = Counter(r.task_id for r in store.export_rankings())
+    return [t for t in store_tasks(store) if counts[t.id] < overlap]
+
+
+def reorder_queue(queue: ActiveQueue, rm_dir: str | Path, store: LabelStore, overlap: int, batch: int,
+                  batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """The reward model at `rm_dir` scores the store's open tasks and `queue` is re-ordered by its order
+    (`batch`: the rankings until the next retraining, chosen together by the information order). Returns the
+    scores ({task id: {completion id: reward}})."""
+    from reward_model.model import load_reward_model
+
+    rm, tokenizer = load_reward_model(rm_dir)
+    tasks = open_tasks_of(store, overlap)
+    if queue.order == "information":
+        scores, order = information_order(rm, tokenizer, tasks, store.export_ranked_tasks(), batch, batch_size)
+        queue.update(scores, informative_first=order)
+    else:
+        scores = score_tasks(rm, tokenizer, tasks, batch_size)
+        queue.update(scores)
+    return scores
 
 
 def base_model_of(rm_dir: str | Path) -> str:
@@ -216,16 +292,11 @@ class RetrainingLoop:
             self.retrain(rankings)
 
     def retrain(self, rankings: int) -> None:
-        from reward_model.model import load_reward_model
-
         folder = self.out / f"round-{len(self.rounds) + 1}"
         started = time.time()
         summary = retrain_reward_model(self.store, folder, self.rm_settings)
-        if self.queue.order == "uncertainty":  # the other orders do not depend on the scores
-            rm, tokenizer = load_reward_model(summary["rm_dir"])
-            counts = Counter(r.task_id for r in self.store.export_rankings())
-            open_tasks = [t for t in store_tasks(self.store) if counts[t.id] < self.overlap]  # full ones: never served
-            self.queue.update(score_tasks(rm, tokenizer, open_tasks))
+        if self.queue.order in SCORED_ORDERS:  # the other orders do not depend on the scores
+            reorder_queue(self.queue, summary["rm_dir"], self.store, self.overlap, batch=self.every)
         self.rounds.append({"round": len(self.rounds) + 1, "rankings": rankings, "rm_dir": summary["rm_dir"],
                             "seconds": round(time.time() - started, 1)})
         log.warning("round %d: reward model retrained on %d rankings in %.0f s", len(self.rounds), rankings,

@@ -10,18 +10,19 @@ import argparse
 import json
 import sys
 
+from labeling.active import LABEL_BATCH, ORDERS, SCORED_ORDERS
 from rlhf.config_args import positive_int
 from rlhf.errors import UserError
 
-ORDERS_CHOICES = ("fewest-rankings", "random", "uncertainty")  # labeling.active.ORDERS, without importing it
-
 
 def _active_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--order", choices=ORDERS_CHOICES, default="fewest-rankings",
-                   help="which tasks each queue serves first: fewest-rankings (default), random, or uncertainty: "
+    p.add_argument("--order", choices=ORDERS, default="fewest-rankings",
+                   help="which tasks each queue serves first: fewest-rankings (default), random, uncertainty: "
                         "the tasks whose completions the reward model (--rm) finds hardest to order (smallest "
-                        "reward gap between adjacent completions; uncertainty sampling)")
-    p.add_argument("--rm", default=None, metavar="DIR", help="reward model that orders the queue (--order uncertainty)")
+                        "reward gap between adjacent completions; uncertainty sampling), or information: those "
+                        "whose rankings would tell it most (expected information gain, chosen as a batch)")
+    p.add_argument("--rm", default=None, metavar="DIR",
+                   help="reward model that orders the queue (--order uncertainty or information)")
     p.add_argument("--seed", type=int, default=0, help="seed of --order random (default 0)")
 
 
@@ -135,12 +136,13 @@ def add_commands(sub) -> None:
                    help="completions whose oracle scores differ by at most this are ranked as a tie "
                         "(default 0: only equal scores tie; set it for continuous oracles)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed reproduces a run")
-    p.add_argument("--strategy", choices=ORDERS_CHOICES, default="fewest-rankings",
+    p.add_argument("--strategy", choices=ORDERS, default="fewest-rankings",
                    help="which tasks the annotators rank first: fewest-rankings (the app's default queue), random, "
-                        "or uncertainty (the reward model's smallest gap between adjacent completions first; needs "
-                        "--rm or --rm-every)")
+                        "uncertainty (the reward model's smallest gap between adjacent completions first) or "
+                        "information (the rankings that would tell it most, each round's N chosen together); the "
+                        "last two need --rm or --rm-every")
     p.add_argument("--rm", default=None, metavar="DIR",
-                   help="reward model that orders the tasks (--strategy uncertainty)")
+                   help="reward model that orders the tasks (--strategy uncertainty or information)")
     p.add_argument("--rm-every", type=positive_int, default=None, metavar="N",
                    help="after every N rankings, train a reward model from scratch on all rankings so far and "
                         "re-order the remaining tasks with it (the active-labeling loop); needs --rm-out")
@@ -363,7 +365,7 @@ def run_label(args) -> None:
         unknown = sorted(name for name in settings.admins if not store.has_annotator(name))
         if unknown:
             raise UserError(f"--admin names unknown annotators {unknown}; add them first")
-        active = active_queue(store, args.order, args.rm, args.pre_rank, args.seed)  # scores every task: last check
+        active = active_queue(store, args.order, args.rm, args.pre_rank, args.seed, args.overlap)  # slow: last check
         if active is not None:
             import dataclasses
 
@@ -380,23 +382,28 @@ def run_label(args) -> None:
             sock.close()
 
 
-def active_queue(store, order: str, rm: str | None, pre_rank: str | None, seed: int = 0):
-    """The ActiveQueue of `rlhf label --order/--rm/--pre-rank` (None without them): every task scored once now by
+def active_queue(store, order: str, rm: str | None, pre_rank: str | None, seed: int = 0, overlap: int = 1):
+    """The ActiveQueue of `rlhf label --order/--rm/--pre-rank` (None without them): the tasks scored once now by
     the reward model(s), which takes a while for a large store (a progress line is printed)."""
-    if order == "uncertainty" and not rm:
-        raise UserError("--order uncertainty needs --rm DIR: the reward model whose uncertainty orders the queue")
-    if rm and order != "uncertainty":
-        raise UserError("--rm orders the queue only with --order uncertainty (use --pre-rank RM to propose orders)")
+    if order in SCORED_ORDERS and not rm:
+        raise UserError(f"--order {order} needs --rm DIR: the reward model that orders the queue")
+    if rm and order not in SCORED_ORDERS:
+        raise UserError("--rm orders the queue only with --order uncertainty or information (use --pre-rank RM to "
+                        "propose orders)")
     if order == "fewest-rankings" and not pre_rank:
         return None
-    from labeling.active import ActiveQueue, score_store
+    from labeling.active import ActiveQueue, reorder_queue, score_store
 
-    scores: dict[str, dict] = {}
-    for path in dict.fromkeys(p for p in (rm, pre_rank) if p):
-        print(f"scoring {store.count_tasks()} tasks with the reward model {path} ...", flush=True)
-        scores[path] = score_store(path, store)
-    return ActiveQueue(order, rewards=scores.get(rm), proposal_rewards=scores.get(pre_rank), seed=seed,
-                       task_ids=store.task_ids())
+    queue = ActiveQueue(order, seed=seed, task_ids=store.task_ids())
+    if rm:
+        print(f"ordering the open tasks with the reward model {rm} ...", flush=True)
+        scores = reorder_queue(queue, rm, store, overlap, batch=LABEL_BATCH)
+        if pre_rank == rm:
+            queue.proposal_rewards = scores  # proposals are for the tasks still to be served: the open ones
+    if pre_rank and pre_rank != rm:
+        print(f"scoring {store.count_tasks()} tasks with the reward model {pre_rank} ...", flush=True)
+        queue.proposal_rewards = score_store(pre_rank, store)
+    return queue
 
 
 def run_simulate(args) -> None:
@@ -408,11 +415,11 @@ def run_simulate(args) -> None:
     from labeling.store import open_store
     from rlhf.oracles import load_oracle
 
-    if args.strategy == "uncertainty" and not (args.rm or args.rm_every):
-        raise UserError("--strategy uncertainty needs a reward model: --rm DIR, or --rm-every N to train one as "
-                        "it goes")
-    if args.rm and args.strategy != "uncertainty":
-        raise UserError("--rm orders the tasks only with --strategy uncertainty")
+    if args.strategy in SCORED_ORDERS and not (args.rm or args.rm_every):
+        raise UserError(f"--strategy {args.strategy} needs a reward model: --rm DIR, or --rm-every N to train one "
+                        "as it goes")
+    if args.rm and args.strategy not in SCORED_ORDERS:
+        raise UserError("--rm orders the tasks only with --strategy uncertainty or information")
     if args.rm_every and not args.rm_out:
         raise UserError("--rm-every needs --rm-out DIR, the folder for the reward models it trains")
     if args.rm_out and not args.rm_every:
@@ -425,10 +432,11 @@ def run_simulate(args) -> None:
             raise UserError(f"{args.db} has no tasks; load some with `rlhf import`")
         serve = after = loop = None
         if args.strategy != "fewest-rankings" or args.rm_every:
-            from labeling.active import ActiveQueue, RetrainingLoop, score_store
+            from labeling.active import ActiveQueue, RetrainingLoop, reorder_queue
 
-            queue = ActiveQueue(args.strategy, rewards=score_store(args.rm, store) if args.rm else None,
-                                seed=args.seed, task_ids=store.task_ids())
+            queue = ActiveQueue(args.strategy, seed=args.seed, task_ids=store.task_ids())
+            if args.rm:
+                reorder_queue(queue, args.rm, store, args.overlap, batch=args.rm_every or LABEL_BATCH)
             serve = lambda annotator, overlap: queue.next_task(store, annotator, overlap)  # noqa: E731
             if args.rm_every:
                 from labeling.active import base_model_of

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -338,18 +339,24 @@ def encode_samples(tokenizer, prompts: Sequence[str], completions: Sequence[str]
 
 
 @torch.no_grad()
-def score_samples(score: Callable[[Tensor, Tensor, Tensor], Tensor], samples: Sequence[EncodedSample],
-                  pad_id: int, device, batch_size: int = 16) -> list[float]:
-    """score(input_ids, attention_mask, completion_mask) -> [B] over encoded samples, batched by length
-    (less padding), in input order."""
+def map_samples(fn: Callable[[Tensor, Tensor, Tensor], Tensor], samples: Sequence[EncodedSample], pad_id: int,
+                device, batch_size: int = 16) -> Tensor:
+    """fn(input_ids, attention_mask, completion_mask) -> [B, ...] over encoded samples, batched by length (less
+    padding), stacked in input order (on the CPU)."""
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].ids))
-    rewards = [0.0] * len(samples)
+    rows: list[Tensor | None] = [None] * len(samples)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         tensors = pad_samples([samples[i] for i in idx], pad_id)
-        for i, r in zip(idx, score(*(t.to(device) for t in tensors)).tolist()):
-            rewards[i] = r
-    return rewards
+        for i, row in zip(idx, fn(*(t.to(device) for t in tensors)).cpu()):
+            rows[i] = row
+    return torch.stack(rows) if rows else torch.zeros(0)
+
+
+def score_samples(score: Callable[[Tensor, Tensor, Tensor], Tensor], samples: Sequence[EncodedSample],
+                  pad_id: int, device, batch_size: int = 16) -> list[float]:
+    """score(input_ids, attention_mask, completion_mask) -> [B] over encoded samples, in input order."""
+    return map_samples(score, samples, pad_id, device, batch_size).tolist()
 
 
 def score_rows(rm: RewardModel, samples: Sequence[EncodedSample], pad_id: int, batch_size: int = 16) -> list[float]:
@@ -357,15 +364,28 @@ def score_rows(rm: RewardModel, samples: Sequence[EncodedSample], pad_id: int, b
     return score_samples(rm, samples, pad_id, next(rm.parameters()).device, batch_size)
 
 
-def score_texts(rm: RewardModel, tokenizer, prompts: Sequence[str], completions: Sequence[str],
-                batch_size: int = 16, max_length: int = 512) -> list[float]:
-    """The reward of each (prompt, completion), in input order."""
+def readout_texts(rm: RewardModel, tokenizer, prompts: Sequence[str], completions: Sequence[str],
+                  batch_size: int = 16, max_length: int = 512) -> Tensor:
+    """What the score head reads, [N, H] float32, for each (prompt, completion) in input order: the reward is
+    `rm.score_head(features) - rm.reward_bias` (active labeling's information order needs the features)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if not prompts:
+        return torch.zeros(0, rm.score_head.in_features)
     was_training = rm.training
     rm.eval()
     try:
         samples = [encode_sample_ids(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
-        return score_rows(rm, samples, tokenizer.pad_token_id, batch_size)
+        features = partial(reward_features, rm.backbone, rm.readout)
+        return map_samples(features, samples, tokenizer.pad_token_id, next(rm.parameters()).device, batch_size)
     finally:
         rm.train(was_training)
+
+
+@torch.no_grad()
+def score_texts(rm: RewardModel, tokenizer, prompts: Sequence[str], completions: Sequence[str],
+                batch_size: int = 16, max_length: int = 512) -> list[float]:
+    """The reward of each (prompt, completion), in input order."""
+    features = readout_texts(rm, tokenizer, prompts, completions, batch_size, max_length)
+    head = rm.score_head
+    return (head(features.to(head.weight.device)).squeeze(-1) - rm.reward_bias).tolist()

@@ -7,7 +7,7 @@ import pytest
 from labeling_helpers import make_tasks, order_ranks
 
 from labeling import handlers
-from labeling.active import ActiveQueue, proposed_ranks, reward_margin
+from labeling.active import ActiveQueue, proposed_ranks, random_key, reward_margin
 from labeling.commands import active_queue
 from labeling.gradio_ui import LabelUI
 from labeling.handlers import AppSettings
@@ -153,6 +153,40 @@ def test_label_options_score_the_store_with_the_reward_model(store, rm_dir):
         active_queue(store, "uncertainty", str(rm_dir) + "-missing", None)
 
 
+def test_information_order_ranks_the_open_tasks_by_the_posterior(store, rm_dir):
+    import torch
+
+    from reward_model.model import load_reward_model, readout_texts, score_texts
+    from reward_model.posterior import information_order, pair_matrix
+
+    tasks = make_tasks(6, k=3)
+    store.import_tasks(tasks)
+    store.add_annotator("a")
+    store.submit_ranking("a", tasks[0].id, order_ranks(tasks[0], [2, 0, 1]))
+    store.submit_ranking("a", tasks[1].id, {c.id: r for c, r in zip(tasks[1].completions, [1, 2, 1])})  # a tie
+    queue = active_queue(store, "information", rm_dir, rm_dir, overlap=1)
+    open_tasks = tasks[2:]
+    assert sorted(queue.rewards) == sorted(t.id for t in open_tasks)  # full tasks are not scored
+    rm, tokenizer = load_reward_model(rm_dir)
+    for task in open_tasks:
+        expected = score_texts(rm, tokenizer, [task.prompt] * 3, [c.text for c in task.completions])
+        assert list(queue.rewards[task.id].values()) == pytest.approx(expected, abs=1e-5)
+    assert queue.proposal(tasks[3].id) == proposed_ranks(queue.rewards[tasks[3].id])
+
+    def features(task):
+        return readout_texts(rm, tokenizer, [task.prompt] * 3, [c.text for c in task.completions])
+
+    # the ranked pairs, preferred minus other: task-0's three, task-1's two (its tie gives none)
+    ranked = torch.cat([pair_matrix(features(tasks[0]), [(2, 0), (2, 1), (0, 1)]),
+                        pair_matrix(features(tasks[1]), [(0, 1), (2, 1)])])
+    candidates = [pair_matrix(features(t), [(0, 1), (0, 2), (1, 2)]) for t in open_tasks]
+    order = information_order(candidates, ranked, rm.score_head.weight.detach().flatten(), batch=1000)
+    full = sorted([tasks[0].id, tasks[1].id], key=lambda t: random_key(0, t))  # unscored: last, in the random order
+    assert queue.serving_order == [open_tasks[i].id for i in order] + full
+    with pytest.raises(UserError, match="--order information needs --rm"):
+        active_queue(store, "information", None, None)
+
+
 def test_simulate_loop_retrains_and_reorders(tiny_model_dir, tmp_path, capsys):
     db = tmp_path / "labels.db"
     tasks = tmp_path / "tasks.jsonl"
@@ -177,9 +211,34 @@ def test_simulate_loop_retrains_and_reorders(tiny_model_dir, tmp_path, capsys):
         assert message in err and len(err.splitlines()) == 1, (flags, err)
 
 
-def test_random_strategy_ranks_every_task_in_the_seeded_order(tmp_path, capsys):
-    from labeling.active import random_key
+def test_simulate_information_loop_serves_each_round_in_the_retrained_models_order(tiny_model_dir, tmp_path, capsys):
+    from labeling.active import information_order
+    from reward_model.model import load_reward_model
+    from rlhf.records import RankedTask
 
+    db, tasks = tmp_path / "labels.db", tmp_path / "tasks.jsonl"
+    made = make_tasks(8, k=3, seed=1)
+    tasks.write_text("".join(json.dumps(t.to_dict()) + "\n" for t in made))
+    assert cli_main(["import", "--db", str(db), str(tasks)]) == 0
+    assert cli_main(["simulate", "--db", str(db), "--oracle", "length", "--annotators", "1", "--overlap", "1",
+                     "--strategy", "information", "--rm-every", "3", "--rm-out", str(tmp_path / "rms"),
+                     "--model", tiny_model_dir, "--rm-epochs", "1"]) == 0
+    assert "2 reward models trained along the way" in capsys.readouterr().out
+    with open_store(db) as store:
+        served = [e["task_id"] for e in store.events() if e["kind"] in ("submit", "skip")]
+        ranked = [e["task_id"] for e in store.events() if e["kind"] == "submit"]
+    first_round = served[:served.index(ranked[2]) + 1]  # up to the third ranking: the random order
+    rows = [RankedTask.from_dict(json.loads(line))
+            for line in (tmp_path / "rms" / "round-1" / "data" / "rankings.jsonl").read_text().splitlines()]
+    rm, tokenizer = load_reward_model(tmp_path / "rms" / "round-1" / "rm")
+    open_tasks = [t for t in made if t.id not in ranked[:3]]
+    _, order = information_order(rm, tokenizer, open_tasks, rows, batch=3)
+    # the second round: round 1's information order, less the tasks the annotator already skipped
+    expected = [t for t in order if t not in first_round]
+    assert served[len(first_round):len(first_round) + 3] == expected[:3]
+
+
+def test_random_strategy_ranks_every_task_in_the_seeded_order(tmp_path, capsys):
     db = tmp_path / "labels.db"
     tasks = tmp_path / "tasks.jsonl"
     made = make_tasks(6, k=3)
