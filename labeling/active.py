@@ -15,11 +15,10 @@ Human rankings are the scarce resource; once a first reward model exists, spend 
   Bradley-Terry probability sigmoid(margin) is closest to 1/2. A task is served until it has `overlap`
   rankings, then the next most uncertain one.
 - `information`: the tasks whose ranking would tell the reward model's score head most, as expected
-  information gain under its Laplace posterior (MacKay 1992), chosen greedily as one batch until the next
-  retraining (batch-mode D-optimal design, Hoi et al. 2006): `reward_model.posterior`. Unlike the margin it
-  discounts a close pair whose direction the ranked pairs already settle, and it does not spend a batch on
-  near-copies of one uncertain task. It needs the read-out features of every open task's completions and of
-  the ranked ones (one pass of the reward model over both).
+  information gain under its Laplace posterior (MacKay 1992; the D-optimal design criterion):
+  `reward_model.posterior`. Unlike the margin it discounts a close pair whose direction the ranked pairs
+  already settle. It needs the read-out features of every open task's completions and of the ranked ones
+  (one pass of the reward model over both).
 - `random`: a seeded random order (the baseline the benchmark compares against).
 
 Tasks the reward model has not scored (imported after the server started) come after the scored ones, in
@@ -34,9 +33,8 @@ often the proposal was kept.
 
 **The loop** (`rlhf simulate --strategy S --rm-every N`): scripted annotators rank N tasks in the strategy's
 order, a reward model is trained from scratch on every ranking so far, the unranked tasks are scored again
-and the queue re-ordered (`information`: the next N chosen as one batch), and so on until the queue is
-empty. The first N come in random order when there is no reward model yet, so every strategy shares its
-first round.
+and the queue re-ordered, and so on until the queue is empty. The first N come in random order when there
+is no reward model yet, so every strategy shares its first round.
 
 Pure functions and the queue at the top (no torch). Scoring and retraining need the reward model (the floor
 below this package): they import `reward_model` inside the functions below (`score_tasks`, `score_store`,
@@ -65,9 +63,6 @@ log = logging.getLogger(__name__)
 
 ORDERS = ("fewest-rankings", "uncertainty", "information", "random")
 SCORED_ORDERS = ("uncertainty", "information")  # the orders a reward model's scores decide
-# `rlhf label` never retrains: this many tasks are chosen as one batch by the information order (each pick
-# costs O(tasks x pairs^2 x hidden size)); the rest follow by their own information gain.
-LABEL_BATCH = 1000
 
 
 # ---- pure functions ----
@@ -179,11 +174,11 @@ def score_tasks(rm, tokenizer, tasks: Iterable[Task], batch_size: int = 32) -> d
     return {t.id: {c.id: next(rewards) for c in t.completions} for t in tasks}
 
 
-def information_order(rm, tokenizer, open_tasks: Sequence[Task], ranked: Iterable[RankedTask], batch: int,
+def information_order(rm, tokenizer, open_tasks: Sequence[Task], ranked: Iterable[RankedTask],
                       batch_size: int = 32) -> tuple[dict[str, dict[str, float]], list[str]]:
     """The `information` order of `open_tasks` for a reward model whose training rankings are `ranked`: their
-    rewards ({task id: {completion id: reward}}, as `score_tasks`) and their ids in serving order, the first
-    `batch` chosen together (`reward_model.posterior.information_order`)."""
+    rewards ({task id: {completion id: reward}}, as `score_tasks`) and their ids in serving order
+    (`reward_model.posterior.information_order`)."""
     import torch
 
     from reward_model.model import readout_texts
@@ -195,8 +190,9 @@ def information_order(rm, tokenizer, open_tasks: Sequence[Task], ranked: Iterabl
     texts = [(t.prompt, c.text) for t in [*open_tasks, *ranked] for c in t.completions]
     features = readout_texts(rm, tokenizer, [p for p, _ in texts], [c for _, c in texts], batch_size,
                              getattr(rm, "meta", {}).get("max_length", 512))
-    w = rm.score_head.weight.detach().float().cpu().flatten()
-    rewards = (features @ w + float(rm.score_head.bias) - float(rm.reward_bias)).tolist()
+    head = rm.score_head
+    with torch.no_grad():  # as RewardModel.forward
+        rewards = (head(features.to(head.weight.device)).squeeze(-1) - rm.reward_bias).tolist()
     candidates, scores, start = [], {}, 0
     for task in open_tasks:
         k = len(task.completions)
@@ -208,7 +204,7 @@ def information_order(rm, tokenizer, open_tasks: Sequence[Task], ranked: Iterabl
         k = len(task.completions)
         ranked_pairs.append(pair_matrix(features[start:start + k], pair_indices(task.ranks)))
         start += k
-    order = order_by_information(candidates, torch.cat(ranked_pairs), w, batch)
+    order = order_by_information(candidates, torch.cat(ranked_pairs), head.weight.detach().cpu().flatten())
     return scores, [open_tasks[i].id for i in order]
 
 
@@ -231,17 +227,16 @@ def open_tasks_of(store: LabelStore, overlap: int) -> list[Task]:
     return [t for t in store_tasks(store) if counts[t.id] < overlap]
 
 
-def reorder_queue(queue: ActiveQueue, rm_dir: str | Path, store: LabelStore, overlap: int, batch: int,
+def reorder_queue(queue: ActiveQueue, rm_dir: str | Path, store: LabelStore, overlap: int,
                   batch_size: int = 32) -> dict[str, dict[str, float]]:
-    """The reward model at `rm_dir` scores the store's open tasks and `queue` is re-ordered by its order
-    (`batch`: the rankings until the next retraining, chosen together by the information order). Returns the
-    scores ({task id: {completion id: reward}})."""
+    """The reward model at `rm_dir` scores the store's open tasks and `queue` is re-ordered by its order.
+    Returns the scores ({task id: {completion id: reward}})."""
     from reward_model.model import load_reward_model
 
     rm, tokenizer = load_reward_model(rm_dir)
     tasks = open_tasks_of(store, overlap)
     if queue.order == "information":
-        scores, order = information_order(rm, tokenizer, tasks, store.export_ranked_tasks(), batch, batch_size)
+        scores, order = information_order(rm, tokenizer, tasks, store.export_ranked_tasks(), batch_size)
         queue.update(scores, informative_first=order)
     else:
         scores = score_tasks(rm, tokenizer, tasks, batch_size)
@@ -296,7 +291,7 @@ class RetrainingLoop:
         started = time.time()
         summary = retrain_reward_model(self.store, folder, self.rm_settings)
         if self.queue.order in SCORED_ORDERS:  # the other orders do not depend on the scores
-            reorder_queue(self.queue, summary["rm_dir"], self.store, self.overlap, batch=self.every)
+            reorder_queue(self.queue, summary["rm_dir"], self.store, self.overlap)
         self.rounds.append({"round": len(self.rounds) + 1, "rankings": rankings, "rm_dir": summary["rm_dir"],
                             "seconds": round(time.time() - started, 1)})
         log.warning("round %d: reward model retrained on %d rankings in %.0f s", len(self.rounds), rankings,

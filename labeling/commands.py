@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from labeling.active import LABEL_BATCH, ORDERS, SCORED_ORDERS
+from labeling.active import ORDERS, SCORED_ORDERS
 from rlhf.config_args import positive_int
 from rlhf.errors import UserError
 
@@ -20,7 +20,7 @@ def _active_options(p: argparse.ArgumentParser) -> None:
                    help="which tasks each queue serves first: fewest-rankings (default), random, uncertainty: "
                         "the tasks whose completions the reward model (--rm) finds hardest to order (smallest "
                         "reward gap between adjacent completions; uncertainty sampling), or information: those "
-                        "whose rankings would tell it most (expected information gain, chosen as a batch)")
+                        "whose rankings would tell it most (expected information gain)")
     p.add_argument("--rm", default=None, metavar="DIR",
                    help="reward model that orders the queue (--order uncertainty or information)")
     p.add_argument("--seed", type=int, default=0, help="seed of --order random (default 0)")
@@ -139,7 +139,7 @@ def add_commands(sub) -> None:
     p.add_argument("--strategy", choices=ORDERS, default="fewest-rankings",
                    help="which tasks the annotators rank first: fewest-rankings (the app's default queue), random, "
                         "uncertainty (the reward model's smallest gap between adjacent completions first) or "
-                        "information (the rankings that would tell it most, each round's N chosen together); the "
+                        "information (the rankings that would tell it most: expected information gain); the "
                         "last two need --rm or --rm-every")
     p.add_argument("--rm", default=None, metavar="DIR",
                    help="reward model that orders the tasks (--strategy uncertainty or information)")
@@ -397,7 +397,7 @@ def active_queue(store, order: str, rm: str | None, pre_rank: str | None, seed: 
     queue = ActiveQueue(order, seed=seed, task_ids=store.task_ids())
     if rm:
         print(f"ordering the open tasks with the reward model {rm} ...", flush=True)
-        scores = reorder_queue(queue, rm, store, overlap, batch=LABEL_BATCH)
+        scores = reorder_queue(queue, rm, store, overlap)
         if pre_rank == rm:
             queue.proposal_rewards = scores  # proposals are for the tasks still to be served: the open ones
     if pre_rank and pre_rank != rm:
@@ -436,7 +436,7 @@ def run_simulate(args) -> None:
 
             queue = ActiveQueue(args.strategy, seed=args.seed, task_ids=store.task_ids())
             if args.rm:
-                reorder_queue(queue, args.rm, store, args.overlap, batch=args.rm_every or LABEL_BATCH)
+                reorder_queue(queue, args.rm, store, args.overlap)
             serve = lambda annotator, overlap: queue.next_task(store, annotator, overlap)  # noqa: E731
             if args.rm_every:
                 from labeling.active import base_model_of

@@ -17,12 +17,12 @@ The expected information its ranking brings about w is
 (the D-optimal design criterion). It weighs a pair's closeness (q near 1/2) by how little the ranked
 pairs already say about its direction, which the margin between two rewards cannot tell from a true tie.
 
-`information_order` picks tasks one at a time, adding each pick's G^T G to A before scoring the rest
-(batch-mode D-optimal design, Hoi et al. 2006), so one batch of rankings between two retrainings is not
-spent on near-copies of one uncertain direction; log det is submodular, so the greedy batch is within
-1 - 1/e of the best batch (Nemhauser et al. 1978). Features are standardised per dimension (mean |f|
-over the candidates' completions), so one prior strength fits every dimension; `PRIOR` is the L2 weight
-of the Bradley-Terry head the rule was measured with (README, Benchmarks, "Active labeling").
+`information_order` serves the tasks by that gain, largest first. Choosing each retraining's batch greedily
+instead (adding each pick's G^T G to A before scoring the rest: batch-mode D-optimal design, Hoi et al.
+2006) was measured and was no better on any preference tried, so the order stays the plain one (README,
+Benchmarks, "Active labeling"). Features are standardised per dimension (mean |d| over the candidates'
+pairs), so one prior strength fits every dimension; `PRIOR` is the L2 weight of the Bradley-Terry head the
+rule was measured with.
 """
 
 from __future__ import annotations
@@ -53,40 +53,33 @@ def head_covariance(ranked_pairs: Tensor, w: Tensor, prior: float = PRIOR) -> Te
 
 
 @torch.no_grad()
-def information_order(candidates: Sequence[Tensor], ranked_pairs: Tensor, w: Tensor, batch: int,
-                      prior: float = PRIOR) -> list[int]:
-    """Indices of `candidates` (one [P_t, H] matrix of pair differences per task, raw features) in serving
-    order: the first `batch` chosen greedily for their joint information gain, the rest by their own gain
-    after that batch. `ranked_pairs` [n, H]: the ranked pairs' differences (preferred minus other); `w` [H]:
-    the score head. Each greedy step costs O(T P^2 H) for T tasks of P pairs (H features)."""
-    if not candidates:
-        return []
+def information_terms(candidates: Sequence[Tensor], ranked_pairs: Tensor, w: Tensor,
+                      prior: float = PRIOR) -> tuple[Tensor, Tensor]:
+    """(G [T, P, H], A^-1 [H, H]), float64, in standardised coordinates, for the candidate tasks (one [P_t, H]
+    matrix of pair differences each, raw features; a task with fewer pairs is padded with zero rows, which add
+    nothing), the ranked pairs' differences [n, H] (preferred minus other) and the score head w [H]."""
     w = w.detach().double().flatten()
-    width = max(len(c) for c in candidates)
+    width = max((len(c) for c in candidates), default=0)
     d = torch.zeros(len(candidates), width, len(w), dtype=torch.float64)
     for t, c in enumerate(candidates):
-        d[t, :len(c)] = c.double()  # a task with fewer pairs is padded with zero rows: they add nothing
+        d[t, :len(c)] = c.double()
     scale = d.abs().sum((0, 1)) / max(sum(len(c) for c in candidates), 1) + 1e-6
     d = d / scale
     w = w * scale  # the same rewards in the standardised coordinates
-    covariance = head_covariance(ranked_pairs.double() / scale, w, prior)
     q = torch.sigmoid(d @ w)
-    g = (q * (1 - q)).sqrt().unsqueeze(2) * d  # [T, P, H]
-    m = g @ covariance  # G A^-1 per task, kept up to date as picks are added
-    s = torch.eye(width, dtype=torch.float64) + m @ g.transpose(1, 2)  # I + G A^-1 G^T
-    taken = torch.zeros(len(candidates), dtype=torch.bool)
-    chosen: list[int] = []
-    for _ in range(min(batch, len(candidates))):
-        gain = torch.logdet(s).masked_fill(taken, float("-inf"))
-        best = int(gain.argmax())
-        chosen.append(best)
-        taken[best] = True
-        # Woodbury: (A + G_b^T G_b)^-1 = A^-1 - A^-1 G_b^T S_b^-1 G_b A^-1, so every task's G A^-1 loses
-        # (G A^-1 G_b^T) S_b^-1 (G_b A^-1), and its S the matching term.
-        cross = m @ g[best].T  # [T, P, P_b]: G A^-1 G_b^T
-        correction = cross @ torch.linalg.solve(s[best], m[best])  # [T, P, H]
-        s = s - correction @ g.transpose(1, 2)
-        m = m - correction
-    gain = torch.logdet(s)
-    rest = sorted((t for t in range(len(candidates)) if not taken[t]), key=lambda t: -float(gain[t]))
-    return chosen + rest
+    return (q * (1 - q)).sqrt().unsqueeze(2) * d, head_covariance(ranked_pairs.double() / scale, w, prior)
+
+
+def information_gains(g: Tensor, covariance: Tensor, chunk: int = 256) -> Tensor:
+    """1/2 log det(I + G A^-1 G^T) per task [T] (in chunks of tasks, to bound memory)."""
+    eye = torch.eye(g.shape[1], dtype=g.dtype)
+    return torch.cat([0.5 * torch.logdet(eye + part @ covariance @ part.transpose(1, 2))
+                      for part in g.split(chunk)]) if len(g) else g.new_zeros(0)
+
+
+def information_order(candidates: Sequence[Tensor], ranked_pairs: Tensor, w: Tensor,
+                      prior: float = PRIOR) -> list[int]:
+    """Indices of `candidates` by expected information gain, largest first (ties: the earlier first); the
+    arguments as `information_terms`. Costs O(T P H^2) for T tasks of P pairs (H features)."""
+    gains = information_gains(*information_terms(candidates, ranked_pairs, w, prior))
+    return sorted(range(len(candidates)), key=lambda t: -float(gains[t]))

@@ -180,7 +180,7 @@ def test_information_order_ranks_the_open_tasks_by_the_posterior(store, rm_dir):
     ranked = torch.cat([pair_matrix(features(tasks[0]), [(2, 0), (2, 1), (0, 1)]),
                         pair_matrix(features(tasks[1]), [(0, 1), (2, 1)])])
     candidates = [pair_matrix(features(t), [(0, 1), (0, 2), (1, 2)]) for t in open_tasks]
-    order = information_order(candidates, ranked, rm.score_head.weight.detach().flatten(), batch=1000)
+    order = information_order(candidates, ranked, rm.score_head.weight.detach().flatten())
     full = sorted([tasks[0].id, tasks[1].id], key=lambda t: random_key(0, t))  # unscored: last, in the random order
     assert queue.serving_order == [open_tasks[i].id for i in order] + full
     with pytest.raises(UserError, match="--order information needs --rm"):
@@ -232,7 +232,7 @@ def test_simulate_information_loop_serves_each_round_in_the_retrained_models_ord
             for line in (tmp_path / "rms" / "round-1" / "data" / "rankings.jsonl").read_text().splitlines()]
     rm, tokenizer = load_reward_model(tmp_path / "rms" / "round-1" / "rm")
     open_tasks = [t for t in made if t.id not in ranked[:3]]
-    _, order = information_order(rm, tokenizer, open_tasks, rows, batch=3)
+    _, order = information_order(rm, tokenizer, open_tasks, rows)
     # the second round: round 1's information order, less the tasks the annotator already skipped
     expected = [t for t in order if t not in first_round]
     assert served[len(first_round):len(first_round) + 3] == expected[:3]
