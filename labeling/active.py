@@ -181,7 +181,7 @@ def information_order(rm, tokenizer, open_tasks: Sequence[Task], ranked: Iterabl
     (`reward_model.posterior.information_order`)."""
     import torch
 
-    from reward_model.model import readout_texts
+    from reward_model.model import head_rewards, readout_texts
     from reward_model.posterior import information_order as order_by_information
     from reward_model.posterior import pair_matrix
     from rlhf.pairs import pair_indices
@@ -190,9 +190,7 @@ def information_order(rm, tokenizer, open_tasks: Sequence[Task], ranked: Iterabl
     texts = [(t.prompt, c.text) for t in [*open_tasks, *ranked] for c in t.completions]
     features = readout_texts(rm, tokenizer, [p for p, _ in texts], [c for _, c in texts], batch_size,
                              getattr(rm, "meta", {}).get("max_length", 512))
-    head = rm.score_head
-    with torch.no_grad():  # as RewardModel.forward
-        rewards = (head(features.to(head.weight.device)).squeeze(-1) - rm.reward_bias).tolist()
+    rewards = head_rewards(rm, features)
     candidates, scores, start = [], {}, 0
     for task in open_tasks:
         k = len(task.completions)
@@ -204,7 +202,7 @@ def information_order(rm, tokenizer, open_tasks: Sequence[Task], ranked: Iterabl
         k = len(task.completions)
         ranked_pairs.append(pair_matrix(features[start:start + k], pair_indices(task.ranks)))
         start += k
-    order = order_by_information(candidates, torch.cat(ranked_pairs), head.weight.detach().cpu().flatten())
+    order = order_by_information(candidates, torch.cat(ranked_pairs), rm.score_head.weight.detach().cpu().flatten())
     return scores, [open_tasks[i].id for i in order]
 
 

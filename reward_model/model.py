@@ -383,9 +383,13 @@ def readout_texts(rm: RewardModel, tokenizer, prompts: Sequence[str], completion
 
 
 @torch.no_grad()
+def head_rewards(rm: RewardModel, features: Tensor) -> list[float]:
+    """The rewards of read-out features [N, H] (`readout_texts`), as `RewardModel.forward` takes them."""
+    head = rm.score_head
+    return (head(features.to(head.weight.device)).squeeze(-1) - rm.reward_bias).tolist()
+
+
 def score_texts(rm: RewardModel, tokenizer, prompts: Sequence[str], completions: Sequence[str],
                 batch_size: int = 16, max_length: int = 512) -> list[float]:
     """The reward of each (prompt, completion), in input order."""
-    features = readout_texts(rm, tokenizer, prompts, completions, batch_size, max_length)
-    head = rm.score_head
-    return (head(features.to(head.weight.device)).squeeze(-1) - rm.reward_bias).tolist()
+    return head_rewards(rm, readout_texts(rm, tokenizer, prompts, completions, batch_size, max_length))

@@ -11,10 +11,12 @@ from reward_model.model import (
     encode_sample_ids,
     encode_samples,
     final_hidden_states,
+    head_rewards,
     last_token_index,
     load_reward_model,
     pad_rows,
     pad_samples,
+    readout_texts,
     reward_features,
     save_reward_model,
     score_texts,
@@ -213,3 +215,24 @@ def test_bfloat16_backbone_keeps_lora_head_and_loss_float32(tiny_model_dir):
     loss, _ = ranking_loss(rewards, build_pair_index([ranking_pairs([1, 2, 3])], [3]))
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora)
+
+
+def test_score_texts_is_the_forward_pass_and_readout_texts_what_the_head_reads(rm_and_tok):
+    rm, tok = rm_and_tok
+    rm.reward_bias.fill_(0.5)
+    try:
+        prompts, completions = ["Tell a tale.", "Hi", "Sky?", "Name a fruit."], ["Once upon a time", "Sea", "", "A"]
+        ids, mask, completion_mask = encode_samples(tok, prompts, completions, 64)
+        with torch.no_grad():
+            batched = rm(ids, mask, completion_mask).tolist()  # one padded batch, not sorted by length
+        # batch_size 3: two length-sorted batches, rows returned in input order
+        assert score_texts(rm, tok, prompts, completions, batch_size=3) == pytest.approx(batched, abs=1e-5)
+        features = readout_texts(rm, tok, prompts, completions, batch_size=3)
+        assert features.shape == (4, 32) and features.dtype == torch.float32
+        expected = (features @ rm.score_head.weight[0] + rm.score_head.bias - 0.5).tolist()
+        assert head_rewards(rm, features) == pytest.approx(expected, abs=1e-6)
+    finally:
+        rm.reward_bias.fill_(0.0)
+    assert readout_texts(rm, tok, [], []).shape == (0, 32) and score_texts(rm, tok, [], []) == []
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        readout_texts(rm, tok, ["a", "b"], ["c"])
