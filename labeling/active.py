@@ -187,21 +187,26 @@ def information_order(rm, tokenizer, open_tasks: Sequence[Task], ranked: Iterabl
     from rlhf.pairs import pair_indices
 
     open_tasks, ranked = list(open_tasks), list(ranked)
-    texts = [(t.prompt, c.text) for t in [*open_tasks, *ranked] for c in t.completions]
-    features = readout_texts(rm, tokenizer, [p for p, _ in texts], [c for _, c in texts], batch_size,
-                             getattr(rm, "meta", {}).get("max_length", 512))
-    rewards = head_rewards(rm, features)
-    candidates, scores, start = [], {}, 0
-    for task in open_tasks:
-        k = len(task.completions)
-        candidates.append(pair_matrix(features[start:start + k], list(combinations(range(k), 2))))
-        scores[task.id] = {c.id: r for c, r in zip(task.completions, rewards[start:start + k])}
-        start += k
-    ranked_pairs = [features.new_zeros(0, features.shape[1])]
+    # Each completion is read once, though a task ranked by several annotators, or ranked and still open
+    # (overlap > 1), comes more than once; the open tasks' rows come first.
+    rows = {(t.id, c.id): (t.prompt, c.text) for t in open_tasks for c in t.completions}
     for task in ranked:
-        k = len(task.completions)
-        ranked_pairs.append(pair_matrix(features[start:start + k], pair_indices(task.ranks)))
-        start += k
+        for c in task.completions:
+            rows.setdefault((task.task_id, c.id), (task.prompt, c.text))
+    row = {key: i for i, key in enumerate(rows)}
+    features = readout_texts(rm, tokenizer, [p for p, _ in rows.values()], [c for _, c in rows.values()],
+                             batch_size, getattr(rm, "meta", {}).get("max_length", 512))
+    open_rows = sum(len(t.completions) for t in open_tasks)
+    rewards = dict(zip(rows, head_rewards(rm, features[:open_rows])))
+
+    def task_features(task_id, completions):
+        return features[[row[(task_id, c.id)] for c in completions]]
+
+    scores = {t.id: {c.id: rewards[(t.id, c.id)] for c in t.completions} for t in open_tasks}
+    candidates = [pair_matrix(task_features(t.id, t.completions), list(combinations(range(len(t.completions)), 2)))
+                  for t in open_tasks]
+    ranked_pairs = [features.new_zeros(0, features.shape[1])]
+    ranked_pairs += [pair_matrix(task_features(t.task_id, t.completions), pair_indices(t.ranks)) for t in ranked]
     order = order_by_information(candidates, torch.cat(ranked_pairs), rm.score_head.weight.detach().cpu().flatten())
     return scores, [open_tasks[i].id for i in order]
 

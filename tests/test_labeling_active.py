@@ -183,6 +183,10 @@ def test_information_order_ranks_the_open_tasks_by_the_posterior(store, rm_dir):
     order = information_order(candidates, ranked, rm.score_head.weight.detach().flatten())
     full = sorted([tasks[0].id, tasks[1].id], key=lambda t: random_key(0, t))  # unscored: last, in the random order
     assert queue.serving_order == [open_tasks[i].id for i in order] + full
+    # at overlap 2 the ranked tasks are open too: every task is a candidate, and tasks 0 and 1 still count as ranked
+    candidates = [pair_matrix(features(t), [(0, 1), (0, 2), (1, 2)]) for t in tasks]
+    order = information_order(candidates, ranked, rm.score_head.weight.detach().flatten())
+    assert active_queue(store, "information", rm_dir, None, overlap=2).serving_order == [tasks[i].id for i in order]
     with pytest.raises(UserError, match="--order information needs --rm"):
         active_queue(store, "information", None, None)
 
