@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from rlhf.errors import UserError
+from rlhf.hardware import DtypeName
 from rlhf.records import Completion, Task, content_id
 
 if TYPE_CHECKING:  # torch loads only when a command runs
@@ -40,8 +41,9 @@ class GenerateConfig:
     """Completion length cap in tokens."""
     batch_size: int = 64
     """Sequences per generate call (prompts x K)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """The model weights' dtype."""
+    dtype: DtypeName = "auto"
+    """The model weights' dtype. auto: bfloat16 where the device computes it natively (a GPU with bf16 support, a
+    CPU with AVX-512 BF16 or AMX), float32 elsewhere."""
     seed: int = 0
     """Random seed; the same seed reproduces a run."""
 
@@ -64,14 +66,16 @@ def run_generate(config: GenerateConfig, progress: bool | None = None) -> int:
     from tqdm import tqdm
 
     from rlhf.generation import SamplingParams
+    from rlhf.hardware import setup_compute
     from rlhf.jsonl import write_jsonl
     from rlhf.models import DEFAULT_MODEL, is_default_model, load_causal_lm, load_tokenizer
     from rlhf.prompts import read_prompts
 
     config.check()
     prompts = read_prompts(config.prompts, config.limit)
+    dtype = setup_compute(config.dtype)
     tokenizer = load_tokenizer(config.model)
-    model = load_causal_lm(config.model, dtype=getattr(torch, config.dtype)).eval()
+    model = load_causal_lm(config.model, dtype=getattr(torch, dtype)).eval()
     params = SamplingParams(config.temperature, config.top_p, config.max_new_tokens)
     name = DEFAULT_MODEL if is_default_model(config.model) else config.model
     disable = None if progress is None else not progress  # None: tqdm shows a bar on a terminal only

@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from reward_model.config import RewardTrainingConfig
 from rlhf.config_args import check_fields
 from rlhf.errors import UserError
+from rlhf.hardware import DtypeName
 
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
 
@@ -74,8 +75,9 @@ class DemoConfig:
     0.83 (README, Benchmarks, "Reward-model settings")."""
     rm_lr: float = RewardTrainingConfig.lr
     """Reward-model learning rate of the LoRA weights (the score head's is 30x, RewardTrainingConfig)."""
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Backbone dtype for the reward model's training (RewardTrainingConfig.dtype says why)."""
+    dtype: DtypeName = "auto"
+    """The models' dtype in every stage. auto: bfloat16 where the device computes it natively (a GPU with bf16
+    support, a CPU with AVX-512 BF16 or AMX), float32 elsewhere (rlhf.hardware)."""
     # policy (PPO)
     ppo_steps: int = 8
     """PPO steps."""
@@ -140,7 +142,7 @@ def _generate(cfg: DemoConfig, out: Path, done: dict) -> dict:
         write_jsonl(out / f"prompts_{name}.jsonl", ({"id": i, "prompt": p} for i, p in rows))
     config = GenerateConfig(prompts=str(out / "prompts_train.jsonl"), out=str(out / "tasks.jsonl"),
                             limit=cfg.label_prompts, model=cfg.model, k=cfg.k, temperature=cfg.temperature,
-                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, dtype=cfg.dtype)
     count = run_generate(config, progress=True)
     return {"tasks": count, "k": cfg.k, "file": config.out, "held_out_prompts": len(held_out)}
 
@@ -201,7 +203,7 @@ def _policy(cfg: DemoConfig, out: Path, done: dict) -> dict:
                        temperature=cfg.temperature, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef, eval_every=cfg.eval_every,
                        eval_size=cfg.eval_prompts, oracle=cfg.oracle, seed=cfg.seed,
                        resume=cfg.resume and (out / "ppo" / "checkpoint").is_dir(),  # a crash mid-PPO
-                       missing_eos_penalty=cfg.missing_eos_penalty,
+                       missing_eos_penalty=cfg.missing_eos_penalty, dtype=cfg.dtype,
                        checkpoint_every=max(1, cfg.eval_every))
     return train_policy(config)
 
@@ -215,7 +217,7 @@ def _dpo(cfg: DemoConfig, out: Path, done: dict) -> dict:
                        eval_prompts=str(out / "prompts_eval.jsonl"), rm=str(out / "rm"), oracle=cfg.oracle,
                        beta=cfg.dpo_beta, lr=cfg.dpo_lr, epochs=cfg.dpo_epochs, seed=cfg.seed, max_length=384,
                        eval_size=cfg.eval_prompts, response_length=cfg.max_new_tokens, temperature=cfg.temperature,
-                       resume=cfg.resume and (out / "dpo" / "checkpoint").is_dir())  # a crash mid-DPO
+                       dtype=cfg.dtype, resume=cfg.resume and (out / "dpo" / "checkpoint").is_dir())  # a crash mid-DPO
     return train_dpo(config)
 
 

@@ -12,6 +12,7 @@ def add_commands(sub) -> None:
     from policy.config import PPOConfig
     from policy.dpo import DPOConfig
     from rlhf.config_args import add_config_arguments, positive_int
+    from rlhf.hardware import DTYPE_NAMES
 
     p = sub.add_parser("ppo", help="fine-tune the policy against the reward model (PPO, RLOO or GRPO, KL to the "
                                    "SFT model)",
@@ -44,6 +45,9 @@ def add_commands(sub) -> None:
                    help="completion length cap (default: the training response length)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    s.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                   help="the weights' dtype; auto: bfloat16 where the device computes it natively, else float32 "
+                        "(default: auto)")
     s.set_defaults(func=run_sample)
 
 
@@ -78,11 +82,12 @@ def run_dpo(args) -> None:
 def run_sample(args) -> None:
     from policy.roles import load_policy
     from rlhf.generation import SamplingParams, decode_responses, sample_batch
+    from rlhf.hardware import setup_compute, torch_dtype
     from rlhf.models import eos_token_ids
     from rlhf.prompts import read_prompts
 
     prompts = [p for _, p in read_prompts(args.prompts, args.n)]
-    model, tokenizer, meta = load_policy(args.policy)
+    model, tokenizer, meta = load_policy(args.policy, dtype=torch_dtype(setup_compute(args.dtype)))
     temperature = args.temperature or meta.get("temperature", 0.7)
     if temperature <= 0:
         raise UserError("--temperature must be > 0")

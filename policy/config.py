@@ -8,6 +8,7 @@ from typing import Literal, get_args
 from reward_model.config import check_layer_request
 from rlhf.config_args import check_fields
 from rlhf.errors import UserError
+from rlhf.hardware import DtypeName
 
 GrpoLossNorm = Literal["sequence", "token", "constant"]  # see policy.core.grpo_loss
 GRPO_LOSS_NORMS = get_args(GrpoLossNorm)
@@ -53,11 +54,11 @@ class PPOConfig:
     in 0.80x the time of a full-depth critic (README, Benchmarks, "PPO step"). It is where the default
     reward model reads, so the critic sees what the reward depends on. 0 = the papers' critic, which starts
     as the RM when the RM reads the last layer's last token (InstructGPT; Ziegler et al. 2019)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: DtypeName = "auto"
     """The base weights' dtype, shared by all four roles (the LoRA weights, the value head, log-probabilities,
-    advantages and losses stay float32). bfloat16 made a PPO step only 4% faster on a CPU with AVX-512 BF16
-    (README, Benchmarks, "PPO step"), and its rollout log-probabilities need a forward pass of their own
-    (policy/rollout.py), so float32 is the default; on a GPU bfloat16 saves memory."""
+    advantages and losses stay float32). auto: bfloat16 where the device computes it natively (a GPU with bf16
+    support, a CPU with AVX-512 BF16 or AMX), float32 elsewhere. In bfloat16 the rollout log-probabilities take a
+    forward pass of their own (policy/rollout.py)."""
     seed: int = 0
     """Random seed (adapter init, prompt order, sampling)."""
     # sampling

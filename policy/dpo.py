@@ -50,12 +50,13 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from rlhf.config_args import check_fields
 from rlhf.errors import UserError
+from rlhf.hardware import DtypeName, setup_compute
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -128,9 +129,10 @@ class DPOConfig:
     """Rank of the policy's LoRA adapter (as `rlhf ppo`)."""
     lora_alpha: int = 32
     """LoRA alpha (scale = alpha / r)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Base weights' dtype (LoRA weights stay float32). float32 keeps the summed log-probabilities exact; bf16
-    is faster on hardware with bf16 units."""
+    dtype: DtypeName = "auto"
+    """Base weights' dtype (LoRA weights stay float32). auto: bfloat16 where the device computes it natively (a
+    GPU with bf16 support, a CPU with AVX-512 BF16 or AMX), float32 elsewhere; float32 keeps the summed
+    log-probabilities exact."""
     seed: int = 0
     """Random seed (adapter initialisation, data order, evaluation sampling)."""
     # evaluation
@@ -357,6 +359,7 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, Any]:
     from rlhf.runlog import RunLog
 
     config.check()
+    config = replace(config, dtype=setup_compute(config.dtype))  # "auto" -> the dtype this device runs fast
     started = time.time()
     out = Path(config.out)
     files = rmdata.find_data(config.data)

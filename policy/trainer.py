@@ -41,7 +41,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from policy.evaluate import append_eval_samples, evaluate, write_side_by_side
 from policy.roles import ACTOR, CRITIC, build_roles, save_actor
 from policy.rollout import Rollout, reward_function, rollout
 from rlhf.errors import UserError
+from rlhf.hardware import setup_compute
 
 log = logging.getLogger(__name__)
 
@@ -432,6 +433,7 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
     from rlhf.runlog import RunLog, start_tracking
 
     config.check()
+    config = replace(config, dtype=setup_compute(config.dtype))  # "auto" -> the dtype this device runs fast
     out = Path(config.out)
     checkpoints = out / "checkpoint"
     if not config.resume and latest_checkpoint(checkpoints):

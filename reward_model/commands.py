@@ -33,6 +33,7 @@ def add_commands(sub) -> None:
     p.add_argument("--data-split", default=None, metavar="SPLIT",
                    help="evaluate only this split (e.g. test: the rows an export holds out); default: every row")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    _add_scoring_dtype(p)
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("score", help="score {prompt, completion} JSONL with a reward model",
@@ -42,9 +43,7 @@ def add_commands(sub) -> None:
     p.add_argument("--input", default="-", help="input JSONL file, or - for stdin (default -)")
     p.add_argument("--out", default="-", help="output JSONL file (written atomically), or - for stdout (default -)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="samples per forward pass (default 16)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                   help="the backbone's dtype (default: the one it was trained in; float32 gives the rewards of "
-                        "the float32 folder `rlhf export-model` writes)")
+    _add_scoring_dtype(p)
     p.set_defaults(func=run_score)
 
     p = sub.add_parser("export-model", help="write a reward model or a policy as a standard transformers folder",
@@ -61,6 +60,15 @@ def add_commands(sub) -> None:
                    help="the base model's folder or hub id, when it is no longer where training found it "
                         "(default: the one recorded with the model)")
     p.set_defaults(func=run_export_model)
+
+
+def _add_scoring_dtype(p) -> None:
+    from rlhf.hardware import DTYPE_NAMES
+
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                   help="the backbone's dtype; auto: the one it was trained in, but float32 where this device has "
+                        "no bf16 units; float32 gives the rewards of the folder `rlhf export-model` writes "
+                        "(default: auto)")
 
 
 def run_train(args) -> None:
@@ -94,7 +102,7 @@ def run_eval(args) -> None:
     from reward_model.model import load_reward_model
 
     records = [record for _, record in read_records(args.data, args.data_split)]
-    rm, tokenizer = load_reward_model(args.rm)
+    rm, tokenizer = load_reward_model(args.rm, dtype=args.dtype)
     result = evaluate_reward_model(rm, tokenizer, records)
     if args.json:
         print(json.dumps(result))
@@ -137,8 +145,6 @@ def _read_samples(source: str) -> list[tuple[str, str]]:
 
 
 def run_score(args) -> None:
-    import torch
-
     from reward_model.model import load_reward_model, score_texts
     from rlhf.jsonl import write_jsonl
     from rlhf.records import ScoredSample
@@ -146,7 +152,7 @@ def run_score(args) -> None:
     if args.input != "-" and not Path(args.input).is_file():
         raise UserError(f"{args.input}: no such file")
     samples = _read_samples(args.input)
-    rm, tokenizer = load_reward_model(args.rm, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    rm, tokenizer = load_reward_model(args.rm, dtype=args.dtype)
     rewards = score_texts(rm, tokenizer, [p for p, _ in samples], [c for _, c in samples],
                           batch_size=args.batch_size, max_length=rm.meta["max_length"])
     rows = (ScoredSample(p, c, r).to_dict() for (p, c), r in zip(samples, rewards))

@@ -7,6 +7,7 @@ from typing import Literal
 
 from rlhf.config_args import check_fields
 from rlhf.errors import UserError
+from rlhf.hardware import DtypeName
 
 
 def check_layer_request(requested: float, flag: str, num_layers: int | None = None) -> None:
@@ -94,10 +95,10 @@ class RewardTrainingConfig:
     """Also send each train_log.csv row (under train/) to this tracker, through accelerate: "tensorboard"
     writes event files to OUT/tensorboard/; "wandb" and "trackio" need their package installed. The CSV log
     is written either way."""
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Backbone weights' dtype (LoRA weights, score head and loss stay float32). bfloat16 is faster on
-    GPUs since Ampere and on CPUs with AVX-512 BF16 (README, Benchmarks, "Reward-model throughput"); use
-    float32 on a CPU without bf16 units."""
+    dtype: DtypeName = "auto"
+    """Backbone weights' dtype (LoRA weights, score head and loss stay float32). auto: bfloat16 where the device
+    computes it natively (a GPU with bf16 support, a CPU with AVX-512 BF16 or AMX), float32 elsewhere, where bf16
+    runs 10-20x slower; the saved config records the one it chose."""
     eval_batch_size: int = 32
     """Samples per forward pass when scoring (reward normalisation, held-out evaluation)."""
 

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from reward_model.config import check_layer_request
 from rlhf.causal_lm import decoder_body, final_hidden_states, last_token_index, lora_target_modules, pad_rows
 from rlhf.errors import UserError
+from rlhf.hardware import announce, resolve_dtype
 from rlhf.models import format_prompt, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -260,20 +261,34 @@ def load_rm_parts(rm_dir: str | Path, hidden_size: int) -> RMParts:
     return RMParts(meta, Readout.from_meta(meta), head, int(meta["max_length"]))
 
 
-def load_reward_model(rm_dir: str | Path, dtype: torch.dtype | None = None, base_model: str | None = None):
+def scoring_dtype(trained: str, requested: str = "auto") -> tuple[str, str]:
+    """(dtype name, why) of the backbone for scoring: `requested` when it names one; for "auto", the dtype it was
+    trained (and normalised) in, so the stored reward bias and accuracy hold as they are, unless that is bfloat16
+    and this device has no bf16 units, where float32 gives the same rewards to within bf16's rounding at a
+    fraction of the time (rlhf.hardware)."""
+    if requested != "auto" or trained == "float32":
+        return resolve_dtype(requested if requested != "auto" else trained)[0], (
+            "as asked" if requested != "auto" else "the reward model was trained in float32")
+    return resolve_dtype("auto")
+
+
+def load_reward_model(rm_dir: str | Path, dtype: torch.dtype | str | None = None, base_model: str | None = None):
     """(RewardModel, tokenizer) from an RM directory, in eval mode with every parameter frozen.
 
     `base_model` overrides the one recorded at training time (e.g. the same model in another
-    folder); `dtype` is the backbone's dtype (default: the training dtype; the score head is always
-    float32).
+    folder); `dtype` is the backbone's dtype, a torch dtype or a `--dtype` name (default "auto":
+    `scoring_dtype`; the score head is always float32).
     """
     from peft import PeftModel
 
     meta = read_meta(rm_dir)
     base = base_model or meta["base_model"]
     tokenizer = load_tokenizer(base)
-    # The dtype it was trained (and normalised) in, so the stored reward bias and accuracy hold as they are.
-    causal_lm = load_causal_lm(base, dtype=dtype or getattr(torch, meta.get("dtype", "float32")))
+    if dtype is None or isinstance(dtype, str):
+        name, why = scoring_dtype(meta.get("dtype", "float32"), dtype or "auto")
+        announce(name, why)
+        dtype = getattr(torch, name)
+    causal_lm = load_causal_lm(base, dtype=dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         backbone = PeftModel.from_pretrained(causal_lm, str(rm_dir), is_trainable=False)

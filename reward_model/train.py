@@ -22,7 +22,7 @@ import logging
 import shutil
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from reward_model.loss import ranking_loss
 from reward_model.model import RewardModel, create_reward_model, save_reward_model, score_rows
 from rlhf.checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf.errors import UserError
+from rlhf.hardware import setup_compute
 from rlhf.runlog import Panel, RunLog, end_tracking, plot, start_tracking, tracker_options
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
     from tqdm import tqdm
 
     config.check()
+    config = replace(config, dtype=setup_compute(config.dtype))  # "auto" -> the dtype this device runs fast
     started = time.time()
     out = Path(config.out)
     # cpu= when there is no GPU: accelerate then runs several launched processes as MULTI_CPU (gloo)

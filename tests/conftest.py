@@ -22,6 +22,16 @@ def fresh_accelerator_state():
         GradientState._reset_state()
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_bf16(monkeypatch):
+    """`--dtype auto` resolves as on a CPU without bf16 units (float32), whatever CPU runs the tests, so that their
+    numbers do not depend on the machine; tests/test_hardware.py fakes the other devices."""
+    from rlhf import hardware
+
+    monkeypatch.setattr(hardware, "detect_capabilities",
+                        lambda device=None: hardware.Capabilities("cpu", False, "tests: no AVX-512 BF16 or AMX"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module's tests: tiny models gain nothing from threads, and on a shared
