@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf.errors import UserError
 
 if TYPE_CHECKING:
-    from labeling.store import LabelStore
+    from labeling.store import SQLLabelStore
     from rlhf.records import RankedTask, Task
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class ActiveQueue:
         rewards = self.proposal_rewards.get(task_id)
         return proposed_ranks(rewards) if rewards else None
 
-    def next_task(self, store: LabelStore, annotator: str, overlap: int) -> Task | None:
+    def next_task(self, store: SQLLabelStore, annotator: str, overlap: int) -> Task | None:
         """The next task for this annotator in this queue's order, assigned to them; as `store.next_task`: their
         own open assignment first, never a task they ranked or skipped, only a task with a free place. When
         the ordered tasks are done, the store's own queue serves the rest."""
@@ -211,12 +211,12 @@ def information_order(rm, tokenizer, open_tasks: Sequence[Task], ranked: Iterabl
     return scores, [open_tasks[i].id for i in order]
 
 
-def store_tasks(store: LabelStore) -> list[Task]:
+def store_tasks(store: SQLLabelStore) -> list[Task]:
     """Every task in the store, in import order."""
     return [store.get_task(task_id) for task_id in store.task_ids()]
 
 
-def score_store(rm_dir: str | Path, store: LabelStore, batch_size: int = 32) -> dict[str, dict[str, float]]:
+def score_store(rm_dir: str | Path, store: SQLLabelStore, batch_size: int = 32) -> dict[str, dict[str, float]]:
     """The reward model at `rm_dir` scores every task of the store (what `rlhf label --rm` does at start)."""
     from reward_model.model import load_reward_model
 
@@ -224,13 +224,13 @@ def score_store(rm_dir: str | Path, store: LabelStore, batch_size: int = 32) -> 
     return score_tasks(rm, tokenizer, store_tasks(store), batch_size)
 
 
-def open_tasks_of(store: LabelStore, overlap: int) -> list[Task]:
+def open_tasks_of(store: SQLLabelStore, overlap: int) -> list[Task]:
     """The store's tasks with fewer than `overlap` rankings, in import order (full ones are never served)."""
     counts = Counter(r.task_id for r in store.export_rankings())
     return [t for t in store_tasks(store) if counts[t.id] < overlap]
 
 
-def reorder_queue(queue: ActiveQueue, rm_dir: str | Path, store: LabelStore, overlap: int,
+def reorder_queue(queue: ActiveQueue, rm_dir: str | Path, store: SQLLabelStore, overlap: int,
                   batch_size: int = 32) -> dict[str, dict[str, float]]:
     """The reward model at `rm_dir` scores the store's open tasks and `queue` is re-ordered by its order.
     Returns the scores ({task id: {completion id: reward}})."""
@@ -256,7 +256,7 @@ def base_model_of(rm_dir: str | Path) -> str:
 
 # ---- the simulated loop: label N, retrain, re-order ----
 
-def retrain_reward_model(store: LabelStore, out: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+def retrain_reward_model(store: SQLLabelStore, out: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
     """Train a reward model from scratch on every ranking in the store (written to OUT/data/rankings.jsonl);
     `settings` are RewardTrainingConfig fields (model, epochs, ...). Returns the training summary."""
     from reward_model.config import RewardTrainingConfig
@@ -275,7 +275,7 @@ class RetrainingLoop:
     on all of them (OUT/round-R/), score every task again and re-order the queue. `on_round(round, rankings,
     rm_dir)` is called after each retraining (the benchmark evaluates the reward model there)."""
 
-    def __init__(self, store: LabelStore, queue: ActiveQueue, every: int, out: str | Path,
+    def __init__(self, store: SQLLabelStore, queue: ActiveQueue, every: int, out: str | Path,
                  rm_settings: Mapping[str, Any], on_round: Callable[[int, int, str], None] | None = None,
                  overlap: int = 1):
         if every < 1:

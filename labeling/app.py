@@ -32,7 +32,7 @@ from labeling import handlers
 from labeling.auth import SESSION_SECONDS, LoginThrottle, Sessions
 from labeling.guards import SIGNED_IN_STATE, BodyLimit, SameOrigin, SignInGate, route_path
 from labeling.handlers import AppSettings, RequestError
-from labeling.store import Conflict, LabelStore, StorageUnavailable, StoreError, UnknownAnnotator, UnknownTask
+from labeling.store import Conflict, SQLLabelStore, StorageUnavailable, StoreError, UnknownAnnotator, UnknownTask
 from rlhf.errors import UserError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -90,7 +90,7 @@ def render_guidelines(path: str | None) -> str:
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
-def create_app(store: LabelStore, settings: AppSettings, sessions: "Sessions | None" = None, *,
+def create_app(store: SQLLabelStore, settings: AppSettings, sessions: "Sessions | None" = None, *,
                ui: bool = True, throttle: "LoginThrottle | None" = None):
     """The FastAPI app: the Gradio UI at / (when `ui`), the sign-in page at /login, the JSON API under /api.
     `sessions` default to the store's (shared by every server on the database); `throttle` limits failed

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from labeling.store import LabelStore
+from labeling.store import SQLLabelStore
 from rlhf.errors import UserError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -98,7 +98,7 @@ def check_password_rules(password: str) -> str:
     return password
 
 
-def add_annotator(store: LabelStore, name: str, password: str | None, *, role: str = "annotator") -> None:
+def add_annotator(store: SQLLabelStore, name: str, password: str | None, *, role: str = "annotator") -> None:
     """Create an annotator (role 'annotator' or 'admin'). The password is stored only as a salted scrypt hash;
     None makes an account that cannot sign in (scripted annotators). Raises InvalidAnnotator for a bad name or
     password, the store's AnnotatorExists if the name is taken."""
@@ -108,13 +108,13 @@ def add_annotator(store: LabelStore, name: str, password: str | None, *, role: s
     store.add_annotator(name, password_hash=None if password is None else hash_password(password), role=role)
 
 
-def reset_password(store: LabelStore, name: str, password: str) -> int:
+def reset_password(store: SQLLabelStore, name: str, password: str) -> int:
     """Give the annotator a new password and end every session of theirs; returns how many ended."""
     check_password_rules(password)
     return store.set_password_hash(name, hash_password(password))
 
 
-def is_admin(store: LabelStore, name: str | None, admins: frozenset[str] = frozenset()) -> bool:
+def is_admin(store: SQLLabelStore, name: str | None, admins: frozenset[str] = frozenset()) -> bool:
     """Whether this signed-in annotator may see the statistics and manage accounts: the admin role in the store,
     or a name given with `rlhf label --admin`."""
     if not name:
@@ -125,7 +125,7 @@ def is_admin(store: LabelStore, name: str | None, admins: frozenset[str] = froze
     return account is not None and account.role == "admin" and not account.disabled
 
 
-def verify_password(store: LabelStore, name: str, password: str) -> bool:
+def verify_password(store: SQLLabelStore, name: str, password: str) -> bool:
     """True only if the annotator exists, can sign in, and the password matches (constant-time compare; an
     unknown name costs the same time as a wrong password)."""
     if not isinstance(password, str):
@@ -204,7 +204,7 @@ class Sessions:
     the database shares them; a restart signs nobody out.
     """
 
-    def __init__(self, store: LabelStore, ttl: float = SESSION_SECONDS, clock=time.time):
+    def __init__(self, store: SQLLabelStore, ttl: float = SESSION_SECONDS, clock=time.time):
         self._store, self._ttl, self._clock = store, ttl, clock
         self._renew_after = min(SESSION_RENEW_SECONDS, ttl / 12)
 
@@ -244,7 +244,7 @@ class Sessions:
         return self._store.end_sessions(annotator)
 
 
-def sign_in(store: LabelStore, sessions: Sessions, name, password, *, throttle: LoginThrottle | None = None,
+def sign_in(store: SQLLabelStore, sessions: Sessions, name, password, *, throttle: LoginThrottle | None = None,
             address: str = "") -> str:
     """A new session token for this name and password, else NotSignedIn (also for a disabled account). With a
     `throttle`, repeated failures for the account or from the client `address` are refused for a while

@@ -227,12 +227,12 @@ def read_task_files(paths: list[str]) -> list:
 def run_import(args) -> None:
     from pathlib import Path
 
-    from labeling.store import is_postgres_url, open_store
+    from labeling.store import open_store, parse_url
 
     tasks = read_task_files(args.files)  # all files validated before anything is written
-    db = str(args.db)
-    path = Path(db[len("sqlite:///"):] if db.startswith("sqlite:///") else db)
-    created = not is_postgres_url(db) and not path.exists()
+    backend, where = parse_url(args.db)
+    path = Path(where)
+    created = backend == "sqlite" and not path.exists()
     try:
         with open_store(args.db) as store:
             added, skipped = store.import_tasks(tasks)
@@ -317,14 +317,14 @@ def run_users_role(args) -> None:
 def run_db_copy(args) -> None:
     from pathlib import Path
 
-    from labeling.store import is_postgres_url, open_store
-    from labeling.store_copy import copy_store
+    from labeling.store import open_store, parse_url
+    from labeling.store.copy import copy_store
 
     with open_store(args.source, create=False) as source:
         target_path = None
-        if not is_postgres_url(args.target):
-            text = args.target[len("sqlite:///"):] if args.target.startswith("sqlite:///") else args.target
-            target_path = None if Path(text).exists() else Path(text)  # made here: removed again on failure
+        backend, where = parse_url(args.target)
+        if backend == "sqlite":
+            target_path = None if Path(where).exists() else Path(where)  # made here: removed again on failure
         try:
             with open_store(args.target) as target:
                 report = copy_store(source, target)

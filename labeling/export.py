@@ -34,7 +34,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from labeling.store import LabelStore
+from labeling.store import SQLLabelStore
 from rlhf.errors import UserError
 from rlhf.jsonl import atomic_write, replace_folder, write_jsonl
 from rlhf.pairs import expand_pairs, pair_indices
@@ -114,7 +114,7 @@ def _write_parquet(path: Path, table) -> None:
         pq.write_table(table, handle)
 
 
-def export(store: LabelStore, out_dir, test_fraction: float = 0.1, seed: int = 0, aggregate: str = "none") -> dict:
+def export(store: SQLLabelStore, out_dir, test_fraction: float = 0.1, seed: int = 0, aggregate: str = "none") -> dict:
     """Write rankings, train and test pairs (JSONL + Parquet) into `out_dir`; returns a summary dict
     (counts per split, dropped contradicted pairs, file paths). See the module docstring for the files."""
     if not 0 <= test_fraction < 1:

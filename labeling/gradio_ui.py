@@ -24,7 +24,7 @@ from typing import Any
 from labeling import handlers
 from labeling.auth import is_admin
 from labeling.handlers import AppSettings
-from labeling.store import LabelStore
+from labeling.store import SQLLabelStore
 from rlhf.errors import UserError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -80,7 +80,7 @@ class LabelUI:
     """The UI's event logic over the store: plain methods of (annotator, payload), testable without Gradio.
     Each returns the ranker's new value (and what else the page shows)."""
 
-    def __init__(self, store: LabelStore, settings: AppSettings):
+    def __init__(self, store: SQLLabelStore, settings: AppSettings):
         self.store, self.settings = store, settings
 
     def next_view(self, annotator: str, notice: str | None = None) -> tuple[str, dict]:
@@ -148,7 +148,7 @@ def css() -> str:
     return (STATIC_DIR / "ranker.css").read_text(encoding="utf-8")
 
 
-def build_ui(store: LabelStore, settings: AppSettings):
+def build_ui(store: SQLLabelStore, settings: AppSettings):
     """The Blocks page. Mount it with `gr.mount_gradio_app(..., auth_dependency=...)` (labeling/app.py)."""
     # Gradio's queue rebuilds a pandas summary of its last (up to 10,000) events after every event, for a
     # monitoring page we do not serve: work on every submit that grows with the session. Read once, when the

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from labeling.active import ActiveQueue
 from labeling.auth import LoginThrottle, NotSignedIn, Sessions, is_admin, sign_in
-from labeling.store import ROLES, LabelStore, UnknownAnnotator
+from labeling.store import ROLES, SQLLabelStore, UnknownAnnotator
 from rlhf.errors import UserError
 from rlhf.records import Task
 
@@ -93,14 +93,14 @@ def task_view(task: Task) -> dict[str, Any]:
     }
 
 
-def progress(store: LabelStore, annotator: str, settings: AppSettings) -> dict:
+def progress(store: SQLLabelStore, annotator: str, settings: AppSettings) -> dict:
     """The annotator's own counts and the task total. (Not the length of their queue: counting it costs
     as much as finding the next task, on every request.)"""
     own = store.annotator_progress(annotator)
     return {"ranked": own.ranked, "skipped": own.skipped, "total_tasks": store.count_tasks()}
 
 
-def _admin(store: LabelStore, annotator: str | None, settings: AppSettings) -> str:
+def _admin(store: SQLLabelStore, annotator: str | None, settings: AppSettings) -> str:
     annotator = _signed_in(annotator)
     if not is_admin(store, annotator, settings.admins):
         raise Forbidden("only admins can do this (`rlhf users role NAME admin`, or `rlhf label --admin NAME`)")
@@ -109,7 +109,7 @@ def _admin(store: LabelStore, annotator: str | None, settings: AppSettings) -> s
 
 # ------------------------------------------------------------------------------------------ handlers
 
-def login(store: LabelStore, sessions: Sessions, settings: AppSettings, payload: Any, *,
+def login(store: SQLLabelStore, sessions: Sessions, settings: AppSettings, payload: Any, *,
           throttle: LoginThrottle | None = None, address: str = "") -> tuple[str, dict]:
     """Sign in with {username, password} (`labeling.auth.sign_in`, throttled with a `throttle`); returns
     (session token, session info)."""
@@ -119,7 +119,7 @@ def login(store: LabelStore, sessions: Sessions, settings: AppSettings, payload:
     return token, session_info(store, payload["username"], settings)
 
 
-def session_info(store: LabelStore, annotator: str | None, settings: AppSettings) -> dict:
+def session_info(store: SQLLabelStore, annotator: str | None, settings: AppSettings) -> dict:
     """Who is signed in, their progress, the guidelines, and whether they may open the statistics."""
     annotator = _signed_in(annotator)
     return {"annotator": annotator, "progress": progress(store, annotator, settings),
@@ -127,7 +127,7 @@ def session_info(store: LabelStore, annotator: str | None, settings: AppSettings
             "can_view_stats": is_admin(store, annotator, settings.admins)}
 
 
-def next_task(store: LabelStore, annotator: str | None, settings: AppSettings) -> dict:
+def next_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings) -> dict:
     """The next task of this annotator's queue (None when it is empty) and their progress."""
     annotator = _signed_in(annotator)
     active = settings.active
@@ -139,7 +139,7 @@ def next_task(store: LabelStore, annotator: str | None, settings: AppSettings) -
     return result
 
 
-def open_task(store: LabelStore, annotator: str | None, settings: AppSettings, task_id: Any) -> dict:
+def open_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings, task_id: Any) -> dict:
     """A task to (re)rank, with this annotator's own stored ranking of it, if any, to edit. A task they
     skipped is assigned to them again if it still has a free slot, so they can rank it after all; any other
     task they can read but not submit unless it was handed to them."""
@@ -156,7 +156,7 @@ def open_task(store: LabelStore, annotator: str | None, settings: AppSettings, t
     return result
 
 
-def submit_ranking(store: LabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
+def submit_ranking(store: SQLLabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
     """Store (or replace) the annotator's ranking of a task: {task_id, ranks: {completion_id: rank},
     request_id, seconds?}. The store validates the ranks against the task and accepts only a task handed to
     this annotator, or their own earlier ranking (NotAssigned otherwise); a re-sent request id stores nothing
@@ -176,7 +176,7 @@ def submit_ranking(store: LabelStore, annotator: str | None, settings: AppSettin
             "progress": progress(store, annotator, settings)}
 
 
-def skip_task(store: LabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
+def skip_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
     """Skip a task, with an optional reason: {task_id, reason?, request_id}."""
     annotator = _signed_in(annotator)
     payload = _payload(payload)
@@ -188,14 +188,14 @@ def skip_task(store: LabelStore, annotator: str | None, settings: AppSettings, p
     return {"task_id": task_id, "action": result.action, "progress": progress(store, annotator, settings)}
 
 
-def history(store: LabelStore, annotator: str | None, settings: AppSettings) -> dict:
+def history(store: SQLLabelStore, annotator: str | None, settings: AppSettings) -> dict:
     """The annotator's own ranked and skipped tasks, newest first (never anyone else's)."""
     annotator = _signed_in(annotator)
     return {"items": [{"task_id": h.task_id, "prompt": h.prompt_preview, "status": h.status, "at": h.at}
                       for h in store.history(annotator, limit=MAX_HISTORY)]}
 
 
-def stats(store: LabelStore, annotator: str | None, settings: AppSettings) -> dict:
+def stats(store: SQLLabelStore, annotator: str | None, settings: AppSettings) -> dict:
     """Project statistics (counts, agreement), for admins."""
     _admin(store, annotator, settings)
     from labeling.stats import compute_stats, format_stats
@@ -207,7 +207,7 @@ def stats(store: LabelStore, annotator: str | None, settings: AppSettings) -> di
 ACCOUNT_ACTIONS = ("disable", "enable", "end-sessions", *(f"make-{role}" for role in ROLES))
 
 
-def list_accounts(store: LabelStore, annotator: str | None, settings: AppSettings) -> dict:
+def list_accounts(store: SQLLabelStore, annotator: str | None, settings: AppSettings) -> dict:
     """Every account with its role, whether it is disabled, and its counts (admins only)."""
     _admin(store, annotator, settings)
     counts = {p.annotator: p for p in store.progress(settings.overlap).annotators}
@@ -217,7 +217,7 @@ def list_accounts(store: LabelStore, annotator: str | None, settings: AppSetting
                        "skipped": counts[a.name].skipped if a.name in counts else 0} for a in store.accounts()]}
 
 
-def change_account(store: LabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
+def change_account(store: SQLLabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
     """An admin's change to an account: {name, action} with action one of ACCOUNT_ACTIONS. Disabling an account
     or ending its sessions signs it out everywhere. Admins cannot disable or demote themselves."""
     admin = _admin(store, annotator, settings)

@@ -6,7 +6,7 @@ import errno
 import socket
 
 from labeling.handlers import AppSettings
-from labeling.store import LabelStore
+from labeling.store import SQLLabelStore
 from rlhf.errors import UserError
 
 
@@ -33,7 +33,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(store: LabelStore, settings: AppSettings, *, root_path: str = ""):
+def make_server(store: SQLLabelStore, settings: AppSettings, *, root_path: str = ""):
     """A uvicorn server for the app (`server.run(sockets=[bind_socket(...)])`; set `should_exit` to stop).
     `root_path` is the path a reverse proxy serves the app under (e.g. '/label'; the proxy strips it)."""
     import uvicorn

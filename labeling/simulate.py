@@ -25,7 +25,7 @@ import math
 import random
 from typing import Callable
 
-from labeling.store import LabelStore
+from labeling.store import SQLLabelStore
 from rlhf.errors import UserError
 from rlhf.oracles import Oracle
 from rlhf.records import Task
@@ -85,7 +85,7 @@ def sample_ranks(scores: list[float], noise: float, tie_margin: float, rng: rand
     return ranks
 
 
-def simulate(store: LabelStore, oracle: Oracle, annotators: int = 3, overlap: int = 2, noise: float = 0.1,
+def simulate(store: SQLLabelStore, oracle: Oracle, annotators: int = 3, overlap: int = 2, noise: float = 0.1,
              seed: int = 0, on_progress: Callable[[int], None] | None = None, tie_margin: float = 0.0,
              next_task: Callable[[str, int], Task | None] | None = None,
              after_ranking: Callable[[int], None] | None = None) -> dict:

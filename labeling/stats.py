@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from labeling.store import LabelStore
+from labeling.store import SQLLabelStore
 
 
 def pair_agreement(a: Sequence[int], b: Sequence[int]) -> tuple[int, int]:
@@ -69,7 +69,7 @@ def _agreement(frame: pd.DataFrame) -> pd.DataFrame:
     return out.assign(mean_kendall_tau=frame["tau"])
 
 
-def stats_tables(store: LabelStore, overlap: int = 2) -> dict[str, pd.DataFrame]:
+def stats_tables(store: SQLLabelStore, overlap: int = 2) -> dict[str, pd.DataFrame]:
     """The tables of `rlhf stats` (see the module docstring for agreement). ADMIN/CLI ONLY: it reads every
     annotator's rankings.
 
@@ -82,7 +82,7 @@ def stats_tables(store: LabelStore, overlap: int = 2) -> dict[str, pd.DataFrame]
     return _tables(store, overlap)[0]
 
 
-def _tables(store: LabelStore, overlap: int):
+def _tables(store: SQLLabelStore, overlap: int):
     progress = store.progress(overlap)
     rankings = pd.DataFrame([{"task_id": r.task_id, "annotator": r.annotator, "seconds": r.seconds,
                               "ranks": dict(r.ranks)} for r in store.export_rankings()],
@@ -120,7 +120,7 @@ def table_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [{key: _value(v) for key, v in row.items()} for row in frame.to_dict("records")]
 
 
-def compute_stats(store: LabelStore, overlap: int = 2) -> dict:
+def compute_stats(store: SQLLabelStore, overlap: int = 2) -> dict:
     """Progress at `overlap`, per-annotator counts with median seconds per ranked task, and agreement
     (see the module docstring), from `stats_tables`. ADMIN/CLI ONLY: it reads every annotator's rankings."""
     tables, progress, comparisons = _tables(store, overlap)

@@ -755,7 +755,7 @@ def filled_store(url):
 
 def test_copy_carries_everything_both_ways_and_verifies_it(store, db_url, tmp_path, request):
     """SQLite -> PostgreSQL -> SQLite, and PostgreSQL -> SQLite -> SQLite."""
-    from labeling.store_copy import copy_store
+    from labeling.store.copy import copy_store
 
     store.close()
     source = filled_store(db_url)
@@ -782,7 +782,7 @@ def test_copy_carries_everything_both_ways_and_verifies_it(store, db_url, tmp_pa
 
 
 def test_copy_refuses_a_target_that_holds_anything(store, db_url, tmp_path):
-    from labeling.store_copy import copy_store
+    from labeling.store.copy import copy_store
 
     store.close()
     with filled_store(db_url) as source, open_store(tmp_path / "other.db") as target:

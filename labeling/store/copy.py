@@ -4,7 +4,7 @@ are. Sign-in sessions are not copied (everyone signs in again).
 
 The source is read in one consistent snapshot (servers may go on writing to it); the target is written in one
 transaction, read back before it commits and compared with the source, table by table: row counts and a SHA-256
-checksum over the rows in canonical form (`labeling.store.CopiedTable`). A target that holds anything, or a
+checksum over the rows in canonical form (`labeling.store.sql.CopiedTable`). A target that holds anything, or a
 mismatch, is refused and nothing is written.
 """
 
@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from labeling.store import COPIED_TABLES, LABEL_TABLES, CopiedTable, SQLLabelStore
+from labeling.store.sql import COPIED_TABLES, LABEL_TABLES, CopiedTable, SQLLabelStore
 from rlhf.errors import UserError
 
 

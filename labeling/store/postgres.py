@@ -1,6 +1,6 @@
-"""The PostgreSQL `LabelStore` (psycopg 3): what differs from SQLite, and nothing else.
+"""The PostgreSQL label store (psycopg 3): what differs from SQLite, and nothing else.
 
-Every rule and query is `labeling.store.SQLLabelStore`'s; this module supplies the connections, the
+Every rule and query is `labeling.store.sql.SQLLabelStore`'s; this module supplies the connections, the
 transactions, the DDL of each schema version and the row locks that make several app servers on one database
 safe:
 
@@ -27,16 +27,8 @@ from functools import lru_cache
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from labeling.store import (
-    ASSIGNMENT_SECONDS,
-    COUNT_RANKINGS,
-    LABEL_TABLES,
-    RequestIdReused,
-    SQLLabelStore,
-    Statements,
-    StorageUnavailable,
-    StoreError,
-)
+from labeling.store.errors import RequestIdReused, StorageUnavailable, StoreError
+from labeling.store.sql import ASSIGNMENT_SECONDS, COUNT_RANKINGS, LABEL_TABLES, SQLLabelStore, Statements
 from rlhf.errors import UserError
 
 CONNECT_TIMEOUT = 5
@@ -168,7 +160,7 @@ class _Statements(Statements):
 
 
 class PostgresLabelStore(SQLLabelStore):
-    """The PostgreSQL `LabelStore`. Use `open_store('postgresql://...')`; safe to share between threads (each
+    """The PostgreSQL label store. Use `open_store('postgresql://...')`; safe to share between threads (each
     thread has its own connection); `close()` when done. The database must exist; the tables are made on first
     use (create=True)."""
 
@@ -181,15 +173,15 @@ class PostgresLabelStore(SQLLabelStore):
 
     def __init__(self, url: str, *, create: bool = True, clock: Callable[[], float] = time.time,
                  assignment_seconds: float = ASSIGNMENT_SECONDS, lock_timeout: float = 30.0):
-        """`clock` gives the timestamps (injectable for tests); `lock_timeout` is how long (seconds) a write waits
-        for a row another writer holds before failing with StorageUnavailable; `assignment_seconds` is how long a
-        served task holds its place."""
+        """`url` as `labeling.store.parse_url` gives it (scheme postgresql://); `clock` gives the timestamps
+        (injectable for tests); `lock_timeout` is how long (seconds) a write waits for a row another writer holds
+        before failing with StorageUnavailable; `assignment_seconds` is how long a served task holds its place."""
         try:
             import psycopg  # noqa: F401
         except ImportError:
             raise UserError("PostgreSQL label stores need psycopg: pip install 'psycopg[binary]'") from None
         super().__init__(clock=clock, assignment_seconds=assignment_seconds)
-        self.url = url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url
+        self.url = url
         self.location = redacted(self.url)
         self._lock_timeout_ms = max(1, int(lock_timeout * 1000))
         self._local = threading.local()
