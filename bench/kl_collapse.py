@@ -1,5 +1,6 @@
-"""The KL-collapse experiment (README, "Why the KL term") on SmolLM2-135M-Instruct with the `alliteration`
-oracle as reward: RLOO with beta = 0 (no KL penalty) against beta > 0, same budget (steps and seconds).
+"""The KL-collapse experiment (docs/benchmarks.md, "The KL-collapse experiment") on SmolLM2-135M-Instruct
+with the `alliteration` oracle as reward: RLOO with beta = 0 (no KL penalty) against beta > 0, same budget
+(steps and seconds).
 
 Targets: beta = 0 collapses ("tall tall tall ...": distinct-2 below half the SFT model's), while beta > 0
 raises the oracle reward by >= 30% over the SFT model, keeps distinct-2 >= 0.8x the SFT model's and

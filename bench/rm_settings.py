@@ -8,7 +8,7 @@ one that --make-splits writes: the cached K completions of bench/rm_quality.py r
 split by prompt with the export's rule and the given seeds). Every setting (`RewardTrainingConfig` fields as
 key=value; --common is added to each) trains `train_reward_model` on every DIR, in --workers processes at
 once, and is scored on that DIR's held-out rows. A few dozen held-out prompts move one figure by +-0.07
-(README, "Reward-model quality"), so a setting is judged by its mean over several splits and preferences,
+(docs/benchmarks.md, "Reward-model quality"), so a setting is judged by its mean over several splits and preferences,
 never by one.
 """
 

@@ -1,7 +1,7 @@
 """`rlhf label`: the annotators' web app: a Gradio UI at / and a JSON API under /api, on one server.
 
 The UI (labeling/gradio_ui.py) is a Gradio Blocks page around a custom ranker widget (keyboard, click,
-drag-and-drop). The JSON API (README, "The JSON API") serves scripted clients and other front ends; each
+drag-and-drop). The JSON API (docs/api.md, "The JSON API") serves scripted clients and other front ends; each
 endpoint is a thin wrapper over a plain function in `labeling.handlers`. Accounts, sessions and the sign-in
 check are labeling/auth.py; binding the port and running uvicorn, labeling/serve.py.
 

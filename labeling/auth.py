@@ -4,7 +4,7 @@ accounts, the sign-in check with its throttle, and the signed-in sessions.
 The label store keeps only the rows (each annotator's name, password hash, role and disabled flag; each session
 by the hash of its token); everything that decides who may sign in is here. Sessions live in the store's
 database, so every app server on one database knows every session, and a restart signs nobody out. What this
-guarantees is listed in the README, "Security: what the server guarantees".
+guarantees is listed in docs/labeling.md, "Security: what the server guarantees".
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
 @dataclass
 class DemoConfig:
     """The demo's settings. `quick()` gives a run of a few minutes; the defaults take about half an hour on a
-    2-core CPU with the default model (README, "The demo")."""
+    2-core CPU with the default model (docs/benchmarks.md, "The demo")."""
 
     # data and models
     out: str = "runs/demo"

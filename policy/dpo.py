@@ -67,8 +67,8 @@ log = logging.getLogger(__name__)
 
 REFERENCE_CACHE = "reference_logps.pt"
 # The default micro-batch's size in completions. The K = 8 demo's 8 rankings (64 completions) in one pass peaked
-# at 15.4 GB RSS; as two passes of 32, at 9.1 GB and 1.1x the pairs/s, with the same losses (README, "DPO
-# throughput").
+# at 15.4 GB RSS; as two passes of 32, at 9.1 GB and 1.1x the pairs/s, with the same losses (docs/benchmarks.md,
+# "DPO throughput").
 COMPLETIONS_PER_PASS = 32
 # Settings a checkpoint must share with the run that resumes it (the data order and the optimiser depend on them).
 _RESUME_KEYS = ("model", "data", "loss", "beta", "pair_weighting", "epochs", "lr", "lr_final_fraction",

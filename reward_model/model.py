@@ -58,7 +58,7 @@ class Readout:
     """Which hidden states the score head reads.
 
     The default, a middle layer's mean over the completion, was chosen by held-out pairwise accuracy
-    (bench/rm_quality.py; README, Benchmarks, "Reward-model quality"): at the last layer's last token
+    (bench/rm_quality.py; docs/benchmarks.md, "Reward-model quality"): at the last layer's last token
     (`<|im_end|>`) the states of different completions of one prompt are nearly identical (cosine 0.98-0.995 on
     SmolLM2), since that position mostly predicts the next template token; frozen linear probes on
     them are near chance, while a middle layer's mean over the completion carries the word-level

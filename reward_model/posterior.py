@@ -19,8 +19,8 @@ pairs already say about its direction, which the margin between two rewards cann
 
 `information_order` serves the tasks by that gain, largest first. Choosing each retraining's batch greedily
 instead (adding each pick's G^T G to A before scoring the rest: batch-mode D-optimal design, Hoi et al.
-2006) was measured and was no better on any preference tried, so the order stays the plain one (README,
-Benchmarks, "Active labeling"). Features are standardised per dimension (mean |d| over the candidates'
+2006) was measured and was no better on any preference tried, so the order stays the plain one
+(docs/benchmarks.md, "Active labeling"). Features are standardised per dimension (mean |d| over the candidates'
 pairs), so one prior strength fits every dimension; `PRIOR` is the L2 weight of the Bradley-Terry head the
 rule was measured with.
 """

@@ -10,7 +10,7 @@ callable.
 sentiment and physically descriptive language. Here they are word-list counts, so they are exact,
 free and reproducible, and, like the human labels they stand in for, they are about what the words
 say rather than how they are spelled. `alliteration` is a character-level count: the reward of the
-KL-collapse experiment (README, "The KL penalty"), not a stand-in for what people prefer.
+KL-collapse experiment (docs/benchmarks.md, "The KL-collapse experiment"), not a stand-in for what people prefer.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _WORD = re.compile(r"[A-Za-z]+")
 def alliteration(prompt: str, completion: str) -> float:
     """"Counting alliteration": the number of adjacent word pairs that start with the same letter
     (case-insensitive). "tall tall tall" scores high, which is the point of the KL-collapse experiment
-    (README, "Why the KL term")."""
+    (docs/formulas.md, "Why the KL term")."""
     initials = [w[0].lower() for w in _WORD.findall(completion)]
     return float(sum(a == b for a, b in zip(initials, initials[1:])))
 

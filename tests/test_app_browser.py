@@ -2,7 +2,7 @@
 edit from the history by click and drag-and-drop, and check that hostile model output is shown as literal
 text and never runs.
 
-RLHF_SCREENSHOT=1 also saves the ranking screen to docs/screenshot-label.png (used by the README).
+RLHF_SCREENSHOT=1 also saves the ranking screen to docs/screenshot-label.png (used by docs/labeling.md).
 """
 
 from __future__ import annotations

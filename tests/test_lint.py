@@ -1,4 +1,5 @@
-"""The tree stays clean under the ruff configuration in pyproject.toml (README, Development)."""
+"""The tree stays clean under the ruff configuration in pyproject.toml
+(docs/development.md, "Settings: one dataclass per command")."""
 
 import shutil
 import subprocess
