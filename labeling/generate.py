@@ -30,9 +30,9 @@ class GenerateConfig:
     model: str = "default"
     """SFT model: 'default' (SmolLM2-135M-Instruct, bundled), a local folder or a HF id."""
     k: int = 4
-    """Completions per prompt (a ranking needs at least 2). A ranking of K gives C(K,2) pairs: K = 8 (28 pairs)
-    lifted the reward model's held-out accuracy from 0.82 to 0.85 on the same 237 prompts (README, "Reward-model
-    quality"), at the cost of more reading per task; InstructGPT's labelers ranked 4 to 9."""
+    """Completions per prompt (a ranking needs at least 2). A ranking of K gives C(K,2) pairs: a larger K teaches
+    the reward model more per prompt at the cost of more reading per task (InstructGPT's labelers ranked 4 to 9;
+    docs/benchmarks.md, "The learning curve and K = 8")."""
     temperature: float = 0.7
     """Sampling temperature."""
     top_p: float = 1.0

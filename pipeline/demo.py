@@ -43,15 +43,14 @@ class DemoConfig:
     eval_fraction: float = 0.1
     """Share of the prompts held out for the policy's evaluation and the report's samples; never labeled."""
     label_prompts: int = 200
-    """Prompts whose completions the scripted annotators rank (each gives up to overlap * C(K,2) pairs). The
-    reward model's held-out accuracy grows with the number of labeled prompts (README, learning curve)."""
+    """Prompts whose completions the scripted annotators rank (each gives up to overlap * C(K,2) pairs); the
+    reward model's accuracy grows with them (docs/benchmarks.md, "The learning curve and K = 8")."""
     eval_prompts: int = 24
     """Most held-out prompts per policy evaluation (the report's samples come from them)."""
     # generation
     k: int = 4
-    """Completions per prompt. K = 8 gives 28 pairs per ranking against 6: over three prompt splits of the
-    demo's labels its reward model reached 0.87 held-out accuracy on average against K = 4's 0.83 (0.76-0.90),
-    at about twice the generation, reward-model and DPO time (README, "The demo")."""
+    """Completions per prompt. K = 8 gives 28 pairs per ranking against 6, and a more accurate reward model at
+    about twice the generation, reward-model and DPO time (docs/benchmarks.md, "The demo")."""
     max_new_tokens: int = 32
     """Completion length for generation and for PPO responses."""
     temperature: float = 0.7
@@ -60,7 +59,7 @@ class DemoConfig:
     """The scripted annotators' preference, also the report's true score: physically descriptive writing
     (colour, light, sound, texture words), one of the two stylistic preferences Ziegler et al. (2019)
     collected human labels for; a word-level preference a reward model can learn from a few hundred
-    rankings (README, Benchmarks, "Reward-model quality"). `alliteration` is the KL-collapse experiment's reward."""
+    rankings (docs/benchmarks.md, "Reward-model quality"). `alliteration` is the KL-collapse experiment's reward."""
     # scripted annotators
     annotators: int = 3
     """Scripted annotators."""
@@ -70,9 +69,8 @@ class DemoConfig:
     """Annotator noise (Bradley-Terry sampling temperature relative to a task's score range)."""
     # reward model
     rm_epochs: int = RewardTrainingConfig.epochs
-    """Reward-model epochs over the training rankings, RewardTrainingConfig's default: on the demo's labels
-    (three prompt splits) 3 epochs gave 0.79 held-out accuracy on average, 8 gave 0.81, and with LoRA rank 16
-    0.83 (README, Benchmarks, "Reward-model settings")."""
+    """Reward-model epochs over the training rankings, RewardTrainingConfig's default (docs/benchmarks.md,
+    "Reward-model settings")."""
     rm_lr: float = RewardTrainingConfig.lr
     """Reward-model learning rate of the LoRA weights (the score head's is 30x, RewardTrainingConfig)."""
     dtype: DtypeName = "auto"

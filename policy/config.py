@@ -50,10 +50,10 @@ class PPOConfig:
     critic_layer: float = 0.33
     """PPO: the value head reads the hidden state after this layer (a fraction of the depth, a layer
     number, or 0 = the last layer, as `rlhf train-rm --readout-layer`), and the critic's LoRA adapts only
-    the layers below it, so its forward and backward passes run a third of the model by default: a PPO step
-    in 0.80x the time of a full-depth critic (README, Benchmarks, "PPO step"). It is where the default
-    reward model reads, so the critic sees what the reward depends on. 0 = the papers' critic, which starts
-    as the RM when the RM reads the last layer's last token (InstructGPT; Ziegler et al. 2019)."""
+    the layers below it, so its forward and backward passes run a third of the model by default
+    (docs/benchmarks.md, "PPO step"). It is where the default reward model reads, so the critic sees what the
+    reward depends on. 0 = the papers' critic, which starts as the RM when the RM reads the last layer's last
+    token (InstructGPT; Ziegler et al. 2019)."""
     dtype: DtypeName = "auto"
     """The base weights' dtype, shared by all four roles (the LoRA weights, the value head, log-probabilities,
     advantages and losses stay float32). auto: bfloat16 where the device computes it natively (a GPU with bf16

@@ -41,20 +41,16 @@ class RewardTrainingConfig:
     model: str = "default"
     """Base model (the SFT model): 'default' (SmolLM2-135M-Instruct), a local folder or a HF id."""
     lora_r: int = 16
-    """LoRA rank of the adapters on the attention and MLP projections. 16 over 8: +2 points of held-out
-    accuracy at 5 epochs and +1 at 8, averaged over 12 prompt splits of four label sets (README, Benchmarks,
-    "Reward-model settings"). Its cost is small: an adapter holds 16 x (in + out) weights beside the projection's
-    in x out, about 2% more arithmetic per step than at rank 8."""
+    """LoRA rank of the adapters on the attention and MLP projections (16 against 8: docs/benchmarks.md,
+    "Reward-model settings")."""
     lora_alpha: int = 32
     """LoRA scaling numerator (alpha / r scales the update); 2r is the usual choice."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input; 0 keeps a resumed run bit-identical."""
     # optimisation
     epochs: int = 8
-    """Passes over the training rankings. InstructGPT trains 1 epoch on ~33k prompts (more overfits there);
-    on 150-300 rankings held-out accuracy (LoRA rank 8) rose from 0.78 at 3 epochs to 0.81 at 5 and 0.83 at
-    8, then stayed (0.83 at 12; rank 16 at 8 epochs: 0.85), averaged over 12 prompt splits of four label sets
-    (README, Benchmarks, "Reward-model settings"). With tens of thousands of rankings, use 1."""
+    """Passes over the training rankings. The default suits a few hundred rankings (docs/benchmarks.md,
+    "Reward-model settings"); with tens of thousands, use 1 (InstructGPT trains 1 epoch on ~33k prompts)."""
     lr: float = 3e-4
     """Peak AdamW learning rate for the LoRA weights and the score head (LoRA needs ~10-100x the 9e-6
     InstructGPT uses for full fine-tuning)."""
@@ -68,14 +64,13 @@ class RewardTrainingConfig:
     readout_layer: float = 0.33
     """Where the score head reads: a fraction of the depth (0.33 = a third of the way up: layer 10 of
     SmolLM2-135M's 30), a layer number, or 0 = the last layer. The layers above it are not run, so
-    training and scoring cost a third. Chosen by held-out accuracy (README, Benchmarks, "Reward-model
-    quality"): a third of the depth was best on average, the last layer worst."""
+    training and scoring cost a third (the read-outs compared: docs/benchmarks.md, "Reward-model quality")."""
     readout_pool: Literal["mean", "last"] = "mean"
     """"mean" over the completion's tokens (EOS included), or "last": the last real token, InstructGPT's
     read-out, where SmolLM2's states barely differ between completions of one prompt."""
     head_lr_multiplier: float = 30.0
     """The score head's learning rate is `lr` times this: a fresh linear head needs far larger steps than
-    the LoRA weights (at 1x it had barely moved after a few dozen steps; README, "Reward-model quality")."""
+    the LoRA weights (docs/benchmarks.md, "What was wrong, and what changed")."""
     # loss
     pair_weighting: Literal["pair", "ranking"] = "pair"
     """"pair": every comparison weighs the same (TRL); "ranking": each ranking weighs the same, its
