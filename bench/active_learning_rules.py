@@ -157,7 +157,7 @@ def main() -> None:
     from transformers import AutoConfig
 
     from reward_model.config import RewardTrainingConfig
-    from reward_model.model import resolve_layer
+    from rlhf.layer_request import resolve_layer
     from rlhf.models import resolve_model
     from rlhf.oracles import load_oracle
 

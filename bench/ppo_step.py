@@ -68,8 +68,9 @@ def separate_roles(model_name: str, rm_dir: str, lora_r: int, lora_alpha: int):
 
     from policy.config import PPOConfig
     from policy.roles import _lora_config
-    from reward_model.model import Readout, first_layers, num_decoder_layers, read_meta, resolve_layer, reward_features
+    from reward_model.model import Readout, first_layers, num_decoder_layers, read_meta, reward_features
     from rlhf.causal_lm import final_hidden_states, lora_target_modules, position_ids_from_mask
+    from rlhf.layer_request import resolve_layer
     from rlhf.models import load_causal_lm, load_tokenizer
 
     class SeparateRoles(nn.Module):

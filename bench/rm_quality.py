@@ -104,8 +104,10 @@ def comparisons(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 
 def accuracy(diffs) -> float:
-    diffs = list(diffs)
-    return sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / max(len(diffs), 1)
+    """Held-out accuracy of score differences (better minus worse), a tie counting half, as the product counts it."""
+    from rlhf.pairs import pairwise_accuracy
+
+    return pairwise_accuracy(diffs)
 
 
 # ---- ours ----

@@ -23,6 +23,7 @@ from reward_model.config import RewardTrainingConfig
 from rlhf.config_args import check_fields
 from rlhf.errors import UserError
 from rlhf.hardware import DtypeName
+from rlhf.run import has_checkpoint
 
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
 
@@ -187,7 +188,7 @@ def _reward_model(cfg: DemoConfig, out: Path, done: dict) -> dict:
 
     config = RewardTrainingConfig(data=str(out / "pairs"), out=str(out / "rm"), model=cfg.model,
                                   epochs=cfg.rm_epochs, lr=cfg.rm_lr, seed=cfg.seed, dtype=cfg.dtype,
-                                  max_length=384, resume=cfg.resume)
+                                  max_length=384, resume=cfg.resume and has_checkpoint(out / "rm"))
     return train_reward_model(config)
 
 
@@ -200,7 +201,7 @@ def _policy(cfg: DemoConfig, out: Path, done: dict) -> dict:
                        steps=cfg.ppo_steps, batch_size=cfg.ppo_batch_size, response_length=cfg.max_new_tokens,
                        temperature=cfg.temperature, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef, eval_every=cfg.eval_every,
                        eval_size=cfg.eval_prompts, oracle=cfg.oracle, seed=cfg.seed,
-                       resume=cfg.resume and (out / "ppo" / "checkpoint").is_dir(),  # a crash mid-PPO
+                       resume=cfg.resume and has_checkpoint(out / "ppo"),  # a crash mid-PPO
                        missing_eos_penalty=cfg.missing_eos_penalty, dtype=cfg.dtype,
                        checkpoint_every=max(1, cfg.eval_every))
     return train_policy(config)
@@ -215,7 +216,7 @@ def _dpo(cfg: DemoConfig, out: Path, done: dict) -> dict:
                        eval_prompts=str(out / "prompts_eval.jsonl"), rm=str(out / "rm"), oracle=cfg.oracle,
                        beta=cfg.dpo_beta, lr=cfg.dpo_lr, epochs=cfg.dpo_epochs, seed=cfg.seed, max_length=384,
                        eval_size=cfg.eval_prompts, response_length=cfg.max_new_tokens, temperature=cfg.temperature,
-                       dtype=cfg.dtype, resume=cfg.resume and (out / "dpo" / "checkpoint").is_dir())  # a crash mid-DPO
+                       dtype=cfg.dtype, resume=cfg.resume and has_checkpoint(out / "dpo"))  # a crash mid-DPO
     return train_dpo(config)
 
 

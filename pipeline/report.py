@@ -114,7 +114,8 @@ def _held_out_accuracy(test: dict[str, Any]) -> str:
         return "n/a"
     interval = test.get("accuracy_interval")
     shown = f" [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else ""
-    prompts = f" of {test['prompts']} prompts" if "prompts" in test else ""  # summaries written before it was kept
+    count = test.get("prompts")  # absent from summaries written before it was kept
+    prompts = f" of {count} prompt{'s' * (count != 1)}" if count is not None else ""
     return f"{_fmt(test['accuracy'])}{shown}, {test.get('pairs')} pairs{prompts}"
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from reward_model.config import check_layer_request
 from rlhf.config_args import check_fields
 from rlhf.errors import UserError
 from rlhf.hardware import DtypeName
+from rlhf.layer_request import check_layer_request
 
 GrpoLossNorm = Literal["sequence", "token", "constant"]  # see policy.core.grpo_loss
 GRPO_LOSS_NORMS = get_args(GrpoLossNorm)
@@ -19,6 +19,15 @@ ALGO_DEFAULTS = {
     "grpo": {"kl_coef": 0.04, "kl_estimator": "k3", "ppo_epochs": 1},
 }
 
+# Settings a checkpoint must share with the run that resumes it (`rlhf.run.open_run`): the prompt order, the
+# sampling seeds, the updates and the optimizer's state depend on them. `steps` is not among them: a finished
+# run resumes to train further.
+RESUME_KEYS = ("prompts", "model", "reward", "rm", "algo", "lr", "lora_r", "lora_alpha", "critic_layer", "dtype",
+               "seed", "response_length", "temperature", "missing_eos_penalty", "batch_size", "minibatch_size",
+               "rloo_k", "grpo_k", "kl_coef", "kl_estimator", "target_kl", "kl_horizon", "ppo_epochs", "clip_range",
+               "stop_kl", "gamma", "lam", "vf_clip", "vf_coef", "max_grad_norm", "grpo_scale_rewards",
+               "grpo_loss_norm", "eval_prompts", "eval_fraction")
+
 
 @dataclass
 class PPOConfig:
@@ -28,7 +37,7 @@ class PPOConfig:
     prompts: str = "data/prompts.jsonl"
     """JSONL prompt file ({"prompt": ...} per line); the RL data set is prompts only."""
     out: str = "runs/ppo"
-    """Output folder: train_log.csv, eval.csv, eval_samples.jsonl, plots/, samples.jsonl, policy/, checkpoint/."""
+    """Output folder: train_log.csv, eval.csv, eval_samples.jsonl, plots/, samples.jsonl, policy/, checkpoints/."""
     model: str | None = None
     """Base (SFT) model; default: the RM's base model, else 'default' (SmolLM2-135M-Instruct)."""
     reward: str = "rm"
@@ -144,9 +153,9 @@ class PPOConfig:
     """Also score evaluation samples with this oracle (e.g. alliteration) as `objective/oracle`."""
     # run
     checkpoint_every: int = 0
-    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    """Save a resumable checkpoint every N steps to OUT/checkpoints (0: only at the end)."""
     resume: bool = False
-    """Continue from OUT/checkpoint."""
+    """Continue from OUT/checkpoints (same settings; `steps` may be raised to train further)."""
     save_merged: bool = False
     """Also write the base model with the actor adapter merged into OUT/merged (a plain HF model)."""
     max_bad_updates: int = 3

@@ -8,6 +8,7 @@ first EOS) and 0 on the padding after it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,26 +17,38 @@ import torch.nn.functional as F
 from policy.config import GRPO_LOSS_NORMS
 from rlhf.causal_lm import last_token_index
 
+Total = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over the processes that share a batch (`accelerator.reduce(x, reduction="sum")`), so that a
+masked statistic is that of every process's entries together."""
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+
+def _this_process(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
+                total: Total = _this_process) -> torch.Tensor:
+    """Mean over the masked entries (of every process's batch with `total`; per row with `dim`)."""
     mask = mask.to(values.dtype)
     if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1)
+        return total((values * mask).sum()) / total(mask.sum()).clamp(min=1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_var(values: torch.Tensor, mask: torch.Tensor, total: Total = _this_process) -> torch.Tensor:
     """Unbiased variance over the masked entries (Bessel's correction, as in TRL/Huang et al.)."""
-    mean = masked_mean(values, mask)
-    count = mask.to(values.dtype).sum()
-    var = masked_mean((values - mean) ** 2, mask)
+    mean = masked_mean(values, mask, total=total)
+    count = total(mask.to(values.dtype).sum())
+    var = masked_mean((values - mean) ** 2, mask, total=total)
     return var * count / (count - 1).clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; padding stays 0. With shift_mean=False the mean is
-    added back (used for rewards in some implementations; advantages use the default)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  total: Total = _this_process) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (of every process's batch with `total`); padding stays 0. With
+    shift_mean=False the mean is added back (used for rewards in some implementations; advantages use the
+    default)."""
+    mean, var = masked_mean(values, mask, total=total), masked_var(values, mask, total=total)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

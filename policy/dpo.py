@@ -51,6 +51,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -70,8 +71,9 @@ REFERENCE_CACHE = "reference_logps.pt"
 # at 15.4 GB RSS; as two passes of 32, at 9.1 GB and 1.1x the pairs/s, with the same losses (docs/benchmarks.md,
 # "DPO throughput").
 COMPLETIONS_PER_PASS = 32
-# Settings a checkpoint must share with the run that resumes it (the data order and the optimiser depend on them).
-_RESUME_KEYS = ("model", "data", "loss", "beta", "pair_weighting", "epochs", "lr", "lr_final_fraction",
+# Settings a checkpoint must share with the run that resumes it (`rlhf.run.open_run`): the data order and the
+# optimiser depend on them.
+RESUME_KEYS = ("model", "data", "loss", "beta", "pair_weighting", "epochs", "lr", "lr_final_fraction",
                 "batch_rankings", "max_length", "lora_r", "lora_alpha", "dtype", "seed")
 
 
@@ -84,7 +86,7 @@ class DPOConfig:
     """Folder from `rlhf export` (rankings.jsonl; rows marked "split": "test" are held out), else
     train.jsonl/test.jsonl pairs in TRL's prompt/chosen/rejected format; or one such JSONL file."""
     out: str = "runs/dpo"
-    """Output folder: train_log.csv, eval.csv, eval_samples.jsonl, samples.jsonl, plots/, policy/, checkpoint/,
+    """Output folder: train_log.csv, eval.csv, eval_samples.jsonl, samples.jsonl, plots/, policy/, checkpoints/,
     reference_logps.pt."""
     model: str | None = None
     """Base (SFT) model, also the reference; default: the base of `rm` when given, else 'default'
@@ -148,9 +150,9 @@ class DPOConfig:
     """Sequences per forward pass without gradients (reference log-probabilities, held-out pairs)."""
     # run
     checkpoint_every: int = 50
-    """Save a resumable checkpoint every N steps to OUT/checkpoint (0: only at the end)."""
+    """Save a resumable checkpoint every N steps to OUT/checkpoints (0: only at the end)."""
     resume: bool = False
-    """Continue from OUT/checkpoint (same settings and data; the cached reference log-probabilities are reused)."""
+    """Continue from OUT/checkpoints (same settings and data; the cached reference log-probabilities are reused)."""
 
     def check(self) -> None:
         check_fields(self, positive=("epochs", "batch_rankings", "micro_batch_rankings", "max_length", "lora_r",
@@ -237,22 +239,10 @@ def row_key(ids: Sequence[int]) -> str:
 def logps_without_grad(roles, adapter: str | None, rows: Sequence, pad_id: int, device, batch_size: int,
                        progress: bool = False, desc: str = "") -> list[float]:
     """Sequence log-probabilities of encoded samples (`EncodedSample`), batched by length, in input order."""
-    import torch
-    from tqdm import tqdm
+    from reward_model.model import map_samples
 
-    from reward_model.model import pad_samples
-
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
-    out = [0.0] * len(rows)
-    starts = range(0, len(order), batch_size)
-    with torch.no_grad():
-        for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or None):
-            idx = order[start:start + batch_size]
-            tensors = pad_samples([rows[i] for i in idx], pad_id, "left")
-            values = completion_logps(roles, adapter, *(t.to(device) for t in tensors))
-            for i, value in zip(idx, values.tolist()):
-                out[i] = value
-    return out
+    return map_samples(partial(completion_logps, roles, adapter), rows, pad_id, device, batch_size,
+                       progress=desc if progress else None).tolist()
 
 
 def reference_logps(roles, examples, pad_id: int, device, batch_size: int, cache_path: Path | None,
@@ -324,27 +314,10 @@ def held_out_prompts(config: DPOConfig, test_examples) -> list[str]:
 
 # ---- the loop ----
 
-def _find_resume_point(checkpoints: Path, config: DPOConfig, num_train: int) -> Path | None:
-    from rlhf.checkpoint import check_resumable, latest_checkpoint
-
-    path = latest_checkpoint(checkpoints)
-    if not config.resume:
-        if path:
-            raise UserError(f"{checkpoints.parent} already holds a run (checkpoint/): pass --resume to continue "
-                            f"it or choose another --out")
-        return None
-    if path is None:
-        raise UserError(f"--resume: no checkpoint in {checkpoints}")
-    check_resumable(path, {"num_train_rankings": num_train, **{k: getattr(config, k) for k in _RESUME_KEYS}})
-    return path
-
-
 def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, Any]:
     """Train the policy with DPO (or IPO) on rankings or pairs; returns a summary (final held-out metrics,
     the reference's, output paths)."""
     import torch
-    from accelerate import Accelerator
-    from tqdm import tqdm
 
     from policy.config import PPOConfig
     from policy.evaluate import append_eval_samples, evaluate, write_side_by_side
@@ -352,11 +325,9 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, Any]:
     from policy.rollout import reward_function
     from reward_model import data as rmdata
     from reward_model.model import read_meta as read_rm_meta
-    from reward_model.train import lr_schedule
-    from rlhf.checkpoint import load_checkpoint, save_checkpoint
     from rlhf.models import eos_token_ids
     from rlhf.oracles import load_oracle
-    from rlhf.runlog import RunLog
+    from rlhf.run import EpochBatches, lr_schedule, open_run, progress_bar, resume_settings, run_accelerator
 
     config.check()
     config = replace(config, dtype=setup_compute(config.dtype))  # "auto" -> the dtype this device runs fast
@@ -368,9 +339,9 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, Any]:
     if not train_examples:
         raise UserError(f"{files.train_source}: no usable ranking or pair (every pair was a tie or identical texts)")
     stats.warn(files.train_source)
+    files.warn_without_held_out()
     test_examples = rmdata.build_examples(files.test, rmdata.DataStats())
-    checkpoints = out / "checkpoint"
-    resume_from = _find_resume_point(checkpoints, config, len(train_examples))
+    run = open_run(out, config.resume, resume_settings(config, RESUME_KEYS, num_train_rankings=len(train_examples)))
     model_name = config.model or (read_rm_meta(config.rm)["base_model"] if config.rm else "default")
     oracle = load_oracle(config.oracle) if config.oracle else None
     eval_prompts = held_out_prompts(config, test_examples)
@@ -378,7 +349,7 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, Any]:
         log.warning("no held-out prompts (no test split, no --eval-prompts): the generation evaluation is skipped")
 
     torch.manual_seed(config.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = run_accelerator()
     if accelerator.num_processes > 1:
         raise UserError("rlhf dpo runs in one process (one GPU or the CPU); several processes are not supported yet")
     roles, tokenizer = build_roles(model_name, config.rm, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
@@ -395,22 +366,19 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, Any]:
                                                         "dtype": config.dtype}, progress)
     reference_seconds = time.time() - t0
 
-    rankings_per_step = config.batch_rankings
-    steps_per_epoch = rmdata.steps_per_epoch(len(train_examples), rankings_per_step)
+    batches = EpochBatches(len(train_examples), config.batch_rankings, config.seed)
+    steps_per_epoch = batches.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
     params = list(roles.parameters_of(ACTOR).values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     scheduler = lr_schedule(optimizer, total_steps, config.lr_final_fraction)
-    start_step = 0
-    if resume_from is not None:
-        start_step = load_checkpoint(resume_from, roles.named_trainable(), optimizer, scheduler)["step"]
-        log.warning("resuming %s from step %d", out, start_step)
+    start_step = run.restore(roles.named_trainable(), optimizer, scheduler)["step"]
     roles, optimizer = accelerator.prepare(roles, optimizer)
     roles = accelerator.unwrap_model(roles)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
-    train_log = RunLog(out / "train_log.csv", resume_step=start_step if resume_from else None)
-    eval_log = RunLog(out / "eval.csv", resume_step=start_step if resume_from else None)
+    run.save_config(config)
+    train_log = run.log("train_log.csv", start_step)
+    eval_log = run.log("eval.csv", start_step)
 
     # The generation evaluation reuses the policy trainer's (same sampling, KL, distinct-n, scores).
     eval_config = PPOConfig(rm=config.rm, reward="rm" if config.rm else "none", seed=config.seed,
@@ -449,17 +417,13 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, Any]:
             sums[key] += value.item() * index.num_pairs
         sums["pairs"] += index.num_pairs
 
-    bar = tqdm(total=total_steps, initial=start_step, desc="dpo", unit="step",
-               disable=not progress or None)
-    order, order_epoch, train_seconds, pairs_seen = None, -1, 0.0, 0
+    bar = progress_bar(total_steps, start_step, "dpo", progress)
+    train_seconds, pairs_seen = 0.0, 0
     step = start_step
     try:
         for step in range(start_step, total_steps):
             t_step = time.time()
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = rmdata.epoch_order(len(train_examples), config.seed, epoch), epoch
-            step_ids = order[step_in_epoch * rankings_per_step:(step_in_epoch + 1) * rankings_per_step]
+            epoch, step_in_epoch, step_ids = batches.at(step)
             batch = [train_examples[i] for i in step_ids]
             total_pairs = sum(len(ex.pairs) for ex in batch)
             sums: dict[str, float] = defaultdict(float)
@@ -486,8 +450,8 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", acc=f"{sums['rewards/accuracies'] / sums['pairs']:.2f}")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
-                save_checkpoint(checkpoints, step + 1, roles.named_trainable(), optimizer, scheduler,
-                                asdict(config), num_train_rankings=len(train_examples))
+                run.save_checkpoint(step + 1, roles.named_trainable(), optimizer, scheduler, asdict(config),
+                                    num_train_rankings=len(train_examples))
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total_steps:
                 run_eval(step + 1)
         step = total_steps
@@ -495,8 +459,8 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, Any]:
         bar.close()
 
     run_eval(step)
-    save_checkpoint(checkpoints, step, roles.named_trainable(), optimizer, scheduler, asdict(config),
-                    num_train_rankings=len(train_examples))
+    run.save_checkpoint(step, roles.named_trainable(), optimizer, scheduler, asdict(config),
+                        num_train_rankings=len(train_examples))
     policy_dir = save_actor(roles, out / "policy", {
         "base_model": model_name, "algo": "dpo", "loss": config.loss, "beta": config.beta, "steps": step,
         "temperature": config.temperature, "response_length": config.response_length, "data": config.data})

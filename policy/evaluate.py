@@ -16,6 +16,7 @@ from policy.config import PPOConfig
 from policy.roles import ACTOR, PolicyRoles
 from policy.rollout import RewardFn, sample
 from rlhf.records import ScoredSample
+from rlhf.seeds import EVAL_SAMPLES, SAMPLING, derived_seed
 
 
 @torch.no_grad()
@@ -30,7 +31,7 @@ def evaluate(roles: PolicyRoles, tokenizer, prompts: list[str], config: PPOConfi
     kls, entropies, rewards, lengths, finished, rows = [], [], [], [], [], []
     for start in range(0, len(prompts), chunk):
         s = sample(roles, tokenizer, prompts[start:start + chunk], 1, config, eos_ids,
-                   generator_seed=config.seed * 1_000_003 + 99_991 + start, reference=reference)
+                   generator_seed=derived_seed(config.seed, EVAL_SAMPLES + start, SAMPLING), reference=reference)
         T = s.response_length
         ref_logits = roles.response_logits(None, s.input_ids, s.attention_mask, T)
         ref_logp = core.logprobs_from_logits(ref_logits, s.responses, config.temperature)

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from reward_model.model import RMParts, first_layers, load_rm_parts, num_decoder_layers, resolve_layer, reward_features
+from reward_model.model import RMParts, first_layers, load_rm_parts, num_decoder_layers, reward_features
 from rlhf.causal_lm import final_hidden_states, lora_target_modules, position_ids_from_mask
+from rlhf.layer_request import resolve_layer
 from rlhf.models import load_causal_lm, load_tokenizer
 
 ACTOR, CRITIC, REWARD = "actor", "critic", "reward"

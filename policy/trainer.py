@@ -35,7 +35,6 @@ Where this code departs from the papers:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -49,33 +48,17 @@ import torch
 from torch import Tensor
 
 from policy import core
-from policy.config import PPOConfig
+from policy.config import RESUME_KEYS, PPOConfig
 from policy.evaluate import append_eval_samples, evaluate, write_side_by_side
+from policy.export import merge_policy
 from policy.roles import ACTOR, CRITIC, build_roles, save_actor
 from policy.rollout import Rollout, reward_function, rollout
 from rlhf.errors import UserError
 from rlhf.hardware import setup_compute
+from rlhf.run import PromptSampler, finish, open_run, resume_settings, run_accelerator
+from rlhf.seeds import MINIBATCH_ORDER, SAMPLING, derived_seed, seeded_generator
 
 log = logging.getLogger(__name__)
-
-
-class _Sampler:
-    """Which prompts each step uses: a fresh seeded permutation per pass over the data, so the order
-    is a pure function of (seed, step) and a resumed run sees the same prompts."""
-
-    def __init__(self, prompts: list[str], seed: int):
-        self.prompts, self.seed = prompts, seed
-
-    def batch(self, step: int, size: int, rank: int = 0, world: int = 1) -> list[str]:
-        """Process `rank`'s `size` prompts of the step; the step takes `size * world` prompts in all, so
-        processes share the prompts out instead of repeating them."""
-        n, total = len(self.prompts), size * world
-        out = []
-        for pos in range(step * total + rank * size, step * total + (rank + 1) * size):
-            epoch, i = divmod(pos, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            out.append(self.prompts[int(perm[i])])
-        return out
 
 
 def split_prompts(config: PPOConfig) -> tuple[list[str], list[str]]:
@@ -132,7 +115,7 @@ def _minibatch_epochs(model, accelerator, optimizer, config: PPOConfig, step: in
     KL(pi_old || pi) of the policy as it is now, after every earlier step; above `stop_kl` that minibatch's
     step is not taken and the update ends. Returns ({statistic: its mean over the steps taken and the
     stopping measurement, NaN when none}, skipped steps, epochs in which a step was taken)."""
-    generator = torch.Generator().manual_seed(config.seed * 104_729 + step)
+    generator = seeded_generator(config.seed, step, MINIBATCH_ORDER)
     stats: dict[str, list[float]] = defaultdict(list)
     skipped = epochs_run = 0
     for epoch in range(epochs):
@@ -201,20 +184,6 @@ def _sum_over_processes(accelerator, finite: bool, sums: dict[str, float]) -> tu
     return total[0] == 0, dict(zip(keys, total[1:]))
 
 
-def _whiten_over_processes(accelerator, values: Tensor, mask: Tensor) -> tuple[Tensor, float]:
-    """`core.masked_whiten` with the mean and the (Bessel-corrected) variance taken over the real tokens of
-    every process's batch, and the std before whitening. One process: exactly core's numbers."""
-    def total(x: Tensor) -> Tensor:
-        return accelerator.reduce(x, reduction="sum")
-
-    weights = mask.to(values.dtype)
-    count = total(weights.sum())
-    mean = total((values * weights).sum()) / count.clamp(min=1)
-    var = total(((values - mean) ** 2 * weights).sum()) / count.clamp(min=1)
-    var = var * count / (count - 1).clamp(min=1)
-    return (values - mean) * torch.rsqrt(var + 1e-8) * weights, var.sqrt().item()
-
-
 def ppo_update(model, accelerator, optimizer, batch: Rollout, kl_coef: float, config: PPOConfig,
                step: int) -> Update:
     """PPO: per-token KL reward -> GAE (once, detached) -> whitened advantages -> epochs of the clipped
@@ -231,7 +200,11 @@ def ppo_update(model, accelerator, optimizer, batch: Rollout, kl_coef: float, co
     rewards = core.per_token_rewards(batch.scores, kl, batch.mask, kl_coef)
     # 5. GAE from the rollout's values, once; advantages whitened over the real tokens (Huang et al. 2024)
     advantages, returns = core.compute_gae(rewards, batch.values, batch.mask, config.gamma, config.lam)
-    advantages, advantage_std = _whiten_over_processes(accelerator, advantages, batch.mask)
+    def total(x: Tensor) -> Tensor:  # over every process's rollouts
+        return accelerator.reduce(x, reduction="sum")
+
+    advantage_std = core.masked_var(advantages, batch.mask, total=total).sqrt().item()
+    advantages = core.masked_whiten(advantages, batch.mask, total=total)
     T = batch.response_length
 
     def micro_step(micro: Tensor, minibatch: Tensor, sums: dict) -> bool:
@@ -388,13 +361,10 @@ def policy_accelerator(config: PPOConfig):
     """The run's Accelerator, with the tracker `report_to` names. Under several processes it wraps the roles
     in DDP, told that a forward pass may leave trainable parameters unused: PPO runs the actor and the critic
     in separate passes (RLOO and GRPO train the actor alone)."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import DistributedDataParallelKwargs
 
-    from rlhf.runlog import tracker_options
-
-    return Accelerator(cpu=not torch.cuda.is_available(),
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.algo == "ppo")],
-                       **tracker_options(config.report_to, config.out))
+    return run_accelerator(config.report_to, config.out, kwargs_handlers=[
+        DistributedDataParallelKwargs(find_unused_parameters=config.algo == "ppo")])
 
 
 def _mean_over_processes(accelerator, row: dict[str, Any]) -> dict[str, Any]:
@@ -409,17 +379,6 @@ def _mean_over_processes(accelerator, row: dict[str, Any]) -> dict[str, Any]:
                                     for key, value in zip(keys, means)}}
 
 
-def _finish(accelerator, summary: dict[str, Any] | None) -> dict[str, Any]:
-    """End the tracker's run and give every process the main process's summary (the others wait for it here,
-    while it writes the outputs)."""
-    from accelerate.utils import broadcast_object_list
-
-    from rlhf.runlog import end_tracking
-
-    end_tracking(accelerator)
-    return broadcast_object_list([summary])[0]
-
-
 def train_policy(config: PPOConfig) -> dict[str, Any]:
     """Run PPO, RLOO or GRPO as configured; returns a summary (final eval metrics, output paths).
 
@@ -427,18 +386,14 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
     of the step's prompts (its own sampling seed), the update is that of all N * batch_size rollouts (DDP
     all-reduces the gradients), and only the main process evaluates and writes files."""
     from reward_model.model import read_meta
-    from rlhf.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from rlhf.models import eos_token_ids
     from rlhf.oracles import load_oracle
-    from rlhf.runlog import RunLog, start_tracking
+    from rlhf.runlog import start_tracking
 
     config.check()
     config = replace(config, dtype=setup_compute(config.dtype))  # "auto" -> the dtype this device runs fast
     out = Path(config.out)
-    checkpoints = out / "checkpoint"
-    if not config.resume and latest_checkpoint(checkpoints):
-        raise UserError(f"{out} already holds a run (checkpoint/): pass --resume to continue it or choose "
-                        f"another --out")
+    run = open_run(out, config.resume, resume_settings(config, RESUME_KEYS))
     rm_dir = config.rm if config.reward == "rm" else None
     model_name = config.model or (read_meta(rm_dir)["base_model"] if rm_dir else "default")
     train_prompts, eval_prompts = split_prompts(config)
@@ -470,22 +425,17 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
     kl_ctl = (core.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
               if config.target_kl else core.FixedKLController(config.kl_coef))
 
-    start_step = 0
-    if config.resume:
-        if (path := latest_checkpoint(checkpoints)) is None:
-            raise UserError(f"--resume: no checkpoint in {checkpoints}")
-        state = load_checkpoint(path, roles.named_trainable(), optimizer)
+    state = run.restore(roles.named_trainable(), optimizer)
+    if run.resume_from:
         kl_ctl.load_state_dict(state["kl_ctl"])
-        start_step = state["step"]
-        log.warning("resuming %s from step %d", out, start_step)
+    start_step = state["step"]
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
+        run.save_config(config)
     start_tracking(accelerator, "rlhf-policy", asdict(config))
-    train_log = RunLog(out / "train_log.csv", resume_step=start_step if config.resume else None, tracker=accelerator)
-    eval_log = RunLog(out / "eval.csv", resume_step=start_step if config.resume else None, tracker=accelerator,
-                      tracker_prefix="held_out/")
-    sampler = _Sampler(train_prompts, config.seed)
+    train_log = run.log("train_log.csv", start_step, tracker=accelerator)
+    eval_log = run.log("eval.csv", start_step, tracker=accelerator, tracker_prefix="held_out/")
+    sampler = PromptSampler(train_prompts, config.seed)
 
     last_eval: dict[str, Any] = {}
 
@@ -505,10 +455,11 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
         t0 = time.time()
         # 1-3. sample with the actor; score with the RM (or oracle), minus the missing-EOS penalty; logprobs
         # of the actor and the reference at the sampling temperature, values (policy/rollout.py)
-        # (each process its own share of the step's prompts, its own sampling seed)
+        # (each process its own share of the step's prompts, its own sampling seed: the step's, mixed with its rank)
+        sampling_seed = derived_seed(derived_seed(config.seed, step, SAMPLING), rank, world)
         batch = rollout(roles, tokenizer, sampler.batch(step - 1, prompts_per_step, rank, world), samples_per_prompt,
-                        config, reward_fn, eos_ids, generator_seed=(config.seed * 1_000_003 + step) * world + rank,
-                        with_values=use_critic, with_logprobs=with_logprobs)
+                        config, reward_fn, eos_ids, generator_seed=sampling_seed, with_values=use_critic,
+                        with_logprobs=with_logprobs)
         if accelerator.reduce((~torch.isfinite(batch.raw_scores)).sum(), reduction="sum"):
             raise UserError(f"step {step}: the reward is not finite for some responses (NaN/inf from the "
                             f"{'reward model' if config.reward == 'rm' else 'oracle'})")
@@ -549,8 +500,8 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
         log.info("step %d: score=%.3f kl=%.3f %.1fs", step, row["objective/scores"], row["objective/kl"],
                  row["time/step_s"])
         if main and config.checkpoint_every and step % config.checkpoint_every == 0:
-            save_checkpoint(checkpoints, step, roles.named_trainable(), optimizer, config=asdict(config),
-                            kl_ctl=kl_ctl.state_dict())
+            run.save_checkpoint(step, roles.named_trainable(), optimizer, config=asdict(config),
+                                kl_ctl=kl_ctl.state_dict())
         if config.eval_every and step % config.eval_every == 0 and step != config.steps:
             run_eval(step)
         if config.max_steps_time is not None and accelerator.reduce(  # stop together when any process is over
@@ -559,11 +510,10 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
             log.warning("time budget of %.0f s reached after step %d", config.max_steps_time, step)
             break
     if not main:  # only the main process writes outputs; the others wait for it and return its summary
-        return _finish(accelerator, None)
+        return finish(accelerator, None)
     if last_eval.get("step") != step:  # the final evaluation, also the policy side of samples.jsonl
         run_eval(step)
-    save_checkpoint(checkpoints, step, roles.named_trainable(), optimizer, config=asdict(config),
-                    kl_ctl=kl_ctl.state_dict())
+    run.save_checkpoint(step, roles.named_trainable(), optimizer, config=asdict(config), kl_ctl=kl_ctl.state_dict())
 
     # ---- outputs: the policy, samples side by side with the reference, plots ----
     policy_dir = save_actor(roles, out / "policy", {
@@ -574,7 +524,7 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
     write_side_by_side(out / "samples.jsonl", ref_rows, last_eval["rows"])
     plots = write_plots(out / "plots", train_log, eval_log)
     merged = merge_policy(policy_dir, out / "merged") if config.save_merged else None
-    return _finish(accelerator, {
+    return finish(accelerator, {
         "steps": step,
         "final": last_eval["metrics"],
         "reference": ref_metrics,
@@ -612,36 +562,3 @@ def write_plots(folder: Path, train_log, eval_log) -> list[Path]:
                                                  xlabel=kl_label, ylabel="held-out score", title="Reward against KL",
                                                  annotate="step")]),
     ]
-
-
-def merge_policy(policy_dir: Path, target: Path, base_model: str | None = None) -> Path:
-    """Base model with the actor adapter merged in, saved as a plain HF model folder that
-    AutoModelForCausalLM.from_pretrained loads: weights, tokenizer, the generation config of training
-    (sampling at its temperature, up to its response length, stopping at EOS) and a model card.
-    `base_model` replaces the base model recorded in policy.json (moved or renamed)."""
-    from policy.roles import POLICY_META, load_policy
-    from reward_model.export_model import base_model_error, policy_model_card, read_json, write_folder
-    from rlhf.models import eos_token_ids
-    from rlhf.runlog import read_log
-
-    base = base_model or read_json(policy_dir / POLICY_META).get("base_model", "")
-    try:
-        model, tokenizer, meta = load_policy(policy_dir, model_name=base_model)
-    except UserError as exc:
-        if not (policy_dir / POLICY_META).is_file():
-            raise
-        raise base_model_error(policy_dir, base, exc) from None
-    merged = model.merge_and_unload()
-    merged.generation_config.update(do_sample=True, temperature=meta["temperature"], top_p=1.0, top_k=0,
-                                    max_new_tokens=meta["response_length"], min_new_tokens=1,
-                                    eos_token_id=eos_token_ids(merged, tokenizer), pad_token_id=tokenizer.pad_token_id)
-    evals = read_log(policy_dir.parent / "eval.csv")
-    card = policy_model_card(meta, read_json(policy_dir.parent / "config.json"),
-                             evals.iloc[-1].to_dict() if len(evals) else {})
-
-    def write(folder: Path) -> None:
-        merged.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        (folder / "README.md").write_text(card, encoding="utf-8")
-
-    return write_folder(Path(target), write, Path(policy_dir))

@@ -1,5 +1,4 @@
-"""`rlhf train-rm`, `rlhf eval-rm`, `rlhf score`, `rlhf export-model`. Heavy imports happen inside the
-handlers."""
+"""`rlhf train-rm`, `rlhf eval-rm`, `rlhf score`. Heavy imports happen inside the handlers."""
 
 from __future__ import annotations
 
@@ -46,21 +45,6 @@ def add_commands(sub) -> None:
     _add_scoring_dtype(p)
     p.set_defaults(func=run_score)
 
-    p = sub.add_parser("export-model", help="write a reward model or a policy as a standard transformers folder",
-                       description="--rm: the reward model as a folder that AutoModelForSequenceClassification."
-                                   "from_pretrained(OUT, trust_remote_code=True) loads, giving the rewards of "
-                                   "`rlhf score`. --policy: the policy merged into its base model, a folder that "
-                                   "AutoModelForCausalLM.from_pretrained(OUT) loads. Both with the tokenizer and "
-                                   "a model card (README.md).")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--rm", help="reward model folder written by `rlhf train-rm`")
-    source.add_argument("--policy", help="policy folder written by `rlhf ppo` (OUT/policy)")
-    p.add_argument("--out", required=True, help="the folder to write (new, or an earlier export to replace)")
-    p.add_argument("--base-model", default=None,
-                   help="the base model's folder or hub id, when it is no longer where training found it "
-                        "(default: the one recorded with the model)")
-    p.set_defaults(func=run_export_model)
-
 
 def _add_scoring_dtype(p) -> None:
     from rlhf.hardware import DTYPE_NAMES
@@ -92,7 +76,8 @@ def run_train(args) -> None:
         t = summary["test"]
         low, high = t["accuracy_interval"]
         print(f"held-out: accuracy {t['accuracy']:.3f} [{low:.3f}, {high:.3f} over prompts] on {t['pairs']} pairs "
-              f"of {t['prompts']} prompts, mean margin {t['mean_margin']:.3f}, ECE {t['ece']:.3f}")
+              f"of {t['prompts']} prompt{'s' * (t['prompts'] != 1)}, mean margin {t['mean_margin']:.3f}, "
+              f"ECE {t['ece']:.3f}")
     print(f"reward model saved to {summary['rm_dir']} (curves: {summary['curves']})")
 
 
@@ -112,7 +97,7 @@ def run_eval(args) -> None:
     print(f"pairs            {result['pairs']}")
     low, high = result["accuracy_interval"]
     print(f"accuracy         {result['accuracy']:.4f}  (95% interval {low:.4f}-{high:.4f}, resampling the "
-          f"{result['prompts']} prompts)")
+          f"{result['prompts']} prompt{'s' * (result['prompts'] != 1)})")
     print(f"mean margin      {result['mean_margin']:.4f}")
     print(f"ECE (10 bins)    {result['ece']:.4f}")
     if "human_agreement" in result:
@@ -162,17 +147,3 @@ def run_score(args) -> None:
     else:
         count = write_jsonl(args.out, rows)
         print(f"scored {count} samples -> {args.out}", file=sys.stderr)
-
-
-def run_export_model(args) -> None:
-    if args.rm:
-        from reward_model.export_model import export_reward_model
-
-        out = export_reward_model(args.rm, args.out, base_model=args.base_model)
-        print(f"reward model written to {out}: AutoModelForSequenceClassification.from_pretrained({str(out)!r}, "
-              f"trust_remote_code=True)")
-        return
-    from policy.trainer import merge_policy
-
-    out = merge_policy(Path(args.policy), Path(args.out), base_model=args.base_model)
-    print(f"policy written to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})")

@@ -8,17 +8,12 @@ from typing import Literal
 from rlhf.config_args import check_fields
 from rlhf.errors import UserError
 from rlhf.hardware import DtypeName
+from rlhf.layer_request import check_layer_request
 
-
-def check_layer_request(requested: float, flag: str, num_layers: int | None = None) -> None:
-    """A read-out layer as the configs take it (`--readout-layer`, `--critic-layer`): 0 for the last layer, a
-    fraction in (0, 1) of the depth or a layer number, at most `num_layers` where the depth is known. Checked
-    before any model loads, and again against the depth by `reward_model.model.resolve_layer`."""
-    if 0 <= requested < 1:
-        return
-    if requested < 0 or requested != int(requested) or (num_layers is not None and requested > num_layers):
-        where = f"in 1..{num_layers}" if num_layers is not None else "number"
-        raise UserError(f"{flag} must be 0 (last), a fraction in (0, 1) or a layer {where}, got {requested}")
+# Settings a checkpoint must share with the run that resumes it (`rlhf.run.open_run`). The learning rates are among
+# them: the optimizer and scheduler state restored from the checkpoint carry the old ones.
+RESUME_KEYS = ("model", "lora_r", "lora_alpha", "batch_rankings", "epochs", "seed", "max_length", "readout_layer",
+               "readout_pool", "lr", "head_lr_multiplier", "pair_weighting", "dtype")
 
 
 @dataclass

@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from reward_model.loss import build_pair_index, ranking_pairs
 from reward_model.model import EncodedSample, encode_sample_ids, pad_samples
@@ -42,6 +39,7 @@ from rlhf.records import Pair, RankedCompletion, RankedTask
 from rlhf.tables import (
     EXPORT_FORMAT,
     EXPORT_META,
+    NotOnHub,
     is_saved_dataset,
     load_hub,
     load_saved,
@@ -365,10 +363,16 @@ def load_source(data: str | Path) -> list[_Part]:
             return _saved_parts(path)
         raise UserError(f"{path} has no rankings.jsonl or train.jsonl, nor a dataset saved with save_to_disk; "
                         f"export labels with `rlhf export` first")
+    # The same first words whether the name can only be a path or could also be a hub id (a folder name typed
+    # with or without its trailing slash): what follows says why neither was found.
+    missing = f"data {data} does not exist"
     if looks_like_path(str(data)):
-        raise UserError(f"data {path} does not exist (expected a folder from `rlhf export`, a .jsonl, .parquet "
-                        f"or .csv file, a save_to_disk folder or a hub dataset id)")
-    return _hub_parts(str(data))
+        raise UserError(f"{missing}: no such file or folder (expected a folder from `rlhf export`, a .jsonl, "
+                        f".parquet or .csv file, a save_to_disk folder or a hub dataset id)")
+    try:
+        return _hub_parts(str(data))
+    except NotOnHub as exc:
+        raise UserError(f"{missing}: {exc}") from None
 
 
 class Records(list):
@@ -408,6 +412,13 @@ class DataFiles:
     test: list[RankedTask | Pair]
     train_source: str
     test_source: str | None
+
+    def warn_without_held_out(self) -> None:
+        """One line when nothing is held out, so that a training run without a held-out evaluation says so."""
+        if not self.test:
+            log.warning("%s: no held-out rankings or pairs (no test split, no rows marked \"split\": \"test\"), so "
+                        "there is no held-out evaluation; `rlhf export` holds out a share of the prompts",
+                        self.train_source)
 
 
 def find_data(data: str | Path, split: str = "train") -> DataFiles:
@@ -480,16 +491,6 @@ def tokenize_examples(examples: Sequence[RankingExample], tokenizer, max_length:
     if stats.truncated_samples:
         log.warning("%d sample(s) over --max-length %d: prompts truncated from the left, completions kept",
                     stats.truncated_samples, max_length)
-
-
-def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled order of one epoch, a pure function of (seed, epoch): a resumed run replays it."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_examples, generator=generator).tolist()
-
-
-def steps_per_epoch(num_examples: int, rankings_per_step: int) -> int:
-    return math.ceil(num_examples / rankings_per_step)
 
 
 def collate(examples: Sequence[RankingExample], pad_id: int, weighting: str = "pair"):

@@ -15,6 +15,7 @@ import torch
 from reward_model.data import parse_record, read_records, to_example
 from reward_model.model import encode_sample_ids, score_rows
 from rlhf.bootstrap import cluster_bootstrap_interval
+from rlhf.pairs import pair_credit, pairwise_accuracy
 from rlhf.records import Pair, RankedTask
 
 
@@ -46,16 +47,6 @@ def _comparisons(records: Iterable[RankedTask | Pair]):
                 yield ex.prompt, ex.texts[b], ex.texts[w], ex.annotator, ex.task_id, gap
 
 
-def _credit(diff: float) -> float:
-    """One comparison's share of the accuracy from r_better - r_worse: right 1, a tie in reward 1/2, wrong 0."""
-    return 1.0 if diff > 0 else 0.5 if diff == 0 else 0.0
-
-
-def _accuracy(diffs: Sequence[float]) -> float:
-    """Fraction of comparisons the reward orders right; a tie in reward counts half."""
-    return sum(map(_credit, diffs)) / len(diffs)
-
-
 def prompt_bootstrap_interval(prompts: Sequence[str], diffs: Sequence[float], draws: int = 2000,
                               seed: int = 0) -> tuple[float, float]:
     """95% interval of the pairwise accuracy when the held-out PROMPTS are resampled with replacement
@@ -65,7 +56,7 @@ def prompt_bootstrap_interval(prompts: Sequence[str], diffs: Sequence[float], dr
     prompts."""
     correct: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for prompt, diff in zip(prompts, diffs):
-        correct[prompt][0] += _credit(diff)
+        correct[prompt][0] += pair_credit(diff)
         correct[prompt][1] += 1.0
     right, pairs = zip(*correct.values())
     return cluster_bootstrap_interval(right, pairs, draws, seed)
@@ -86,7 +77,7 @@ def diagnostics(comparisons: Sequence[tuple], diffs: Sequence[float]) -> dict[st
         found: dict[str, list[float]] = defaultdict(list)
         for comparison, diff in zip(comparisons, diffs):
             found[key(comparison)].append(diff)
-        return {name: {"pairs": len(v), "accuracy": _accuracy(v)} for name, v in sorted(found.items())}
+        return {name: {"pairs": len(v), "accuracy": pairwise_accuracy(v)} for name, v in sorted(found.items())}
 
     def words(text: str) -> int:
         return len(text.split())
@@ -102,11 +93,11 @@ def diagnostics(comparisons: Sequence[tuple], diffs: Sequence[float]) -> dict[st
         inside = [d for d, conf in zip(diffs, confidences) if low <= conf < low + 0.1 or (low == 0.9 and conf == 1.0)]
         if inside:
             reliability.append({"confidence": f"{low:.1f}-{low + 0.1:.1f}", "pairs": len(inside),
-                                "accuracy": _accuracy(inside)})
+                                "accuracy": pairwise_accuracy(inside)})
     return {
         "by_rank_gap": groups(lambda c: "1 (adjacent)" if c[5] == 1 else "2" if c[5] == 2 else "3+"),
         "by_length": groups(length_key),
-        "longer_wins": _accuracy(longer),
+        "longer_wins": pairwise_accuracy(longer),
         "reliability": reliability,
     }
 
@@ -174,7 +165,7 @@ def evaluate_reward_model(rm, tokenizer, path_or_records: str | Path | Iterable[
     result = {
         "pairs": len(diffs),
         "prompts": len({c[0] for c in comparisons}),
-        "accuracy": _accuracy(diffs),
+        "accuracy": pairwise_accuracy(diffs),
         "accuracy_interval": list(prompt_bootstrap_interval([c[0] for c in comparisons], diffs)),
         "mean_margin": sum(diffs) / len(diffs),
         "ece": expected_calibration_error(probs),

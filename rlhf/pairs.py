@@ -1,4 +1,5 @@
-"""Pair expansion: a ranking of K completions becomes C(K,2) (chosen, rejected) pairs.
+"""Pair expansion: a ranking of K completions becomes C(K,2) (chosen, rejected) pairs; and the credit a scorer
+earns on one pair.
 
 Pure functions, no I/O. Tied completions give no pair (InstructGPT ranks without ties; with
 ties we only keep the comparisons the annotator actually expressed).
@@ -6,7 +7,7 @@ ties we only keep the comparisons the annotator actually expressed).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from itertools import combinations
 
 from rlhf.records import Pair, RankedTask
@@ -38,3 +39,16 @@ def proposal_moves(proposal: Mapping[str, int], ranks: Mapping[str, int]) -> int
 
     ids = sorted(proposal)
     return sum(relation(proposal, a, b) != relation(ranks, a, b) for a, b in combinations(ids, 2))
+
+
+def pair_credit(margin: float) -> float:
+    """One comparison's share of a pairwise accuracy, from its margin (the preferred completion's score minus the
+    other's): right 1, a tie in score 1/2, wrong 0."""
+    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+
+
+def pairwise_accuracy(margins: Iterable[float]) -> float:
+    """Fraction of comparisons a scorer orders right, a tie counting half (`pair_credit`); 0 without any."""
+    credits = [pair_credit(margin) for margin in margins]
+    return sum(credits) / max(len(credits), 1)
+

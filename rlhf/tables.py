@@ -5,11 +5,13 @@ UserError line."""
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
 from rlhf.errors import UserError
 from rlhf.jsonl import read_jsonl
+from rlhf.models import is_local_path
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # The folder `rlhf export` writes names its format in export.json; readers refuse another one.
@@ -19,16 +21,26 @@ EXPORT_META = "export.json"
 
 @contextmanager
 def quiet_datasets():
-    """No `datasets` progress bars inside the block (small tables; an error is then the only line printed)."""
+    """No `datasets` progress bars nor log lines inside the block (small tables; a builder logs the error it then
+    raises, so without this a broken file printed the library's text before ours)."""
     import datasets
 
     enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
+    library_log = logging.getLogger("datasets")
+    level = library_log.level
+    library_log.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:
+        library_log.setLevel(level)
         if enabled:
             datasets.enable_progress_bars()
+
+
+class NotOnHub(UserError):
+    """A name that is no local file or folder, and that the Hugging Face hub cannot give as a dataset (not reachable,
+    offline without a cached copy, or no such dataset)."""
 
 
 def cause(exc: BaseException) -> str:
@@ -89,20 +101,22 @@ def load_hub(name: str) -> dict[str, object]:
     from rlhf.models import hub_reachable
 
     if not datasets.config.HF_HUB_OFFLINE and not hub_reachable():
-        raise UserError(f"{name!r} is not a local file or folder, and the Hugging Face hub is not reachable "
-                        f"to load it as a dataset id (with HF_HUB_OFFLINE=1 a cached copy is used)")
+        raise NotOnHub(f"{name!r} is not a local file or folder, and the Hugging Face hub is not reachable "
+                       f"to load it as a dataset id (with HF_HUB_OFFLINE=1 a cached copy is used)")
     try:
         with quiet_datasets():
             loaded = load_dataset(name)
     except Exception as exc:  # noqa: BLE001 -- the hub client's errors have many types
         if datasets.config.HF_HUB_OFFLINE:  # set by the user, or by a model load that found no hub
-            raise UserError(f"{name!r} is not a local file or folder, and the Hugging Face hub is not reachable to "
-                            f"load it as a dataset id (offline mode, no cached copy: {cause(exc)})") from None
+            raise NotOnHub(f"{name!r} is not a local file or folder, and the Hugging Face hub is not reachable to "
+                           f"load it as a dataset id (offline mode, no cached copy: {cause(exc)})") from None
+        if type(exc).__name__ == "DatasetNotFoundError":
+            raise NotOnHub(f"{name!r} is not a local file or folder, nor a dataset on the Hugging Face hub "
+                           f"({cause(exc)})") from None
         raise UserError(f"cannot load dataset {name!r} from the Hugging Face hub ({cause(exc)})") from None
     return dict(loaded) if isinstance(loaded, DatasetDict) else {"train": loaded}
 
 
 def looks_like_path(data: str) -> bool:
-    """A string that can only mean a local path (a hub id is NAME or OWNER/NAME)."""
-    return (data.startswith((".", "/", "~", "\\")) or data.endswith(("/", "\\")) or data.count("/") > 1
-            or Path(data).suffix.lower() in FILE_BUILDERS)
+    """A string that can only mean a local path: one by its shape (`rlhf.models.is_local_path`), or a file name."""
+    return is_local_path(data) or Path(data).suffix.lower() in FILE_BUILDERS

@@ -1,4 +1,4 @@
-"""Standard model artifacts (reward_model/export_model.py, policy.trainer.merge_policy): the exported reward
+"""Standard model artifacts (reward_model/export_model.py, policy.export.merge_policy): the exported reward
 model loads with AutoModelForSequenceClassification and gives the rewards of `rlhf score` (the default
 read-out, a middle layer's mean, and the last layer's last token), the merged policy loads with
 AutoModelForCausalLM, each folder has a model card, and a missing base model is one clear line."""

@@ -13,7 +13,7 @@ from policy import core
 from policy.config import PPOConfig
 from policy.roles import ACTOR, CRITIC, REWARD, build_roles
 from policy.rollout import reward_function, rollout
-from policy.trainer import _Sampler, ppo_update, train_policy
+from policy.trainer import ppo_update, train_policy
 from rlhf.errors import UserError
 from rlhf.models import eos_token_ids
 
@@ -246,6 +246,8 @@ def test_resume_continues_exactly(tiny_model_dir, prompts_file, tmp_path):
         assert float(b[-1][key]) == pytest.approx(float(a[-1][key]), rel=1e-4, abs=1e-6), key
     with pytest.raises(UserError, match="no checkpoint"):
         train_policy(PPOConfig(out=str(tmp_path / "fresh"), steps=1, resume=True, **common))
+    with pytest.raises(UserError, match="it was made with lr=0.01, this run has lr=0.02"):
+        train_policy(PPOConfig(out=str(tmp_path / "resumed"), steps=4, resume=True, **{**common, "lr": 2e-2}))
 
 
 def test_nan_reward_and_nan_loss_stop_with_a_clear_error(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
@@ -256,13 +258,6 @@ def test_nan_reward_and_nan_loss_stop_with_a_clear_error(tiny_model_dir, prompts
     monkeypatch.setattr(core, "rloo_loss", lambda seq_logp, adv: (seq_logp * float("nan")).mean())
     with pytest.raises(UserError, match="non-finite loss or gradient in 3 steps in a row"):
         train_policy(PPOConfig(reward="length", out=str(tmp_path / "b"), steps=10, max_bad_updates=3, **common))
-
-
-def test_prompt_order_is_a_function_of_seed_and_step():
-    sampler = _Sampler([f"p{i}" for i in range(5)], seed=0)
-    first_pass = sampler.batch(0, 5)
-    assert sorted(first_pass) == [f"p{i}" for i in range(5)]  # every prompt once per pass
-    assert sampler.batch(3, 2) == _Sampler([f"p{i}" for i in range(5)], seed=0).batch(3, 2)
 
 
 def test_critic_reads_its_layer_and_adapts_only_the_layers_below(tiny_model_dir, rm_dir):

@@ -240,3 +240,23 @@ def test_train_rm_on_parquet_conversational_jsonl_and_save_to_disk(tiny_model_di
         assert (summary["train_rankings"], summary["train_pairs"], summary["steps"]) == (12, 12, 2), data
         assert summary.get("test", {}).get("pairs", 0) == held_out, data
         assert (out / "reward_model.json").is_file()
+
+
+def test_a_broken_json_line_is_our_one_line_only(tmp_path, capfd):
+    """The JSON builder logs its own error before raising; only our line, naming the line, reaches the terminal."""
+    (tmp_path / "broken.jsonl").write_text(json.dumps(marker_pairs(1)[0]) + "\n" + '{"prompt": "b", "chosen": "x"\n')
+    assert main(["train-rm", "--data", str(tmp_path / "broken.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert [line for line in err if not line.startswith("dtype:")] == [
+        f"rlhf train-rm: error: {tmp_path / 'broken.jsonl'}:2: not valid JSON (Expecting ',' delimiter)"]
+
+
+def test_a_missing_data_folder_gets_one_message_with_or_without_its_trailing_slash(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    heads = []
+    for data in ("nodata", "nodata/", "./nodata"):
+        assert main(["train-rm", "--data", data, "--out", str(tmp_path / "o")]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("dtype:")]
+        assert len(err) == 1, err
+        heads.append(err[0].split(":")[2].strip())
+    assert heads == ["data nodata does not exist", "data nodata/ does not exist", "data ./nodata does not exist"]

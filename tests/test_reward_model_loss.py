@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from reward_model.data import DataStats, build_examples, collate, epoch_order
+from reward_model.data import DataStats, build_examples, collate
 from reward_model.evaluate import expected_calibration_error, human_agreement, prompt_bootstrap_interval
 from reward_model.loss import build_pair_index, pairwise_loss, ranking_loss, ranking_pairs
 from reward_model.model import EncodedSample
@@ -119,12 +119,6 @@ def test_collate_one_forward_for_all_completions():
     assert completion.tolist() == [[0, 0, 1], [0, 1, 1], [0, 0, 1], [0, 0, 1], [0, 0, 1]]
     _, index = collate(examples, pad_id=0)
     assert index.weight.tolist() == pytest.approx([1 / 4] * 4)
-
-
-def test_epoch_order_is_reproducible_and_differs_by_epoch():
-    assert epoch_order(20, 3, 0) == epoch_order(20, 3, 0)
-    assert epoch_order(20, 3, 0) != epoch_order(20, 3, 1)
-    assert sorted(epoch_order(20, 3, 1)) == list(range(20))
 
 
 def test_ece():

@@ -2,8 +2,8 @@
 
 import csv
 import json
-import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -185,26 +185,27 @@ def test_cli_bad_inputs(tiny_model_dir, tmp_path, capsys):
     assert "in.jsonl:2: 'completion' must be a string" in capsys.readouterr().err
 
 
-def _todays_lr_factor(step, total_steps, final_fraction):
-    """The hand-written schedule reward_model/train.py used before transformers' (kept here as the reference)."""
-    progress = min(step / max(total_steps, 1), 1.0)
-    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+def test_a_missing_model_folder_is_one_line_and_leaves_no_output_folder(data_dir, tmp_path, capsys):
+    for model in (str(tmp_path / "no-model"), "./no-model", "models/sft/"):
+        for command in (["train-rm"], ["dpo"]):
+            out = tmp_path / "out"
+            assert main([*command, "--data", str(data_dir), "--out", str(out), "--model", model]) == 2
+            err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(("dtype:", "WARNING"))]
+            assert len(err) == 1 and f"model folder {Path(model).expanduser()} does not exist" in err[0], err
+            assert not out.exists(), command
 
 
-@pytest.mark.parametrize("total_steps,final_fraction", [(12, 0.1), (1, 0.1), (7, 0.0), (50, 0.25), (3, 1.0)])
-def test_learning_rate_per_step_is_the_cosine_decay_to_a_floor(total_steps, final_fraction):
-    """Cosine decay from the peak to final_fraction of it over the run (InstructGPT appendix C.2), no
-    warm-up: the learning rate of every step, both parameter groups, bit for bit as before."""
-    import torch
-
-    body, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.AdamW([{"params": [body], "lr": 3e-4}, {"params": [head], "lr": 9e-3}])
-    scheduler = rmtrain.lr_schedule(optimizer, total_steps, final_fraction)
-    for step in range(total_steps + 1):
-        factor = _todays_lr_factor(step, total_steps, final_fraction)
-        assert scheduler.get_last_lr() == [3e-4 * factor, 9e-3 * factor], step
-        optimizer.step()
-        scheduler.step()
+def test_a_pairs_file_without_a_test_split_says_it_has_no_held_out_evaluation(tiny_model_dir, tmp_path, caplog):
+    write_marker_rankings(tmp_path / "train.jsonl", n=8, test_from=99)
+    config = RewardTrainingConfig(data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "rm"), model=tiny_model_dir,
+                                  epochs=1, batch_rankings=8, checkpoint_every=0)
+    with caplog.at_level("WARNING"):
+        summary = train_reward_model(config, progress=False)
+    assert "test" not in summary
+    said = [r.getMessage() for r in caplog.records if "no held-out" in r.getMessage()]
+    assert said == [f"{tmp_path / 'train.jsonl'}: no held-out rankings or pairs (no test split, no rows marked "
+                    "\"split\": \"test\"), so there is no held-out evaluation; `rlhf export` holds out a share of "
+                    "the prompts"]
 
 
 def test_readout_layer_is_checked_before_the_model_loads(tmp_path):
