@@ -2,7 +2,7 @@
 
 Human rankings are the scarce resource; once a first reward model exists, spend them where it is least sure.
 
-**Order** (`rlhf label --order`, `rlhf simulate --strategy`):
+**Order** (`rlhf label --order`, `rlhf simulate --order`):
 
 - `fewest-rankings` (default): the store's own queue, the tasks with the fewest rankings first.
 - `uncertainty`: margin-based uncertainty sampling (Lewis & Gale 1994; the margin form: Scheffer et al.
@@ -31,7 +31,7 @@ whether it was submitted unchanged, `"proposal_moves"`: how many completion pair
 differently), so anchoring (people keeping what they are shown) can be measured; `rlhf stats` reports how
 often the proposal was kept.
 
-**The loop** (`rlhf simulate --strategy S --rm-every N`): scripted annotators rank N tasks in the strategy's
+**The loop** (`rlhf simulate --order S --rm-every N`): scripted annotators rank N tasks in the strategy's
 order, a reward model is trained from scratch on every ranking so far, the unranked tasks are scored again
 and the queue re-ordered, and so on until the queue is empty. The first N come in random order when there
 is no reward model yet, so every strategy shares its first round.

@@ -13,14 +13,29 @@ import sys
 from labeling.active import ORDERS, SCORED_ORDERS
 from rlhf.config_args import positive_int
 from rlhf.errors import UserError
+from rlhf.oracles import oracle_help
+
+
+def _order_option(p: argparse.ArgumentParser) -> None:
+    """--order, the queue's order, as `rlhf label` and `rlhf simulate` both take it."""
+    p.add_argument("--order", choices=ORDERS, default="fewest-rankings",
+                   help="which tasks are served first: fewest-rankings (default), random, uncertainty: the tasks "
+                        "whose completions the reward model (--rm) finds hardest to order (smallest reward gap "
+                        "between adjacent completions; uncertainty sampling), or information: those whose rankings "
+                        "would tell it most (expected information gain)")
+
+
+class _RenamedOption(argparse.Action):
+    """An option's old name, still accepted for one release: it sets the new option's value and records the name
+    given (as `<dest>_flag`), so that messages name the flag the user typed and the command can say it is old."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_flag", option_string)
 
 
 def _active_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--order", choices=ORDERS, default="fewest-rankings",
-                   help="which tasks each queue serves first: fewest-rankings (default), random, uncertainty: "
-                        "the tasks whose completions the reward model (--rm) finds hardest to order (smallest "
-                        "reward gap between adjacent completions; uncertainty sampling), or information: those "
-                        "whose rankings would tell it most (expected information gain)")
+    _order_option(p)
     p.add_argument("--rm", default=None, metavar="DIR",
                    help="reward model that orders the queue (--order uncertainty or information)")
     p.add_argument("--seed", type=int, default=0, help="seed of --order random (default 0)")
@@ -124,9 +139,7 @@ def add_commands(sub) -> None:
                                    "API as the app, until the queue is empty. Rankings are Plackett-Luce samples "
                                    "from the oracle's scores at temperature NOISE x (the task's score range).")
     _db_option(p)
-    p.add_argument("--oracle", required=True,
-                   help="preference oracle: sentiment, descriptive, on_topic, formality, length, alliteration "
-                        "(see rlhf/oracles.py), or module:function taking (prompt, completion)")
+    p.add_argument("--oracle", required=True, help=oracle_help())
     p.add_argument("--annotators", type=positive_int, default=3, help="number of scripted annotators (default 3)")
     p.add_argument("--overlap", type=positive_int, default=2, help="rankings wanted per task (default 2)")
     p.add_argument("--noise", type=float, default=0.1,
@@ -136,13 +149,11 @@ def add_commands(sub) -> None:
                    help="completions whose oracle scores differ by at most this are ranked as a tie "
                         "(default 0: only equal scores tie; set it for continuous oracles)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed reproduces a run")
-    p.add_argument("--strategy", choices=ORDERS, default="fewest-rankings",
-                   help="which tasks the annotators rank first: fewest-rankings (the app's default queue), random, "
-                        "uncertainty (the reward model's smallest gap between adjacent completions first) or "
-                        "information (the rankings that would tell it most: expected information gain); the "
-                        "last two need --rm or --rm-every")
+    _order_option(p)
+    p.add_argument("--strategy", dest="order", choices=ORDERS, action=_RenamedOption,
+                   help="the old name of --order, accepted until the next release")
     p.add_argument("--rm", default=None, metavar="DIR",
-                   help="reward model that orders the tasks (--strategy uncertainty or information)")
+                   help="reward model that orders the tasks (--order uncertainty or information)")
     p.add_argument("--rm-every", type=positive_int, default=None, metavar="N",
                    help="after every N rankings, train a reward model from scratch on all rankings so far and "
                         "re-order the remaining tasks with it (the active-labeling loop); needs --rm-out")
@@ -415,11 +426,12 @@ def run_simulate(args) -> None:
     from labeling.store import open_store
     from rlhf.oracles import load_oracle
 
-    if args.strategy in SCORED_ORDERS and not (args.rm or args.rm_every):
-        raise UserError(f"--strategy {args.strategy} needs a reward model: --rm DIR, or --rm-every N to train one "
+    flag = getattr(args, "order_flag", "--order")  # --strategy, the old name, when that is the one given
+    if args.order in SCORED_ORDERS and not (args.rm or args.rm_every):
+        raise UserError(f"{flag} {args.order} needs a reward model: --rm DIR, or --rm-every N to train one "
                         "as it goes")
-    if args.rm and args.strategy not in SCORED_ORDERS:
-        raise UserError("--rm orders the tasks only with --strategy uncertainty or information")
+    if args.rm and args.order not in SCORED_ORDERS:
+        raise UserError(f"--rm orders the tasks only with {flag} uncertainty or information")
     if args.rm_every and not args.rm_out:
         raise UserError("--rm-every needs --rm-out DIR, the folder for the reward models it trains")
     if args.rm_out and not args.rm_every:
@@ -427,14 +439,17 @@ def run_simulate(args) -> None:
     if args.rm_out and Path(args.rm_out).exists() and any(Path(args.rm_out).iterdir()):
         raise UserError(f"--rm-out {args.rm_out} is not empty; choose a new folder")
     oracle = load_oracle(args.oracle)
+    if flag != "--order":
+        print(f"rlhf simulate: {flag} is deprecated and will be removed in the next release; use --order",
+              file=sys.stderr)
     with open_store(args.db, create=False) as store:
         if store.count_tasks() == 0:
             raise UserError(f"{args.db} has no tasks; load some with `rlhf import`")
         serve = after = loop = None
-        if args.strategy != "fewest-rankings" or args.rm_every:
+        if args.order != "fewest-rankings" or args.rm_every:
             from labeling.active import ActiveQueue, RetrainingLoop, reorder_queue
 
-            queue = ActiveQueue(args.strategy, seed=args.seed, task_ids=store.task_ids())
+            queue = ActiveQueue(args.order, seed=args.seed, task_ids=store.task_ids())
             if args.rm:
                 reorder_queue(queue, args.rm, store, args.overlap)
             serve = lambda annotator, overlap: queue.next_task(store, annotator, overlap)  # noqa: E731
@@ -464,9 +479,12 @@ def run_export(args) -> None:
     with open_store(args.db, create=False) as store:
         summary = export(store, args.out, test_fraction=args.test_fraction, seed=args.seed, aggregate=args.aggregate)
     dropped = f"; {summary['dropped_contradicted']} contradicted pairs dropped" if args.aggregate == "majority" else ""
-    print(f"{summary['rankings']} rankings of {summary['prompts']} prompts -> "
-          f"train: {summary['train_pairs']} pairs ({summary['train_prompts']} prompts), "
-          f"test: {summary['test_pairs']} pairs ({summary['test_prompts']} prompts){dropped}; written to {args.out}")
+    def prompts(count: int) -> str:
+        return f"{count} prompt{'s' * (count != 1)}"
+
+    print(f"{summary['rankings']} rankings of {prompts(summary['prompts'])} -> "
+          f"train: {summary['train_pairs']} pairs ({prompts(summary['train_prompts'])}), "
+          f"test: {summary['test_pairs']} pairs ({prompts(summary['test_prompts'])}){dropped}; written to {args.out}")
     if args.push_to_hub:
         from labeling.export import push_to_hub
 

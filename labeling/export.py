@@ -174,8 +174,11 @@ def export(store: SQLLabelStore, out_dir, test_fraction: float = 0.1, seed: int 
         "seed": seed,
         "files": files,
     }
+    # export.json names its files relative to the export folder, which can then be moved or read from anywhere
+    in_folder = {key: [Path(p).name for p in paths] if isinstance(paths, list) else Path(paths).name
+                 for key, paths in files.items()}
     with atomic_write(out / EXPORT_META) as handle:
-        handle.write(json.dumps({"format": EXPORT_FORMAT, **summary}, indent=2) + "\n")
+        handle.write(json.dumps({"format": EXPORT_FORMAT, **summary, "files": in_folder}, indent=2) + "\n")
     return summary
 
 

@@ -98,6 +98,7 @@ def generate_tasks(model, tokenizer, prompts: list[tuple[str | None, str]], k: i
         raise ValueError("k must be at least 2 (a ranking needs two completions)")
     from rlhf.generation import decode_responses, sample_batch
     from rlhf.models import eos_token_ids
+    from rlhf.seeds import SAMPLING, derived_seed
 
     eos = eos_token_ids(model, tokenizer)
     per_call = max(1, batch_size // k)
@@ -107,7 +108,7 @@ def generate_tasks(model, tokenizer, prompts: list[tuple[str | None, str]], k: i
     for start in range(0, len(order), per_call):
         idx = order[start:start + per_call]
         _, responses = sample_batch(model, tokenizer, [prompts[i][1] for i in idx], k, params,
-                                    generator_seed=seed * 1_000_003 + idx[0])
+                                    generator_seed=derived_seed(seed, idx[0], SAMPLING))
         decoded = decode_responses(tokenizer, responses, eos)
         for j, i in enumerate(idx):
             results[i] = _distinct(model, tokenizer, prompts[i][1], decoded[j * k:(j + 1) * k], params, eos)

@@ -98,7 +98,7 @@ def resolve_model(name: str) -> str:
             raise UserError(f"model folder {path} has no config.json")
         return str(path)
     if is_local_path(name):  # the hub library would only say that the id is malformed
-        raise UserError(f"model folder {path} does not exist")
+        raise UserError(f"cannot load model {name!r}: the folder {path} does not exist")
     return name  # a hub id; loading reports if it cannot be found
 
 

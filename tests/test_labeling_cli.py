@@ -1,6 +1,7 @@
 import argparse
 import io
 import json
+import re
 import sqlite3
 import sys
 
@@ -95,6 +96,40 @@ def test_simulate_rejects_unknown_oracle_and_empty_store(tmp_path, capsys):
     assert code == 2 and "unknown oracle 'nonsense'" in err
     code, _, err = run(capsys, "simulate", "--db", db, "--oracle", "length")
     assert code == 2 and "has no tasks" in err
+
+
+def test_simulate_takes_the_queue_order_as_label_does_and_its_old_flag_for_one_release(tmp_path, capsys):
+    parser = build_parser()
+    common = ["simulate", "--db", "x.db", "--oracle", "length"]
+    assert parser.parse_args([*common, "--order", "random"]).order == "random"
+    assert parser.parse_args([*common, "--strategy", "uncertainty"]).order == "uncertainty"
+    assert parser.parse_args(common).order == parser.parse_args(["label", "--db", "x.db"]).order == "fewest-rankings"
+    db = str(tmp_path / "labels.db")
+    code, _, err = run(capsys, "simulate", "--db", db, "--oracle", "length", "--order", "information")
+    assert code == 2 and err == "rlhf simulate: error: --order information needs a reward model: --rm DIR, or " \
+                                "--rm-every N to train one as it goes\n"
+    assert run(capsys, "import", "--db", db, str(write_tasks(tmp_path / "t.jsonl", make_tasks(3, k=3))))[0] == 0
+    code, _, err = run(capsys, "simulate", "--db", db, "--oracle", "length", "--strategy", "random")
+    assert code == 0 and "rlhf simulate: --strategy is deprecated and will be removed in the next release; use " \
+                         "--order" in err
+
+
+def test_the_oracle_help_names_every_oracle_of_the_registry(capsys):
+    from rlhf.oracles import BUILTIN
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["simulate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert all(name in shown for name in BUILTIN), shown
+
+
+def test_export_counts_one_prompt_in_the_singular(tmp_path, capsys):
+    db = str(tmp_path / "labels.db")
+    assert run(capsys, "import", "--db", db, str(write_tasks(tmp_path / "t.jsonl", make_tasks(2, k=3))))[0] == 0
+    assert run(capsys, "simulate", "--db", db, "--oracle", "length", "--overlap", "1")[0] == 0
+    code, out, _ = run(capsys, "export", "--db", db, "--out", str(tmp_path / "out"), "--test-fraction", "0.5")
+    assert code == 0 and re.match(r"2 rankings of 2 prompts -> train: \d pairs \(1 prompt\), test: \d pairs "
+                                  r"\(1 prompt\);", out), out
 
 
 def test_every_labeling_option_has_help():

@@ -158,6 +158,20 @@ def test_split_by_prompt_is_deterministic_and_bounded():
     assert split_by_prompt(prompts, 0.0, 0) == set()
 
 
+def test_export_json_names_its_files_relative_to_the_export_folder(filled, tmp_path, monkeypatch):
+    """Written from anywhere, read from anywhere: the folder can be moved and its export.json still holds."""
+    store, _ = filled
+    monkeypatch.chdir(tmp_path)
+    summary = export(store, "runs/pairs", test_fraction=0.2, seed=3)
+    assert summary["files"]["train"] == ["runs/pairs/train.jsonl", "runs/pairs/train.parquet"]
+    files = json.loads((tmp_path / "runs" / "pairs" / "export.json").read_text())["files"]
+    assert files == {"rankings": ["rankings.jsonl", "rankings.parquet"], "train": ["train.jsonl", "train.parquet"],
+                     "test": ["test.jsonl", "test.parquet"], "datasets": ["pairs_dataset", "rankings_dataset"],
+                     "meta": "export.json"}
+    assert all((tmp_path / "runs" / "pairs" / name).exists() for names in files.values()
+               for name in ([names] if isinstance(names, str) else names))
+
+
 def test_export_writes_datasets_that_load_from_disk(filled, tmp_path):
     import subprocess
     import sys

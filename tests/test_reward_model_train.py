@@ -191,7 +191,7 @@ def test_a_missing_model_folder_is_one_line_and_leaves_no_output_folder(data_dir
             out = tmp_path / "out"
             assert main([*command, "--data", str(data_dir), "--out", str(out), "--model", model]) == 2
             err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(("dtype:", "WARNING"))]
-            assert len(err) == 1 and f"model folder {Path(model).expanduser()} does not exist" in err[0], err
+            assert len(err) == 1 and f"the folder {Path(model).expanduser()} does not exist" in err[0], err
             assert not out.exists(), command
 
 
