@@ -14,7 +14,8 @@ and the progress bar.
         run.save_checkpoint(step + 1, trainable, optimizer, scheduler, asdict(config))
 
 The output folder: OUT/checkpoints/step-N/ (`rlhf.checkpoint`; a run saved by an older version in OUT/checkpoint/
-resumes from there), OUT/config.json, OUT/train_log.csv and the trainer's own files.
+resumes from there), OUT/config.json (PPO, DPO; the reward model keeps its config in reward_model.json, the
+file its loaders read), OUT/train_log.csv and the trainer's own files.
 
 The resume rule, the same for every trainer: without --resume, a folder that holds checkpoints is refused
 (an unfinished run is never overwritten); with --resume, a folder without one is refused too (nothing to

@@ -81,8 +81,9 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, capsys):
     test = done["reward_model"]["test"]
     low, high = test["accuracy_interval"]
     assert low <= test["accuracy"] <= high and test["prompts"] == len({r["prompt"] for r in _held_out_rows(out)})
+    prompts = f"{test['prompts']} prompt{'s' * (test['prompts'] != 1)}"  # "1 prompt", not "1 prompts"
     assert (f"| Reward model held-out accuracy [95% interval over the held-out prompts] | {test['accuracy']:.3f} "
-            f"[{low:.3f}, {high:.3f}], {test['pairs']} pairs of {test['prompts']} prompts |") in md
+            f"[{low:.3f}, {high:.3f}], {test['pairs']} pairs of {prompts} |") in md
     assert html.count("data:image/png;base64,") == 5
 
     # --resume after a "crash" in PPO: earlier stages are skipped, not redone
