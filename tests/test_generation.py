@@ -101,3 +101,56 @@ def test_model_dir_without_config_is_a_clear_error(tmp_path):
     from rlhf.errors import UserError
     with pytest.raises(UserError, match="has no config.json"):
         load_tokenizer(str(tmp_path))
+
+
+def _plain_generate(model, tok, prompts, k, params, seed, with_logits=False):
+    """Today's reference: transformers' own sampler with the arguments the toolkit samples with."""
+    from rlhf.models import eos_token_ids
+
+    enc = encode_prompts(tok, prompts, 10_000)
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=True,
+                         temperature=params.temperature, top_p=params.top_p, top_k=0,
+                         max_new_tokens=params.max_new_tokens, min_new_tokens=1, num_return_sequences=k,
+                         eos_token_id=eos_token_ids(model, tok), pad_token_id=tok.pad_token_id, use_cache=True,
+                         output_logits=with_logits, return_dict_in_generate=with_logits)
+    if with_logits:
+        return out.sequences[:, enc.input_ids.shape[1]:], torch.stack(out.logits, dim=1)
+    return out[:, enc.input_ids.shape[1]:], None
+
+
+PROMPTS = ["fox", "Tell a story about a tall tree and a brave bear", "Why is the sea blue?"]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+@pytest.mark.parametrize("static_cache", [True, False])
+def test_samples_equal_plain_generate_for_a_seed(tiny, top_p, static_cache, monkeypatch):
+    """Prefix read once per prompt, static or dynamic cache, packed weights: token for token what
+    `model.generate` samples for the same seed (and the same raw logits), over three seeds."""
+    model, tok = tiny
+    monkeypatch.setattr(type(model), "_can_compile_fullgraph", static_cache)
+    # 20 more end-of-sequence ids, so that most rows end early and the padding after EOS is covered
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, *range(40, 60)])
+    params = SamplingParams(temperature=0.9, top_p=top_p, max_new_tokens=12)
+    for seed in range(3):
+        expected, expected_logits = _plain_generate(model, tok, PROMPTS, 4, params, seed, with_logits=True)
+        _, ids, logits = sample_batch(model, tok, PROMPTS, 4, params, generator_seed=seed, with_logits=True)
+        assert ids.tolist() == expected.tolist()
+        torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    assert (ids == tok.pad_token_id).any()
+
+
+def test_packed_weights_are_used_and_then_dropped(tiny):
+    from torch import nn
+
+    from rlhf.generation import packed_linear_weights
+
+    model, _ = tiny
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    x = torch.randn(3, 5, linears[0].in_features)
+    with packed_linear_weights(model, 3):
+        packed = [("forward" in vars(m)) for m in linears]
+        inside = linears[0](x)
+    assert all(packed) == torch.backends.mkldnn.is_available()
+    assert not any("forward" in vars(m) for m in linears)
+    torch.testing.assert_close(inside, linears[0](x), rtol=1e-5, atol=1e-5)

@@ -183,3 +183,19 @@ def test_the_saved_config_records_the_resolved_dtype(tiny_model_dir, command_inp
                                             epochs=1, checkpoint_every=0), progress=False)
     meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
     assert meta["dtype"] == meta["config"]["dtype"] == "bfloat16"
+
+
+def test_doctor_reports_versions_device_dtype_threads_and_the_model_cache(monkeypatch, tmp_path, capsys):
+    import torch
+
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware, "detect_capabilities", lambda device=None: CPU_BF16)
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["torch"] == torch.__version__
+    assert report["dtype auto"] == "bfloat16 (this CPU has bf16 units: AVX-512 BF16, AMX)"
+    assert report["threads"].startswith(f"{hardware.usable_cores()[0]} (")
+    assert report["cache folder"] == f"{tmp_path / 'cache'} ($RLHF_CACHE)"
+    assert report["default model"].startswith(("not converted yet", "missing: pip install"))
+    assert main(["doctor"]) == 0
+    assert "dtype auto" in capsys.readouterr().out
