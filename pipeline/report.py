@@ -18,6 +18,7 @@ from typing import Any
 from markdown_it import MarkdownIt
 
 from rlhf.bootstrap import cluster_bootstrap_interval
+from rlhf.hardware import cpu_description, resolve_dtype, usable_cores
 from rlhf.jsonl import atomic_write, read_jsonl
 
 PLOTS = [("rm/train_curves.png", "Reward model training curves"),
@@ -190,9 +191,15 @@ def write_report(out: Path, settings: dict[str, Any], done: dict[str, dict]) -> 
                 scores = ", ".join(f"{_escape(k.split('/')[-1])} {_fmt(v, 2)}" for k, v in side.items()
                                    if isinstance(v, (int, float)))
                 lines += [f"**{name}** ({scores})", ""] + _fenced(side.get("completion", ""))
-    lines += ["## Stage timings", ""]
-    lines += _table(("stage", "seconds"), [(_escape(name), _fmt(summary.get("seconds"), 0))
-                                           for name, summary in done.items() if isinstance(summary, dict)],
+    dtype, why_dtype = resolve_dtype(settings.get("dtype", "auto"))
+    threads, why_threads = usable_cores()
+    timed = [(name, summary["seconds"]) for name, summary in done.items()
+             if isinstance(summary, dict) and isinstance(summary.get("seconds"), (int, float))]
+    lines += ["## Stage timings", "",
+              f"On {_escape(cpu_description())}: models in {dtype} ({_escape(why_dtype)}), {threads} threads "
+              f"({why_threads}).", ""]
+    lines += _table(("stage", "seconds"), [(_escape(name), _fmt(seconds, 0)) for name, seconds in timed]
+                    + [("**total before the report**", _fmt(sum(seconds for _, seconds in timed), 0))],
                     align="---:")
     lines += ["## Settings", ""] + _fenced(json.dumps(settings, indent=2), "json")
     markdown = "\n".join(lines)

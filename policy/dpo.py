@@ -330,7 +330,6 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, Any]:
     from rlhf.run import EpochBatches, lr_schedule, open_run, progress_bar, resume_settings, run_accelerator
 
     config.check()
-    config = replace(config, dtype=setup_compute(config.dtype))  # "auto" -> the dtype this device runs fast
     started = time.time()
     out = Path(config.out)
     files = rmdata.find_data(config.data)
@@ -341,6 +340,8 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, Any]:
     stats.warn(files.train_source)
     files.warn_without_held_out()
     test_examples = rmdata.build_examples(files.test, rmdata.DataStats())
+    # after the data is read, so that a bad --data is the only line printed
+    config = replace(config, dtype=setup_compute(config.dtype))  # "auto" -> the dtype this device runs fast
     run = open_run(out, config.resume, resume_settings(config, RESUME_KEYS, num_train_rankings=len(train_examples)))
     model_name = config.model or (read_rm_meta(config.rm)["base_model"] if config.rm else "default")
     oracle = load_oracle(config.oracle) if config.oracle else None

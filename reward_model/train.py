@@ -87,7 +87,6 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
     """Train, normalise, save and evaluate a reward model; returns the training summary (also stored in
     OUT/reward_model.json under "training")."""
     config.check()
-    config = replace(config, dtype=setup_compute(config.dtype))  # "auto" -> the dtype this device runs fast
     started = time.time()
     out = Path(config.out)
     accelerator = run_accelerator(config.report_to, out)
@@ -98,6 +97,8 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
         raise UserError(f"{files.train_source}: no usable ranking (every pair was a tie or identical texts)")
     stats.warn(files.train_source)
     files.warn_without_held_out()
+    # after the data is read, so that a bad --data is the only line printed
+    config = replace(config, dtype=setup_compute(config.dtype))  # "auto" -> the dtype this device runs fast
     run = open_run(out, config.resume, resume_settings(config, RESUME_KEYS, num_train_rankings=len(train_examples)))
 
     torch.manual_seed(config.seed)
