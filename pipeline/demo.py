@@ -64,14 +64,17 @@ class DemoConfig:
     # scripted annotators
     annotators: int = 3
     """Scripted annotators."""
-    overlap: int = 2
-    """Rankings per task."""
+    overlap: int = 1
+    """Rankings per task. At 1 the demo's time buys rankings of more prompts: a second ranking of the same four
+    completions by a scripted annotator with little noise repeats most of the first, yet doubles the reward
+    model's and DPO's time; at 2 the report also shows the annotators' agreement (docs/benchmarks.md, "The
+    demo")."""
     noise: float = 0.1
     """Annotator noise (Bradley-Terry sampling temperature relative to a task's score range)."""
     # reward model
-    rm_epochs: int = RewardTrainingConfig.epochs
-    """Reward-model epochs over the training rankings, RewardTrainingConfig's default (docs/benchmarks.md,
-    "Reward-model settings")."""
+    rm_epochs: int = 6
+    """Reward-model epochs over the training rankings: fewer than `rlhf train-rm`'s 8, so that the whole demo fits
+    20 minutes on a 2-core CPU without bf16 units (docs/benchmarks.md, "The demo", "Reward-model settings")."""
     rm_lr: float = RewardTrainingConfig.lr
     """Reward-model learning rate of the LoRA weights (the score head's is 30x, RewardTrainingConfig)."""
     dtype: DtypeName = "auto"
