@@ -88,7 +88,8 @@ class RewardTrainingConfig:
     dtype: DtypeName = "auto"
     """Backbone weights' dtype (LoRA weights, score head and loss stay float32). auto: bfloat16 where the device
     computes it natively (a GPU with bf16 support, a CPU with AVX-512 BF16 or AMX), float32 elsewhere, where bf16
-    runs 10-20x slower; the saved config records the one it chose."""
+    runs many times slower (docs/benchmarks.md, "The dtype on a CPU without bf16 units"); the saved config records
+    the one it chose."""
     eval_batch_size: int = 32
     """Samples per forward pass when scoring (reward normalisation, held-out evaluation)."""
 
