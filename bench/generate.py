@@ -4,7 +4,7 @@ memory-bandwidth bound, side by side in one run, at several batch sizes.
     .venv/bin/python bench/generate.py [--model default] [--batch-sizes 8 32] [--k 4] [--max-new-tokens 48]
 
 A batch of B sequences is B / K prompts with K samples each, as `rlhf generate` and the policy's rollouts
-sample. Plain `generate` gets the arguments the toolkit sampled with before (`do_sample`, temperature,
+sample. Plain `generate` gets the arguments whose samples `decode_samples` reproduces (`do_sample`, temperature,
 `top_k=0`, `min_new_tokens=1`, `num_return_sequences=K`, the KV cache); both start from the same seed and the
 run checks they give the same samples. Tokens are counted up to and including EOS. Each method runs once to warm
 up, then `--repeats` times alternately; the median is reported.
@@ -31,7 +31,7 @@ from rlhf.prompts import read_prompts
 
 
 def plain_generate(model, tokenizer, prompts, k, params, seed):
-    """The sampler before `decode_samples`: one `generate` call, every prompt expanded to its K samples."""
+    """transformers' own sampler: one `generate` call, every prompt expanded to its K samples."""
     enc = encode_prompts(tokenizer, prompts, 10_000)
     torch.manual_seed(seed)
     out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=True,

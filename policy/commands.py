@@ -80,14 +80,16 @@ def run_dpo(args) -> None:
 
 
 def run_sample(args) -> None:
+    import torch
+
     from policy.roles import load_policy
     from rlhf.generation import SamplingParams, decode_responses, sample_batch
-    from rlhf.hardware import setup_compute, torch_dtype
+    from rlhf.hardware import setup_compute
     from rlhf.models import eos_token_ids
     from rlhf.prompts import read_prompts
 
     prompts = [p for _, p in read_prompts(args.prompts, args.n)]
-    model, tokenizer, meta = load_policy(args.policy, dtype=torch_dtype(setup_compute(args.dtype)))
+    model, tokenizer, meta = load_policy(args.policy, dtype=getattr(torch, setup_compute(args.dtype)))
     temperature = args.temperature or meta.get("temperature", 0.7)
     if temperature <= 0:
         raise UserError("--temperature must be > 0")

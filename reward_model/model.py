@@ -256,9 +256,10 @@ def scoring_dtype(trained: str, requested: str = "auto") -> tuple[str, str]:
     trained (and normalised) in, so the stored reward bias and accuracy hold as they are, unless that is bfloat16
     and this device has no bf16 units, where float32 gives the same rewards to within bf16's rounding at a
     fraction of the time (rlhf.hardware)."""
-    if requested != "auto" or trained == "float32":
-        return resolve_dtype(requested if requested != "auto" else trained)[0], (
-            "as asked" if requested != "auto" else "the reward model was trained in float32")
+    if requested != "auto":
+        return resolve_dtype(requested)
+    if trained == "float32":
+        return "float32", "the reward model was trained in float32"
     return resolve_dtype("auto")
 
 

@@ -120,10 +120,13 @@ def decode_samples(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         from transformers import TopPLogitsWarper
 
         nucleus = TopPLogitsWarper(params.top_p)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's own
+    # the forward argument that takes the KV cache: `cache` in newer transformers, `past_key_values` before
+    cache_argument = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     with packed_linear_weights(model, total):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1)
-        cache, static = _expanded_cache(model, out.past_key_values, num_samples, prompt_length + steps)
+        cache, static = _expanded_cache(base, out.past_key_values, num_samples, prompt_length + steps)
         logits = out.logits[:, -1].float().repeat_interleave(num_samples, 0)
         del out
         mask = torch.zeros(total, prompt_length + steps, dtype=attention_mask.dtype, device=device)
@@ -150,23 +153,17 @@ def decode_samples(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             position = position + 1
             width = prompt_length + steps if static else prompt_length + step + 1
             out = model(input_ids=next_tokens[:, None], attention_mask=mask[:, :width], position_ids=position[:, None],
-                        use_cache=True, logits_to_keep=1, **{_cache_argument(model): cache},
+                        use_cache=True, logits_to_keep=1, **{cache_argument: cache},
                         cache_position=torch.tensor([prompt_length + step], device=device))
             logits = out.logits[:, -1].float()
     responses = torch.stack(tokens, dim=1)
     return responses, (torch.stack(raw_logits, dim=1) if with_logits else None)
 
 
-def _cache_argument(model) -> str:
-    """The forward argument that takes the KV cache: `cache` in newer transformers, `past_key_values` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _expanded_cache(model, prefill_cache, copies: int, length: int):
+def _expanded_cache(base, prefill_cache, copies: int, length: int):
     """(cache, is static): the prompts' KV cache with each row repeated `copies` times, in a static cache of `length`
-    positions when the model supports one (transformers' `_can_compile_fullgraph`), else the dynamic one, expanded."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's own
+    positions when the model `base` (not a peft wrapper) supports one (transformers' `_can_compile_fullgraph`), else
+    the dynamic one, expanded."""
     if not getattr(base, "_can_compile_fullgraph", False):
         prefill_cache.batch_repeat_interleave(copies)
         return prefill_cache, False

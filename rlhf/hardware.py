@@ -127,11 +127,3 @@ def setup_compute(requested_dtype: str, device: str | None = None) -> str:
     announce(name, why)
     return name
 
-
-def torch_dtype(name: str):
-    """The torch dtype of a resolved name ("bfloat16", "float32"); "auto" resolves first."""
-    import torch
-
-    if name == "auto":
-        name = setup_compute(name)
-    return getattr(torch, name)

@@ -1,4 +1,4 @@
-"""The scaffold every trainer runs in (`rlhf train-rm`, `rlhf ppo`, `rlhf dpo`), so that their files hold their
+"""What every trainer runs in (`rlhf train-rm`, `rlhf ppo`, `rlhf dpo`), so that their files hold their
 config and their loop: the output folder and its checkpoints, the resume rule, the saved config, the
 accelerator with its tracker, the run logs, epoch batching in a seeded order, the learning-rate schedule
 and the progress bar.
@@ -13,7 +13,7 @@ and the progress bar.
         ...
         run.save_checkpoint(step + 1, trainable, optimizer, scheduler, asdict(config))
 
-The output folder: OUT/checkpoints/step-N/ (`rlhf.checkpoint`; a run saved by an older version in OUT/checkpoint/
+The output folder: OUT/checkpoints/step-N/ (`rlhf.checkpoint`; a run whose checkpoints are in OUT/checkpoint/
 resumes from there), OUT/config.json (PPO, DPO; the reward model keeps its config in reward_model.json, the
 file its loaders read), OUT/train_log.csv and the trainer's own files.
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 OLD_CHECKPOINTS = "checkpoint"
-"""Where PPO and DPO kept their checkpoints before every trainer used CHECKPOINTS; read when resuming."""
+"""The other name a run's checkpoint folder may have (PPO's and DPO's runs may use it); read when resuming."""
 CONFIG = "config.json"
 
 

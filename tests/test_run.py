@@ -1,4 +1,4 @@
-"""The run scaffold every trainer runs in (rlhf/run.py) and the seeds it draws from (rlhf/seeds.py): the resume
+"""What every trainer runs in (rlhf/run.py) and the seeds it draws from (rlhf/seeds.py): the resume
 rule, the checkpoints folder, the run logs, epoch batching, the prompt order, the learning-rate schedule. The
 trainers' own resume tests (test_reward_model_train, test_policy_training, test_policy_dpo) run them end to end."""
 
