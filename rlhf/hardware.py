@@ -113,9 +113,11 @@ def configure_threads() -> tuple[int, str]:
 def announce(dtype_name: str, why: str) -> None:
     """Print `dtype: float32 (this CPU has no bf16 units: ...); threads: 2 (...)` on stderr (never mixed with a
     command's JSON on stdout), once per process and line; only the main process of an `accelerate launch`."""
+    from rlhf.config_args import is_main_process
+
     threads, why_threads = configure_threads()
     line = f"dtype: {dtype_name} ({why}); threads: {threads} ({why_threads})"
-    if line not in _announced and os.environ.get("RANK", "0") == "0":
+    if line not in _announced and is_main_process():
         _announced.add(line)
         print(line, file=sys.stderr, flush=True)
 
