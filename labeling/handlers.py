@@ -17,7 +17,7 @@ from labeling.active import ActiveQueue
 from labeling.auth import LoginThrottle, NotSignedIn, Sessions, is_admin, sign_in
 from labeling.store import ROLES, SQLLabelStore, UnknownAnnotator
 from rlhf.errors import UserError
-from rlhf.records import Task
+from rlhf.records import Task, prompt_json
 
 MAX_HISTORY = 500
 
@@ -84,10 +84,11 @@ def _task_id(payload: Mapping[str, Any], max_length: int = 1024) -> str:
 
 
 def task_view(task: Task) -> dict[str, Any]:
-    """A task as the page shows it: completions already in the annotator's display order, labelled A, B, ..."""
+    """A task as the page shows it: completions already in the annotator's display order, labelled A, B, ...;
+    the prompt a string, or a conversation as a list of {"role", "content"} messages ending in a user turn."""
     return {
         "id": task.id,
-        "prompt": task.prompt,
+        "prompt": prompt_json(task.prompt),
         "completions": [{"id": c.id, "label": completion_label(i), "text": c.text}
                         for i, c in enumerate(task.completions)],
     }

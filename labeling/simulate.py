@@ -28,14 +28,14 @@ from typing import Callable
 from labeling.store import SQLLabelStore
 from rlhf.errors import UserError
 from rlhf.oracles import Oracle
-from rlhf.records import Task
+from rlhf.records import Task, last_user_turn
 
 
 def oracle_scores(oracle: Oracle, task: Task) -> list[float]:
     """The oracle's score of each completion of `task` (a non-finite or non-numeric score is a UserError)."""
     scores = []
     for completion in task.completions:
-        value = oracle(task.prompt, completion.text)
+        value = oracle(last_user_turn(task.prompt), completion.text)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise UserError(f"oracle returned {value!r} for a completion of task {task.id!r}; it must return a "
                             f"finite number")

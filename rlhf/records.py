@@ -8,9 +8,10 @@ prefix the file and line.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 
 def is_text(value: Any) -> bool:
@@ -45,6 +46,121 @@ def content_id(prefix: str, *parts: str) -> str:
     # surrogatepass: hashing must not fail before the content's own check names the problem
     digest = hashlib.sha1("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{prefix}{digest}"
+
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation: its role (system, user or assistant) and its non-empty text."""
+
+    role: str
+    content: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str) -> Message:
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{where} must be {{\"role\": ..., \"content\": text}}")
+        role, content = obj.get("role"), obj.get("content")
+        if role not in ROLES:
+            raise ValueError(f"{where} has the unknown role {role!r} (expected system, user or assistant)")
+        if not isinstance(content, str):
+            raise ValueError(f"{where} ({role}) must have a 'content' string")
+        if not content.strip():
+            raise ValueError(f"{where} ({role}) is empty")
+        return cls(role, _unicode(content, f"{where} ({role})"))
+
+
+Prompt = Union[str, tuple[Message, ...]]
+"""What a completion answers: one text (a single user turn), or a conversation of messages that ends in a user
+turn, the completion being the next assistant turn."""
+
+
+def parse_messages(value: Any, key: str) -> tuple[Message, ...]:
+    """A list of {"role", "content"} objects as messages, each checked (`key` names the field in errors)."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"'{key}' must be a non-empty list of {{\"role\", \"content\"}} messages")
+    return tuple(Message.from_dict(m, f"'{key}' message {i + 1}") for i, m in enumerate(value))
+
+
+def check_conversation(messages: tuple[Message, ...], key: str) -> tuple[Message, ...]:
+    """A conversation prompt: a system message only first, at least one user turn, the last turn the user's."""
+    if any(m.role == "system" for m in messages[1:]):
+        raise ValueError(f"'{key}': a system message may only come first")
+    if messages[-1].role != "user":
+        raise ValueError(f"'{key}' ends in a {messages[-1].role} turn: a conversation to continue must end in "
+                         f"a user turn")
+    return messages
+
+
+def parse_prompt(value: Any, key: str = "prompt") -> Prompt:
+    """A prompt from its JSON form: a non-empty string, or a conversation (a list of messages ending in a user
+    turn)."""
+    if isinstance(value, list):
+        return check_conversation(parse_messages(value, key), key)
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be a string or a list of {{\"role\", \"content\"}} messages")
+    if not value.strip():
+        raise ValueError(f"'{key}' is empty")
+    return _unicode(value, f"'{key}'")
+
+
+def _prompt_field(obj: Mapping[str, Any]) -> Prompt:
+    """The prompt of a task or ranking row: its "prompt", or a "messages" list in its place."""
+    if "messages" in obj and obj.get("prompt") is not None:
+        raise ValueError("a row has either 'prompt' or 'messages', not both")
+    if "messages" in obj:
+        return parse_prompt(obj.get("messages"), "messages")
+    return parse_prompt(obj.get("prompt"))
+
+
+def prompt_json(prompt: Prompt) -> str | list[dict[str, str]]:
+    """A prompt's JSON form: the string, or the list of {"role", "content"} messages."""
+    return prompt if isinstance(prompt, str) else [m.to_dict() for m in prompt]
+
+
+def as_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """The prompt as chat messages: a string prompt is one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [m.to_dict() for m in prompt]
+
+
+def last_user_turn(prompt: Prompt) -> str:
+    """The text the completion answers directly: the prompt itself, or a conversation's last user turn."""
+    return prompt if isinstance(prompt, str) else prompt[-1].content
+
+
+_CONVERSATION_MARK = "\x1e"
+"""Starts a stored prompt that is JSON: ASCII's record separator, which no typed prompt begins with. A plain
+prompt that does begin with it is stored as JSON too, so reading back is never ambiguous."""
+
+
+def encode_prompt(prompt: Prompt) -> str:
+    """A prompt as one text (a database column, a dataset's string column): a plain prompt as itself, a
+    conversation as the mark + its JSON. `decode_prompt` inverts it exactly."""
+    if isinstance(prompt, str) and not prompt.startswith(_CONVERSATION_MARK):
+        return prompt
+    return _CONVERSATION_MARK + json.dumps(prompt_json(prompt), ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_prompt(text: str) -> Prompt:
+    """The prompt `encode_prompt` wrote."""
+    if not text.startswith(_CONVERSATION_MARK):
+        return text
+    value = json.loads(text[len(_CONVERSATION_MARK):])
+    return value if isinstance(value, str) else tuple(Message(m["role"], m["content"]) for m in value)
+
+
+def transcript(prompt: Prompt) -> str:
+    """A conversation as flat text in HH-RLHF's transcript form ("\\n\\nHuman: ...\\n\\nAssistant:"),
+    ending where the assistant's reply goes; a string prompt is returned as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    names = {"system": "System", "user": "Human", "assistant": "Assistant"}
+    return "".join(f"\n\n{names[m.role]}: {m.content}" for m in prompt) + "\n\nAssistant:"
 
 
 @dataclass(frozen=True)
@@ -85,22 +201,23 @@ class Task:
     """A labeling task: one prompt and K >= 2 completions to rank. One line of tasks.jsonl."""
 
     id: str
-    prompt: str
+    prompt: Prompt
     completions: tuple[Completion, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "prompt": self.prompt, "completions": [c.to_dict() for c in self.completions]}
+        return {"id": self.id, "prompt": prompt_json(self.prompt),
+                "completions": [c.to_dict() for c in self.completions]}
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Task:
-        prompt = _text(obj, "prompt")
+        prompt = _prompt_field(obj)
         raw = obj.get("completions")
         if not isinstance(raw, list):
             raise ValueError("'completions' must be a list")
         if len(raw) < 2:
             raise ValueError(f"a task needs at least 2 completions to rank, got {len(raw)}")
         texts = [c.get("text", "") if isinstance(c, Mapping) else c for c in raw]
-        task_id = obj.get("id") or content_id("t-", prompt, *[str(t) for t in texts])
+        task_id = obj.get("id") or content_id("t-", encode_prompt(prompt), *[str(t) for t in texts])
         if not isinstance(task_id, str):
             raise ValueError("'id' must be a string")
         _unicode(task_id, "'id'")
@@ -164,7 +281,7 @@ class RankedTask:
 
     task_id: str
     annotator: str
-    prompt: str
+    prompt: Prompt
     completions: tuple[RankedCompletion, ...]
 
     @property
@@ -179,16 +296,16 @@ class RankedTask:
                    tuple(RankedCompletion(c.id, c.text, dense[c.id]) for c in task.completions))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "annotator": self.annotator, "prompt": self.prompt,
+        return {"task_id": self.task_id, "annotator": self.annotator, "prompt": prompt_json(self.prompt),
                 "completions": [{"id": c.id, "text": c.text, "rank": c.rank} for c in self.completions]}
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> RankedTask:
-        prompt = _text(obj, "prompt")
+        prompt = _prompt_field(obj)
         raw = obj.get("completions")
         if not isinstance(raw, list) or len(raw) < 2:
             raise ValueError("'completions' must be a list of at least 2 ranked completions")
-        task_id = str(obj.get("task_id") or content_id("t-", prompt, *[str(c.get("text", "")) for c in raw
+        task_id = str(obj.get("task_id") or content_id("t-", encode_prompt(prompt), *[str(c.get("text", "")) for c in raw
                                                                         if isinstance(c, Mapping)]))
         completions = tuple(Completion.from_dict(c, f"{task_id}-{i}") for i, c in enumerate(raw))
         if len({c.id for c in completions}) != len(completions):
@@ -200,9 +317,11 @@ class RankedTask:
 
 @dataclass(frozen=True)
 class Pair:
-    """A (chosen, rejected) preference: one row of train.jsonl / test.jsonl, TRL's preference format."""
+    """A (chosen, rejected) preference: one row of train.jsonl / test.jsonl, TRL's preference format. With a
+    conversation prompt its JSON form is TRL's conversational one: the prompt's messages, and chosen and
+    rejected as one assistant message each."""
 
-    prompt: str
+    prompt: Prompt
     chosen: str
     rejected: str
     task_id: str = ""
@@ -211,10 +330,13 @@ class Pair:
     rank_rejected: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        def reply(text: str) -> str | list[dict[str, str]]:
+            return text if isinstance(self.prompt, str) else [{"role": "assistant", "content": text}]
+
         return {
-            "prompt": self.prompt,
-            "chosen": self.chosen,
-            "rejected": self.rejected,
+            "prompt": prompt_json(self.prompt),
+            "chosen": reply(self.chosen),
+            "rejected": reply(self.rejected),
             "task_id": self.task_id,
             "annotator": self.annotator,
             "rank_chosen": self.rank_chosen,
@@ -223,16 +345,25 @@ class Pair:
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Pair:
+        """Texts ({prompt, chosen, rejected} strings) or TRL's conversational form: message lists, with the
+        prompt explicit (`prompt` messages, then `chosen` / `rejected` the assistant's reply) or implicit
+        (`chosen` and `rejected` whole dialogues: the turns before their last assistant turn, the same in
+        both, are the prompt)."""
         def rank(key: str) -> int | None:
             value = obj.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"'{key}' must be an integer")
             return value
 
+        if any(isinstance(obj.get(key), list) for key in ("prompt", "chosen", "rejected")):
+            prompt, chosen, rejected = conversation_pair(obj.get("prompt"), obj.get("chosen"), obj.get("rejected"))
+        else:
+            prompt = parse_prompt(obj.get("prompt"))
+            chosen, rejected = _text(obj, "chosen", allow_empty=True), _text(obj, "rejected", allow_empty=True)
         return cls(
-            prompt=_text(obj, "prompt"),
-            chosen=_text(obj, "chosen", allow_empty=True),
-            rejected=_text(obj, "rejected", allow_empty=True),
+            prompt=prompt,
+            chosen=chosen,
+            rejected=rejected,
             task_id=str(obj.get("task_id") or ""),
             annotator=str(obj.get("annotator") or ""),
             rank_chosen=rank("rank_chosen"),
@@ -240,14 +371,40 @@ class Pair:
         )
 
 
+def conversation_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[tuple[Message, ...], str, str]:
+    """(prompt messages, chosen reply, rejected reply) of TRL's conversational preference form: `prompt`
+    (optional) + `chosen` and + `rejected` are each a conversation that ends in the assistant's reply; the
+    turns before it are the prompt, the same in both, ending in a user turn."""
+    if not isinstance(chosen, list) or not isinstance(rejected, list):
+        if isinstance(prompt, list):
+            raise ValueError("'chosen' and 'rejected' must be message lists when 'prompt' is one (TRL's "
+                             "conversational form: one assistant message each)")
+        raise ValueError("'chosen' and 'rejected' must both be strings or both message lists")
+    if prompt is not None and not isinstance(prompt, list):
+        raise ValueError("'prompt' must be a message list when 'chosen' and 'rejected' are message lists")
+    head = parse_messages(prompt, "prompt") if prompt is not None else ()
+    prompts, replies = {}, {}
+    for key, dialogue in (("chosen", chosen), ("rejected", rejected)):
+        turns = head + parse_messages(dialogue, key)
+        if turns[-1].role != "assistant":
+            raise ValueError(f"'{key}' ends in a {turns[-1].role} turn: it must end in the assistant's reply")
+        if len(turns) < 2:
+            raise ValueError(f"'{key}' has no turn before the assistant's reply (no prompt)")
+        prompts[key], replies[key] = turns[:-1], turns[-1].content
+    if prompts["chosen"] != prompts["rejected"]:
+        raise ValueError("'chosen' and 'rejected' differ before their last assistant turn (they must share the "
+                         "prompt)")
+    return check_conversation(prompts["chosen"], "prompt"), replies["chosen"], replies["rejected"]
+
+
 @dataclass(frozen=True)
 class ScoredSample:
     """A prompt and completion with a scalar reward: what `rlhf score` writes, and each held-out evaluation
     sample of `rlhf ppo` (eval_samples.jsonl, samples.jsonl), which adds "kl" and "oracle" beside it."""
 
-    prompt: str
+    prompt: Prompt
     completion: str
     reward: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "completion": self.completion, "reward": self.reward}
+        return {"prompt": prompt_json(self.prompt), "completion": self.completion, "reward": self.reward}

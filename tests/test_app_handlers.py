@@ -204,6 +204,16 @@ def test_open_task_of_unknown_id(store):
         handlers.open_task(store, "alice", SETTINGS, "")
 
 
+def test_a_conversation_task_comes_back_as_its_messages(store):
+    chat = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi <b>there</b>"},
+            {"role": "assistant", "content": "Bonjour."}, {"role": "user", "content": "**Thanks**?"}]
+    store.import_tasks([Task.from_dict({"id": "chat", "messages": chat, "completions": ["Merci.", "De rien."]})])
+    view = handlers.open_task(store, "alice", SETTINGS, "chat")["task"]
+    assert view["prompt"] == chat  # the JSON contract: a string, or the list of {role, content} messages
+    assert json.loads(json.dumps(view))["prompt"] == chat
+    assert handlers.open_task(store, "alice", SETTINGS, "t0")["task"]["prompt"] == "prompt of t0"
+
+
 # ------------------------------------------------------------------------------------------ skip
 
 def test_skip_with_reason_leaves_the_queue_and_shows_in_history(store):

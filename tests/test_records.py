@@ -91,3 +91,69 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     with atomic_write(path) as handle:
         handle.write("new\n")
     assert path.read_text() == "new\n"
+
+
+# ---- conversations ----
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a colour."}]
+
+
+def test_a_conversation_prompt_round_trips_and_a_messages_key_is_accepted():
+    from rlhf.records import Message, decode_prompt, encode_prompt, last_user_turn
+
+    task = Task.from_dict({"messages": CHAT, "completions": ["Red.", "Blue."]})
+    assert task.prompt == (Message("system", "Be brief."), Message("user", "Hi!"), Message("assistant", "Hello."),
+                           Message("user", "Name a colour."))
+    assert task.to_dict()["prompt"] == CHAT
+    assert Task.from_dict(task.to_dict()) == task
+    assert task.id == Task.from_dict({"prompt": CHAT, "completions": ["Red.", "Blue."]}).id  # same content, same id
+    assert task.id != Task.from_dict({"prompt": "Name a colour.", "completions": ["Red.", "Blue."]}).id
+    assert last_user_turn(task.prompt) == "Name a colour."
+    for prompt in (task.prompt, "plain", "\x1e[starts with the mark]", '[{"role": "user", "content": "json text"}]'):
+        assert decode_prompt(encode_prompt(prompt)) == prompt
+    assert encode_prompt("plain") == "plain"  # a plain prompt is stored as itself
+    ranked = RankedTask.from_task(task, Ranking(task.id, "ann", {c.id: i + 1 for i, c in enumerate(task.completions)}))
+    assert RankedTask.from_dict(ranked.to_dict()) == ranked and ranked.to_dict()["prompt"] == CHAT
+    assert RankedTask.from_dict({**ranked.to_dict(), "messages": CHAT, "prompt": None}) == ranked
+
+
+@pytest.mark.parametrize("messages, reason", [
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "ends in a assistant turn"),
+    ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], "message 2 has the unknown role 'bot'"),
+    ([{"role": "user", "content": "  "}], r"message 1 \(user\) is empty"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
+     "a system message may only come first"),
+    ([], "must be a non-empty list"),
+    (["hello"], "message 1 must be"),
+])
+def test_a_bad_conversation_is_one_line(messages, reason):
+    with pytest.raises(ValueError, match=reason):
+        Task.from_dict({"messages": messages, "completions": ["x", "y"]})
+
+
+def test_a_row_with_both_prompt_and_messages_is_refused():
+    with pytest.raises(ValueError, match="either 'prompt' or 'messages'"):
+        Task.from_dict({"prompt": "a", "messages": CHAT, "completions": ["x", "y"]})
+
+
+def test_pair_reads_trl_conversational_forms_and_writes_the_explicit_one():
+    from rlhf.records import Message
+
+    prompt = CHAT
+    explicit = Pair.from_dict({"prompt": prompt, "chosen": [{"role": "assistant", "content": "Red."}],
+                               "rejected": [{"role": "assistant", "content": "Blue."}]})
+    implicit = Pair.from_dict({"chosen": prompt + [{"role": "assistant", "content": "Red."}],
+                               "rejected": prompt + [{"role": "assistant", "content": "Blue."}]})
+    assert explicit == implicit
+    assert explicit.prompt[-1] == Message("user", "Name a colour.") and explicit.chosen == "Red."
+    row = explicit.to_dict()
+    assert row["prompt"] == CHAT and row["chosen"] == [{"role": "assistant", "content": "Red."}]
+    assert Pair.from_dict(row) == explicit
+    assert Pair.from_dict({"prompt": "p", "chosen": "a", "rejected": "b"}).to_dict()["chosen"] == "a"
+    with pytest.raises(ValueError, match="differ before their last assistant turn"):
+        Pair.from_dict({"chosen": prompt + [{"role": "assistant", "content": "Red."}],
+                        "rejected": [{"role": "user", "content": "Other"}, {"role": "assistant", "content": "B"}]})
+    with pytest.raises(ValueError, match="'chosen' ends in a user turn"):
+        Pair.from_dict({"prompt": prompt, "chosen": [{"role": "user", "content": "x"}],
+                        "rejected": [{"role": "assistant", "content": "y"}]})

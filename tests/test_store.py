@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -53,6 +54,26 @@ def test_import_is_idempotent_and_counts(store):
     assert store.import_tasks(tasks[:2] + make_tasks(3, prefix="more")) == (3, 2)
     assert store.count_tasks() == 8
     assert store.get_task("task-3") == tasks[3]  # completions come back in stored order, all fields kept
+
+
+def test_a_conversation_prompt_is_stored_and_returned_losslessly(store):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi \u00e9 \U0001F600"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a colour."}]
+    tasks = [Task.from_dict({"id": "chat", "messages": chat, "completions": ["Red.", "Blue."]}),
+             # plain prompts that look like JSON or start with the stored mark stay plain strings
+             Task.from_dict({"id": "json-text", "prompt": json.dumps(chat), "completions": ["a", "b"]}),
+             Task.from_dict({"id": "marked", "prompt": "\x1e" + json.dumps(chat), "completions": ["a", "b"]})]
+    assert store.import_tasks(tasks) == (3, 0)
+    assert store.import_tasks(tasks) == (0, 3)  # the same content: skipped, not a conflict
+    for task in tasks:
+        assert store.get_task(task.id) == task
+    assert store.get_task("chat").to_dict()["prompt"] == chat
+    assert isinstance(store.get_task("json-text").prompt, str)
+    add_users(store, "ann")
+    store.submit_ranking("ann", "chat", {"chat-0": 1, "chat-1": 2})
+    assert store.history("ann")[0].prompt_preview == "Name a colour."
+    [ranked] = store.export_ranked_tasks()
+    assert ranked.to_dict()["prompt"] == chat
 
 
 def test_import_conflicting_id_names_it_and_stores_nothing(store):

@@ -55,7 +55,7 @@ from labeling.store.errors import (
 )
 from rlhf.errors import UserError
 from rlhf.pairs import proposal_moves
-from rlhf.records import Completion, RankedTask, Ranking, Task, is_text
+from rlhf.records import Completion, RankedTask, Ranking, Task, decode_prompt, encode_prompt, is_text, last_user_turn
 
 SCHEMA_VERSION = 3
 """1: tasks, completions, annotators, rankings, skips, events. 2: + assignments. 3: + sessions; annotators gain
@@ -93,8 +93,9 @@ def queue_key(annotator: str, task_id: str) -> int:
     return _hash63(task_id) ^ _hash63(annotator)
 
 
-def _preview(prompt: str) -> str:
-    text = " ".join(prompt.split())
+def _preview(stored_prompt: str) -> str:
+    """A stored prompt on one line; a conversation by its last user turn (the one its completions answer)."""
+    text = " ".join(last_user_turn(decode_prompt(stored_prompt)).split())
     return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
 
 
@@ -105,7 +106,8 @@ def storable(value: Any) -> bool:
 
 
 def _task_fingerprint(task: Task) -> str:
-    texts = [task.id, task.prompt] + [text for c in task.completions for text in (c.id, c.text, c.model)]
+    prompt = [task.prompt] if isinstance(task.prompt, str) else [m.content for m in task.prompt]
+    texts = [task.id, *prompt] + [text for c in task.completions for text in (c.id, c.text, c.model)]
     if not all(is_text(text) for text in texts):
         raise StoreError(f"task {task.id!r} contains text that is not valid Unicode (a lone surrogate)")
     if any("\x00" in text for text in texts):
@@ -313,7 +315,7 @@ class SQLLabelStore:
                 fingerprint = _task_fingerprint(task)
                 inserted = tx.execute("INSERT INTO tasks (id, prompt, fingerprint, queue_key, created_at)"
                                       " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                                      (task.id, task.prompt, fingerprint, _hash63(task.id), now)).rowcount
+                                      (task.id, encode_prompt(task.prompt), fingerprint, _hash63(task.id), now)).rowcount
                 if not inserted:
                     if tx.value("SELECT fingerprint FROM tasks WHERE id = ?", (task.id,)) != fingerprint:
                         raise ConflictingTask(f"task id {task.id!r} is already stored with different content")
@@ -336,7 +338,7 @@ class SQLLabelStore:
                                 for cid, text, model, num_tokens in tx.all(
                                     "SELECT id, text, model, num_tokens FROM completions WHERE task_id = ?"
                                     " ORDER BY position", (task_id,)))
-        return Task(id=task_id, prompt=prompt, completions=completions)
+        return Task(id=task_id, prompt=decode_prompt(prompt), completions=completions)
 
     def count_tasks(self) -> int:
         """Number of tasks in the store."""
