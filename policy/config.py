@@ -26,7 +26,7 @@ RESUME_KEYS = ("prompts", "model", "reward", "rm", "algo", "lr", "lora_r", "lora
                "seed", "response_length", "temperature", "missing_eos_penalty", "batch_size", "minibatch_size",
                "rloo_k", "grpo_k", "kl_coef", "kl_estimator", "target_kl", "kl_horizon", "ppo_epochs", "clip_range",
                "stop_kl", "gamma", "lam", "vf_clip", "vf_coef", "max_grad_norm", "grpo_scale_rewards",
-               "grpo_loss_norm", "eval_prompts", "eval_fraction")
+               "grpo_loss_norm", "eval_prompts", "eval_fraction", "init_policy")
 
 
 @dataclass
@@ -44,6 +44,9 @@ class PPOConfig:
     """"rm" for the reward model, or an oracle (`alliteration`, `length`, `module:function`) instead."""
     rm: str | None = None
     """Reward model directory (`rlhf train-rm`); needed when `reward` is "rm"."""
+    init_policy: str | None = None
+    """Start the actor from this policy folder (OUT/policy of `rlhf ppo` or `rlhf dpo`, the same --lora-r and
+    --lora-alpha) instead of a fresh adapter; the reference stays the base model, so the KL is still to it."""
     # algorithm
     algo: Literal["ppo", "rloo", "grpo"] = "ppo"
     """"ppo" (clipped surrogate + critic + GAE), "rloo" (REINFORCE leave-one-out, no critic) or "grpo"

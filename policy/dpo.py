@@ -74,7 +74,7 @@ COMPLETIONS_PER_PASS = 32
 # Settings a checkpoint must share with the run that resumes it (`rlhf.run.open_run`): the data order and the
 # optimiser depend on them.
 RESUME_KEYS = ("model", "data", "loss", "beta", "pair_weighting", "epochs", "lr", "lr_final_fraction",
-                "batch_rankings", "max_length", "lora_r", "lora_alpha", "dtype", "seed")
+                "batch_rankings", "max_length", "lora_r", "lora_alpha", "dtype", "seed", "init_policy")
 
 
 @dataclass
@@ -93,6 +93,9 @@ class DPOConfig:
     (SmolLM2-135M-Instruct)."""
     eval_prompts: str | None = None
     """Held-out prompt file for the generation evaluation; default: the prompts of the held-out rankings/pairs."""
+    init_policy: str | None = None
+    """Start the policy from this policy folder (OUT/policy of `rlhf ppo` or `rlhf dpo`, the same --lora-r and
+    --lora-alpha) instead of a fresh adapter; the reference stays the base model."""
     rm: str | None = None
     """Reward model directory (`rlhf train-rm`): when given, held-out samples are also scored by it
     (`objective/rm_score`), so DPO and PPO can be compared on the same scale. DPO itself never reads it."""
@@ -354,7 +357,7 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, Any]:
     if accelerator.num_processes > 1:
         raise UserError("rlhf dpo runs in one process (one GPU or the CPU); several processes are not supported yet")
     roles, tokenizer = build_roles(model_name, config.rm, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
-                                   dtype=getattr(torch, config.dtype), critic=False)
+                                   dtype=getattr(torch, config.dtype), critic=False, init_actor=config.init_policy)
     rmdata.tokenize_examples(train_examples + test_examples, tokenizer, config.max_length, stats)
     pad_id = tokenizer.pad_token_id
     device = accelerator.device

@@ -152,10 +152,12 @@ def _lora_config(targets: list[str], r: int, alpha: int, layers: int = 0):
 
 
 def build_roles(model_name: str, rm_dir: str | None, *, lora_r: int = 16, lora_alpha: int = 32,
-                dtype: torch.dtype = torch.float32, critic: bool = True, critic_layer: float = 0):
+                dtype: torch.dtype = torch.float32, critic: bool = True, critic_layer: float = 0,
+                init_actor: str | None = None):
     """(PolicyRoles, tokenizer) on one base model: actor and critic trainable, reward and base frozen.
     critic=False (RLOO, GRPO: no value function) loads no critic adapter and no value head. `critic_layer`
-    is PPOConfig.critic_layer (0: the last layer)."""
+    is PPOConfig.critic_layer (0: the last layer). `init_actor`: a policy folder (`save_actor`) whose adapter
+    the actor starts from instead of a fresh one; the reference stays the base model."""
     from peft import get_peft_model
 
     tokenizer = load_tokenizer(model_name)
@@ -164,6 +166,8 @@ def build_roles(model_name: str, rm_dir: str | None, *, lora_r: int = 16, lora_a
     hidden_size = base.config.hidden_size
     targets = lora_target_modules(base)  # before peft wraps the projections
     model = get_peft_model(base, _lora_config(targets, lora_r, lora_alpha), adapter_name=ACTOR)
+    if init_actor is not None:
+        load_actor_weights(model, init_actor, lora_r, lora_alpha)
     value_head = nn.Linear(hidden_size, 1, dtype=torch.float32)
     # Fresh value head at zero: V = 0 makes the first advantages the plain reward-to-go, where random
     # initial values would drown a small reward in noise. It still learns (h != 0).
@@ -189,6 +193,27 @@ def build_roles(model_name: str, rm_dir: str | None, *, lora_r: int = 16, lora_a
     model.eval()  # no dropout anywhere; gradients still flow
     roles = PolicyRoles(model, value_head if critic else None, rm, critic_layer=layer)
     return roles, tokenizer
+
+
+def load_actor_weights(model, policy_dir: str | Path, lora_r: int, lora_alpha: int) -> None:
+    """Copy a saved policy's adapter (`save_actor`) into the actor adapter of `model`; the same LoRA shape is
+    required, and every saved tensor must find its place."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from rlhf.errors import UserError
+
+    policy_dir = Path(policy_dir)
+    weights, config_file = policy_dir / "adapter_model.safetensors", policy_dir / "adapter_config.json"
+    if not weights.is_file() or not config_file.is_file():
+        raise UserError(f"{policy_dir} is not a policy directory (no adapter); train one with `rlhf ppo`")
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    if (saved.get("r"), saved.get("lora_alpha")) != (lora_r, lora_alpha):
+        raise UserError(f"{policy_dir} holds a LoRA adapter of rank {saved.get('r')} and alpha "
+                        f"{saved.get('lora_alpha')}; this run's actor has rank {lora_r} and alpha {lora_alpha}")
+    result = set_peft_model_state_dict(model, load_file(str(weights)), adapter_name=ACTOR)
+    if result.unexpected_keys:
+        raise UserError(f"{policy_dir}: its adapter does not fit this base model (e.g. {result.unexpected_keys[0]})")
 
 
 def save_actor(roles: PolicyRoles, out_dir: str | Path, meta: dict) -> Path:

@@ -414,7 +414,7 @@ def train_policy(config: PPOConfig) -> dict[str, Any]:
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     roles, tokenizer = build_roles(model_name, rm_dir, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
                                    dtype=getattr(torch, config.dtype), critic=use_critic,
-                                   critic_layer=config.critic_layer)
+                                   critic_layer=config.critic_layer, init_actor=config.init_policy)
     eos_ids = eos_token_ids(roles.model, tokenizer)
     reward_fn = reward_function(config, tokenizer)
     params = roles.trainable_parameters() if use_critic else list(roles.parameters_of(ACTOR).values())

@@ -81,6 +81,29 @@ def reward_normalisation(rm: RewardModel, tokenizer, examples, batch_size: int) 
     }
 
 
+# ---- starting from an earlier reward model ----
+
+def load_trained_weights(rm: RewardModel, rm_dir: str) -> None:
+    """Copy the LoRA weights and the score head of the reward model in `rm_dir` into the fresh `rm`, which must
+    have the same LoRA shape and read-out (its reward bias is recomputed after training, as for a fresh one)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from reward_model.model import Readout, load_head, read_meta
+
+    meta = read_meta(rm_dir)
+    config = rm.backbone.peft_config["default"]
+    if (meta.get("lora_r"), meta.get("lora_alpha", config.lora_alpha)) != (config.r, config.lora_alpha) \
+            or Readout.from_meta(meta) != rm.readout:
+        raise UserError(f"--init-rm {rm_dir}: its LoRA rank/alpha ({meta.get('lora_r')}/{meta.get('lora_alpha')}) or "
+                        f"read-out ({Readout.from_meta(meta)}) differ from this run's ({config.r}/{config.lora_alpha}, "
+                        f"{rm.readout})")
+    result = set_peft_model_state_dict(rm.backbone, load_file(str(Path(rm_dir) / "adapter_model.safetensors")))
+    if result.unexpected_keys:
+        raise UserError(f"--init-rm {rm_dir}: its adapter does not fit this base model")
+    load_head(rm.score_head, rm_dir)
+
+
 # ---- the loop ----
 
 def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> dict[str, Any]:
@@ -105,6 +128,8 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
     rm, tokenizer = create_reward_model(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                         dtype=getattr(torch, config.dtype), readout_layer=config.readout_layer,
                                         readout_pool=config.readout_pool)
+    if config.init_rm:
+        load_trained_weights(rm, config.init_rm)
     rmdata.tokenize_examples(train_examples, tokenizer, config.max_length, stats, config.dataset_num_proc)
     if accelerator.is_main_process:  # the one process that writes; not before the model has loaded
         out.mkdir(parents=True, exist_ok=True)

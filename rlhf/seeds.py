@@ -21,6 +21,9 @@ SAMPLING = 1_000_003
 EVAL_SAMPLES = 99_991
 """Offset of the held-out evaluation's batches within the SAMPLING stream, apart from the rollouts' steps."""
 
+LOOP_ROUND = 1_009
+"""`rlhf loop`: sampling a round's tasks (index: the round) and its on-policy check samples."""
+
 
 def derived_seed(seed: int, index: int, stream: int) -> int:
     """The seed of draw `index` of `stream`: seed * stream + index."""
