@@ -1,10 +1,11 @@
 """The annotators' Gradio UI of `rlhf label`: a Blocks page around one custom ranker widget.
 
 The ranker is a `gr.HTML` whose template is a fixed skeleton (static/ranker.html, no data in it) and whose
-`js_on_load` (static/ranker.js) builds the task's cards with textContent only, so model output stays inert
-text whatever it contains. The server sends the widget its view as a JSON string (the component's value);
-the widget sends rankings back with `trigger('submit', {...})`, skips with `trigger('skip', {...})`.
-History, guidelines and statistics are ordinary Gradio components.
+`js_on_load` (static/markdown.js, worddiff.js and ranker.js, joined by `widget_script`) builds the task's
+conversation and cards as safe Markdown: elements made one by one and text set with textContent only, so
+model output stays inert whatever it contains. The server sends the widget its view as a JSON string (the
+component's value); the widget sends rankings back with `trigger('submit', {...})`, skips with
+`trigger('skip', {...})`. History, guidelines and statistics are ordinary Gradio components.
 
 Every event handler takes the annotator from `request.username`, which Gradio fills from the server-side
 session (`auth_dependency` in labeling/app.py), never from what the browser sends; the payloads go to the
@@ -148,6 +149,15 @@ def css() -> str:
     return (STATIC_DIR / "ranker.css").read_text(encoding="utf-8")
 
 
+WIDGET_SCRIPTS = ("markdown.js", "worddiff.js", "ranker.js")
+
+
+def widget_script() -> str:
+    """The ranker's `js_on_load`: the safe Markdown renderer and the word diff, then the widget that uses them
+    (one function body: each file's top-level names are visible to the next)."""
+    return "\n".join((STATIC_DIR / name).read_text(encoding="utf-8") for name in WIDGET_SCRIPTS)
+
+
 def build_ui(store: SQLLabelStore, settings: AppSettings):
     """The Blocks page. Mount it with `gr.mount_gradio_app(..., auth_dependency=...)` (labeling/app.py)."""
     # Gradio's queue rebuilds a pandas summary of its last (up to 10,000) events after every event, for a
@@ -168,7 +178,7 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
         ranker = gr.HTML(
             "", elem_id="ranker", apply_default_css=False, padding=False,
             html_template=(STATIC_DIR / "ranker.html").read_text(encoding="utf-8"),
-            js_on_load=(STATIC_DIR / "ranker.js").read_text(encoding="utf-8"))
+            js_on_load=widget_script())
         with gr.Accordion("History: your earlier answers (open one to edit it)", open=False, elem_id="history"):
             history = gr.Dropdown(choices=[], value=None, label="Ranked and skipped tasks, newest first",
                                   filterable=True, interactive=True, elem_id="history-list")

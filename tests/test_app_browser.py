@@ -45,6 +45,16 @@ OTHER = [
     "A Danish prince hesitates, and almost everyone dies. [x](javascript:alert(1))",
 ]
 RANKER = "#ranker"
+# What the page shows of the texts that hold Markdown (emphasis markers gone, a link's address as text);
+# every other text is shown exactly as written.
+RENDERED = {
+    STORY[2]: "Lighthouse lighthouse light light light. Keeper keeps keeping the keeping. {{77}} ${77}",
+    STORY[3]: "Old Tom polished the lens for forty years. Click me (javascript:window.__pwned=1) "
+              "When they automated the light, he kept polishing anyway.",
+    OTHER[1]: "U+202EA prince avenges his fatherU+202C &lt;i&gt; &amp; " + ("very long line " * 80).rstrip(),
+    OTHER[2]: "A Danish prince hesitates, and almost everyone dies. x (javascript:alert(1))",
+    OTHER_PROMPT: "Summarise the plot of Hamlet in one line. {{77}} ${77} <b>bold?</b>",
+}
 
 
 @pytest.fixture()
@@ -83,10 +93,11 @@ def badges(page) -> list[str]:
 
 
 def assert_inert(page, task) -> None:
-    """The task's prompt and completions are on the page as literal text, and none became markup."""
+    """The task's prompt and completions are on the page as rendered Markdown, and no HTML in them became
+    markup."""
     shown = page.locator(".rk-completions .rk-body").all_inner_texts()
-    assert sorted(shown) == sorted(displayed(c.text) for c in task.completions)
-    assert page.locator(".rk-prompt").inner_text() == displayed(task.prompt)
+    assert sorted(shown) == sorted(RENDERED.get(c.text, displayed(c.text)) for c in task.completions)
+    assert page.locator(".rk-prompt").inner_text() == RENDERED.get(task.prompt, displayed(task.prompt))
     assert page.locator(f"{RANKER} img, {RANKER} script, {RANKER} b, {RANKER} a, {RANKER} i").count() == 0
 
 

@@ -2,9 +2,10 @@
 // (labeling/gradio_ui.py), run with `element` (the widget's root), `trigger(event, data)` (sends an event
 // to the Python handlers), `props` (props.value: the JSON view the server sent) and `watch`.
 //
-// Model output is untrusted: every prompt and completion goes into the page with textContent, never
-// innerHTML, and the HTML template holds no data. The widget keeps no authority: the server knows who
-// is signed in and re-checks every ranking against the task's real completion ids.
+// Model output is untrusted: every prompt, turn and completion goes into the page as Markdown rendered by
+// markdown.js (elements made one by one, text set with textContent, never parsed as HTML), and the HTML
+// template holds no data. The widget keeps no authority: the server knows who is signed in and re-checks
+// every ranking against the task's real completion ids.
 "use strict";
 
 const MAX_KEYS = 9; // completions 1-9 / A-I have keyboard shortcuts; more can be clicked or dragged
@@ -19,7 +20,8 @@ const state = {
   requestId: null,   // one id per answer attempt, so a re-sent submit is stored once
   openedAt: 0,       // when the task was shown: the time spent is stored with the ranking
   busy: false,       // a submit or skip is on its way; the server's answer clears it
-  cards: new Map(),  // completion id -> {card, badge} (built once per task to keep scroll positions)
+  cards: new Map(),  // completion id -> {card, badge, body} (built once per task to keep scroll positions)
+  diff: false,       // "Highlight differences" is on (kept from task to task)
 };
 
 function newRequestId() {
@@ -27,25 +29,6 @@ function newRequestId() {
   const bytes = new Uint8Array(16);
   crypto.getRandomValues(bytes);
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
-// Bidi overrides and zero-width characters could make text look different from what it is
-// ("Trojan Source"); show them as visible markers. The stored data is never changed.
-const CONTROL_CHARS = /[\u200B-\u200F\u202A-\u202E\u2060-\u2069\uFEFF]/g;
-
-function setText(node, text) {
-  node.replaceChildren();
-  let last = 0;
-  for (const match of text.matchAll(CONTROL_CHARS)) {
-    if (match.index > last) node.append(document.createTextNode(text.slice(last, match.index)));
-    const marker = document.createElement("span");
-    marker.className = "rk-ctrl";
-    marker.title = "invisible control character";
-    marker.textContent = "U+" + match[0].codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
-    node.append(marker);
-    last = match.index + match[0].length;
-  }
-  if (last < text.length) node.append(document.createTextNode(text.slice(last)));
 }
 
 function el(tag, className, text) {
@@ -117,7 +100,7 @@ function openTask(task, own, editing) {
   }
   q("rk-banner").hidden = !editing;
   q("rk-task-id").textContent = task.id;
-  setText(q("rk-prompt"), task.prompt);
+  showPrompt(task.prompt);
   q("rk-skip-reason").value = "";
   buildCards();
   showError("");
@@ -223,7 +206,7 @@ function buildCards() {
     const badge = el("span", "rk-badge");
     header.append(badge);
     const body = el("div", "rk-body rk-text");
-    setText(body, c.text);
+    renderMarkdown(body, c.text);
     card.append(header, body);
     card.addEventListener("click", (event) => {
       if (window.getSelection && String(window.getSelection()).length) return; // selecting text, not ranking
@@ -235,9 +218,69 @@ function buildCards() {
       card.classList.add("rk-dragging");
     });
     card.addEventListener("dragend", () => card.classList.remove("rk-dragging"));
-    state.cards.set(c.id, { card, badge });
+    state.cards.set(c.id, { card, badge, body });
     box.append(card);
   });
+  showDifferences();
+}
+
+// ---------- the prompt: a string, or a conversation ----------
+
+const ROLE_NAMES = { system: "System", user: "User", assistant: "Assistant" };
+const LONG_HISTORY = { turns: 4, chars: 1500 }; // earlier turns beyond either open collapsed
+
+function turnNode(message) {
+  const role = Object.hasOwn(ROLE_NAMES, message.role) ? message.role : "unknown";
+  const turn = el("section", "rk-turn rk-turn-" + role);
+  const body = el("div", "rk-turn-body rk-text");
+  renderMarkdown(body, String(message.content));
+  turn.append(el("div", "rk-role rk-role-" + role, ROLE_NAMES[role] || "?"), body);
+  return turn;
+}
+
+// A conversation ends in the user turn the completions answer: that turn is always shown, right above them;
+// the earlier ones (system message included) sit in a collapsible panel that scrolls within a bounded height.
+function showPrompt(prompt) {
+  const conversation = Array.isArray(prompt) && prompt.length > 0;
+  const turns = conversation ? prompt : [{ role: "user", content: String(prompt) }];
+  const earlier = turns.slice(0, -1);
+  q("rk-prompt-title").textContent = earlier.length ? "Conversation" : "Prompt";
+  q("rk-prompt-role").hidden = !conversation;
+  renderMarkdown(q("rk-prompt"), String(turns[turns.length - 1].content));
+  const panel = q("rk-earlier");
+  const list = q("rk-turns");
+  list.replaceChildren(...earlier.map(turnNode));
+  panel.hidden = earlier.length === 0;
+  q("rk-earlier-count").textContent = `${earlier.length} earlier turn${earlier.length === 1 ? "" : "s"}`;
+  const chars = earlier.reduce((sum, turn) => sum + String(turn.content).length, 0);
+  panel.open = earlier.length < LONG_HISTORY.turns && chars < LONG_HISTORY.chars;
+  list.scrollTop = list.scrollHeight; // the most recent earlier turn first in view, next to the last one
+}
+
+// ---------- highlight differences ----------
+
+function showDifferences() {
+  const toggle = q("rk-diff-toggle");
+  const note = q("rk-diff-note");
+  const count = state.task ? state.task.completions.length : 0;
+  toggle.setAttribute("aria-pressed", String(state.diff));
+  toggle.hidden = count < 2;
+  note.hidden = !state.diff || count < 2;
+  if (!state.diff || count < 2) return;
+  const bodies = state.task.completions.map((c) => state.cards.get(c.id).body);
+  const tooLong = highlightDifferences(bodies);
+  const first = state.task.completions[0].label;
+  note.textContent = (count > 2 ? `marked: words that ${first} lacks` : "marked: words the other lacks")
+    + (tooLong ? ` (${tooLong} too long to compare word by word)` : "");
+}
+
+function toggleDifferences() {
+  state.diff = !state.diff;
+  if (!state.task) return;
+  if (!state.diff) { // back to the plain rendering
+    for (const c of state.task.completions) renderMarkdown(state.cards.get(c.id).body, c.text);
+  }
+  showDifferences();
 }
 
 function labelOf(id) {
@@ -411,7 +454,7 @@ function onKeyDown(event) {
       clearRanking();
       break;
     case "Enter":
-      if (target && target.tagName === "BUTTON") return; // let a focused button do its own thing
+      if (target && (target.tagName === "BUTTON" || target.tagName === "SUMMARY")) return; // its own action
       event.preventDefault();
       submit();
       break;
@@ -433,6 +476,10 @@ q("rk-undo").addEventListener("click", undo);
 q("rk-clear").addEventListener("click", clearRanking);
 q("rk-skip").addEventListener("submit", (event) => { event.preventDefault(); skip(); });
 q("rk-back").addEventListener("click", () => { if (!state.busy) send("back", {}); });
+q("rk-diff-toggle").addEventListener("click", (event) => {
+  toggleDifferences();
+  event.currentTarget.blur(); // Enter submits again, not toggles
+});
 document.addEventListener("keydown", onKeyDown);
 watch("value", () => receive(props.value));
 receive(props.value);
