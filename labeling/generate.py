@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from rlhf.errors import UserError
 from rlhf.hardware import DtypeName
-from rlhf.records import Completion, Task, content_id
+from rlhf.records import Completion, Prompt, Task, content_id, encode_prompt
 
 if TYPE_CHECKING:  # torch loads only when a command runs
     from rlhf.generation import SamplingParams
@@ -85,7 +85,7 @@ def run_generate(config: GenerateConfig, progress: bool | None = None) -> int:
         return write_jsonl(config.out, (t.to_dict() for t in tasks))
 
 
-def generate_tasks(model, tokenizer, prompts: list[tuple[str | None, str]], k: int, params: SamplingParams,
+def generate_tasks(model, tokenizer, prompts: list[tuple[str | None, Prompt]], k: int, params: SamplingParams,
                    *, model_name: str, seed: int = 0, batch_size: int = 64,
                    on_progress: Callable[[int], None] | None = None) -> Iterator[Task]:
     """Yield one Task of K completions per (prompt_id, prompt), batching ~batch_size sequences per call.
@@ -102,7 +102,7 @@ def generate_tasks(model, tokenizer, prompts: list[tuple[str | None, str]], k: i
 
     eos = eos_token_ids(model, tokenizer)
     per_call = max(1, batch_size // k)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][1]))
+    order = sorted(range(len(prompts)), key=lambda i: len(encode_prompt(prompts[i][1])))
     results: dict[int, list[tuple[str, int]]] = {}
     next_to_yield = 0
     for start in range(0, len(order), per_call):
@@ -117,7 +117,7 @@ def generate_tasks(model, tokenizer, prompts: list[tuple[str | None, str]], k: i
         while next_to_yield in results:
             pid, prompt = prompts[next_to_yield]
             samples = results.pop(next_to_yield)
-            task_id = pid or content_id("t-", prompt, *[t for t, _ in samples])
+            task_id = pid or content_id("t-", encode_prompt(prompt), *[t for t, _ in samples])
             yield Task(task_id, prompt, tuple(
                 Completion(f"{task_id}-{n}", text, model_name, ntok) for n, (text, ntok) in enumerate(samples)))
             next_to_yield += 1

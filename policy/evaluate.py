@@ -15,7 +15,7 @@ from policy import core
 from policy.config import PPOConfig
 from policy.roles import ACTOR, PolicyRoles
 from policy.rollout import RewardFn, sample
-from rlhf.records import ScoredSample
+from rlhf.records import ScoredSample, last_user_turn
 from rlhf.seeds import EVAL_SAMPLES, SAMPLING, derived_seed
 
 
@@ -61,8 +61,8 @@ def evaluate(roles: PolicyRoles, tokenizer, prompts: list[str], config: PPOConfi
     for row, kl in zip(rows, kls):
         row["kl"] = kl
     if oracle is not None:
-        for row in rows:
-            row["oracle"] = float(oracle(row["prompt"], row["completion"]))
+        for row, prompt in zip(rows, prompts):  # one row per prompt, in order
+            row["oracle"] = float(oracle(last_user_turn(prompt), row["completion"]))
         metrics["objective/oracle"] = _mean([row["oracle"] for row in rows])
     return metrics, rows
 

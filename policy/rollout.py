@@ -16,6 +16,7 @@ from torch import Tensor
 from policy import core
 from policy.config import PPOConfig
 from policy.roles import ACTOR, PolicyRoles
+from rlhf.records import last_user_turn
 
 
 @dataclass
@@ -60,7 +61,7 @@ def reward_function(config: PPOConfig, tokenizer) -> RewardFn:
 
         oracle = load_oracle(config.reward)
         return lambda roles, prompts, texts, device: torch.tensor(
-            [float(oracle(p, t)) for p, t in zip(prompts, texts)], dtype=torch.float32, device=device)
+            [float(oracle(last_user_turn(p), t)) for p, t in zip(prompts, texts)], dtype=torch.float32, device=device)
 
     from reward_model.model import encode_sample_ids, score_samples
 

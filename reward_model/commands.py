@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlhf.errors import UserError
+
+if TYPE_CHECKING:
+    from rlhf.records import Prompt
 
 
 def add_commands(sub) -> None:
@@ -23,12 +27,15 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("eval-rm", help="accuracy, margin and calibration of a reward model on held-out data",
                        description="Evaluate a reward model on rankings or pairs: pairwise accuracy, mean "
-                                   "margin, ECE (10 bins), and the human agreement ceiling where several "
-                                   "annotators judged the same comparison.")
+                                   "margin, ECE (10 bins), the accuracy per subset where rows name one (a "
+                                   "'subset' column, as in RewardBench: each subset, their mean, the overall "
+                                   "figure), and the human agreement ceiling where several annotators judged the "
+                                   "same comparison.")
     p.add_argument("--rm", required=True, help="reward model folder written by `rlhf train-rm`")
     p.add_argument("--data", required=True,
-                   help="rankings or pairs: a .jsonl/.json/.parquet/.csv file, a folder from `rlhf export` or "
-                        "saved with save_to_disk, or a hub dataset id")
+                   help="rankings or pairs (texts or conversations; an optional 'subset' column): a "
+                        ".jsonl/.json/.parquet/.csv file, a folder from `rlhf export` or saved with save_to_disk, "
+                        "or a hub dataset id")
     p.add_argument("--data-split", default=None, metavar="SPLIT",
                    help="evaluate only this split (e.g. test: the rows an export holds out); default: every row")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
@@ -36,8 +43,9 @@ def add_commands(sub) -> None:
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("score", help="score {prompt, completion} JSONL with a reward model",
-                       description="Read {\"prompt\", \"completion\"} JSON lines, write {prompt, completion, "
-                                   "reward} lines.")
+                       description="Read {\"prompt\", \"completion\"} JSON lines (the prompt a string or a "
+                                   "conversation of {role, content} messages ending in a user turn), write {prompt, "
+                                   "completion, reward} lines.")
     p.add_argument("--rm", required=True, help="reward model folder written by `rlhf train-rm`")
     p.add_argument("--input", default="-", help="input JSONL file, or - for stdin (default -)")
     p.add_argument("--out", default="-", help="output JSONL file (written atomically), or - for stdout (default -)")
@@ -86,9 +94,10 @@ def run_eval(args) -> None:
     from reward_model.evaluate import evaluate_reward_model
     from reward_model.model import load_reward_model
 
-    records = [record for _, record in read_records(args.data, args.data_split)]
+    rows = read_records(args.data, args.data_split)
     rm, tokenizer = load_reward_model(args.rm, dtype=args.dtype)
-    result = evaluate_reward_model(rm, tokenizer, records)
+    result = evaluate_reward_model(rm, tokenizer, [record for _, record in rows],
+                                   subsets=[row["subset"] for row, _ in rows])
     if args.json:
         print(json.dumps(result))
         return
@@ -98,6 +107,12 @@ def run_eval(args) -> None:
     low, high = result["accuracy_interval"]
     print(f"accuracy         {result['accuracy']:.4f}  (95% interval {low:.4f}-{high:.4f}, resampling the "
           f"{result['prompts']} prompt{'s' * (result['prompts'] != 1)})")
+    if "by_subset" in result:
+        print(f"subset mean      {result['subset_mean']:.4f}  (the mean of the {len(result['by_subset'])} subsets' "
+              f"accuracies)")
+        for name, g in result["by_subset"].items():
+            low, high = g["accuracy_interval"]
+            print(f"  {name:18s} {g['accuracy']:.4f}  ({low:.4f}-{high:.4f}, {g['pairs']} pairs)")
     print(f"mean margin      {result['mean_margin']:.4f}")
     print(f"ECE (10 bins)    {result['ece']:.4f}")
     if "human_agreement" in result:
@@ -114,15 +129,18 @@ def run_eval(args) -> None:
         print(f"  {row['confidence']:18s} {row['accuracy']:.4f}  ({row['pairs']} pairs)")
 
 
-def _read_samples(source: str) -> list[tuple[str, str]]:
+def _read_samples(source: str) -> list[tuple[Prompt, str]]:
     from rlhf.jsonl import parse_jsonl, read_jsonl
+    from rlhf.records import prompt_field
 
     name, rows = ("<stdin>", parse_jsonl(sys.stdin, "<stdin>")) if source == "-" else (source, read_jsonl(source))
     samples = []
     for line_no, obj in rows:
-        prompt, completion = obj.get("prompt"), obj.get("completion")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise UserError(f"{name}:{line_no}: 'prompt' must be a non-empty string")
+        try:
+            prompt = prompt_field(obj)
+        except ValueError as exc:
+            raise UserError(f"{name}:{line_no}: {exc}") from None
+        completion = obj.get("completion")
         if not isinstance(completion, str):
             raise UserError(f"{name}:{line_no}: 'completion' must be a string")
         samples.append((prompt, completion))

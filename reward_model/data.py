@@ -11,11 +11,14 @@ Where data comes from (`find_data`, `read_records`):
 - one JSON Lines / JSON / Parquet / CSV file;
 - a Hugging Face hub dataset id (`datasets.load_dataset(id)`).
 
-Rows are rankings, `{prompt, completions: [{text, rank, id?}], task_id?, annotator?}`, or pairs in TRL's
-preference format: `{prompt, chosen, rejected}` as texts, or its conversational form with message lists
-(`{"role", "content"}`), where the prompt is every message before the last assistant turn, either in a
-`prompt` column or shared by `chosen` and `rejected`. The reward model formats a prompt as one user turn
-(rlhf.models.format_prompt), so a conversational prompt must be exactly one user message.
+Rows are rankings, `{prompt, completions: [{text, rank, id?}], task_id?, annotator?}` (the prompt a string or a
+conversation of `{"role", "content"}` messages ending in a user turn; `messages` in its place), or pairs in TRL's
+preference format: `{prompt, chosen, rejected}` as texts, or its conversational form with message lists, where
+the prompt is every message before the last assistant turn, either in a `prompt` column or shared by `chosen`
+and `rejected` (`rlhf.records.Pair.from_dict`). The chat template is applied by `rlhf.models.format_prompt`.
+
+A row may name its `subset` (a category of the evaluation set, as in RewardBench): `rlhf eval-rm` reports the
+accuracy per subset.
 
 Splits: a file is split "train"; a `DatasetDict` has its own; a row may carry "split": "train" | "test",
 which places it in that split (the export marks its held-out rankings so). Training reads one split
@@ -35,7 +38,7 @@ from typing import Any
 from reward_model.loss import build_pair_index, ranking_pairs
 from reward_model.model import EncodedSample, encode_sample_ids, pad_samples
 from rlhf.errors import UserError
-from rlhf.records import Pair, RankedCompletion, RankedTask
+from rlhf.records import Pair, RankedCompletion, RankedTask, decode_prompt, encode_prompt
 from rlhf.tables import (
     EXPORT_FORMAT,
     EXPORT_META,
@@ -80,6 +83,9 @@ class DataStats:
     rankings_without_pairs: int = 0
     empty_completions: int = 0
     truncated_samples: int = 0
+    """Samples over --max-length: their prompt shortened, or their completion cut (`cut_completions`)."""
+    cut_completions: int = 0
+    """Completions alone over --max-length, of which only the last tokens are read."""
 
     def warn(self, source: str) -> None:
         if self.identical_pairs_skipped:
@@ -101,8 +107,6 @@ def parse_record(obj: Mapping[str, Any]) -> RankedTask | Pair:
     if "completions" in obj:
         return RankedTask.from_dict(obj)
     if "chosen" in obj or "rejected" in obj:
-        if any(isinstance(obj.get(key), list) for key in ("prompt", "chosen", "rejected")):
-            obj = {**obj, **conversation_texts(obj.get("prompt"), obj.get("chosen"), obj.get("rejected"))}
         return Pair.from_dict(obj)
     raise ValueError("expected a ranking ({prompt, completions: [{text, rank}]}) "
                      "or a pair ({prompt, chosen, rejected})")
@@ -114,41 +118,6 @@ def _without_nulls(obj: Mapping[str, Any]) -> dict[str, Any]:
         found["completions"] = [{k: v for k, v in c.items() if v is not None} if isinstance(c, Mapping) else c
                                 for c in found["completions"]]
     return found
-
-
-def conversation_texts(prompt: Any, chosen: Any, rejected: Any) -> dict[str, str]:
-    """{prompt, chosen, rejected} as texts from TRL's conversational preference form: `prompt` (optional)
-    + `chosen` and + `rejected` are each a conversation of alternating user and assistant turns that
-    ends with the assistant's reply; the turns before it are the prompt, the same in both."""
-    if not isinstance(chosen, list) or not isinstance(rejected, list):
-        if isinstance(prompt, list):
-            raise ValueError("'prompt' must be a string when 'chosen' and 'rejected' are strings (or all three "
-                             "message lists, TRL's conversational form)")
-        raise ValueError("'chosen' and 'rejected' must both be strings or both message lists")
-    if prompt is not None and not isinstance(prompt, list):
-        raise ValueError("'prompt' must be a message list when 'chosen' and 'rejected' are message lists")
-    replies, prompts = {}, {}
-    for key, reply in (("chosen", chosen), ("rejected", rejected)):
-        turns = [_message(m, key, i) for i, m in enumerate((prompt or []) + reply)]
-        roles = [role for role, _ in turns]
-        if len(turns) % 2 or roles != ["user", "assistant"] * (len(turns) // 2):
-            raise ValueError(f"'{key}' is a conversation of {len(turns)} turns ({', '.join(roles) or 'none'}): "
-                             f"expected user and assistant turns alternating, ending with the assistant's reply "
-                             f"(an even number)")
-        prompts[key], replies[key] = turns[:-1], turns[-1][1]
-    if prompts["chosen"] != prompts["rejected"]:
-        raise ValueError("'chosen' and 'rejected' differ before their last assistant turn (they must share the prompt)")
-    if len(prompts["chosen"]) != 1:
-        raise ValueError(f"the prompt has {len(prompts['chosen'])} turns: only one user turn is supported (the "
-                         f"reward model formats the prompt as a single user message)")
-    return {"prompt": prompts["chosen"][0][1], "chosen": replies["chosen"], "rejected": replies["rejected"]}
-
-
-def _message(message: Any, key: str, index: int) -> tuple[str, str]:
-    if (not isinstance(message, Mapping) or not isinstance(message.get("role"), str)
-            or not isinstance(message.get("content"), str)):
-        raise ValueError(f"'{key}' message {index + 1} must be {{\"role\": ..., \"content\": text}}")
-    return message["role"], message["content"]
 
 
 def to_example(record: RankedTask | Pair) -> RankingExample:
@@ -191,7 +160,8 @@ def _features():
 
     return Features({"prompt": Value("string"), "texts": List(Value("string")), "ranks": List(Value("int64")),
                      "completion_ids": List(Value("string")), "task_id": Value("string"),
-                     "annotator": Value("string"), "split": Value("string"), "is_pair": Value("bool")})
+                     "annotator": Value("string"), "split": Value("string"), "is_pair": Value("bool"),
+                     "subset": Value("string")})
 
 
 def _row_place(origin: str, jsonl: str | None, index: int) -> str:
@@ -210,7 +180,7 @@ def _normalize_rows(batch: dict[str, list], indices: list[int], origin: str, jso
     """`Dataset.map` function: each row checked (`parse_record`) and brought to `_features()`
     (`code_version` is only part of the cache key, see `_code_version`)."""
     out: dict[str, list] = {name: [] for name in ("prompt", "texts", "ranks", "completion_ids", "task_id",
-                                                  "annotator", "split", "is_pair")}
+                                                  "annotator", "split", "is_pair", "subset")}
     for j, index in enumerate(indices):
         row = {column: values[j] for column, values in batch.items()}
         try:
@@ -218,6 +188,9 @@ def _normalize_rows(batch: dict[str, list], indices: list[int], origin: str, jso
             split = row.get("split")
             if split is not None and split not in ROW_SPLITS:
                 raise ValueError(f"unknown split {split!r} (expected 'train' or 'test')")
+            subset = row.get("subset")
+            if subset is not None and (not isinstance(subset, str) or not subset.strip()):
+                raise ValueError("'subset' must be a non-empty string")
         except ValueError as exc:
             raise UserError(f"{_row_place(origin, jsonl, index)}: {exc}") from None
         if isinstance(record, Pair):
@@ -225,9 +198,9 @@ def _normalize_rows(batch: dict[str, list], indices: list[int], origin: str, jso
         else:
             texts = [c.text for c in record.completions]
             ranks, ids = [c.rank for c in record.completions], [c.id for c in record.completions]
-        for name, value in (("prompt", record.prompt), ("texts", texts), ("ranks", ranks), ("completion_ids", ids),
+        for name, value in (("prompt", encode_prompt(record.prompt)), ("texts", texts), ("ranks", ranks), ("completion_ids", ids),
                             ("task_id", record.task_id), ("annotator", record.annotator), ("split", split),
-                            ("is_pair", isinstance(record, Pair))):
+                            ("is_pair", isinstance(record, Pair)), ("subset", subset)):
             out[name].append(value)
     return out
 
@@ -235,11 +208,11 @@ def _normalize_rows(batch: dict[str, list], indices: list[int], origin: str, jso
 def _record(row: Mapping[str, Any]) -> RankedTask | Pair:
     """The record of a normalized row (checked when it was normalized)."""
     if row["is_pair"]:
-        return Pair(row["prompt"], row["texts"][0], row["texts"][1], row["task_id"], row["annotator"],
+        return Pair(decode_prompt(row["prompt"]), row["texts"][0], row["texts"][1], row["task_id"], row["annotator"],
                     row["ranks"][0], row["ranks"][1])
     completions = tuple(RankedCompletion(cid, text, rank)
                         for cid, text, rank in zip(row["completion_ids"], row["texts"], row["ranks"]))
-    return RankedTask(row["task_id"], row["annotator"], row["prompt"], completions)
+    return RankedTask(row["task_id"], row["annotator"], decode_prompt(row["prompt"]), completions)
 
 
 @functools.cache
@@ -293,7 +266,7 @@ class _Part:
 
         columns = self.raw.column_names
         if "completions" in columns:
-            needed = ["prompt", "completions"]
+            needed = ["messages" if "messages" in columns else "prompt", "completions"]
         elif "chosen" in columns or "rejected" in columns:
             conversational = "chosen" in columns and not isinstance(self.raw.features["chosen"], Value)
             needed = ["chosen", "rejected"] if conversational else ["prompt", "chosen", "rejected"]
@@ -454,7 +427,7 @@ def _encode_rows(batch: dict[str, list], tokenizer, max_length: int, code_versio
     is only part of the cache key)."""
     out: dict[str, list] = {"input_ids": [], "completion_lengths": [], "truncated": []}
     for prompt, texts in zip(batch["prompt"], batch["texts"]):
-        samples = [encode_sample_ids(tokenizer, prompt, text, max_length) for text in texts]
+        samples = [encode_sample_ids(tokenizer, decode_prompt(prompt), text, max_length) for text in texts]
         out["input_ids"].append([s.ids for s in samples])
         out["completion_lengths"].append([s.completion_length for s in samples])
         out["truncated"].append([s.truncated for s in samples])
@@ -472,7 +445,8 @@ def tokenize_examples(examples: Sequence[RankingExample], tokenizer, max_length:
     groups: dict[int, tuple[Any, list[tuple[RankingExample, int]]]] = {}
     loose = [ex for ex in examples if ex.origin is None]
     if loose:
-        table = Dataset.from_dict({"prompt": [ex.prompt for ex in loose], "texts": [list(ex.texts) for ex in loose]})
+        table = Dataset.from_dict({"prompt": [encode_prompt(ex.prompt) for ex in loose],
+                                   "texts": [list(ex.texts) for ex in loose]})
         groups[id(table)] = (table, [(ex, i) for i, ex in enumerate(loose)])
     for ex in examples:
         if ex.origin is not None:
@@ -486,11 +460,14 @@ def tokenize_examples(examples: Sequence[RankingExample], tokenizer, max_length:
         for ex, i in members:
             ex.rows = [EncodedSample(ids, length, truncated) for ids, length, truncated in
                        zip(columns["input_ids"][i], columns["completion_lengths"][i], columns["truncated"][i])]
-    truncated = {(ex.prompt, text) for ex in examples for text, row in zip(ex.texts, ex.rows) if row.truncated}
+    truncated = {(ex.prompt, text): row for ex in examples for text, row in zip(ex.texts, ex.rows) if row.truncated}
+    cut = sum(1 for row in truncated.values() if row.completion_length >= max_length)
     stats.truncated_samples += len(truncated)
-    if stats.truncated_samples:
-        log.warning("%d sample(s) over --max-length %d: prompts truncated from the left, completions kept",
-                    stats.truncated_samples, max_length)
+    stats.cut_completions += cut
+    if truncated:
+        log.warning("%d sample(s) over --max-length %d: %d shortened their prompt (a conversation loses its oldest "
+                    "turns first, then the first tokens go), %d completion(s) alone over it keep only their last "
+                    "tokens", len(truncated), max_length, len(truncated) - cut, cut)
 
 
 def collate(examples: Sequence[RankingExample], pad_id: int, weighting: str = "pair"):

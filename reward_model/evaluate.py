@@ -1,9 +1,11 @@
 """How good is a reward model on held-out preferences: pairwise accuracy, mean margin, calibration,
-and, where several annotators judged the same comparison, how often humans agree with each other
+the accuracy per subset of an evaluation set (RewardBench's report: each subset, their mean, the overall
+figure), and, where several annotators judged the same comparison, how often humans agree with each other
 (the ceiling a reward model trained on their labels can be expected to reach)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -16,7 +18,7 @@ from reward_model.data import parse_record, read_records, to_example
 from reward_model.model import encode_sample_ids, score_rows
 from rlhf.bootstrap import cluster_bootstrap_interval
 from rlhf.pairs import pair_credit, pairwise_accuracy
-from rlhf.records import Pair, RankedTask
+from rlhf.records import Pair, RankedTask, encode_prompt
 
 
 def expected_calibration_error(probs: Sequence[float], bins: int = 10) -> float:
@@ -38,13 +40,14 @@ def expected_calibration_error(probs: Sequence[float], bins: int = 10) -> float:
     return sum(abs(s_p - s_o) for n, s_p, s_o in totals if n) / len(points)
 
 
-def _comparisons(records: Iterable[RankedTask | Pair]):
-    """(prompt, better text, worse text, annotator, task id, rank gap) for every non-tied, non-identical pair."""
-    for record in records:
+def _comparisons(records: Iterable[RankedTask | Pair], subsets: Iterable[str | None] | None = None):
+    """(prompt, better text, worse text, annotator, task id, rank gap, subset) for every non-tied, non-identical
+    pair (`subsets[i]`: the i-th record's subset, None without)."""
+    for record, subset in zip(records, itertools.repeat(None) if subsets is None else subsets):
         ex = to_example(record)
         for b, w, gap in ex.pairs:
             if ex.texts[b] != ex.texts[w]:
-                yield ex.prompt, ex.texts[b], ex.texts[w], ex.annotator, ex.task_id, gap
+                yield ex.prompt, ex.texts[b], ex.texts[w], ex.annotator, ex.task_id, gap, subset
 
 
 def prompt_bootstrap_interval(prompts: Sequence[str], diffs: Sequence[float], draws: int = 2000,
@@ -60,6 +63,24 @@ def prompt_bootstrap_interval(prompts: Sequence[str], diffs: Sequence[float], dr
         correct[prompt][1] += 1.0
     right, pairs = zip(*correct.values())
     return cluster_bootstrap_interval(right, pairs, draws, seed)
+
+
+def subset_accuracy(comparisons: Sequence[tuple], diffs: Sequence[float]) -> dict[str, Any]:
+    """RewardBench's report where comparisons name their subset: each subset's pairs, accuracy and interval over
+    its prompts, and the unweighted mean of the subset accuracies (a large subset does not drown a small one);
+    {} when no comparison names one. Comparisons without a subset count only in the overall figure."""
+    by_subset: dict[str, list[tuple[Any, float]]] = defaultdict(list)
+    for comparison, diff in zip(comparisons, diffs):
+        if comparison[6] is not None:
+            by_subset[comparison[6]].append((comparison[0], diff))
+    if not by_subset:
+        return {}
+    report = {}
+    for name, found in sorted(by_subset.items()):
+        prompts, values = zip(*found)
+        report[name] = {"pairs": len(values), "accuracy": pairwise_accuracy(values),
+                        "accuracy_interval": list(prompt_bootstrap_interval(prompts, values))}
+    return {"by_subset": report, "subset_mean": sum(r["accuracy"] for r in report.values()) / len(report)}
 
 
 def diagnostics(comparisons: Sequence[tuple], diffs: Sequence[float]) -> dict[str, Any]:
@@ -136,23 +157,28 @@ def human_agreement(comparisons: Sequence[tuple[str, str, str, str, str]],
 
 @torch.no_grad()
 def evaluate_reward_model(rm, tokenizer, path_or_records: str | Path | Iterable[Any],
-                          max_length: int | None = None, batch_size: int = 32) -> dict[str, Any]:
+                          max_length: int | None = None, batch_size: int = 32,
+                          subsets: Sequence[str | None] | None = None) -> dict[str, Any]:
     """Metrics of `rm` on a rankings/pairs JSONL file, or on records (RankedTask, Pair or their dicts).
 
     Every distinct (prompt, completion) is scored once. Returns: pairs, prompts, accuracy (a tie in reward
     counts half), accuracy_interval (`prompt_bootstrap_interval`), mean_margin (mean r_better - r_worse),
-    ece (10 bins), the `diagnostics` (by rank gap, by length difference, reliability), and human_agreement
-    beside model_agreement_same_judgements when several annotators judged the same comparison.
+    ece (10 bins), the `diagnostics` (by rank gap, by length difference, reliability), `subset_accuracy`
+    (by_subset, subset_mean) where rows name a subset (a file's `subset` column, or `subsets[i]` for the i-th
+    record), and human_agreement beside model_agreement_same_judgements when several annotators judged the same
+    comparison.
     """
     if isinstance(path_or_records, (str, Path)):
-        records = [record for _, record in read_records(path_or_records)]
+        rows = read_records(path_or_records)
+        records, subsets = [record for _, record in rows], [row["subset"] for row, _ in rows]
     else:
         records = [parse_record(r) if isinstance(r, dict) else r for r in path_or_records]
     max_length = max_length or getattr(rm, "meta", {}).get("max_length", 512)
-    comparisons = list(_comparisons(records))
+    comparisons = list(_comparisons(records, subsets))
     if not comparisons:
         return {"pairs": 0}
-    keys = sorted({(c[0], text) for c in comparisons for text in (c[1], c[2])})
+    keys = sorted({(c[0], text) for c in comparisons for text in (c[1], c[2])},
+                  key=lambda key: (encode_prompt(key[0]), key[1]))
     rows = [encode_sample_ids(tokenizer, prompt, text, max_length) for prompt, text in keys]
     was_training = rm.training
     rm.eval()
@@ -169,6 +195,7 @@ def evaluate_reward_model(rm, tokenizer, path_or_records: str | Path | Iterable[
         "accuracy_interval": list(prompt_bootstrap_interval([c[0] for c in comparisons], diffs)),
         "mean_margin": sum(diffs) / len(diffs),
         "ece": expected_calibration_error(probs),
+        **subset_accuracy(comparisons, diffs),
         **diagnostics(comparisons, diffs),
     }
     model_prefers = {}

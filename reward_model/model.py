@@ -41,7 +41,8 @@ from rlhf.causal_lm import decoder_body, final_hidden_states, last_token_index, 
 from rlhf.errors import UserError
 from rlhf.hardware import announce, resolve_dtype
 from rlhf.layer_request import resolve_layer
-from rlhf.models import format_prompt, load_causal_lm, load_tokenizer
+from rlhf.models import fit_prompt, load_causal_lm, load_tokenizer
+from rlhf.records import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -302,26 +303,23 @@ class EncodedSample(NamedTuple):
     truncated: bool
 
 
-def encode_sample_ids(tokenizer, prompt: str, completion: str, max_length: int) -> EncodedSample:
+def encode_sample_ids(tokenizer, prompt: Prompt, completion: str, max_length: int) -> EncodedSample:
     """Token ids of one sample, `format_sample`'s text: the chat-formatted prompt, then the completion
     and EOS, tokenized as two parts (prompt as in `rlhf.generation.encode_prompts`). The policy stage
     scores its responses through this same function on their decoded text, so the RM always reads
     the token sequence it was trained on.
 
-    Over `max_length`: the prompt loses tokens on the LEFT and the completion (+EOS) stays whole,
-    since the reward is read from it; a completion alone over the limit keeps its last tokens.
+    Over `max_length`: the prompt is shortened by `rlhf.models.fit_prompt` (a conversation's oldest turns
+    first, then tokens on the LEFT) and the completion (+EOS) stays whole, since the reward is read from it;
+    a completion alone over the limit keeps its last tokens, with a warning (training counts them).
     """
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    prompt_ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not templated)["input_ids"]
     completion_ids = tokenizer(completion + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
-    if len(prompt_ids) + len(completion_ids) <= max_length:
-        return EncodedSample(prompt_ids + completion_ids, len(completion_ids), False)
     if len(completion_ids) >= max_length:
         log.warning("completion alone is %d tokens, over max_length=%d: scoring only its last %d tokens",
                     len(completion_ids), max_length, max_length)
         return EncodedSample(completion_ids[-max_length:], max_length, True)
-    return EncodedSample(prompt_ids[len(prompt_ids) + len(completion_ids) - max_length:] + completion_ids,
-                         len(completion_ids), True)
+    fitted = fit_prompt(tokenizer, prompt, max_length - len(completion_ids))
+    return EncodedSample(fitted.ids + completion_ids, len(completion_ids), fitted.shortened)
 
 
 def pad_samples(samples: Sequence[EncodedSample], pad_id: int, side: str = "left") -> tuple[Tensor, Tensor, Tensor]:

@@ -14,7 +14,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from rlhf.models import eos_token_ids, format_prompt
+from rlhf.models import eos_token_ids, fit_prompt
+from rlhf.records import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,12 @@ class EncodedPrompts:
     truncated: list[bool]         # which prompts lost tokens on the left to fit the context
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> EncodedPrompts:
-    """Chat-format and tokenize prompts, keep the last `max_prompt_tokens` tokens of each (the end of
-    a prompt, with the generation prompt, matters most), and left-pad them into one batch."""
-    texts = [format_prompt(tokenizer, p) for p in prompts]
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    rows = [tokenizer(t, add_special_tokens=not templated)["input_ids"] for t in texts]
-    truncated = [len(r) > max_prompt_tokens for r in rows]
-    rows = [r[-max_prompt_tokens:] for r in rows]
+def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int) -> EncodedPrompts:
+    """Chat-format and tokenize prompts within `max_prompt_tokens` each (`rlhf.models.fit_prompt`: the end
+    of a prompt, with the generation prompt, matters most), and left-pad them into one batch."""
+    fitted = [fit_prompt(tokenizer, p, max_prompt_tokens) for p in prompts]
+    truncated = [f.shortened for f in fitted]
+    rows = [f.ids for f in fitted]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)

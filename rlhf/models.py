@@ -15,8 +15,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 from rlhf.errors import UserError
+from rlhf.records import Prompt, as_messages, transcript
 
 log = logging.getLogger(__name__)
 
@@ -183,15 +185,58 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
-    """The text the policy is conditioned on: the chat template (user turn + generation prompt) when
-    the tokenizer has one, else the raw prompt. Generation, the reward model and PPO all use this."""
+def format_prompt(tokenizer, prompt: Prompt) -> str:
+    """The text the policy is conditioned on: the chat template over the prompt's messages (a string prompt is
+    one user turn) with the generation prompt, when the tokenizer has one; else the string itself, or a
+    conversation's transcript (`rlhf.records.transcript`). Generation, the reward model, DPO and PPO all use
+    this, through `prompt_token_ids`."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return prompt
+        return tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
+    return transcript(prompt)
 
 
-def format_sample(tokenizer, prompt: str, completion: str) -> str:
+def format_sample(tokenizer, prompt: Prompt, completion: str) -> str:
     """Prompt + completion as the policy produced it (its EOS included): what the reward model scores."""
     return format_prompt(tokenizer, prompt) + completion + (tokenizer.eos_token or "")
+
+
+def prompt_token_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """`format_prompt`'s token ids (the template brings its own special tokens; a raw prompt gets the
+    tokenizer's)."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not templated)["input_ids"]
+
+
+class FittedPrompt(NamedTuple):
+    """A prompt's token ids within a budget, and what was taken off to fit."""
+
+    ids: list[int]
+    turns_dropped: int
+    """The conversation's oldest turns left out."""
+    tokens_cut: int
+    """Tokens cut from the left after that."""
+
+    @property
+    def shortened(self) -> bool:
+        return bool(self.turns_dropped or self.tokens_cut)
+
+
+def fit_prompt(tokenizer, prompt: Prompt, budget: int) -> FittedPrompt:
+    """`prompt_token_ids` within `budget` tokens. A conversation over it loses its oldest turns first (the
+    system message and the last user turn are kept, and what is left starts with a user turn), since the
+    turns nearest the reply matter most; a prompt still over it, or a string prompt, loses its first tokens.
+    The one truncation rule of generation, the reward model, DPO and PPO."""
+    ids = prompt_token_ids(tokenizer, prompt)
+    dropped = 0
+    if not isinstance(prompt, str) and len(ids) > budget:
+        head = prompt[:1] if prompt[0].role == "system" else ()
+        turns = list(prompt[len(head):])
+        while len(turns) > 1 and len(ids) > budget:
+            turns.pop(0)
+            dropped += 1
+            while turns[0].role != "user":  # the last turn is the user's, so this stops
+                turns.pop(0)
+                dropped += 1
+            ids = prompt_token_ids(tokenizer, head + tuple(turns))
+    cut = max(0, len(ids) - max(budget, 0))
+    return FittedPrompt(ids[cut:], dropped, cut)

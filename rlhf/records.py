@@ -109,8 +109,9 @@ def parse_prompt(value: Any, key: str = "prompt") -> Prompt:
     return _unicode(value, f"'{key}'")
 
 
-def _prompt_field(obj: Mapping[str, Any]) -> Prompt:
-    """The prompt of a task or ranking row: its "prompt", or a "messages" list in its place."""
+def prompt_field(obj: Mapping[str, Any]) -> Prompt:
+    """The prompt of a row (a task, a ranking, a prompts file's line): its "prompt", or a "messages" list in its
+    place."""
     if "messages" in obj and obj.get("prompt") is not None:
         raise ValueError("a row has either 'prompt' or 'messages', not both")
     if "messages" in obj:
@@ -210,7 +211,7 @@ class Task:
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Task:
-        prompt = _prompt_field(obj)
+        prompt = prompt_field(obj)
         raw = obj.get("completions")
         if not isinstance(raw, list):
             raise ValueError("'completions' must be a list")
@@ -301,7 +302,7 @@ class RankedTask:
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> RankedTask:
-        prompt = _prompt_field(obj)
+        prompt = prompt_field(obj)
         raw = obj.get("completions")
         if not isinstance(raw, list) or len(raw) < 2:
             raise ValueError("'completions' must be a list of at least 2 ranked completions")
@@ -377,8 +378,8 @@ def conversation_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[tuple[Me
     turns before it are the prompt, the same in both, ending in a user turn."""
     if not isinstance(chosen, list) or not isinstance(rejected, list):
         if isinstance(prompt, list):
-            raise ValueError("'chosen' and 'rejected' must be message lists when 'prompt' is one (TRL's "
-                             "conversational form: one assistant message each)")
+            raise ValueError("'prompt' must be a string when 'chosen' and 'rejected' are strings (or all three "
+                             "message lists, TRL's conversational form)")
         raise ValueError("'chosen' and 'rejected' must both be strings or both message lists")
     if prompt is not None and not isinstance(prompt, list):
         raise ValueError("'prompt' must be a message list when 'chosen' and 'rejected' are message lists")

@@ -81,7 +81,7 @@ def test_cli_generate_writes_tasks(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("lines, args, message", [
     (None, [], "no such file"),
     (['{"prompt": "ok"}', '{"prompt": '], [], "p.jsonl:2: not valid JSON"),
-    (['{"prompt": "ok"}', '{"prompt": "  "}'], [], "p.jsonl:2: 'prompt' must be a non-empty string"),
+    (['{"prompt": "ok"}', '{"prompt": "  "}'], [], "p.jsonl:2: 'prompt' is empty"),
     (['{"prompt": "ok"}'], ["--k", "1"], "--k must be at least 2"),
     (['{"prompt": "ok"}'], ["--model", "/nonexistent/model-dir"], "cannot load model"),
 ])

@@ -27,7 +27,7 @@ def test_bad_prompt_tables_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="no 'prompt' column \\(its columns: text\\)"):
         read_prompts(tmp_path / "wrong.parquet")
     pd.DataFrame({"prompt": ["x", " "]}).to_parquet(tmp_path / "blank.parquet")
-    with pytest.raises(UserError, match="blank.parquet:2: 'prompt' must be a non-empty string"):
+    with pytest.raises(UserError, match="blank.parquet:2: 'prompt' is empty"):
         read_prompts(tmp_path / "blank.parquet")
     pd.DataFrame({"prompt": ["x", "y"], "id": ["1", "1"]}).to_parquet(tmp_path / "dup.parquet")
     with pytest.raises(UserError, match="dup.parquet:2: duplicate id '1'"):

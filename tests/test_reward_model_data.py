@@ -67,28 +67,45 @@ def test_parquet_csv_and_jsonl_pairs_read_the_same(tmp_path):
 
 
 def test_conversational_rows_explicit_and_implicit_prompt(tmp_path):
+    from rlhf.records import Message
+
     rows = marker_pairs(4)
     write_jsonl(tmp_path / "explicit.jsonl", [conversational(r) for r in rows])
     write_jsonl(tmp_path / "implicit.jsonl", [conversational(r, implicit=True) for r in rows])
-    expected = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    expected = [((Message("user", r["prompt"]),), r["chosen"], r["rejected"]) for r in rows]
     assert texts(find_data(tmp_path / "explicit.jsonl").train) == expected
     assert texts(find_data(tmp_path / "implicit.jsonl").train) == expected
 
 
+def test_multi_turn_rows_keep_every_turn(tmp_path):
+    from rlhf.records import Message
+
+    chat = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "More"}]
+    write_jsonl(tmp_path / "chat.jsonl", [
+        {"prompt": chat, "chosen": [{"role": "assistant", "content": "a"}],
+         "rejected": [{"role": "assistant", "content": "b"}]},
+        {"chosen": chat + [{"role": "assistant", "content": "c"}], "rejected": chat + [{"role": "assistant",
+                                                                                        "content": "d"}]}])
+    write_jsonl(tmp_path / "rankings.jsonl", [{"messages": chat, "completions": [{"text": "x", "rank": 2},
+                                                                                {"text": "y", "rank": 1}]}])
+    prompt = tuple(Message(m["role"], m["content"]) for m in chat)
+    assert texts(find_data(tmp_path / "chat.jsonl").train) == [(prompt, "a", "b"), (prompt, "c", "d")]
+    assert texts(find_data(tmp_path / "rankings.jsonl").train) == [(prompt, (2, 1))]
+
+
 @pytest.mark.parametrize("row, message", [
-    # an odd number of turns: the conversation does not end with the assistant's reply
+    # the conversation does not end with the assistant's reply
     ({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"},
                  {"role": "user", "content": "and?"}],
       "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "b"}]},
-     "'chosen' is a conversation of 3 turns (user, assistant, user): expected user and assistant turns "
-     "alternating, ending with the assistant's reply (an even number)"),
-    ({"prompt": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"}],
+     "'chosen' ends in a user turn: it must end in the assistant's reply"),
+    ({"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
       "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
-     "'chosen' is a conversation of 3 turns (system, user, assistant)"),
-    ({"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                 {"role": "user", "content": "More"}],
+     "'prompt' ends in a assistant turn: a conversation to continue must end in a user turn"),
+    ({"prompt": [{"role": "user", "content": "Hi"}, {"role": "critic", "content": "Hello"}],
       "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
-     "the prompt has 3 turns: only one user turn is supported"),
+     "'prompt' message 2 has the unknown role 'critic'"),
     ({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "Yo"}, {"role": "assistant", "content": "b"}]},
      "'chosen' and 'rejected' differ before their last assistant turn"),
@@ -96,7 +113,7 @@ def test_conversational_rows_explicit_and_implicit_prompt(tmp_path):
      "'prompt' must be a string when 'chosen' and 'rejected' are strings"),
     ({"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant"}],
       "rejected": [{"role": "assistant", "content": "b"}]},
-     "'chosen' message 2 must be {\"role\": ..., \"content\": text}"),
+     "'chosen' message 1 (assistant) must have a 'content' string"),
 ])
 def test_odd_conversations_are_one_clear_line(tmp_path, row, message):
     path = tmp_path / "chat.jsonl"
