@@ -244,3 +244,208 @@ def test_rank_skip_and_edit_in_the_browser(server):
     assert events[0]["payload"]["ranks"] == expected_first
     assert events[1]["payload"]["reason"] == "not sure about the plot"
     assert store.get_own_ranking("alice", second) is None
+
+
+# ------------------------------------------------------------------ a conversation, as Markdown, on two screens
+
+# Every turn and every completion carries all of these; none may run, load, navigate or become markup.
+HOSTILE = "\n\n".join([
+    "<script>window.__pwned = 1</script>",
+    '<img src="/pwned-img" onerror="window.__pwned = 1"> <iframe src="/pwned-frame"></iframe>',
+    '<svg onload="window.__pwned = 1"></svg><style>body { background: url(/pwned-css) }</style>',
+    "[click me](javascript:window.__pwned=1) ![logo](/pwned-md-image.png) <https://example.com/pwned-auto>",
+    '<a href="/pwned-link">a link</a> <details open ontoggle="window.__pwned = 1">x</details>',
+    "&lt;script&gt;window.__pwned = 1&lt;/script&gt; &amp; &#60;img src=/pwned-entity&#62;",
+    "`<img src=/pwned-code onerror=window.__pwned=1>`",
+])
+CHAT_TURNS = [
+    {"role": "system", "content": "You are a *concise* Python tutor.\n\n" + HOSTILE},
+    {"role": "user", "content": "How do I read a file?\n\n" + HOSTILE},
+    {"role": "assistant", "content": "Use `open`:\n\n1. open it\n2. read it\n\n" + HOSTILE},
+    {"role": "user", "content": "And a JSON file?\n\n" + HOSTILE},
+    {"role": "assistant", "content": "`json.load(f)` reads it.\n\n" + HOSTILE},
+    {"role": "user", "content": "Compare csv and json for me.\n\n" + HOSTILE},
+]
+MARKDOWN_REPLY = ("Here is a comparison:\n\n- **csv**: flat rows\n- *json*: nested values\n\n"
+                  "```python\nimport json\nrows = json.load(open('data.json'))  # <b>not bold</b>\n```\n\n"
+                  "| format | nests |\n|---|:-:|\n| csv | no |\n"
+                  "| <img src=/pwned-cell onerror=window.__pwned=1> | yes |\n\n" + HOSTILE)
+CHAT_REPLIES = [MARKDOWN_REPLY,
+                "They differ in structure: csv is flat, json nests.\n\n" + HOSTILE,
+                "They differ in speed: csv is flat, json is slower.\n\n" + HOSTILE]
+PAIR_TURNS = [{"role": "user", "content": "Where is the cat?"}, {"role": "assistant", "content": "Which cat?"},
+              {"role": "user", "content": "The one in the story."}]
+PAIR_REPLIES = ["The cat sat on the mat.", "The cat lay on the red mat."]
+# What content may become: the renderer's elements, with no attribute but a class (and a table cell's align).
+CONTENT_TAGS = {"p", "span", "strong", "em", "del", "code", "pre", "ul", "ol", "li", "blockquote", "hr", "div",
+                "table", "thead", "tbody", "tr", "th", "td", "mark", "section"}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture()
+def chat_server(tmp_path):
+    store = open_store(tmp_path / "labels.db")
+    store.import_tasks([
+        Task.from_dict({"id": "chat", "prompt": CHAT_TURNS,
+                        "completions": [{"id": f"c{i}", "text": t} for i, t in enumerate(CHAT_REPLIES)]}),
+        Task.from_dict({"id": "pair", "messages": PAIR_TURNS,
+                        "completions": [{"id": f"p{i}", "text": t} for i, t in enumerate(PAIR_REPLIES)]}),
+    ])
+    add_annotator(store, "alice", PASSWORD)
+    store.add_annotator("script")  # one earlier ranking of "pair": alice sees "chat" first
+    store.submit_ranking("script", "pair", {"p0": 1, "p1": 2})
+    with serving(store, AppSettings(overlap=2)) as (host, port):
+        yield f"http://{host}:{port}/", store
+    store.close()
+
+
+def content_elements(page) -> list[str]:
+    """tag:attribute,... of every element that the conversation and completions were rendered into."""
+    return page.evaluate("""() => [...document.querySelectorAll(
+        ".rk-turns .rk-turn-body *, .rk-prompt *, .rk-completions .rk-body *")].map((node) =>
+        node.tagName.toLowerCase() + ":" + [...node.attributes].map((a) => a.name).join(","))""")
+
+
+def assert_nothing_ran(page, origin: str, requests: list[str], dialogs: list[str]) -> None:
+    elements = content_elements(page)
+    assert {e.split(":")[0] for e in elements} <= CONTENT_TAGS
+    assert {e.split(":")[1] for e in elements} <= {"", "class", "style"}
+    assert page.locator(f"{RANKER} img, {RANKER} iframe, {RANKER} script, {RANKER} svg, {RANKER} a").count() == 0
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    assert dialogs == []
+    assert [u for u in requests if "pwned" in u or not u.startswith(origin)] == []
+
+
+def marked(page) -> dict[str, list[str]]:
+    return page.eval_on_selector_all(".rk-completions .rk-card", """cards => Object.fromEntries(cards.map((card) =>
+        [card.dataset.id, [...card.querySelectorAll("mark.rk-diff")].map((mark) => mark.textContent)]))""")
+
+
+@pytest.mark.parametrize("screen", ["desktop", "phone"])
+def test_a_conversation_as_markdown_with_hostile_turns(chat_server, screen):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, store = chat_server
+    phone = screen == "phone"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(**(dict(viewport=PHONE, is_mobile=True, has_touch=True) if phone
+                                       else dict(viewport={"width": 1400, "height": 1000})))
+            page.set_default_timeout(20_000)
+            errors, requests, dialogs = [], [], []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("request", lambda request: requests.append(request.url))
+            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+            page.goto(url)
+            page.fill("#login-username", "alice")
+            page.fill("#login-password", PASSWORD)
+            page.press("#login-password", "Enter")
+            expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)
+            expect(page.locator(".rk-task-id")).to_have_text("chat")
+            height = page.viewport_size["height"]
+
+            # The last user turn is shown above the completions, with its role; five earlier turns are
+            # long: collapsed behind a summary.
+            expect(page.locator(".rk-prompt-title")).to_have_text("Conversation")
+            expect(page.locator(".rk-prompt-role")).to_have_text("User")
+            last = page.locator(".rk-prompt")
+            expect(last).to_be_visible()
+            assert last.inner_text().startswith("Compare csv and json for me.\n")
+            assert last.bounding_box()["y"] + last.bounding_box()["height"] <= \
+                page.locator(".rk-card").first.bounding_box()["y"]
+            earlier = page.locator(".rk-earlier")
+            expect(earlier.locator("summary")).to_have_text("5 earlier turns")
+            assert earlier.evaluate("node => node.open") is False
+            expect(page.locator(".rk-turns")).to_be_hidden()
+
+            # Opened: every role shown, Markdown rendered, in a panel of bounded height scrolled to the most
+            # recent turn.
+            earlier.locator("summary").click()
+            turns = page.locator(".rk-turn")
+            expect(turns).to_have_count(5)
+            assert page.locator(".rk-turn .rk-role").all_inner_texts() == [
+                "SYSTEM", "USER", "ASSISTANT", "USER", "ASSISTANT"]  # (shown upper-case by the style)
+            assert [t.split(" ")[-1] for t in turns.evaluate_all("ts => ts.map((t) => t.className)")] == [
+                "rk-turn-system", "rk-turn-user", "rk-turn-assistant", "rk-turn-user", "rk-turn-assistant"]
+            expect(turns.nth(0).locator("em")).to_have_text("concise")
+            assert turns.nth(2).locator("ol > li").all_inner_texts() == ["open it", "read it"]
+            panel = page.locator(".rk-turns")
+            page.wait_for_function("() => document.querySelector('.rk-turns').scrollTop > 0")
+            box = panel.evaluate("node => [node.clientHeight, node.scrollHeight]")
+            assert box[0] <= 0.45 * height + 1 and box[1] > box[0]
+            expect(last).to_be_visible()
+            for k in range(5):
+                shown = turns.nth(k).locator(".rk-turn-body").inner_text()
+                assert "<script>window.__pwned = 1</script>" in shown and "&lt;script&gt;" in shown
+                assert "click me (javascript:window.__pwned=1) [image: logo] (/pwned-md-image.png)" in shown
+
+            # The completions as Markdown: a list, a code block in monospace, a table.
+            reply = page.locator('.rk-card[data-id="c0"] .rk-body')
+            assert reply.locator("ul > li").all_inner_texts() == ["csv: flat rows", "json: nested values"]
+            assert reply.locator("li strong").inner_text() == "csv"
+            code = reply.locator("pre > code")
+            assert code.inner_text() == "import json\nrows = json.load(open('data.json'))  # <b>not bold</b>"
+            assert "monospace" in code.evaluate("node => getComputedStyle(node).fontFamily")
+            assert reply.locator("th").all_inner_texts() == ["format", "nests"]
+            assert reply.locator("td").all_inner_texts() == [
+                "csv", "no", "<img src=/pwned-cell onerror=window.__pwned=1>", "yes"]
+            for body in page.locator(".rk-completions .rk-body").all_inner_texts():
+                assert "<script>window.__pwned = 1</script>" in body and "<a href=\"/pwned-link\">a link</a>" in body
+            assert_nothing_ran(page, url, requests, dialogs)
+            if phone:  # one column, nothing wider than the screen
+                assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+                xs = {round(b["x"]) for b in (c.bounding_box() for c in page.locator(".rk-card").all())}
+                assert len(xs) == 1
+
+            # Highlight differences: with three completions, the second and third against the first shown.
+            ids = shown_ids(page)
+            toggle = page.locator(".rk-diff-toggle")
+            toggle.tap() if phone else toggle.click()
+            expect(toggle).to_have_attribute("aria-pressed", "true")
+            expect(page.locator(".rk-diff-note")).to_have_text("marked: words that A lacks")
+            marks = marked(page)
+            assert marks[ids[0]] == [] and marks[ids[1]] and marks[ids[2]]
+            assert_nothing_ran(page, url, requests, dialogs)
+
+            # Rank (the toggle left the keyboard to the ranker) and submit.
+            if phone:
+                for k in (1, 0, 2):
+                    page.locator(".rk-card header").nth(k).tap()
+                page.locator(".rk-submit").tap()
+            else:
+                for key in ("2", "1", "3"):
+                    page.keyboard.press(key)
+                page.keyboard.press("Enter")
+            expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+
+            # The short conversation opens with its earlier turns shown; the toggle stays on: "sat" against
+            # "lay ... red".
+            expect(page.locator(".rk-task-id")).to_have_text("pair")
+            assert page.locator(".rk-earlier").evaluate("node => node.open") is True
+            expect(page.locator(".rk-earlier summary")).to_have_text("2 earlier turns")
+            assert page.locator(".rk-turn .rk-role").all_inner_texts() == ["USER", "ASSISTANT"]
+            expect(page.locator(".rk-prompt")).to_have_text("The one in the story.")
+            expect(page.locator(".rk-diff-note")).to_have_text("marked: words the other lacks")
+            assert marked(page) == {"p0": ["sat"], "p1": ["lay", "red"]}
+            toggle.tap() if phone else toggle.click()
+            expect(toggle).to_have_attribute("aria-pressed", "false")
+            assert marked(page) == {"p0": [], "p1": []}
+            assert sorted(page.locator(".rk-completions .rk-body").all_inner_texts()) == sorted(PAIR_REPLIES)
+            pair_ids = shown_ids(page)
+            if phone:
+                page.locator(".rk-card header").nth(1).tap()
+                page.locator(".rk-card header").nth(0).tap()
+                page.locator(".rk-submit").tap()
+            else:
+                page.keyboard.press("b")
+                page.keyboard.press("a")
+                page.keyboard.press("Enter")
+            expect(page.locator(".rk-done")).to_be_visible()
+            assert_nothing_ran(page, url, requests, dialogs)
+            assert errors == []
+        finally:
+            browser.close()
+
+    assert store.get_own_ranking("alice", "chat").ranks == {ids[1]: 1, ids[0]: 2, ids[2]: 3}
+    assert store.get_own_ranking("alice", "pair").ranks == {pair_ids[1]: 1, pair_ids[0]: 2}

@@ -254,7 +254,6 @@ function showPrompt(prompt) {
   q("rk-earlier-count").textContent = `${earlier.length} earlier turn${earlier.length === 1 ? "" : "s"}`;
   const chars = earlier.reduce((sum, turn) => sum + String(turn.content).length, 0);
   panel.open = earlier.length < LONG_HISTORY.turns && chars < LONG_HISTORY.chars;
-  list.scrollTop = list.scrollHeight; // the most recent earlier turn first in view, next to the last one
 }
 
 // ---------- highlight differences ----------
@@ -476,6 +475,9 @@ q("rk-undo").addEventListener("click", undo);
 q("rk-clear").addEventListener("click", clearRanking);
 q("rk-skip").addEventListener("submit", (event) => { event.preventDefault(); skip(); });
 q("rk-back").addEventListener("click", () => { if (!state.busy) send("back", {}); });
+q("rk-earlier").addEventListener("toggle", () => { // opened: the most recent turns in view, next to the last
+  if (q("rk-earlier").open) q("rk-turns").scrollTop = q("rk-turns").scrollHeight;
+});
 q("rk-diff-toggle").addEventListener("click", (event) => {
   toggleDifferences();
   event.currentTarget.blur(); // Enter submits again, not toggles

@@ -1,8 +1,8 @@
 // "Highlight differences" in the ranker widget (part of its `js_on_load`, after markdown.js): marks the
 // words where completions differ, on their rendered text. Two completions: the words of each that the other
-// lacks. More: each one's words that the first shown lacks, the first being the reference. Words are runs of
-// non-space characters, matched exactly by a longest common subsequence (the textbook dynamic programme,
-// after trimming the common start and end).
+// lacks. More: each one's words that the first shown lacks, the first being the reference. Words (runs of
+// letters and digits) and punctuation marks (one each) are matched exactly by a longest common subsequence
+// (the textbook dynamic programme, after trimming the common start and end).
 "use strict";
 
 const DIFF_MAX_CELLS = 4000000; // beyond ~2000 x 2000 differing words the table costs too much memory
@@ -38,12 +38,12 @@ function diffMatched(a, b) {
   return [inA, inB];
 }
 
-/** The words of a rendered body: {node, start, end, text} per run of non-space characters of its text nodes. */
+/** The words of a rendered body: {node, start, end, text} per word or punctuation mark of its text nodes. */
 function diffWords(body) {
   const words = [];
   const walker = document.createTreeWalker(body, NodeFilter.SHOW_TEXT);
   for (let node = walker.nextNode(); node; node = walker.nextNode()) {
-    for (const match of node.data.matchAll(/\S+/g)) {
+    for (const match of node.data.matchAll(/[\p{L}\p{N}\p{M}_]+|[^\s\p{L}\p{N}\p{M}_]/gu)) {
       words.push({ node, start: match.index, end: match.index + match[0].length, text: match[0] });
     }
   }
