@@ -46,9 +46,15 @@ class RewardTrainingConfig:
     lora_dropout: float = 0.0
     """Dropout on the LoRA input; 0 keeps a resumed run bit-identical."""
     # optimisation
-    epochs: int = 8
-    """Passes over the training rankings. The default suits a few hundred rankings (docs/benchmarks.md,
-    "Reward-model settings"); with tens of thousands, use 1 (InstructGPT trains 1 epoch on ~33k prompts)."""
+    epochs: int = 10
+    """At most this many passes over the training rankings; with a validation split (--validation-fraction),
+    training stops earlier once the validation loss has not improved for --patience checks, and the best
+    check's weights are kept."""
+    validation_fraction: float = 0.1
+    """Share of the training prompts held back to choose when to stop (checked twice per epoch; the test split
+    is never read). 0, or fewer than 5 validation prompts: train all --epochs and keep the last weights."""
+    patience: int = 3
+    """Validation checks without a lower validation loss before training stops."""
     lr: float = 3e-4
     """Peak AdamW learning rate for the LoRA weights and the score head (LoRA needs ~10-100x the 9e-6
     InstructGPT uses for full fine-tuning)."""
@@ -59,13 +65,17 @@ class RewardTrainingConfig:
     max_length: int = 512
     """Tokens per sample (prompt + completion + EOS); longer prompts are truncated from the left."""
     # read-out
-    readout_layer: float = 0.33
-    """Where the score head reads: a fraction of the depth (0.33 = a third of the way up: layer 10 of
-    SmolLM2-135M's 30), a layer number, or 0 = the last layer. The layers above it are not run, so
-    training and scoring cost a third (the read-outs compared: docs/benchmarks.md, "Reward-model quality")."""
-    readout_pool: Literal["mean", "last"] = "mean"
-    """"mean" over the completion's tokens (EOS included), or "last": the last real token, InstructGPT's
-    read-out, where SmolLM2's states barely differ between completions of one prompt."""
+    readout_layer: str = "auto"
+    """Where the score head reads: auto (chosen by frozen probes, cross-validated by prompt on the training
+    rankings: reward_model/readout_search.py), a fraction of the depth (0.33 = a third of the way up: layer 10 of
+    SmolLM2-135M's 30), a layer number, or 0 = the last layer. The layers above it are not run, so training and
+    scoring cost that share of the depth."""
+    readout_pool: Literal["auto", "mean", "last"] = "auto"
+    """auto (chosen with the layer), "mean" over the completion's tokens (EOS included), or "last": the last real
+    token, InstructGPT's read-out."""
+    probe_init: bool = True
+    """Start the score head from the frozen probe of the read-out (linear probing, then fine-tuning: Kumar et al.
+    2022) instead of a random head; with a fixed read-out the probe is fitted for it."""
     head_lr_multiplier: float = 30.0
     """The score head's learning rate is `lr` times this: a fresh linear head needs far larger steps than
     the LoRA weights (docs/benchmarks.md, "What was wrong, and what changed")."""
@@ -75,6 +85,9 @@ class RewardTrainingConfig:
     C(K,2) comparisons sharing it (InstructGPT's 1/C(K,2)); they differ only when ties remove pairs."""
     margin: float = 0.0
     """Llama-2-style margin m: the loss is -log sigmoid(r_w - r_l - m * rank gap). 0 = InstructGPT's loss."""
+    length_decorrelation: bool = False
+    """Train a second head to explain the preferences that follow length and keep the reward uncorrelated with it;
+    the length head is dropped at scoring (ODIN, Chen et al. 2024)."""
     max_grad_norm: float = 1.0
     """Gradient norm clip (TRL's RewardTrainer default)."""
     # run
@@ -96,8 +109,13 @@ class RewardTrainingConfig:
     eval_batch_size: int = 32
     """Samples per forward pass when scoring (reward normalisation, held-out evaluation)."""
 
+    def readout_request(self) -> tuple[float | None, str | None]:
+        """(layer, pool) as asked for, None where chosen from the data."""
+        layer = None if self.readout_layer == "auto" else float(self.readout_layer)
+        return layer, None if self.readout_pool == "auto" else self.readout_pool
+
     def check(self) -> None:
-        check_fields(self, positive=("lora_r", "lora_alpha", "epochs", "batch_rankings", "max_length",
+        check_fields(self, positive=("lora_r", "lora_alpha", "epochs", "patience", "batch_rankings", "max_length",
                                      "eval_batch_size", "dataset_num_proc"))
         if self.max_length < 8:
             raise UserError(f"--max-length {self.max_length} is too short to hold a completion")
@@ -109,4 +127,12 @@ class RewardTrainingConfig:
             raise UserError(f"--margin must be >= 0, got {self.margin}")
         if self.checkpoint_every < 0:
             raise UserError("--checkpoint-every must be >= 0")
-        check_layer_request(self.readout_layer, "--readout-layer")
+        if self.readout_layer != "auto":
+            try:
+                layer = float(self.readout_layer)
+            except (TypeError, ValueError):
+                raise UserError(f"--readout-layer must be auto, 0, a fraction or a layer number, got "
+                                f"{self.readout_layer!r}") from None
+            check_layer_request(layer, "--readout-layer")
+        if not 0 <= self.validation_fraction < 1:
+            raise UserError(f"--validation-fraction must be in [0, 1), got {self.validation_fraction}")

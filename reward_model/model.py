@@ -163,13 +163,18 @@ def create_reward_model(base_model: str, lora_r: int = 8, lora_alpha: int = 16, 
                         dtype: torch.dtype = torch.float32, readout_layer: float = 0, readout_pool: str = "last"):
     """A fresh reward model on `base_model` (the --model string) and its tokenizer. LoRA adapts only the
     layers the read-out runs."""
-    from peft import LoraConfig, get_peft_model
-
     tokenizer = load_tokenizer(base_model)
     causal_lm = load_causal_lm(base_model, dtype=dtype)
+    readout = Readout(resolve_layer(readout_layer, num_decoder_layers(causal_lm)), readout_pool)
+    return attach_reward_head(causal_lm, readout, lora_r, lora_alpha, lora_dropout), tokenizer
+
+
+def attach_reward_head(causal_lm, readout: Readout, lora_r: int = 8, lora_alpha: int = 16,
+                       lora_dropout: float = 0.0) -> RewardModel:
+    """A reward model on a loaded causal LM: LoRA adapters on the layers the read-out runs, and a fresh score head."""
+    from peft import LoraConfig, get_peft_model
+
     depth = num_decoder_layers(causal_lm)
-    layer = resolve_layer(readout_layer, depth)
-    readout = Readout(layer, readout_pool)
     readout.check(depth)
     used = readout.layer or depth
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
@@ -178,7 +183,7 @@ def create_reward_model(base_model: str, lora_r: int = 8, lora_alpha: int = 16, 
     with warnings.catch_warnings():  # peft reads a transformers property deprecated in v5
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         backbone = get_peft_model(causal_lm, config)
-    return RewardModel(backbone, causal_lm.config.hidden_size, readout=readout), tokenizer
+    return RewardModel(backbone, causal_lm.config.hidden_size, readout=readout)
 
 
 def save_reward_model(rm: RewardModel, out_dir: str | Path, meta: dict[str, Any]) -> Path:

@@ -19,6 +19,7 @@ writes files. Nothing else changes. Python:
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from dataclasses import asdict, replace
@@ -31,9 +32,13 @@ from reward_model import data as rmdata
 from reward_model.config import RESUME_KEYS, RewardTrainingConfig
 from reward_model.evaluate import evaluate_reward_model
 from reward_model.loss import ranking_loss
-from reward_model.model import RewardModel, create_reward_model, save_reward_model, score_rows
+from reward_model.model import Readout, RewardModel, attach_reward_head, num_decoder_layers, save_reward_model, score_rows
+from reward_model.readout_search import search_readout
 from rlhf.errors import UserError
 from rlhf.hardware import setup_compute
+from rlhf.layer_request import resolve_layer
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.prompts import split_by_prompt
 from rlhf.run import EpochBatches, finish, lr_schedule, open_run, progress_bar, resume_settings, run_accelerator
 from rlhf.runlog import Panel, plot, start_tracking
 
@@ -68,6 +73,7 @@ def reward_normalisation(rm: RewardModel, tokenizer, examples, batch_size: int) 
             seen.setdefault((ex.prompt, text), row)
     keys = list(seen)
     rewards = score_rows(rm, [seen[k] for k in keys], tokenizer.pad_token_id, batch_size)
+    correlation = length_correlation([p for p, _ in keys], rewards, [seen[k].completion_length for k in keys])
     by_prompt: dict[str, list[float]] = {}
     for (prompt, _), r in zip(keys, rewards):
         by_prompt.setdefault(prompt, []).append(r)
@@ -78,6 +84,7 @@ def reward_normalisation(rm: RewardModel, tokenizer, examples, batch_size: int) 
         "per_prompt_mean_std": statistics.pstdev(prompt_means) if len(prompt_means) > 1 else 0.0,
         "normalisation_samples": len(rewards),
         "normalisation_prompts": len(prompt_means),
+        "length_correlation": correlation,
     }
 
 
@@ -104,6 +111,82 @@ def load_trained_weights(rm: RewardModel, rm_dir: str) -> None:
     load_head(rm.score_head, rm_dir)
 
 
+# ---- choosing the read-out, and when to stop ----
+
+MIN_VALIDATION_PROMPTS = 5
+CHECKS_PER_EPOCH = 2  # validation checks: twice per epoch lets one pass over a large set stop half-way
+
+
+def validation_split(examples, fraction: float, seed: int):
+    """(fit, validation) examples: `fraction` of the prompts held back by the one prompt-split rule
+    (`rlhf.prompts.split_by_prompt`); no validation when that gives fewer than MIN_VALIDATION_PROMPTS prompts."""
+    if fraction <= 0:
+        return list(examples), []
+    held = split_by_prompt({ex.prompt for ex in examples}, fraction, seed)
+    if len(held) < MIN_VALIDATION_PROMPTS:
+        return list(examples), []
+    return [ex for ex in examples if ex.prompt not in held], [ex for ex in examples if ex.prompt in held]
+
+
+@torch.no_grad()
+def validation_metrics(rm: RewardModel, examples, pad_id: int, weighting: str, margin: float,
+                       batch_rankings: int) -> tuple[float, float]:
+    """(loss, accuracy) of the training loss over validation examples, each batch weighted by its pairs."""
+    was_training = rm.training
+    rm.eval()
+    device = next(rm.parameters()).device
+    loss_sum = right = pairs = 0.0
+    try:
+        for start in range(0, len(examples), batch_rankings):
+            tensors, index = rmdata.collate(examples[start:start + batch_rankings], pad_id, weighting)
+            loss, metrics = ranking_loss(rm(*(t.to(device) for t in tensors)), index, margin)
+            loss_sum += loss.item() * index.num_pairs
+            right += metrics["accuracy"].item() * index.num_pairs
+            pairs += index.num_pairs
+    finally:
+        rm.train(was_training)
+    return loss_sum / pairs, right / pairs
+
+
+def length_correlation(prompts: list[str], rewards: list[float], lengths: list[int]) -> float:
+    """Pearson correlation of reward and completion length (tokens) WITHIN prompts: both are centred on their
+    prompt's mean first, so it asks whether the model prefers the longer completions of a prompt, not whether
+    long-answer prompts score high. 0.0 when undefined (no prompt with two lengths)."""
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
+    r_c, l_c = [], []
+    for members in groups.values():
+        r_mean = statistics.fmean(rewards[i] for i in members)
+        l_mean = statistics.fmean(lengths[i] for i in members)
+        r_c += [rewards[i] - r_mean for i in members]
+        l_c += [lengths[i] - l_mean for i in members]
+    denom = (sum(x * x for x in r_c) * sum(y * y for y in l_c)) ** 0.5
+    return sum(x * y for x, y in zip(r_c, l_c)) / denom if denom else 0.0
+
+
+def read_out(config: RewardTrainingConfig, causal_lm, examples, pad_id: int, run, progress: bool):
+    """(Readout, ReadoutChoice or None, the search's summary or None): the read-out a resumed run chose before,
+    else the one asked for, with the frozen probes' search where a part is "auto" or the head starts from a
+    probe."""
+    if run.resume_from is not None:
+        from rlhf.checkpoint import read_meta
+
+        meta = read_meta(run.resume_from)
+        if "readout" in meta:
+            return Readout(**meta["readout"]), None, meta.get("readout_search")
+    layer_request, pool = config.readout_request()
+    layer = None if layer_request is None else resolve_layer(layer_request, num_decoder_layers(causal_lm))
+    if layer is not None and pool is not None and not config.probe_init:
+        return Readout(layer, pool), None, None
+    search = search_readout(causal_lm, examples, pad_id, layer, pool, config.seed, config.eval_batch_size, progress)
+    if progress:
+        log.warning("read-out: layer %s, %s (frozen probes on %d pairs of %d prompts, cross-validated by "
+                    "prompt)\n%s", search.readout.layer or "last", search.readout.pool, search.pairs, search.prompts,
+                    search.table())
+    return search.readout, search, search.summary()
+
+
 # ---- the loop ----
 
 def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> dict[str, Any]:
@@ -125,21 +208,28 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
     run = open_run(out, config.resume, resume_settings(config, RESUME_KEYS, num_train_rankings=len(train_examples)))
 
     torch.manual_seed(config.seed)
-    rm, tokenizer = create_reward_model(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
-                                        dtype=getattr(torch, config.dtype), readout_layer=config.readout_layer,
-                                        readout_pool=config.readout_pool)
-    if config.init_rm:
-        load_trained_weights(rm, config.init_rm)
+    tokenizer = load_tokenizer(config.model)
+    causal_lm = load_causal_lm(config.model, dtype=getattr(torch, config.dtype))
     rmdata.tokenize_examples(train_examples, tokenizer, config.max_length, stats, config.dataset_num_proc)
+    fit_examples, val_examples = validation_split(train_examples, config.validation_fraction, config.seed)
+    if config.validation_fraction > 0 and not val_examples:
+        log.warning("too few prompts for a validation split (%d are needed): training all %d epochs",
+                    MIN_VALIDATION_PROMPTS, config.epochs)
+    readout, search, search_summary = read_out(config, causal_lm, fit_examples, tokenizer.pad_token_id, run, progress)
+    rm = attach_reward_head(causal_lm, readout, config.lora_r, config.lora_alpha, config.lora_dropout)
+    if search is not None and config.probe_init:
+        with torch.no_grad():  # linear probing, then fine-tuning (Kumar et al. 2022)
+            rm.score_head.weight.copy_(search.head_weight.to(rm.score_head.weight)[None])
     if accelerator.is_main_process:  # the one process that writes; not before the model has loaded
         out.mkdir(parents=True, exist_ok=True)
 
     # Derived sizes, computed once.
     world = accelerator.num_processes
     rankings_per_step = config.batch_rankings * world
-    batches = EpochBatches(len(train_examples), rankings_per_step, config.seed)
+    batches = EpochBatches(len(fit_examples), rankings_per_step, config.seed)
     steps_per_epoch = batches.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
+    check_every = max(1, math.ceil(steps_per_epoch / CHECKS_PER_EPOCH))
 
     trainable = {name: p for name, p in rm.named_parameters() if p.requires_grad}  # LoRA weights, score head
     params, head = list(trainable.values()), list(rm.score_head.parameters())
@@ -147,25 +237,48 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
     optimizer = torch.optim.AdamW([{"params": body, "lr": config.lr},
                                    {"params": head, "lr": config.lr * config.head_lr_multiplier}], weight_decay=0.0)
     scheduler = lr_schedule(optimizer, total_steps, config.lr_final_fraction)
-    start_step = run.restore(trainable, optimizer, scheduler)["step"]
+    # Early stopping keeps the weights of the best validation check; they travel in the checkpoint beside the
+    # current ones.
+    best = {name: p.detach().cpu().clone() for name, p in trainable.items()}
+    saved = {**trainable, **{f"best/{name}": t for name, t in best.items()}}
+    state = run.restore(saved, optimizer, scheduler)
+    start_step = state["step"]
+    stopping = state.get("early_stopping") or {"best_step": 0, "best_loss": None, "checks_since_best": 0}
     model, optimizer = accelerator.prepare(rm, optimizer)
     rm = accelerator.unwrap_model(model)
     device = accelerator.device
 
+    def check(step: int) -> dict[str, float]:
+        """One validation check at `step` (steps done): updates the best weights; returns the logged values."""
+        loss, accuracy = validation_metrics(rm, val_examples, tokenizer.pad_token_id, config.pair_weighting,
+                                            config.margin, config.eval_batch_size)
+        if stopping["best_loss"] is None or loss < stopping["best_loss"]:
+            stopping.update(best_step=step, best_loss=loss, checks_since_best=0)
+            for name, p in trainable.items():
+                best[name].copy_(p.detach())
+        else:
+            stopping["checks_since_best"] += 1
+        return {"val_loss": loss, "val_accuracy": accuracy}
+
     start_tracking(accelerator, "rlhf-reward-model", asdict(config))
     train_log = run.log("train_log.csv", start_step, tracker=accelerator, tracker_prefix="train/")
+    if val_examples and start_step == 0:
+        stopping["start"] = check(0)  # the probe's head before any update: fine-tuning must beat it
     bar = progress_bar(total_steps, start_step, "train-rm", progress and accelerator.is_main_process)
     last_good = run.resume_from
+    steps_run = start_step
     model.train()
     try:
         for step in range(start_step, total_steps):
+            if val_examples and stopping["checks_since_best"] >= config.patience:
+                break
             epoch, step_in_epoch, step_ids = batches.at(step)
             mine = step_ids[accelerator.process_index::world]
             # a process left without a ranking (the last step of an epoch) scores one at weight 0, so that it
             # still joins DDP's all-reduce
-            tensors, index = rmdata.collate([train_examples[i] for i in mine or step_ids[:1]], tokenizer.pad_token_id,
+            tensors, index = rmdata.collate([fit_examples[i] for i in mine or step_ids[:1]], tokenizer.pad_token_id,
                                             config.pair_weighting)
-            share = step_share(train_examples, step_ids, mine, config.pair_weighting)
+            share = step_share(fit_examples, step_ids, mine, config.pair_weighting)
             rewards = model(*(t.to(device) for t in tensors))  # through DDP's forward: the gradients are all-reduced
             loss, metrics = ranking_loss(rewards, index, config.margin)
             if accelerator.reduce((~torch.isfinite(loss)).float(), reduction="sum"):  # every process stops
@@ -177,6 +290,7 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            steps_run = step + 1
 
             pairs = index.num_pairs if mine else 0  # the step's loss, accuracy and margin over all processes
             total = accelerator.reduce(torch.stack([
@@ -184,21 +298,30 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
                 torch.tensor(float(pairs), device=device)]), reduction="sum")
             logged = [total[0].item(), (total[1] / total[3]).item(), (total[2] / total[3]).item(),
                       round(total[3].item())]
+            # every process checks the same validation set, so all reach the same decision to stop
+            checked = check(step + 1) if val_examples and ((step + 1) % check_every == 0 or step + 1 == total_steps) \
+                else {}
             if accelerator.is_main_process:
                 train_log.append({
                     "step": step + 1, "epoch": epoch + (step_in_epoch + 1) / steps_per_epoch,
                     "loss": logged[0], "accuracy": logged[1], "margin": logged[2],
                     "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "rankings": len(step_ids),
-                    "pairs": logged[3], "seconds": round(time.time() - started, 1)})
+                    "pairs": logged[3], **checked, "seconds": round(time.time() - started, 1)})
             bar.update(1)
             bar.set_postfix(loss=f"{logged[0]:.3f}", acc=f"{logged[1]:.2f}")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
                 if accelerator.is_main_process:
-                    last_good = run.save_checkpoint(step + 1, trainable, optimizer, scheduler, asdict(config),
-                                                    keep=KEEP_CHECKPOINTS, num_train_rankings=len(train_examples))
+                    last_good = run.save_checkpoint(step + 1, saved, optimizer, scheduler, asdict(config),
+                                                    keep=KEEP_CHECKPOINTS, num_train_rankings=len(train_examples),
+                                                    readout=asdict(readout), early_stopping=stopping,
+                                                    readout_search=search_summary)
                 accelerator.wait_for_everyone()
     finally:
         bar.close()
+    if val_examples:  # keep the best check's weights
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(best[name].to(p))
 
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
@@ -209,8 +332,14 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
             Panel([(train_log.frame, "step", key, None, "-")], title=f"train/{key}", smooth=len(train_log.rows) // 20)
             for key in ("loss", "accuracy", "margin")], panel_size=(4, 3.2))
         summary = {
-            "steps": total_steps,
-            "epochs": config.epochs,
+            "steps": steps_run,
+            "epochs": round(steps_run / steps_per_epoch, 2),
+            "readout": asdict(readout),
+            **({"readout_search": search_summary} if search_summary else {}),
+            **({"validation": {"rankings": len(val_examples), "best_step": stopping["best_step"],
+                               "best_epoch": round(stopping["best_step"] / steps_per_epoch, 2),
+                               "best_loss": stopping["best_loss"], "start": stopping.get("start"),
+                               "stopped_early": steps_run < total_steps}} if val_examples else {}),
             "data": files.train_source,
             "train_rankings": stats.rankings,
             "train_pairs": stats.pairs,
@@ -219,8 +348,8 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
             "rankings_without_pairs": stats.rankings_without_pairs,
             "empty_completions_kept": stats.empty_completions,
             "truncated_samples": stats.truncated_samples,
-            **{f"final_epoch_{key}": float(train_log.rolling_mean(key, steps_per_epoch).iloc[-1])  # the last epoch
-               for key in ("loss", "accuracy")},
+            **({f"final_epoch_{key}": float(train_log.rolling_mean(key, steps_per_epoch).iloc[-1])  # the last epoch
+                for key in ("loss", "accuracy")} if train_log.rows else {}),
             **norm,
             "seconds": round(time.time() - started, 1),
         }
