@@ -13,7 +13,8 @@ from rlhf.layer_request import check_layer_request
 # Settings a checkpoint must share with the run that resumes it (`rlhf.run.open_run`). The learning rates are among
 # them: the optimizer and scheduler state restored from the checkpoint carry the old ones.
 RESUME_KEYS = ("model", "lora_r", "lora_alpha", "batch_rankings", "epochs", "seed", "max_length", "readout_layer",
-               "readout_pool", "lr", "head_lr_multiplier", "pair_weighting", "dtype", "init_rm")
+               "readout_pool", "probe_init", "validation_fraction", "patience", "lr", "head_lr_multiplier",
+               "pair_weighting", "length_decorrelation", "dtype", "init_rm")
 
 
 @dataclass
@@ -37,7 +38,8 @@ class RewardTrainingConfig:
     """Base model (the SFT model): 'default' (SmolLM2-135M-Instruct), a local folder or a HF id."""
     init_rm: str | None = None
     """Start the LoRA weights and the score head from this reward model (the same base model, LoRA shape and
-    read-out) instead of fresh ones: an earlier round's model, retrained on more rankings."""
+    read-out) instead of fresh ones: an earlier round's model, retrained on more rankings. Its read-out is kept
+    (no read-out search)."""
     lora_r: int = 16
     """LoRA rank of the adapters on the attention and MLP projections (16 against 8: docs/benchmarks.md,
     "Reward-model settings")."""

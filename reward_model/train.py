@@ -111,6 +111,29 @@ def load_trained_weights(rm: RewardModel, rm_dir: str) -> None:
     load_head(rm.score_head, rm_dir)
 
 
+# ---- starting from an earlier reward model ----
+
+def load_trained_weights(rm: RewardModel, rm_dir: str) -> None:
+    """Copy the LoRA weights and the score head of the reward model in `rm_dir` into the fresh `rm`, which must
+    have the same LoRA shape and read-out (its reward bias is recomputed after training, as for a fresh one)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from reward_model.model import load_head, read_meta
+
+    meta = read_meta(rm_dir)
+    config = rm.backbone.peft_config["default"]
+    if (meta.get("lora_r"), meta.get("lora_alpha", config.lora_alpha)) != (config.r, config.lora_alpha) \
+            or Readout.from_meta(meta) != rm.readout:
+        raise UserError(f"--init-rm {rm_dir}: its LoRA rank/alpha ({meta.get('lora_r')}/{meta.get('lora_alpha')}) or "
+                        f"read-out ({Readout.from_meta(meta)}) differ from this run's ({config.r}/{config.lora_alpha}, "
+                        f"{rm.readout})")
+    result = set_peft_model_state_dict(rm.backbone, load_file(str(Path(rm_dir) / "adapter_model.safetensors")))
+    if result.unexpected_keys:
+        raise UserError(f"--init-rm {rm_dir}: its adapter does not fit this base model")
+    load_head(rm.score_head, rm_dir)
+
+
 # ---- choosing the read-out, and when to stop ----
 
 MIN_VALIDATION_PROMPTS = 5
@@ -169,6 +192,10 @@ def read_out(config: RewardTrainingConfig, causal_lm, examples, pad_id: int, run
     """(Readout, ReadoutChoice or None, the search's summary or None): the read-out a resumed run chose before,
     else the one asked for, with the frozen probes' search where a part is "auto" or the head starts from a
     probe."""
+    if config.init_rm:  # an earlier model's read-out, which its weights were trained for
+        from reward_model.model import read_meta as read_rm_meta
+
+        return Readout.from_meta(read_rm_meta(config.init_rm)), None, None
     if run.resume_from is not None:
         from rlhf.checkpoint import read_meta
 
@@ -217,7 +244,9 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
                     MIN_VALIDATION_PROMPTS, config.epochs)
     readout, search, search_summary = read_out(config, causal_lm, fit_examples, tokenizer.pad_token_id, run, progress)
     rm = attach_reward_head(causal_lm, readout, config.lora_r, config.lora_alpha, config.lora_dropout)
-    if search is not None and config.probe_init:
+    if config.init_rm:
+        load_trained_weights(rm, config.init_rm)
+    elif search is not None and config.probe_init:
         with torch.no_grad():  # linear probing, then fine-tuning (Kumar et al. 2022)
             rm.score_head.weight.copy_(search.head_weight.to(rm.score_head.weight)[None])
     if accelerator.is_main_process:  # the one process that writes; not before the model has loaded
