@@ -59,12 +59,18 @@ def add_commands(sub) -> None:
     add_config_arguments(p, GenerateConfig)
     p.set_defaults(func=run_generate)
 
-    p = sub.add_parser("import", help="load labeling tasks (JSONL from `rlhf generate`) into the label store",
-                       description="Load tasks into the label store. Every file is checked first; a malformed "
-                                   "line is reported as FILE:LINE and then nothing is imported. Tasks already "
-                                   "stored with the same content are skipped.")
+    p = sub.add_parser("import", help="load labeling tasks (JSONL from `rlhf generate`, or chat preference data) "
+                                      "into the label store",
+                       description="Load tasks into the label store: our tasks (a prompt string or 'messages', and "
+                                   "completions), or preference rows whose two replies become a task to rank "
+                                   "(TRL's pairs, as texts or conversations, explicit or implicit prompt; "
+                                   "HH-RLHF transcripts \"\\n\\nHuman: ...\\n\\nAssistant: ...\"). .jsonl or "
+                                   ".jsonl.gz. Every file is checked first; a malformed line is reported as "
+                                   "FILE:LINE and then nothing is imported. Tasks already stored with the same "
+                                   "content are skipped.")
     _db_option(p)
-    p.add_argument("files", nargs="+", metavar="TASKS.jsonl", help="task files, one task per line")
+    p.add_argument("files", nargs="+", metavar="TASKS.jsonl",
+                   help="task or preference files, one row per line (docs/data-formats.md, \"Tasks\")")
     p.set_defaults(func=run_import)
 
     p = sub.add_parser("users", help="manage annotator accounts",
@@ -210,6 +216,7 @@ def read_task_files(paths: list[str]) -> list:
     """Parse every task file fully; a bad line raises UserError 'FILE:LINE: reason' (a blank completion is
     one: there is nothing to rank). A task id repeated with different content is an error naming both
     places; an exact repeat is kept once."""
+    from labeling.task_files import task_from_row
     from rlhf.jsonl import read_jsonl
     from rlhf.records import Task
 
@@ -218,7 +225,7 @@ def read_task_files(paths: list[str]) -> list:
     for path in paths:
         for line_no, obj in read_jsonl(path):
             try:
-                task = Task.from_dict(obj)
+                task = task_from_row(obj)
             except ValueError as exc:
                 raise UserError(f"{path}:{line_no}: {exc}") from None
             blank = next((c.id for c in task.completions if not c.text.strip()), None)

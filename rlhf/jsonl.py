@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import gzip
 import json
 import os
 import tempfile
@@ -33,17 +34,21 @@ def parse_jsonl(lines: Iterable[str], name: str) -> Iterator[tuple[int, dict[str
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """`parse_jsonl` over a UTF-8 file (a leading byte-order mark is allowed); a missing or unreadable file, or
-    a line that is not UTF-8, raises UserError (naming the line)."""
+    """`parse_jsonl` over a UTF-8 file, gzip-compressed when its name ends in .gz (a leading byte-order mark is
+    allowed); a missing or unreadable file, a broken gzip stream, or a line that is not UTF-8, raises UserError
+    (naming the line)."""
     path = Path(path)
     try:
-        handle = path.open("rb")
+        handle = gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     with handle:
-        yield from parse_jsonl(_utf8_lines(handle, str(path)), str(path))
+        try:
+            yield from parse_jsonl(_utf8_lines(handle, str(path)), str(path))
+        except (OSError, EOFError) as exc:  # gzip: not gzip data, or cut short
+            raise UserError(f"{path}: cannot read as gzip ({exc})") from None
 
 
 def _utf8_lines(handle, name: str) -> Iterator[str]:
