@@ -1,0 +1,113 @@
+"""Screenshots of the ranking screen on a multi-turn task, on a desktop and a phone screen, for docs/labeling.md.
+
+Starts `rlhf label` on 127.0.0.1 with a fresh database holding one conversation (a system message, two user
+turns and an assistant turn before the last user turn) and three candidate replies in Markdown, signs in with
+headless Chromium, ranks two replies, turns "Highlight differences" on, and saves
+    docs/screenshot-conversation.png        (1400 x 1000)
+    docs/screenshot-conversation-phone.png  (390 x 844 at 2x, earlier turns collapsed)
+
+    .venv/bin/python bench/screenshots.py [--out docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from labeling.auth import add_annotator  # noqa: E402
+from labeling.store import open_store  # noqa: E402
+from rlhf.records import Task  # noqa: E402
+
+PASSWORD = "screenshot password"
+CHROMIUM = "/usr/bin/chromium"
+CONVERSATION = [
+    {"role": "system", "content": "You help a data team with pandas. Answer briefly, in Markdown."},
+    {"role": "user", "content": "I have a CSV of orders with `customer_id`, `amount` and `date`. "
+                                "How do I get each customer's total?"},
+    {"role": "assistant", "content": "Group by the customer and sum:\n\n```python\n"
+                                     "totals = df.groupby(\"customer_id\")[\"amount\"].sum()\n```\n\n"
+                                     "This gives a Series indexed by `customer_id`."},
+    {"role": "user", "content": "Thanks! Now only the customers whose total is **over 100**, largest first, "
+                                "with both columns."},
+]
+REPLIES = [
+    "Filter the totals, then sort them:\n\n```python\n"
+    "totals = df.groupby(\"customer_id\", as_index=False)[\"amount\"].sum()\n"
+    "big = totals[totals[\"amount\"] > 100].sort_values(\"amount\", ascending=False)\n```\n\n"
+    "For example:\n\n| customer_id | amount |\n|---|---:|\n| 17 | 412.50 |\n| 3 | 188.00 |\n\n"
+    "`as_index=False` keeps `customer_id` as a column.",
+    "Filter the totals, then sort them:\n\n```python\n"
+    "totals = df.groupby(\"customer_id\")[\"amount\"].sum().reset_index()\n"
+    "big = totals[totals[\"amount\"] >= 100].sort_values(\"amount\")\n```\n\n"
+    "- `reset_index()` turns the index back into a column\n- `sort_values` sorts from the smallest by default",
+    "You can use **SQL** instead:\n\n```sql\nSELECT customer_id, SUM(amount) AS amount\nFROM orders\n"
+    "GROUP BY customer_id\nHAVING SUM(amount) > 100\nORDER BY amount DESC;\n```\n\n"
+    "This is *often faster* on large files.",
+]
+
+
+def shoot(base: str, out: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            for name, options in [
+                ("screenshot-conversation.png", dict(viewport={"width": 1400, "height": 1000})),
+                ("screenshot-conversation-phone.png", dict(viewport={"width": 390, "height": 844},
+                                                           device_scale_factor=2, is_mobile=True, has_touch=True)),
+            ]:
+                context = browser.new_context(**options)
+                page = context.new_page()
+                page.goto(base + "/")
+                page.fill("#login-username", "alice")
+                page.fill("#login-password", PASSWORD)
+                page.press("#login-password", "Enter")
+                page.wait_for_selector(".rk-card", timeout=60_000)
+                page.keyboard.press("b")
+                page.keyboard.press("a")
+                page.click(".rk-diff-toggle")
+                if options.get("is_mobile"):
+                    page.locator(".rk-earlier summary").click()  # collapse: the last user turn and the replies
+                    page.locator(".rk-layout").evaluate("node => node.scrollIntoView()")
+                page.mouse.move(0, 0)
+                page.wait_for_timeout(300)
+                page.screenshot(path=str(out / name))
+                print("wrote", out / name)
+                context.close()
+        finally:
+            browser.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the PNG files (default docs/)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="screenshots-") as tmp:
+        db = Path(tmp) / "labels.db"
+        with open_store(db) as store:
+            store.import_tasks([Task.from_dict({
+                "id": "orders-over-100", "prompt": CONVERSATION,
+                "completions": [{"id": f"r{i}", "text": text} for i, text in enumerate(REPLIES)]})])
+            add_annotator(store, "alice", PASSWORD)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "label", "--db", str(db), "--port", "0"],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            match = re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stdout.readline())
+            assert match, "the server did not start"
+            shoot(f"http://127.0.0.1:{match[1]}", args.out)
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+
+
+if __name__ == "__main__":
+    main()
