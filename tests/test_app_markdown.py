@@ -127,6 +127,13 @@ def test_hostile_nesting_stays_bounded(page):
     }""", text)
     assert depth == 12 and shown.endswith(">" * (5000 - 12) + " end")
     assert render(page, "******x*") == 'p("******x*")'  # runs of more than three delimiters stay literal
+    # Link scans share a budget per text: a flood of "[" costs a bounded time, and the links after it show
+    # as their source text.
+    links = page.evaluate("""text => {
+        const box = md(text);
+        return [box.querySelectorAll(".rk-md-link").length, box.textContent.endsWith("[c](d)")];
+    }""", "[a](b) " + "[" * 150 + " " + "[" * 250_000 + " [c](d)")
+    assert links == [1, True]
 
 
 def marks(page, texts: list[str]) -> list[list[str]]:

@@ -18,6 +18,9 @@
 const CONTROL_CHARS = /[\u200B-\u200F\u202A-\u202E\u2060-\u2069\uFEFF]/g;
 const MD_MAX_DEPTH = 12;           // nested quotes, lists and emphasis deeper than this stay literal text
 const MD_LINK_SCAN = 2000;         // how far a "[" looks for its "](address)"
+const MD_LINK_BUDGET = 200000;     // characters all link scans of one text may read: a hostile text of many
+                                   // "[" stays fast (its later brackets are then shown as text)
+let mdLinkBudget = 0;
 const MD_PUNCT = /[!"#$%&'()*+,\-./:;<=>?@[\\\]^_`{|}~]/;
 const MD_LIST_ITEM = /^( {0,3})([-*+]|\d{1,9}[.)])([ \t]+|$)/;
 const MD_FENCE = /^( {0,3})(`{3,}|~{3,})(.*)$/;
@@ -50,6 +53,7 @@ function setText(node, text) {
 /** Replace `node`'s content with `text` rendered as Markdown. */
 function renderMarkdown(node, text) {
   node.replaceChildren();
+  mdLinkBudget = MD_LINK_BUDGET;
   // Leading tabs count as 4 columns (list nesting, code indentation).
   const lines = String(text).replace(/\r\n?/g, "\n").split("\n")
     .map((line) => line.replace(/^[ \t]+/, (lead) => lead.replace(/\t/g, "    ")));
@@ -236,7 +240,8 @@ function mdTable(parent, lines, i, depth) {
 function mdLink(s, i) {
   let level = 0;
   let j = i;
-  const limit = Math.min(s.length, i + MD_LINK_SCAN);
+  const limit = Math.min(s.length, i + MD_LINK_SCAN, i + mdLinkBudget);
+  mdLinkBudget -= limit - i;
   for (; j < limit; j++) {
     if (s[j] === "\\") { j++; continue; }
     if (s[j] === "[") level++;
@@ -283,13 +288,13 @@ function mdInline(parent, s, depth) {
       let run = 1;
       while (s[i + run] === "`") run++;
       const fence = "`".repeat(run);
-      let close = s.indexOf(fence, i + run);
+      let close = i + run >= (misses.get(fence) ?? Infinity) ? -1 : s.indexOf(fence, i + run);
       while (close >= 0 && s[close + run] === "`") { // a longer run is no match: skip all of it
         let end = close;
         while (s[end] === "`") end++;
         close = s.indexOf(fence, end);
       }
-      if (close < 0) { pending += fence; i += run; continue; }
+      if (close < 0) { misses.set(fence, i + run); pending += fence; i += run; continue; }
       let code = s.slice(i + run, close).replace(/\n/g, " ");
       if (/^ .*[^ ].* $/.test(code)) code = code.slice(1, -1);
       flush();
