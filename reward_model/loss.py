@@ -86,3 +86,20 @@ def ranking_loss(rewards: Tensor, index: PairIndex, margin: float = 0.0) -> tupl
     with torch.no_grad():
         metrics = {"accuracy": (diff > 0).float().mean(), "margin": diff.mean()}
     return loss, metrics
+
+
+def pearson(x: Tensor, y: Tensor) -> Tensor:
+    """Pearson correlation of two [N] vectors (0 where either is constant)."""
+    x, y = x - x.mean(), y - y.mean()
+    return (x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-8)
+
+
+def length_disentangling_loss(quality: Tensor, length_part: Tensor, lengths: Tensor, quality_weight: Tensor,
+                              length_weight: Tensor) -> Tensor:
+    """ODIN's extra terms (Chen et al. 2024, "ODIN: Disentangled Reward Mitigates Hacking in RLHF", eq. 4-5): the
+    quality reward uncorrelated with the completion's length, the length head correlated with it, and the two
+    heads' weight vectors orthogonal: |rho(r_Q, L)| - rho(r_L, L) + |cos(w_Q, w_L)|. The ranking loss is taken on
+    r_Q + r_L, so the preferences that length explains flow into the length head, which scoring drops."""
+    lengths = lengths.to(quality)
+    cosine = torch.nn.functional.cosine_similarity(quality_weight.flatten(), length_weight.flatten(), dim=0)
+    return pearson(quality, lengths).abs() - pearson(length_part, lengths) + cosine.abs()

@@ -153,10 +153,26 @@ class RewardModel(nn.Module):
         # sec. 3.5 normalises the RM "so that the labeler demonstrations achieve a mean score of 0").
         self.register_buffer("reward_bias", torch.tensor(float(reward_bias), dtype=torch.float32))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor | None = None) -> Tensor:
-        """Reward per row [B] (float32) from the read-out features."""
+        self.length_head: nn.Linear | None = None
+        """Training with length decorrelation only (`add_length_head`): never saved, never used to score."""
+
+    def add_length_head(self) -> nn.Linear:
+        """A second head on the same features for ODIN's length part (Chen et al. 2024)."""
+        hidden = self.score_head.in_features
+        self.length_head = nn.Linear(hidden, 1, dtype=torch.float32).to(self.score_head.weight.device)
+        nn.init.normal_(self.length_head.weight, std=1.0 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.length_head.bias)
+        return self.length_head
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor | None = None,
+                with_length: bool = False) -> Tensor:
+        """Reward per row [B] (float32) from the read-out features; `with_length`: [B, 2], the reward and the
+        length head's part."""
         features = reward_features(self.backbone, self.readout, input_ids, attention_mask, completion_mask)
-        return self.score_head(features).squeeze(-1) - self.reward_bias
+        reward = self.score_head(features).squeeze(-1) - self.reward_bias
+        if not with_length:
+            return reward
+        return torch.stack([reward, self.length_head(features).squeeze(-1)], dim=1)
 
 
 def create_reward_model(base_model: str, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,

@@ -31,7 +31,7 @@ import torch
 from reward_model import data as rmdata
 from reward_model.config import RESUME_KEYS, RewardTrainingConfig
 from reward_model.evaluate import evaluate_reward_model
-from reward_model.loss import ranking_loss
+from reward_model.loss import length_disentangling_loss, ranking_loss
 from reward_model.model import Readout, RewardModel, attach_reward_head, num_decoder_layers, save_reward_model, score_rows
 from reward_model.readout_search import search_readout
 from rlhf.errors import UserError
@@ -260,8 +260,11 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
     total_steps = config.epochs * steps_per_epoch
     check_every = max(1, math.ceil(steps_per_epoch / CHECKS_PER_EPOCH))
 
+    if config.length_decorrelation:
+        rm.add_length_head()
     trainable = {name: p for name, p in rm.named_parameters() if p.requires_grad}  # LoRA weights, score head
-    params, head = list(trainable.values()), list(rm.score_head.parameters())
+    heads = [rm.score_head] + ([rm.length_head] if rm.length_head is not None else [])
+    params, head = list(trainable.values()), [p for h in heads for p in h.parameters()]
     body = [p for p in params if all(p is not h for h in head)]
     optimizer = torch.optim.AdamW([{"params": body, "lr": config.lr},
                                    {"params": head, "lr": config.lr * config.head_lr_multiplier}], weight_decay=0.0)
@@ -308,8 +311,16 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
             tensors, index = rmdata.collate([fit_examples[i] for i in mine or step_ids[:1]], tokenizer.pad_token_id,
                                             config.pair_weighting)
             share = step_share(fit_examples, step_ids, mine, config.pair_weighting)
-            rewards = model(*(t.to(device) for t in tensors))  # through DDP's forward: the gradients are all-reduced
-            loss, metrics = ranking_loss(rewards, index, config.margin)
+            # through DDP's forward: the gradients are all-reduced
+            rewards = model(*(t.to(device) for t in tensors), with_length=config.length_decorrelation)
+            if config.length_decorrelation:  # ODIN: rank on r_Q + r_L, decorrelate r_Q from length
+                lengths = tensors[2].sum(1)
+                extra = length_disentangling_loss(rewards[:, 0], rewards[:, 1], lengths, rm.score_head.weight,
+                                                  rm.length_head.weight)
+                loss, metrics = ranking_loss(rewards.sum(1), index, config.margin)
+                loss = loss + extra
+            else:
+                loss, metrics = ranking_loss(rewards, index, config.margin)
             if accelerator.reduce((~torch.isfinite(loss)).float(), reduction="sum"):  # every process stops
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
                 raise UserError(f"loss is {loss.item()} at step {step + 1}; stopped ({where}); "

@@ -197,3 +197,41 @@ def test_rankings_file_in_random_order_reads_the_same(tmp_path):
     a = build_examples(find_data(data).train, DataStats())
     b = build_examples(find_data(tmp_path / "s.jsonl").train, DataStats())
     assert {ex.prompt for ex in validation_split(a, 0.1, 0)[1]} == {ex.prompt for ex in validation_split(b, 0.1, 0)[1]}
+
+
+def test_length_disentangling_loss_on_hand_made_tensors():
+    from reward_model.loss import length_disentangling_loss, pearson
+
+    lengths = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert pearson(lengths, 2 * lengths + 1).item() == pytest.approx(1.0)
+    assert pearson(lengths, torch.ones(4)).item() == 0.0
+    w_q, w_l = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    # quality independent of length, length part = length, orthogonal heads: the minimum, -1
+    quality = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    assert length_disentangling_loss(quality, lengths, lengths, w_q, w_l).item() == pytest.approx(-1.0)
+    # quality = length, length part anti-correlated, parallel heads: 1 + 1 + 1
+    assert length_disentangling_loss(lengths, -lengths, lengths, w_q, w_q).item() == pytest.approx(3.0)
+
+
+def write_length_rankings(path, n=60, seed=0):
+    """A preference for the longer completion and nothing else: 2 completions per prompt, random words."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            short, long = (" ".join(rng.choices("sun sea sky tree fox bear moon".split(), k=m)) for m in (3, 9))
+            f.write(json.dumps({"prompt": f"Prompt {i}: say something.", "completions": [
+                {"text": short, "rank": 2}, {"text": long, "rank": 1}]}) + "\n")
+    return path
+
+
+def test_length_decorrelation_leaves_the_reward_uninformative_about_length(tiny_model_dir, tmp_path):
+    data = write_length_rankings(tmp_path / "r.jsonl")
+    base = dict(data=str(data), model=tiny_model_dir, epochs=4, lr=3e-3, checkpoint_every=0, validation_fraction=0,
+                readout_layer="0", readout_pool="mean")
+    plain = train_reward_model(RewardTrainingConfig(out=str(tmp_path / "plain"), **base), progress=False)
+    odin = train_reward_model(RewardTrainingConfig(out=str(tmp_path / "odin"), length_decorrelation=True, **base),
+                              progress=False)
+    assert plain["length_correlation"] > 0.9  # the plain model learns the only thing there is: length
+    assert abs(odin["length_correlation"]) < 0.5
+    saved = load_file(str(tmp_path / "odin" / "score_head.safetensors"))
+    assert set(saved) == {"weight", "bias"}  # the length head is not part of the model
