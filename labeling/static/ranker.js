@@ -227,7 +227,7 @@ function buildCards() {
 // ---------- the prompt: a string, or a conversation ----------
 
 const ROLE_NAMES = { system: "System", user: "User", assistant: "Assistant" };
-const LONG_HISTORY = { turns: 4, chars: 1500 }; // earlier turns beyond either open collapsed
+const LONG_HISTORY = { turns: 4, chars: 1500 }; // this many earlier turns, or characters of them: shown folded
 
 function turnNode(message) {
   const role = Object.hasOwn(ROLE_NAMES, message.role) ? message.role : "unknown";
