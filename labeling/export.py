@@ -11,6 +11,12 @@ Files written into the output folder, each atomically (temporary file + rename):
 - `pairs_dataset/`, `rankings_dataset/`: the same pairs and rankings as `datasets.DatasetDict`s
   (`save_to_disk`; `datasets.load_from_disk` reads them), with the splits "train" and "test" (a split
   without rows is left out); the rankings there carry no `split` field, their split says it.
+
+Conversations: when any prompt is a conversation, every row is written in TRL's conversational form (the
+prompt a list of {"role", "content"} messages, a string prompt becoming one user turn; chosen and rejected one
+assistant message each), so that each column has one type, and `pairs_text_dataset/` holds the same pairs in
+the flat text form: the prompt as an HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant:", `transcript`),
+chosen and rejected the reply texts.
 - `export.json`: the format version (`EXPORT_FORMAT`) and the summary `export` returns. Readers refuse a
   folder of another format instead of misreading it.
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from labeling.store import SQLLabelStore
@@ -39,11 +46,12 @@ from rlhf.errors import UserError
 from rlhf.jsonl import atomic_write, replace_folder, write_jsonl
 from rlhf.pairs import expand_pairs, pair_indices
 from rlhf.prompts import split_by_prompt
-from rlhf.records import Pair, RankedTask
+from rlhf.records import Pair, RankedTask, as_conversation, transcript
 from rlhf.tables import EXPORT_FORMAT, EXPORT_META, quiet_datasets
 
 AGGREGATIONS = ("none", "majority")
 PAIRS_DATASET = "pairs_dataset"
+PAIRS_TEXT_DATASET = "pairs_text_dataset"
 RANKINGS_DATASET = "rankings_dataset"
 
 
@@ -72,20 +80,28 @@ def majority_pairs(ranked: list[RankedTask]) -> tuple[list[Pair], int]:
     return pairs, dropped
 
 
-def _pair_table(rows: list[dict]):
+def _messages_type():
     import pyarrow as pa
 
-    schema = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
+    return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def _pair_table(rows: list[dict], conversational: bool = False):
+    import pyarrow as pa
+
+    text = _messages_type() if conversational else pa.string()
+    schema = pa.schema([("prompt", text), ("chosen", text), ("rejected", text),
                         ("task_id", pa.string()), ("annotator", pa.string()), ("rank_chosen", pa.int64()),
                         ("rank_rejected", pa.int64())])
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _ranking_table(rows: list[dict], with_split: bool = True):
+def _ranking_table(rows: list[dict], with_split: bool = True, conversational: bool = False):
     import pyarrow as pa
 
     completion = pa.struct([("id", pa.string()), ("text", pa.string()), ("rank", pa.int64())])
-    schema = pa.schema([("task_id", pa.string()), ("annotator", pa.string()), ("prompt", pa.string()),
+    prompt = _messages_type() if conversational else pa.string()
+    schema = pa.schema([("task_id", pa.string()), ("annotator", pa.string()), ("prompt", prompt),
                         ("completions", pa.list_(completion))] + ([("split", pa.string())] if with_split else []))
     return pa.Table.from_pylist(rows, schema=schema)
 
@@ -128,13 +144,16 @@ def export(store: SQLLabelStore, out_dir, test_fraction: float = 0.1, seed: int 
     if not ranked:  # six empty files would look like a finished export
         raise UserError("the label store holds no rankings yet; nothing was written (rank tasks with "
                         "`rlhf label` or `rlhf simulate` first)")
+    conversational = any(not isinstance(r.prompt, str) for r in ranked)
+    if conversational:  # one type per column: every prompt a conversation
+        ranked = [replace(r, prompt=as_conversation(r.prompt)) for r in ranked]
     test_prompts = split_by_prompt({r.prompt for r in ranked}, test_fraction, seed)
 
     rankings_rows, by_task = [], defaultdict(list)
     for r in ranked:
         rankings_rows.append({**r.to_dict(), "split": "test" if r.prompt in test_prompts else "train"})
         by_task[r.task_id].append(r)
-    pairs: dict[str, list[dict]] = {"train": [], "test": []}
+    pairs: dict[str, list[Pair]] = {"train": [], "test": []}
     dropped = 0
     for task_rankings in by_task.values():  # insertion order = task import order
         split = "test" if task_rankings[0].prompt in test_prompts else "train"
@@ -143,22 +162,31 @@ def export(store: SQLLabelStore, out_dir, test_fraction: float = 0.1, seed: int 
             dropped += n_dropped
         else:
             task_pairs = [p for r in task_rankings for p in expand_pairs(r)]
-        pairs[split].extend(p.to_dict() for p in task_pairs)
+        pairs[split].extend(task_pairs)
+    pair_rows = {split: [p.to_dict() for p in split_pairs] for split, split_pairs in pairs.items()}
+
+    def pair_table(rows: list[dict]):
+        return _pair_table(rows, conversational)
 
     out.mkdir(parents=True, exist_ok=True)
     files = {}
-    for name, rows, table in (("rankings", rankings_rows, _ranking_table),
-                              ("train", pairs["train"], _pair_table), ("test", pairs["test"], _pair_table)):
+    for name, rows, table in (("rankings", rankings_rows, lambda rows: _ranking_table(rows, True, conversational)),
+                              ("train", pair_rows["train"], pair_table), ("test", pair_rows["test"], pair_table)):
         write_jsonl(out / f"{name}.jsonl", rows)
         _write_parquet(out / f"{name}.parquet", table(rows))
         files[name] = [str(out / f"{name}.jsonl"), str(out / f"{name}.parquet")]
     ranking_splits: dict[str, list[dict]] = {"train": [], "test": []}
     for row in rankings_rows:
         ranking_splits[row["split"]].append({k: v for k, v in row.items() if k != "split"})
-    _save_dataset(_dataset_dict(pairs, _pair_table), out / PAIRS_DATASET)
-    _save_dataset(_dataset_dict(ranking_splits, lambda rows: _ranking_table(rows, with_split=False)),
+    _save_dataset(_dataset_dict(pair_rows, pair_table), out / PAIRS_DATASET)
+    _save_dataset(_dataset_dict(ranking_splits, lambda rows: _ranking_table(rows, False, conversational)),
                   out / RANKINGS_DATASET)
     files["datasets"] = [str(out / PAIRS_DATASET), str(out / RANKINGS_DATASET)]
+    if conversational:
+        flat = {split: [{**p.to_dict(), "prompt": transcript(p.prompt), "chosen": p.chosen, "rejected": p.rejected}
+                        for p in split_pairs] for split, split_pairs in pairs.items()}
+        _save_dataset(_dataset_dict(flat, _pair_table), out / PAIRS_TEXT_DATASET)
+        files["datasets"].append(str(out / PAIRS_TEXT_DATASET))
     files["meta"] = str(out / EXPORT_META)
     n_prompts = len({r.prompt for r in ranked})
     summary = {
@@ -166,6 +194,7 @@ def export(store: SQLLabelStore, out_dir, test_fraction: float = 0.1, seed: int 
         "prompts": n_prompts,
         "train_prompts": n_prompts - len(test_prompts),
         "test_prompts": len(test_prompts),
+        "conversational": conversational,
         "train_pairs": len(pairs["train"]),
         "test_pairs": len(pairs["test"]),
         "dropped_contradicted": dropped,

@@ -129,6 +129,11 @@ def as_messages(prompt: Prompt) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [m.to_dict() for m in prompt]
 
 
+def as_conversation(prompt: Prompt) -> tuple[Message, ...]:
+    """The prompt as a conversation: a string prompt is one user turn (the chat template reads both alike)."""
+    return (Message("user", prompt),) if isinstance(prompt, str) else prompt
+
+
 def last_user_turn(prompt: Prompt) -> str:
     """The text the completion answers directly: the prompt itself, or a conversation's last user turn."""
     return prompt if isinstance(prompt, str) else prompt[-1].content

@@ -220,3 +220,47 @@ def test_push_to_hub_pushes_both_datasets_or_says_why_not(filled, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "cannot push to 'me/prefs': the Hugging Face hub is not reachable" in err and len(err.splitlines()) == 1
     assert (tmp_path / "o2" / "pairs_dataset").is_dir()  # the local export is written first
+
+
+def test_conversations_export_in_trl_conversational_and_flat_text_form(tmp_path):
+    from datasets import load_from_disk
+
+    from reward_model.data import find_data
+    from rlhf.records import Message, Task
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "A colour?"}]
+    tasks = [Task.from_dict({"id": f"c{i}", "messages": chat[:3] + [{"role": "user", "content": f"Colour {i}?"}],
+                             "completions": [f"Red {i}", f"Blue {i}", f"Green {i}"]}) for i in range(4)]
+    tasks.append(Task.from_dict({"id": "plain", "prompt": "Name a fruit.", "completions": ["Apple", "Stone"]}))
+    with open_store(str(tmp_path / "l.db")) as store:
+        store.import_tasks(tasks)
+        store.add_annotator("ann")
+        for task in tasks:
+            store.submit_ranking("ann", task.id, {c.id: n + 1 for n, c in enumerate(task.completions)})
+        summary = export(store, tmp_path / "out", test_fraction=0.2, seed=0)
+    out = tmp_path / "out"
+    assert summary["conversational"] and summary["train_pairs"] + summary["test_pairs"] == 4 * 3 + 1
+    rows = [json.loads(line) for name in ("train", "test") for line in (out / f"{name}.jsonl").open()]
+    by_task = {}
+    for r in rows:
+        by_task.setdefault(r["task_id"], r)  # each task's first pair: its best against its second
+    assert by_task["c1"]["prompt"] == chat[:3] + [{"role": "user", "content": "Colour 1?"}]
+    assert by_task["c1"]["chosen"] == [{"role": "assistant", "content": "Red 1"}]
+    assert by_task["plain"]["prompt"] == [{"role": "user", "content": "Name a fruit."}]  # one type per column
+    pairs, text = load_from_disk(str(out / "pairs_dataset")), load_from_disk(str(out / "pairs_text_dataset"))
+    assert sorted(pairs) == sorted(text) == ["test", "train"]
+    flat = {}
+    for r in (r for split in text.values() for r in split):
+        flat.setdefault(r["task_id"], r)
+    assert flat["c1"]["prompt"] == "\n\nSystem: Be brief.\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Colour 1?\n\nAssistant:"
+    assert (flat["c1"]["chosen"], flat["plain"]["prompt"]) == ("Red 1", "\n\nHuman: Name a fruit.\n\nAssistant:")
+    conv = [r for split in pairs.values() for r in split if r["task_id"] == "c2"]
+    assert [r["rejected"] for r in conv] == [[{"role": "assistant", "content": t}] for t in ("Blue 2", "Green 2",
+                                                                                          "Green 2")]
+    # every form reads back as the same conversations
+    for source in (out, out / "pairs_dataset", out / "rankings_dataset"):
+        files = find_data(source)
+        prompts = {r.prompt for r in files.train + files.test}
+        assert (Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello"),
+                Message("user", "Colour 3?")) in prompts and len(prompts) == 5, source
