@@ -53,6 +53,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from labeling.store.sql import MAX_HELD
 from rlhf.errors import UserError
 
 if TYPE_CHECKING:
@@ -138,12 +139,12 @@ class ActiveQueue:
         rewards = self.proposal_rewards.get(task_id)
         return proposed_ranks(rewards) if rewards else None
 
-    def next_task(self, store: SQLLabelStore, annotator: str, overlap: int) -> Task | None:
+    def next_task(self, store: SQLLabelStore, annotator: str, overlap: int, *, max_held: int = MAX_HELD) -> Task | None:
         """The next task for this annotator in this queue's order, assigned to them; as `store.next_task`: their
         own open assignment first, never a task they ranked or skipped, only a task with a free place. When
         the ordered tasks are done, the store's own queue serves the rest."""
         if not self._ranked:
-            return store.next_task(annotator, overlap)
+            return store.next_task(annotator, overlap, max_held=max_held)
         done = {item.task_id for item in store.history(annotator)}  # ranked or skipped by them
         counts = Counter(r.task_id for r in store.export_rankings())
         now, held, mine = self.clock(), Counter(), []
@@ -155,9 +156,9 @@ class ActiveQueue:
         for task_id in [*mine, *self._ranked]:
             if task_id in done or counts[task_id] + held[task_id] >= overlap:
                 continue
-            if store.assign_task(annotator, task_id, overlap):  # the store checks the room again, atomically
+            if store.assign_task(annotator, task_id, overlap, max_held=max_held):  # checked again, atomically
                 return store.task_for(annotator, task_id)
-        return store.next_task(annotator, overlap)
+        return store.next_task(annotator, overlap, max_held=max_held)
 
 
 # ---- scoring with a reward model ----

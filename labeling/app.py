@@ -59,6 +59,22 @@ CLOSED_PATHS = frozenset({"/openapi.json", "/docs", "/redoc", "/gradio_api/opena
 _UNKNOWN = object()
 
 
+class RepeatedKey(ValueError):
+    """A JSON object of a request body names the same key twice (json.loads would keep the last value)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json.loads' object_pairs_hook: the object as a dict, or RepeatedKey if a key repeats (a ranking that
+    gives one completion two ranks must be refused, not read as whichever came last)."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        shown = key.encode("utf-8", "backslashreplace").decode("utf-8")[:100]
+        raise RepeatedKey(f"the request body repeats the key {shown!r} in one object")
+    return result
+
+
 def _status_of(exc: UserError) -> int:
     if hasattr(exc, "status"):  # the handlers' and the sign-in's refusals carry theirs
         return exc.status
@@ -101,7 +117,7 @@ def create_app(store: SQLLabelStore, settings: AppSettings, sessions: "Sessions 
     from starlette.concurrency import run_in_threadpool
 
     sessions = sessions or Sessions(store)
-    throttle = throttle or LoginThrottle()
+    throttle = throttle or LoginThrottle(store)
     app = FastAPI(title="rlhf label", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.settings, app.state.sessions = store, settings, sessions
     # Middleware, outermost first: security_headers (below), BodyLimit, SameOrigin, CORS, SignInGate, the routes.
@@ -165,7 +181,9 @@ def create_app(store: SQLLabelStore, settings: AppSettings, sessions: "Sessions 
             if len(body) > MAX_BODY_BYTES:
                 raise RequestError(f"request body over {MAX_BODY_BYTES} bytes")
         try:
-            return json.loads(body)
+            return json.loads(body, object_pairs_hook=_unique_keys)
+        except RepeatedKey as exc:
+            raise RequestError(str(exc)) from None
         except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             raise RequestError("the request body is not valid JSON") from None
 

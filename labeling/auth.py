@@ -14,9 +14,7 @@ import hmac
 import math
 import re
 import secrets
-import threading
 import time
-from collections import OrderedDict
 
 from labeling.store import SQLLabelStore
 from rlhf.errors import UserError
@@ -137,8 +135,8 @@ def verify_password(store: SQLLabelStore, name: str, password: str) -> bool:
 # ------------------------------------------------------------------------------------------ sign-in
 
 class LoginThrottle:
-    """Failed sign-ins per account name and per client address, kept in the server's memory (each app server
-    counts the attempts it answers; with N servers a guesser gets at most N times the allowance).
+    """Failed sign-ins per account name and per client address, counted in the label store's database, so every
+    app server on one database shares one allowance (`SQLLabelStore.count_login_attempt` keeps the rows).
 
     An account may fail `account_failures` times, an address `address_failures` times; after that, each further
     attempt must wait `base_delay` seconds after the latest failure, doubling with every failure up to
@@ -147,52 +145,44 @@ class LoginThrottle:
     succeeds), so parallel guesses cannot slip in while the password is checked. The account limit is lower than
     the address limit; the address limit stops one client guessing across many names (behind a reverse proxy every
     client has the proxy's address, so set that limit with the proxy in mind). At most `max_keys` keys are kept:
-    the oldest go first.
+    the oldest go first. `clock` is wall time (time.time): servers on several machines compare it.
     """
 
-    def __init__(self, *, account_failures: int = 5, address_failures: int = 20, base_delay: float = 1.0,
-                 max_delay: float = 300.0, forget_after: float = 900.0, max_keys: int = 10_000,
-                 clock=time.monotonic):
+    def __init__(self, store: SQLLabelStore, *, account_failures: int = 5, address_failures: int = 20,
+                 base_delay: float = 1.0, max_delay: float = 300.0, forget_after: float = 900.0,
+                 max_keys: int = 10_000, clock=time.time):
+        self._store = store
         self._free = {"account": account_failures, "address": address_failures}
         self._base, self._max, self._forget, self._max_keys = base_delay, max_delay, forget_after, max_keys
         self._clock = clock
-        self._lock = threading.Lock()
-        self._failures: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()  # key -> (count, last)
 
-    def _wait(self, key: tuple[str, str], now: float) -> float:
-        count, last = self._failures.get(key, (0, now))
-        if now - last > self._forget:
-            self._failures.pop(key, None)
-            return 0.0
-        over = count - self._free[key[0]]
+    def _wait(self, kind: str, failures: int, last: float, now: float) -> float:
+        over = failures - self._free[kind]
         if over < 0:
             return 0.0
         return last + min(self._max, self._base * 2.0 ** min(over, 64)) - now
 
     def attempt(self, account: str, address: str) -> None:
         """Start a sign-in attempt; raises TooManyAttempts (and counts nothing) if either key must wait."""
-        keys = (("account", account), ("address", address))
-        with self._lock:
-            now = self._clock()
-            wait = max(self._wait(key, now) for key in keys)
-            if wait > 0:
-                raise TooManyAttempts(max(1, math.ceil(wait)))
-            for key in keys:
-                count, _ = self._failures.pop(key, (0, now))
-                self._failures[key] = (count + 1, now)  # to the end: the dict stays ordered by latest failure
-            while self._failures and (len(self._failures) > self._max_keys
-                                      or now - next(iter(self._failures.values()))[1] > self._forget):
-                self._failures.popitem(last=False)
+        keys = sorted((("account", _storable_key(account)), ("address", _storable_key(address))))
+        now = self._clock()
+
+        def wait(counts: list[tuple[int, float]]) -> float:
+            return max(self._wait(kind, failures, last, now) for (kind, _), (failures, last) in zip(keys, counts))
+
+        waiting = self._store.count_login_attempt(keys, now, now - self._forget, self._max_keys, wait)
+        if waiting > 0:
+            raise TooManyAttempts(max(1, math.ceil(waiting)))
 
     def succeeded(self, account: str, address: str) -> None:
         """The attempt succeeded: clear the account's failures and take this attempt back from the address."""
-        with self._lock:
-            self._failures.pop(("account", account), None)
-            count, last = self._failures.get(("address", address), (0, 0.0))
-            if count > 1:
-                self._failures[("address", address)] = (count - 1, last)
-            else:
-                self._failures.pop(("address", address), None)
+        self._store.login_succeeded(("account", _storable_key(account)), ("address", _storable_key(address)))
+
+
+def _storable_key(text: str) -> str:
+    """A throttle key as text the database can hold: a name tried may hold lone surrogates or NUL characters,
+    which are counted under their escaped spelling."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 class Sessions:

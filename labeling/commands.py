@@ -11,6 +11,7 @@ import json
 import sys
 
 from labeling.active import ORDERS, SCORED_ORDERS
+from labeling.store.sql import MAX_HELD
 from rlhf.config_args import positive_int
 from rlhf.errors import UserError
 from rlhf.oracles import oracle_help
@@ -128,6 +129,9 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860; 0 picks a free one)")
     p.add_argument("--overlap", type=int, default=2,
                    help="annotators who should rank each task before it leaves the queues (default 2)")
+    p.add_argument("--max-held", type=positive_int, default=MAX_HELD,
+                   help=f"the most tasks one annotator holds at a time, served and not yet answered (default "
+                        f"{MAX_HELD}): nobody can take every place by opening tasks and leaving them")
     p.add_argument("--guidelines", default=None, help="Markdown file shown to annotators in the Guidelines panel")
     p.add_argument("--admin", action="append", default=[], metavar="NAME",
                    help="treat this annotator as an admin on this server, besides the accounts with the admin "
@@ -369,7 +373,7 @@ def run_label(args) -> None:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0-65535, got {args.port}")
     settings = AppSettings(overlap=args.overlap, guidelines_html=render_guidelines(args.guidelines),
-                           admins=frozenset(args.admin))
+                           admins=frozenset(args.admin), max_held=args.max_held)
     root_path = args.root_path.rstrip("/")
     if root_path and not root_path.startswith("/"):
         raise UserError(f"--root-path must start with '/', got {args.root_path!r}")

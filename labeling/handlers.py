@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from labeling.active import ActiveQueue
 from labeling.auth import LoginThrottle, NotSignedIn, Sessions, is_admin, sign_in
-from labeling.store import ROLES, SQLLabelStore, UnknownAnnotator
+from labeling.store import MAX_HELD, ROLES, SQLLabelStore, UnknownAnnotator
 from rlhf.errors import UserError
 from rlhf.records import Task, prompt_json
 
@@ -47,6 +47,9 @@ class AppSettings:
     admins: frozenset[str] = frozenset()
     """Annotators treated as admins by this server besides those with the admin role in the store: they may open
     the statistics view (everyone's counts and agreement) and manage accounts."""
+    max_held: int = MAX_HELD
+    """The most tasks one annotator holds at a time (served and not yet answered): a place held past this is
+    not handed out, so nobody can take every place by opening tasks and leaving them."""
     active: ActiveQueue | None = None
     """Active labeling (`--order`, `--pre-rank`; `labeling.active`): the order tasks are served in and the reward
     model's proposed rankings. None: the store's queue and no proposal."""
@@ -132,8 +135,8 @@ def next_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings
     """The next task of this annotator's queue (None when it is empty) and their progress."""
     annotator = _signed_in(annotator)
     active = settings.active
-    task = (active.next_task(store, annotator, settings.overlap) if active is not None
-            else store.next_task(annotator, settings.overlap))
+    task = (active.next_task(store, annotator, settings.overlap, max_held=settings.max_held) if active is not None
+            else store.next_task(annotator, settings.overlap, max_held=settings.max_held))
     result = {"task": None if task is None else task_view(task), "progress": progress(store, annotator, settings)}
     if active is not None and active.proposal_rewards:  # --pre-rank: the order the task opens with
         result["proposal"] = None if task is None else active.proposal(task.id)
@@ -141,16 +144,14 @@ def next_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings
 
 
 def open_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings, task_id: Any) -> dict:
-    """A task to (re)rank, with this annotator's own stored ranking of it, if any, to edit. A task they
-    skipped is assigned to them again if it still has a free slot, so they can rank it after all; any other
-    task they can read but not submit unless it was handed to them."""
+    """A task to (re)rank, with this annotator's own stored ranking of it, if any, to edit. Opening holds no
+    place: a task they skipped can be ranked after all while it has a free place (the store checks at the
+    submit); any other task they can read but not submit unless it was handed to them."""
     annotator = _signed_in(annotator)
     if not isinstance(task_id, str) or not task_id:
         raise RequestError("'id' must be a non-empty string")
     task = store.task_for(annotator, task_id)
     own = store.get_own_ranking(annotator, task_id)
-    if own is None and store.has_skipped(annotator, task_id):
-        store.assign_task(annotator, task_id, settings.overlap)  # refused later, with the reason, if it is full
     result = {"task": task_view(task), "own": None if own is None else {"ranks": own.ranks}}
     if own is None and settings.active is not None and settings.active.proposal_rewards:
         result["proposal"] = settings.active.proposal(task_id)
@@ -171,7 +172,7 @@ def submit_ranking(store: SQLLabelStore, annotator: str | None, settings: AppSet
     # With --pre-rank the task was opened with the reward model's order; the store keeps it beside the ranking.
     proposal = settings.active.proposal(task_id) if settings.active is not None else None
     result = store.submit_ranking(annotator, task_id, dict(ranks), request_id=payload.get("request_id"),
-                                  seconds=payload.get("seconds"), require_assignment=True,
+                                  seconds=payload.get("seconds"), require_assignment=True, overlap=settings.overlap,
                                   **({"proposal": proposal} if proposal else {}))
     return {"task_id": task_id, "action": result.action, "ranks": result.ranking.ranks,
             "progress": progress(store, annotator, settings)}

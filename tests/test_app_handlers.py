@@ -401,23 +401,68 @@ def test_http_submits_only_assigned_tasks_and_never_past_the_overlap(store):
     assert progress is None and "was not handed to you" in json.loads(value)["error"]
 
 
-def test_reopening_a_skipped_task_hands_it_out_again_while_it_has_room(store):
+def test_reopening_a_skipped_task_takes_no_place_but_can_be_ranked_while_it_has_room(store):
     settings = AppSettings(overlap=1)
     task = handlers.next_task(store, "alice", settings)["task"]
     handlers.skip_task(store, "alice", settings, {"task_id": task["id"]})
-    assert handlers.next_task(store, "bob", settings)["task"]["id"] == task["id"]  # the skip freed the slot
     handlers.open_task(store, "alice", settings, task["id"])
-    with pytest.raises(handlers.UserError, match="expired|not handed"):  # bob holds the only slot
+    assert store.assignments() == []  # opening from the history holds nothing
+    assert handlers.next_task(store, "bob", settings)["task"]["id"] == task["id"]  # the skip freed the slot
+    with pytest.raises(handlers.UserError, match="no free place"):  # bob holds the only slot
         handlers.submit_ranking(store, "alice", settings,
                                 {"task_id": task["id"], "ranks": ranks_for(task, [1, 2, 3, 4])})
     wider = AppSettings(overlap=2)
-    handlers.open_task(store, "alice", wider, task["id"])
     result = handlers.submit_ranking(store, "alice", wider, {"task_id": task["id"],
                                                              "ranks": ranks_for(task, [1, 2, 3, 4])})
-    assert result["action"] == "submit"
+    assert result["action"] == "submit" and not store.has_skipped("alice", task["id"])
+
+
+def test_a_hoarder_who_skips_and_reopens_everything_leaves_the_queue_to_others(store):
+    """Skipping every task and reopening each from the history once emptied everyone else's queue."""
+    settings = AppSettings(overlap=1)
+    while (task := handlers.next_task(store, "alice", settings)["task"]) is not None:
+        handlers.skip_task(store, "alice", settings, {"task_id": task["id"]})
+    skipped = [item["task_id"] for item in handlers.history(store, "alice", settings)["items"]]
+    assert len(skipped) == 4
+    for _ in range(3):
+        for task_id in skipped:
+            handlers.open_task(store, "alice", settings, task_id)
+    assert store.assignments() == []
+    served = []
+    while (task := handlers.next_task(store, "bob", settings)["task"]) is not None:
+        handlers.submit_ranking(store, "bob", settings, {"task_id": task["id"], "ranks": ranks_for(
+            task, list(range(1, len(task["completions"]) + 1)))})
+        served.append(task["id"])
+    assert sorted(served) == sorted(skipped)  # bob ranked every task
+
+
+def test_an_annotator_holds_at_most_max_held_tasks(store):
+    settings = AppSettings(overlap=2, max_held=2)
+    assert store.assign_task("alice", "t0", 2, max_held=2) and store.assign_task("alice", "t1", 2, max_held=2)
+    assert store.assign_task("alice", "t2", 2, max_held=2) is False  # a third hold is refused
+    assert store.assign_task("alice", "t1", 2, max_held=2)  # renewing one of the two is not a new hold
+    first = handlers.next_task(store, "alice", settings)["task"]["id"]
+    assert first in ("t0", "t1")  # a held task comes first
+    assert sorted(a.task_id for a in store.assignments() if a.annotator == "alice") == ["t0", "t1"]
+    handlers.skip_task(store, "alice", settings, {"task_id": first})
+    assert store.assign_task("alice", "t2", 2, max_held=2)  # a place of hers came free
 
 
 # ------------------------------------------------------------------------------------------ hostile requests
+
+@pytest.mark.parametrize("body, key", [
+    ('{"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3, "t0-c0": 3}}', "t0-c0"),
+    ('{"task_id": "t1", "task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}}', "task_id"),
+])
+def test_a_repeated_key_is_refused_not_read_as_its_last_value(client, store, body, key):
+    login(client, "bob")
+    client.get("/api/next")
+    store.assign_task("bob", "t0", SETTINGS.overlap)
+    response = client.post("/api/rankings", content=body.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json() == {"error": f"the request body repeats the key {key!r} in one object"}
+    assert store.export_rankings() == []
+
 
 @pytest.mark.parametrize("path, body, status", [
     ("/api/login", "[" * 100_000 + "]" * 100_000, 400),                          # RecursionError in json.loads
@@ -437,6 +482,7 @@ def test_hostile_json_gets_a_4xx_and_stores_nothing(client, store, path, body, s
     response = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     assert "\n" not in response.json()["error"]
+    assert store.export_rankings() == []
     assert nothing_stored(store)
 
 
@@ -583,7 +629,7 @@ def test_no_stats_over_http(client):
 def label_args(db, **kw):
     return argparse.Namespace(**{"db": str(db), "host": "127.0.0.1", "port": 0, "overlap": 2, "guidelines": None,
                                  "admin": [], "root_path": "", "order": "fewest-rankings", "rm": None,
-                                 "pre_rank": None, "seed": 0, **kw})
+                                 "pre_rank": None, "seed": 0, "max_held": 3, **kw})
 
 
 def test_label_command_refuses_missing_or_empty_databases(tmp_path):

@@ -89,9 +89,9 @@ def test_sessions_expire_after_idle_time(store):
     assert sessions.annotator("forged-token") is None and sessions.annotator(None) is None
 
 
-def test_login_throttle_per_account_and_per_address():
+def test_login_throttle_per_account_and_per_address(store):
     now = [1000.0]
-    throttle = LoginThrottle(account_failures=5, address_failures=20, base_delay=1.0, max_delay=300.0,
+    throttle = LoginThrottle(store, account_failures=5, address_failures=20, base_delay=1.0, max_delay=300.0,
                              clock=lambda: now[0])
     for _ in range(5):
         throttle.attempt("alice", "10.0.0.1")  # five failures go through at once
@@ -121,11 +121,41 @@ def test_login_throttle_per_account_and_per_address():
     throttle.attempt("someone-new", "10.9.9.9")
 
 
-def test_login_throttle_keeps_a_bounded_number_of_keys():
-    throttle = LoginThrottle(max_keys=100)
-    for i in range(1000):
+def test_login_throttle_keeps_a_bounded_number_of_keys(store):
+    now = [1000.0]
+    throttle = LoginThrottle(store, max_keys=100, clock=lambda: now[0])
+    for i in range(300):
+        now[0] += 0.01
         throttle.attempt(f"name{i}", f"10.0.{i // 256}.{i % 256}")
-    assert len(throttle._failures) <= 100
+    failures = store.login_failures()
+    assert 98 <= len(failures) <= 100  # the newest rows (two keys per attempt share its time)
+    assert ("account", "name299") in failures and ("account", "name0") not in failures
+
+
+def test_failed_sign_ins_are_counted_in_the_database_and_shared_by_every_server(store, db_url):
+    """Two app servers on one database: the failures each one answers add up to one allowance."""
+    add_annotator(store, "alice", "correct horse")
+    now = [5000.0]
+    with open_store(db_url) as other_store:
+        servers = [LoginThrottle(s, account_failures=5, address_failures=20, clock=lambda: now[0])
+                   for s in (store, other_store)]
+        sessions = [Sessions(s) for s in (store, other_store)]
+        for i in range(5):  # 3 wrong passwords on one server, 2 on the other
+            with pytest.raises(NotSignedIn):
+                sign_in(store, sessions[i % 2], "alice", "wrong password", throttle=servers[i % 2],
+                        address=f"10.0.0.{i}")
+        assert store.login_failures()[("account", "alice")] == 5
+        for throttle in servers:  # the sixth is refused on both, without checking the password
+            with pytest.raises(TooManyAttempts, match="try again in 1 s"):
+                throttle.attempt("alice", "10.0.0.9")
+        now[0] += 1.0
+        token = sign_in(other_store, sessions[1], "alice", "correct horse", throttle=servers[1], address="10.0.0.9")
+        assert Sessions(store).annotator(token) == "alice"
+        assert ("account", "alice") not in store.login_failures()  # a success clears the account everywhere
+        servers[0].attempt("alice", "10.0.0.1")
+    rows = raw_connection(db_url).execute("SELECT kind, name, failures FROM login_failures"
+                                          " WHERE kind = 'account'").fetchall()
+    assert [tuple(r) for r in rows] == [("account", "alice", 1)]
 
 
 def test_sessions_are_in_the_store_and_shared_by_every_server(store, db_url):

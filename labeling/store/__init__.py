@@ -37,6 +37,7 @@ from labeling.store.errors import (
 from labeling.store.postgres import PostgresLabelStore
 from labeling.store.sql import (
     ASSIGNMENT_SECONDS,
+    MAX_HELD,
     MAX_REASON_LENGTH,
     MAX_REQUEST_ID_LENGTH,
     MAX_SECONDS,
@@ -52,11 +53,12 @@ from labeling.store.sqlite import SQLiteLabelStore
 from rlhf.errors import UserError
 
 __all__ = [
-    "ASSIGNMENT_SECONDS", "MAX_REASON_LENGTH", "MAX_REQUEST_ID_LENGTH", "MAX_SECONDS", "PREVIEW_CHARS", "ROLES",
-    "SCHEMA_VERSION", "Account", "AnnotatorExists", "AnnotatorProgress", "Assignment", "Conflict", "ConflictingTask",
-    "HistoryItem", "InvalidRanking", "NotAssigned", "PostgresLabelStore", "Progress", "RequestIdReused",
-    "SQLLabelStore", "SQLiteLabelStore", "SkipResult", "StorageUnavailable", "StoreError", "SubmitResult",
-    "UnknownAnnotator", "UnknownTask", "display_order", "open_store", "parse_url", "queue_key", "storable",
+    "ASSIGNMENT_SECONDS", "MAX_HELD", "MAX_REASON_LENGTH", "MAX_REQUEST_ID_LENGTH", "MAX_SECONDS", "PREVIEW_CHARS",
+    "ROLES", "SCHEMA_VERSION", "Account", "AnnotatorExists", "AnnotatorProgress", "Assignment", "Conflict",
+    "ConflictingTask", "HistoryItem", "InvalidRanking", "NotAssigned", "PostgresLabelStore", "Progress",
+    "RequestIdReused", "SQLLabelStore", "SQLiteLabelStore", "SkipResult", "StorageUnavailable", "StoreError",
+    "SubmitResult", "UnknownAnnotator", "UnknownTask", "display_order", "open_store", "parse_url", "queue_key",
+    "storable",
 ]
 
 

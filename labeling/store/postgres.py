@@ -113,6 +113,15 @@ _MIGRATIONS = {
         "CREATE INDEX sessions_by_expiry ON sessions(expires_at)",
         *COUNT_RANKINGS,
     ),
+    4: (
+        """CREATE TABLE login_failures (
+            kind TEXT NOT NULL CHECK (kind IN ('account', 'address')),
+            name TEXT NOT NULL,
+            failures INTEGER NOT NULL,
+            last_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (kind, name))""",
+        "CREATE INDEX login_failures_by_time ON login_failures(last_at)",
+    ),
 }
 
 
@@ -167,6 +176,7 @@ class PostgresLabelStore(SQLLabelStore):
     backend = "postgresql"
     MIGRATIONS = _MIGRATIONS
     _LOCK_TASK = " FOR UPDATE"
+    _LOCK_ANNOTATOR = " FOR NO KEY UPDATE"
     _PICK_LOCK = "FOR UPDATE OF t SKIP LOCKED"
     _TABLE_EXISTS = ("SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema()"
                      " AND table_name = ?")

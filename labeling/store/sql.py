@@ -57,9 +57,10 @@ from rlhf.errors import UserError
 from rlhf.pairs import proposal_moves
 from rlhf.records import Completion, RankedTask, Ranking, Task, decode_prompt, encode_prompt, is_text, last_user_turn
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """1: tasks, completions, annotators, rankings, skips, events. 2: + assignments. 3: + sessions; annotators gain
-a role and a disabled flag; tasks count their rankings (`ranking_count`, kept by `submit_ranking`)."""
+a role and a disabled flag; tasks count their rankings (`ranking_count`, kept by `submit_ranking`). 4: +
+login_failures (failed sign-ins per account and per address, shared by every app server on the database)."""
 ROLES = ("annotator", "admin")
 MAX_REQUEST_ID_LENGTH = 128
 MAX_REASON_LENGTH = 500
@@ -68,6 +69,9 @@ MAX_SECONDS = 365 * 24 * 3600
 """The most time on a task a client may report (anything larger is a broken or hostile client)."""
 ASSIGNMENT_SECONDS = 30 * 60
 """How long a served task stays reserved for its annotator before its place may go to someone else."""
+MAX_HELD = 3
+"""The most tasks one annotator may hold (live assignments) at a time: one who opens tasks without answering them
+cannot take more places than this from everyone else."""
 
 
 # ---------------------------------------------------------------------------------------- pure helpers
@@ -172,9 +176,9 @@ COPIED_TABLES = (
                 {"assigned_at": float, "expires_at": float}),
     CopiedTable("events", ("id", "at", "annotator", "task_id", "kind", "payload", "request_id"), "id", {"at": float}),
 )
-"""Everything a label store holds, in an order that satisfies the foreign keys. Sign-in sessions are not copied:
-after a copy everyone signs in again."""
-LABEL_TABLES = tuple(t.name for t in COPIED_TABLES) + ("sessions",)
+"""Everything a label store holds, in an order that satisfies the foreign keys. Sign-in sessions and failed
+sign-ins are not copied: after a copy everyone signs in again."""
+LABEL_TABLES = tuple(t.name for t in COPIED_TABLES) + ("sessions", "login_failures")
 
 COUNT_RANKINGS = (
     "ALTER TABLE tasks ADD COLUMN ranking_count INTEGER NOT NULL DEFAULT 0",
@@ -221,8 +225,11 @@ class SQLLabelStore:
     MIGRATIONS: Mapping[int, tuple[str, ...]] = {}
     """Schema version -> the statements that bring a store of the version before it to this one."""
     _LOCK_TASK = ""
-    """Appended to the statement that looks a task up before a write about it: a row lock where writers do not
-    already hold a lock on the whole database."""
+    """Appended to the statement that looks a task (or a sign-in counter) up before a write about it: a row lock
+    where writers do not already hold a lock on the whole database."""
+    _LOCK_ANNOTATOR = ""
+    """Appended to the look-up of an annotator whose holds are counted: a row lock that leaves foreign-key checks
+    (rankings, sessions) free to go on."""
     _PICK_LOCK = ""
     """Appended to the queue's choice of a task: lock it, passing over tasks that other writers hold."""
     _TABLE_EXISTS = ""
@@ -424,8 +431,11 @@ class SQLLabelStore:
                                                 (value, name)).rowcount:
             raise UnknownAnnotator(f"unknown annotator {name!r}")
 
-    def _require_annotator(self, tx: Statements, annotator: str) -> None:
-        if not storable(annotator) or tx.one("SELECT 1 FROM annotators WHERE name = ?", (annotator,)) is None:
+    def _require_annotator(self, tx: Statements, annotator: str, *, lock: bool = False) -> None:
+        """UnknownAnnotator unless the annotator exists; with `lock`, their row is locked for the rest of the
+        transaction where the backend needs it (the writes that count their holds happen one after another)."""
+        if not storable(annotator) or tx.one("SELECT 1 FROM annotators WHERE name = ?"
+                                             + (self._LOCK_ANNOTATOR if lock else ""), (annotator,)) is None:
             raise UnknownAnnotator(f"unknown annotator {annotator!r}")
 
     # --- sessions (rows only: labeling.auth.Sessions decides)
@@ -459,6 +469,48 @@ class SQLLabelStore:
             self._require_annotator(tx, annotator)
             return tx.execute("DELETE FROM sessions WHERE annotator = ?", (annotator,)).rowcount
 
+    # --- failed sign-ins (rows only: labeling.auth.LoginThrottle decides)
+
+    def count_login_attempt(self, keys: Iterable[tuple[str, str]], now: float, forget_before: float,
+                            max_rows: int, wait: Callable[[list[tuple[int, float]]], float]) -> float:
+        """One sign-in attempt for these (kind, name) keys, in one transaction: failures older than
+        `forget_before` are forgotten, `wait` is given each key's (failures, time of the latest), and unless it
+        answers a wait > 0 every key counts one more failure now (taken back by `login_succeeded`). The rows
+        of the keys are locked first, so attempts on several servers at once are counted one after another; at
+        most `max_rows` rows are kept, the most recent. Returns the wait."""
+        keys = sorted(set(keys))
+        with self._write() as tx:
+            tx.execute("DELETE FROM login_failures WHERE last_at < ?", (forget_before,))
+            counts = []
+            for kind, name in keys:
+                tx.execute("INSERT INTO login_failures (kind, name, failures, last_at) VALUES (?, ?, 0, ?)"
+                           " ON CONFLICT (kind, name) DO NOTHING", (kind, name, now))
+                failures, last_at = tx.one("SELECT failures, last_at FROM login_failures WHERE kind = ? AND name = ?"
+                                           + self._LOCK_TASK, (kind, name))
+                counts.append((int(failures), float(last_at)))
+            waiting = wait(counts)
+            if waiting > 0:
+                return waiting
+            for kind, name in keys:
+                tx.execute("UPDATE login_failures SET failures = failures + 1, last_at = ? WHERE kind = ? AND name = ?",
+                           (now, kind, name))
+            tx.execute("DELETE FROM login_failures WHERE last_at <= (SELECT last_at FROM login_failures"
+                       " ORDER BY last_at DESC LIMIT 1 OFFSET ?)", (max_rows,))
+        return 0.0
+
+    def login_succeeded(self, account: tuple[str, str], address: tuple[str, str]) -> None:
+        """A sign-in succeeded: forget the account key's failures and take one back from the address key."""
+        with self._write() as tx:
+            tx.execute("DELETE FROM login_failures WHERE kind = ? AND name = ?", account)
+            tx.execute("UPDATE login_failures SET failures = failures - 1 WHERE kind = ? AND name = ?", address)
+            tx.execute("DELETE FROM login_failures WHERE kind = ? AND name = ? AND failures <= 0", address)
+
+    def login_failures(self) -> dict[tuple[str, str], int]:
+        """ADMIN/CLI ONLY: the failed sign-ins counted now, per (kind, name)."""
+        with self._read() as tx:
+            return {(kind, name): int(n) for kind, name, n in tx.all(
+                "SELECT kind, name, failures FROM login_failures ORDER BY kind, name")}
+
     # --- the queue
 
     # Tasks this annotator may be served: not ranked or skipped by them, and with a free place, i.e. fewer
@@ -476,9 +528,11 @@ class SQLLabelStore:
           AND t.id NOT IN (SELECT task_id FROM skips WHERE annotator = :annotator)
     """
 
-    def next_task(self, annotator: str, overlap: int) -> Task | None:
+    def next_task(self, annotator: str, overlap: int, *, max_held: int = MAX_HELD) -> Task | None:
         """The next task for this annotator, completions in their display order; None when nothing is left.
-        The task is assigned to them (recorded in the store, expiring after `assignment_seconds`).
+        The task is assigned to them (recorded in the store, expiring after `assignment_seconds`). Holds of theirs
+        on tasks that filled up meanwhile are dropped first; None also when they hold `max_held` live
+        assignments that cannot be served (never in practice: a held task that is open comes first).
 
         Serves the task already assigned to this annotator if it is still open to them (a reload shows the same
         task), else the tasks with the fewest rankings first, only tasks with a free place (fewer than `overlap`
@@ -489,10 +543,11 @@ class SQLLabelStore:
         if overlap < 1:
             raise ValueError("overlap must be at least 1")
         with self._write() as tx:
-            self._require_annotator(tx, annotator)
+            self._require_annotator(tx, annotator, lock=True)
             now = self._clock()
             params: dict[str, Any] = {"overlap": overlap, "annotator": annotator, "salt": _hash63(annotator),
                                       "now": now}
+            self._release_full_holds(tx, annotator, overlap, now)
             passed: list[str] = []  # chosen, but full once locked (another server filled it meanwhile)
             while True:
                 exclude = "".join(f" AND t.id <> :passed{i}" for i in range(len(passed)))
@@ -507,27 +562,46 @@ class SQLLabelStore:
                 if self._has_room(tx, annotator, task_id, overlap, now):
                     break
                 passed.append(task_id)
+            if not self._may_hold(tx, annotator, task_id, max_held, now):
+                return None
             self._assign(tx, annotator, task_id, overlap, now)
         return self.task_for(annotator, task_id)
 
-    def assign_task(self, annotator: str, task_id: str, overlap: int) -> bool:
-        """Hand this task to this annotator if it is open to them (see `next_task`; the app uses it when an
-        annotator reopens a task they skipped). Returns whether they may now submit a ranking of it: True
-        also for a task they already ranked (an edit), False when its places are taken."""
+    def assign_task(self, annotator: str, task_id: str, overlap: int, *, max_held: int = MAX_HELD) -> bool:
+        """Hand this task to this annotator if it is open to them (see `next_task`; active labeling's queue uses
+        it). Returns whether they may now submit a ranking of it: True also for a task they already ranked (an
+        edit), False when its places are taken or they already hold `max_held` other live assignments."""
         if overlap < 1:
             raise ValueError("overlap must be at least 1")
         _check_task_id(task_id)
         with self._write() as tx:
-            self._require_annotator(tx, annotator)
+            self._require_annotator(tx, annotator, lock=True)
             if not self._lock_task(tx, task_id):
                 raise UnknownTask(f"unknown task {task_id!r}")
             if self._own_ranking(tx, annotator, task_id) is not None:
                 return True
             now = self._clock()
-            if not self._has_room(tx, annotator, task_id, overlap, now):
+            if not self._has_room(tx, annotator, task_id, overlap, now) \
+                    or not self._may_hold(tx, annotator, task_id, max_held, now):
                 return False
             self._assign(tx, annotator, task_id, overlap, now)
         return True
+
+    def _may_hold(self, tx: Statements, annotator: str, task_id: str, max_held: int, now: float) -> bool:
+        """Whether this annotator holds fewer than `max_held` live assignments besides this task's (their row is
+        locked by the caller, so two servers cannot both hand them one more)."""
+        if max_held < 1:
+            raise ValueError("max_held must be at least 1")
+        return tx.value("SELECT COUNT(*) FROM assignments WHERE annotator = ? AND task_id <> ? AND expires_at > ?",
+                        (annotator, task_id, now)) < max_held
+
+    def _release_full_holds(self, tx: Statements, annotator: str, overlap: int, now: float) -> None:
+        """Drop this annotator's assignments of tasks that others have filled meanwhile (their hold had expired):
+        such a hold can no longer be answered and would only count against `max_held`."""
+        tx.execute(f"""DELETE FROM assignments WHERE annotator = :annotator AND task_id IN (
+                           SELECT t.id FROM tasks t JOIN assignments a ON a.task_id = t.id AND a.annotator = :annotator
+                           WHERE t.ranking_count + {self._HELD} >= :overlap)""",
+                   {"annotator": annotator, "overlap": overlap, "now": now})
 
     def _lock_task(self, tx: Statements, task_id: str) -> bool:
         """Whether the task exists; locks its row for the rest of the transaction where the backend needs it
@@ -547,11 +621,19 @@ class SQLLabelStore:
                          {"task": task_id, "annotator": annotator, "now": now})
         return taken < overlap
 
-    def _check_assigned(self, tx: Statements, annotator: str, task_id: str, now: float) -> None:
+    def _check_assigned(self, tx: Statements, annotator: str, task_id: str, now: float,
+                        overlap: int | None = None) -> None:
         """NotAssigned unless the task was handed to this annotator and, if that assignment expired, still
-        has a place for them (a late answer is welcome while nobody else took its place)."""
+        has a place for them (a late answer is welcome while nobody else took its place). A task they skipped
+        needs no assignment, only a free place at `overlap` (reopening it from the history holds no place)."""
         row = tx.one("SELECT overlap, expires_at FROM assignments WHERE annotator = ? AND task_id = ?",
                      (annotator, task_id))
+        if row is None and overlap is not None and tx.one(
+                "SELECT 1 FROM skips WHERE annotator = ? AND task_id = ?", (annotator, task_id)):
+            if not self._has_room(tx, annotator, task_id, overlap, now):
+                raise NotAssigned(f"task {task_id!r} has no free place any more (others are ranking it); "
+                                  "nothing was stored")
+            return
         if row is None:
             raise NotAssigned(f"task {task_id!r} was not handed to you; nothing was stored "
                               "(rank the tasks the app serves you, or edit your own earlier rankings)")
@@ -579,7 +661,7 @@ class SQLLabelStore:
 
     def submit_ranking(self, annotator: str, task_id: str, ranks: Mapping[str, int], request_id: str | None = None,
                        seconds: float | None = None, *, require_assignment: bool = False,
-                       proposal: Mapping[str, int] | None = None) -> SubmitResult:
+                       proposal: Mapping[str, int] | None = None, overlap: int | None = None) -> SubmitResult:
         """Store this annotator's ranking of a task (dense ranks, 1 best, ties allowed but not all-tied).
 
         Checks everything itself: unknown annotator/task -> UnknownAnnotator/UnknownTask; ranks that do not
@@ -587,7 +669,8 @@ class SQLLabelStore:
         seconds/request id -> InvalidRanking. A request id this annotator already used for the same task
         stores nothing and returns the current ranking with action 'duplicate'; one used for another task or
         for a skip is a RequestIdReused conflict. With `require_assignment` (the app) a first ranking is
-        accepted only for a task assigned to this annotator (see `_check_assigned`), else NotAssigned. Nothing
+        accepted only for a task assigned to this annotator (see `_check_assigned`; given the server's `overlap`,
+        also for a task they skipped that still has a free place), else NotAssigned. Nothing
         is stored on error. A second submit for a task the annotator already ranked replaces it (action
         'edit', logged as an 'edit' event with the previous ranks; `seconds` add up over edits). Ranking a
         task ends its assignment and removes a skip. `proposal`: the order the task was opened with (active
@@ -617,7 +700,7 @@ class SQLLabelStore:
             now = self._clock()
             previous = self._own_ranking(tx, annotator, task_id)
             if require_assignment and previous is None:
-                self._check_assigned(tx, annotator, task_id, now)
+                self._check_assigned(tx, annotator, task_id, now, overlap)
             ranks_json = json.dumps(dense, ensure_ascii=False)
             if previous is None:
                 action = "submit"

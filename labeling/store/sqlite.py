@@ -97,6 +97,16 @@ _MIGRATIONS = {
         "CREATE INDEX sessions_by_expiry ON sessions(expires_at)",
         *COUNT_RANKINGS,
     ),
+    4: (
+        # Failed sign-ins (labeling.auth.LoginThrottle), in the database so that every app server counts them.
+        """CREATE TABLE login_failures (
+            kind TEXT NOT NULL CHECK (kind IN ('account', 'address')),
+            name TEXT NOT NULL,                         -- the account name tried, or the client's address
+            failures INTEGER NOT NULL,
+            last_at REAL NOT NULL,                      -- Unix time of the latest failure
+            PRIMARY KEY (kind, name))""",
+        "CREATE INDEX login_failures_by_time ON login_failures(last_at)",
+    ),
 }
 
 
