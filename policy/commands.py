@@ -87,6 +87,7 @@ def run_sample(args) -> None:
     from rlhf.hardware import setup_compute
     from rlhf.models import eos_token_ids
     from rlhf.prompts import read_prompts
+    from rlhf.records import prompt_json, transcript
 
     prompts = [p for _, p in read_prompts(args.prompts, args.n)]
     model, tokenizer, meta = load_policy(args.policy, dtype=getattr(torch, setup_compute(args.dtype)))
@@ -102,6 +103,6 @@ def run_sample(args) -> None:
     ref_texts = [t for t, _ in decode_responses(tokenizer, ref_ids, eos)]
     for prompt, ref, pol in zip(prompts, ref_texts, policy_texts):
         if args.json:
-            print(json.dumps({"prompt": prompt, "reference": ref, "policy": pol}, ensure_ascii=False))
+            print(json.dumps({"prompt": prompt_json(prompt), "reference": ref, "policy": pol}, ensure_ascii=False))
         else:
-            print(f"=== {prompt}\n--- reference:\n{ref}\n--- policy:\n{pol}\n")
+            print(f"=== {transcript(prompt).strip()}\n--- reference:\n{ref}\n--- policy:\n{pol}\n")

@@ -31,6 +31,7 @@ from torch import Tensor
 from reward_model.model import Readout, first_layers, map_samples, num_decoder_layers
 from rlhf.causal_lm import decoder_body, final_hidden_states, last_token_index
 from rlhf.errors import UserError
+from rlhf.records import Prompt, encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,11 @@ def fit_bradley_terry(diffs: Tensor, l2: float) -> Tensor:
     return w.detach().float()
 
 
-def prompt_folds(prompts: Sequence[str], folds: int) -> list[int]:
-    """A fold per pair from its prompt's hash: the pairs of one prompt share a fold."""
-    return [int(hashlib.sha256(p.encode("utf-8", "surrogatepass")).hexdigest(), 16) % folds for p in prompts]
+def prompt_folds(prompts: Sequence[Prompt], folds: int) -> list[int]:
+    """A fold per pair from its prompt's hash (a conversation's as its stored text): the pairs of one prompt share
+    a fold."""
+    return [int(hashlib.sha256(encode_prompt(p).encode("utf-8", "surrogatepass")).hexdigest(), 16) % folds
+            for p in prompts]
 
 
 @dataclass(frozen=True)
