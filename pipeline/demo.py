@@ -134,6 +134,7 @@ def _generate(cfg: DemoConfig, out: Path, done: dict) -> dict:
     from labeling.generate import GenerateConfig, run_generate
     from rlhf.jsonl import write_jsonl
     from rlhf.prompts import read_prompts, split_by_prompt
+    from rlhf.records import prompt_json
 
     prompts = read_prompts(cfg.prompts)
     held_out = split_by_prompt([p for _, p in prompts], cfg.eval_fraction, cfg.seed)
@@ -141,7 +142,7 @@ def _generate(cfg: DemoConfig, out: Path, done: dict) -> dict:
         raise UserError(f"{cfg.prompts}: too few prompts to hold {cfg.eval_fraction:.0%} out for evaluation")
     for name, rows in (("train", [r for r in prompts if r[1] not in held_out]),
                        ("eval", [r for r in prompts if r[1] in held_out])):
-        write_jsonl(out / f"prompts_{name}.jsonl", ({"id": i, "prompt": p} for i, p in rows))
+        write_jsonl(out / f"prompts_{name}.jsonl", ({"id": i, "prompt": prompt_json(p)} for i, p in rows))
     config = GenerateConfig(prompts=str(out / "prompts_train.jsonl"), out=str(out / "tasks.jsonl"),
                             limit=cfg.label_prompts, model=cfg.model, k=cfg.k, temperature=cfg.temperature,
                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, dtype=cfg.dtype)
