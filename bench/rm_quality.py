@@ -1,6 +1,7 @@
 """Reward-model quality, side by side: does `rlhf train-rm` learn preferences, and as well as it could?
 
-    .venv/bin/python bench/rm_quality.py [--preferences sentiment descriptive ...] [--methods ours trl probe bow]
+    .venv/bin/python bench/rm_quality.py [--preferences sentiment descriptive ...] [--sets qa-feedback pandalm]
+        [--methods ours trl probe bow]
 
 For each preference (an oracle from rlhf/oracles.py standing in for noiseless annotators):
 1. K completions per prompt of data/prompts.jsonl from the SFT model (generated once, cached in
@@ -20,6 +21,10 @@ For each preference (an oracle from rlhf/oracles.py standing in for noiseless an
      already knows);
    - bow: logistic regression on the difference of bag-of-words counts, L2 chosen the same way (how much
      signal the labels carry for a model-free learner).
+Beside the oracles, each `--sets` row is a set of real human labels (bench/prepare_human_preferences.py:
+each human comparison a ranking of two, split by prompt with the same rule; `--limit` keeps its first N
+prompts), run through the same four learners; the probe's features and the bag of words' vocabulary come
+from the set's own texts.
 Accuracy counts a reward tie as half right. The +- column is 1.96 standard errors of the held-out
 accuracy treating pairs as independent (pairs from one ranking are not, so the real interval is wider: ours
 is also given with its interval over the held-out prompts, `reward_model.evaluate.prompt_bootstrap_interval`).
@@ -43,6 +48,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CACHE = Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench-cache"))
+from prepare_human_preferences import SETS as HUMAN_SETS  # noqa: E402 (bench/ is on sys.path)
+from prepare_human_preferences import human_rankings  # noqa: E402
+
 PROBE_LAYERS = (2, 4, 8, 10, 12, 15, 22, 30)
 
 
@@ -315,8 +323,10 @@ def bag_of_words(tasks: list[dict]):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="SFT model (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--preferences", nargs="+",
+    parser.add_argument("--preferences", nargs="*",
                         default=["sentiment", "descriptive", "on_topic", "formality", "length", "alliteration"])
+    parser.add_argument("--sets", nargs="*", choices=sorted(HUMAN_SETS), default=list(HUMAN_SETS),
+                        help="real human preference sets (bench/prepare_human_preferences.py)")
     parser.add_argument("--methods", nargs="+", default=["ours", "trl", "probe", "bow"])
     parser.add_argument("--k", type=int, default=4, help="completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="completion length cap")
@@ -328,9 +338,11 @@ def main() -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning-curve", type=int, nargs="*", default=None,
-                        help="also train ours on the first N training rankings for each N (first preference only)")
+                        help="also train ours on the first N training rankings for each N (first row only)")
     parser.add_argument("--out", default=str(CACHE / "rm_quality"))
     args = parser.parse_args()
+    if not args.preferences and not args.sets:
+        parser.error("nothing to measure: give --preferences or --sets (or neither, for all)")
 
     from rlhf.oracles import load_oracle
 
@@ -342,11 +354,18 @@ def main() -> None:
         except ImportError:
             methods.remove("trl")
             print("trl is not installed (pip install -e '.[bench]'): TRL column skipped")
-    tasks = cached_tasks(args.model, args.k, args.max_new_tokens, limit=args.limit)
-    frozen = FrozenFeatures(args.model, tasks) if "probe" in methods else None
+    # (row name, rankings rows, the texts its probe features and bag-of-words vocabulary come from)
+    benchmarks = []
+    if args.preferences:
+        tasks = cached_tasks(args.model, args.k, args.max_new_tokens, limit=args.limit)
+        benchmarks += [(name, oracle_rankings(tasks, load_oracle(name), args.test_fraction, args.seed), tasks)
+                       for name in args.preferences]
+    for name in args.sets:
+        rows = human_rankings(name, args.test_fraction, args.seed, limit=args.limit)
+        benchmarks.append((name, rows, rows))
+    frozen_by_source = {}
     table = []
-    for name in args.preferences:
-        rows = oracle_rankings(tasks, load_oracle(name), args.test_fraction, args.seed)
+    for name, rows, source in benchmarks:
         train_rows = [r for r in rows if r["split"] == "train"]
         test_rows = [r for r in rows if r["split"] == "test"]
         n_train, n_test = len(comparisons(train_rows)), len(comparisons(test_rows))
@@ -357,13 +376,16 @@ def main() -> None:
         if "trl" in methods:
             result["trl"] = run_trl(rows, args, out)
         if "probe" in methods:
+            if id(source) not in frozen_by_source:  # one untimed forward pass per source, shared by its rows
+                frozen_by_source[id(source)] = FrozenFeatures(args.model, source)
             started = time.time()
-            chosen, train_acc, test_acc = select_and_fit(frozen.features(), train_rows, test_rows)
+            chosen, train_acc, test_acc = select_and_fit(frozen_by_source[id(source)].features(), train_rows,
+                                                         test_rows)
             result["probe"] = {"train": train_acc, "test": test_acc, "seconds": time.time() - started,
                                "readout": chosen}
         if "bow" in methods:
             started = time.time()
-            _, train_acc, test_acc = select_and_fit(bag_of_words(tasks), train_rows, test_rows, standardise=False)
+            _, train_acc, test_acc = select_and_fit(bag_of_words(source), train_rows, test_rows, standardise=False)
             result["bow"] = {"train": train_acc, "test": test_acc, "seconds": time.time() - started}
         ci = 1.96 * math.sqrt(0.25 / max(n_test, 1))
         cells = "  ".join(f"{m} {result[m]['train']:.2f}/{result[m]['test']:.2f} ({result[m]['seconds']:.0f}s)"
@@ -383,11 +405,11 @@ def main() -> None:
     if "ours" in methods and "trl" in methods:  # the same pairs and epochs: the ratio of training times
         print("ours pairs/s vs TRL's: " + ", ".join(
             f"{r['preference']} {r['trl']['seconds'] / r['ours']['seconds']:.2f}x" for r in table))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "table.json").write_text(json.dumps(table, indent=2, default=str) + "\n", encoding="utf-8")
 
     if args.learning_curve:
-        name = args.preferences[0]
-        rows = oracle_rankings(tasks, load_oracle(name), args.test_fraction, args.seed)
+        name, rows, _ = benchmarks[0]
         train_rows = [r for r in rows if r["split"] == "train"]
         test_rows = [r for r in rows if r["split"] == "test"]
         print(f"\nlearning curve ({name}, ours): training rankings -> held-out accuracy")
