@@ -8,14 +8,15 @@ Where data comes from (`find_data`, `read_records`):
 - the folder `rlhf export` writes (labeling/export.py): `rankings.jsonl`, else `train.jsonl` (+ `test.jsonl`);
 - a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (the export's `rankings_dataset/`
   and `pairs_dataset/` are two);
-- one JSON Lines / JSON / Parquet / CSV file;
+- one JSON Lines (.jsonl, or gzip-compressed .jsonl.gz) / JSON / Parquet / CSV file;
 - a Hugging Face hub dataset id (`datasets.load_dataset(id)`).
 
 Rows are rankings, `{prompt, completions: [{text, rank, id?}], task_id?, annotator?}` (the prompt a string or a
 conversation of `{"role", "content"}` messages ending in a user turn; `messages` in its place), or pairs in TRL's
 preference format: `{prompt, chosen, rejected}` as texts, or its conversational form with message lists, where
 the prompt is every message before the last assistant turn, either in a `prompt` column or shared by `chosen`
-and `rejected` (`rlhf.records.Pair.from_dict`). The chat template is applied by `rlhf.models.format_prompt`.
+and `rejected` (`rlhf.records.Pair.from_dict`), or HH-RLHF's transcripts (`{chosen, rejected}` texts
+"\\n\\nHuman: ...\\n\\nAssistant: ...", the shared turns the prompt). The chat template is applied by `rlhf.models.format_prompt`.
 
 A row may name its `subset` (a category of the evaluation set, as in RewardBench): `rlhf eval-rm` reports the
 accuracy per subset.
@@ -38,11 +39,12 @@ from typing import Any
 from reward_model.loss import build_pair_index, ranking_pairs
 from reward_model.model import EncodedSample, encode_sample_ids, pad_samples
 from rlhf.errors import UserError
-from rlhf.records import Pair, RankedCompletion, RankedTask, decode_prompt, encode_prompt
+from rlhf.records import Pair, RankedCompletion, RankedTask, decode_prompt, encode_prompt, is_transcript
 from rlhf.tables import (
     EXPORT_FORMAT,
     EXPORT_META,
     NotOnHub,
+    is_jsonl,
     is_saved_dataset,
     load_hub,
     load_saved,
@@ -167,7 +169,9 @@ def _features():
 def _row_place(origin: str, jsonl: str | None, index: int) -> str:
     """'FILE:LINE' for a JSON Lines file (blank lines are not rows), else 'SOURCE: row N'."""
     if jsonl is not None:
-        with open(jsonl, "rb") as handle:
+        import gzip
+
+        with gzip.open(jsonl, "rb") if jsonl.lower().endswith(".gz") else open(jsonl, "rb") as handle:
             rows = (line_no for line_no, line in enumerate(handle, start=1) if line.strip())
             line_no = next((n for i, n in enumerate(rows) if i == index), None)
         if line_no is not None:
@@ -262,14 +266,14 @@ class _Part:
         return self._rows
 
     def _check_columns(self) -> None:
-        from datasets import Value
-
         columns = self.raw.column_names
         if "completions" in columns:
             needed = ["messages" if "messages" in columns else "prompt", "completions"]
         elif "chosen" in columns or "rejected" in columns:
-            conversational = "chosen" in columns and not isinstance(self.raw.features["chosen"], Value)
-            needed = ["chosen", "rejected"] if conversational else ["prompt", "chosen", "rejected"]
+            # TRL's implicit prompt (dialogues) and HH-RLHF's transcripts need no prompt column
+            first = self.raw[0].get("chosen") if "chosen" in columns else None
+            prompt_free = isinstance(first, list) or is_transcript(first)
+            needed = ["chosen", "rejected"] if prompt_free else ["prompt", "chosen", "rejected"]
         else:
             raise UserError(f"{self.origin}: neither rankings nor pairs ({_EXPECTED}); its columns: "
                             f"{', '.join(columns)}")
@@ -321,7 +325,7 @@ def load_source(data: str | Path) -> list[_Part]:
     """The tables of a data source (see the module docstring), not yet read row by row."""
     path = Path(data).expanduser()
     if path.is_file():
-        jsonl = str(path) if path.suffix.lower() == ".jsonl" else None  # JSONL errors name their line
+        jsonl = str(path) if is_jsonl(path) else None  # JSONL errors name their line
         return [_Part("train", read_table_file(path), str(path), jsonl)]
     if path.is_dir():
         check_export_folder(path)

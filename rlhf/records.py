@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -351,10 +352,10 @@ class Pair:
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Pair:
-        """Texts ({prompt, chosen, rejected} strings) or TRL's conversational form: message lists, with the
+        """Texts ({prompt, chosen, rejected} strings); TRL's conversational form: message lists, with the
         prompt explicit (`prompt` messages, then `chosen` / `rejected` the assistant's reply) or implicit
         (`chosen` and `rejected` whole dialogues: the turns before their last assistant turn, the same in
-        both, are the prompt)."""
+        both, are the prompt); or, without a prompt, HH-RLHF's transcripts (`transcript_pair`)."""
         def rank(key: str) -> int | None:
             value = obj.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -363,6 +364,8 @@ class Pair:
 
         if any(isinstance(obj.get(key), list) for key in ("prompt", "chosen", "rejected")):
             prompt, chosen, rejected = conversation_pair(obj.get("prompt"), obj.get("chosen"), obj.get("rejected"))
+        elif obj.get("prompt") is None and is_transcript(obj.get("chosen")):
+            prompt, chosen, rejected = transcript_pair(obj.get("chosen"), obj.get("rejected"))
         else:
             prompt = parse_prompt(obj.get("prompt"))
             chosen, rejected = _text(obj, "chosen", allow_empty=True), _text(obj, "rejected", allow_empty=True)
@@ -375,6 +378,49 @@ class Pair:
             rank_chosen=rank("rank_chosen"),
             rank_rejected=rank("rank_rejected"),
         )
+
+
+_SPEAKERS = {"Human": "user", "Assistant": "assistant", "System": "system"}
+_TURN = re.compile(r"\n\n(Human|Assistant|System):")
+
+
+def is_transcript(value: Any) -> bool:
+    """Whether `value` is a text in HH-RLHF's transcript form (it starts with "\\n\\nHuman:" or "\\n\\nSystem:")."""
+    return isinstance(value, str) and _TURN.match(value) is not None and not value.startswith("\n\nAssistant:")
+
+
+def parse_transcript(text: str, key: str) -> tuple[Message, ...]:
+    """The turns of an HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ..."); each turn's text stripped."""
+    parts = _TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise ValueError(f"'{key}' is not a transcript: it must start with \"\\n\\nHuman:\" (turns "
+                         f"\"\\n\\nHuman: ...\\n\\nAssistant: ...\")")
+    turns = []
+    for n, (speaker, content) in enumerate(zip(parts[1::2], parts[2::2]), start=1):
+        if not content.strip():
+            raise ValueError(f"'{key}' turn {n} ({speaker}) is empty")
+        turns.append(Message(_SPEAKERS[speaker], content.strip()))
+    return tuple(turns)
+
+
+def transcript_pair(chosen: Any, rejected: Any) -> tuple[tuple[Message, ...], str, str]:
+    """(prompt, chosen reply, rejected reply) of an HH-RLHF row: two transcripts ("\\n\\nHuman: ...\\n\\nAssistant:
+    ...", a "System:" turn allowed first) that share every turn before their last, the assistant's reply."""
+    dialogues = {}
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(text, str):
+            raise ValueError(f"'{key}' must be a transcript string")
+        turns = parse_transcript(text, key)
+        if turns[-1].role != "assistant":
+            raise ValueError(f"'{key}' ends in a {turns[-1].role} turn: it must end in the assistant's reply")
+        if len(turns) < 2:
+            raise ValueError(f"'{key}' has no turn before the assistant's reply")
+        dialogues[key] = turns
+    if dialogues["chosen"][:-1] != dialogues["rejected"][:-1]:
+        raise ValueError("'chosen' and 'rejected' differ before their last assistant turn (they must share the "
+                         "conversation)")
+    return (check_conversation(dialogues["chosen"][:-1], "the conversation"), dialogues["chosen"][-1].content,
+            dialogues["rejected"][-1].content)
 
 
 def conversation_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[tuple[Message, ...], str, str]:

@@ -13,7 +13,7 @@ from rlhf.errors import UserError
 from rlhf.jsonl import read_jsonl
 from rlhf.models import is_local_path
 
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FILE_BUILDERS = {".jsonl": "json", ".jsonl.gz": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # The folder `rlhf export` writes names its format in export.json; readers refuse another one.
 EXPORT_FORMAT = "rlhf-export/1"
 EXPORT_META = "export.json"
@@ -50,27 +50,34 @@ def cause(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(inner or exc).__name__
 
 
+def is_jsonl(path: Path) -> bool:
+    """Whether the file is JSON Lines (.jsonl, or .jsonl.gz: gzip-compressed), whose errors can name a line."""
+    return path.name.lower().endswith((".jsonl", ".jsonl.gz"))
+
+
 def read_table_file(path: Path):
-    """A JSON Lines / JSON / Parquet / CSV file as a `Dataset` (None when it holds nothing)."""
+    """A JSON Lines (.jsonl or .jsonl.gz) / JSON / Parquet / CSV file as a `Dataset` (None when it holds nothing)."""
     from datasets import load_dataset
 
-    builder = FILE_BUILDERS.get(path.suffix.lower())
+    builder = FILE_BUILDERS[".jsonl"] if is_jsonl(path) else FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
-        raise UserError(f"{path}: unsupported file type (expected .jsonl, .json, .parquet or .csv)")
+        raise UserError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .parquet or .csv)")
     if not _has_content(path):
         return None
     try:
         with quiet_datasets():
             return load_dataset(builder, data_files={"train": str(path)}, split="train")
     except Exception as exc:  # noqa: BLE001 -- the builders raise arrow, pandas and datasets errors alike
-        if path.suffix.lower() == ".jsonl":
+        if is_jsonl(path):
             for _ in read_jsonl(path):  # names the malformed line, when one is
                 pass
         raise UserError(f"{path}: cannot be read as a table ({cause(exc)})") from None
 
 
 def _has_content(path: Path) -> bool:
-    with path.open("rb") as handle:
+    import gzip
+
+    with gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb") as handle:
         while chunk := handle.read(1 << 16):
             if chunk.strip():
                 return True

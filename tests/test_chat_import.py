@@ -93,7 +93,8 @@ def test_every_chat_form_imports_as_a_conversation_task(tmp_path, capsys):
     ({"chosen": HH_CHOSEN + "\n\nHuman: and?", "rejected": HH_REJECTED}, "'chosen' ends in a user turn"),
     ({"chosen": "\n\nHuman: Hi\n\nAssistant:   ", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello"},
      "'chosen' turn 2 (Assistant) is empty"),
-    ({"chosen": "Hi there", "rejected": "Hello"}, "'chosen' is not a transcript"),
+    ({"chosen": "Hi there", "rejected": "Hello"}, "'prompt' must be a string or a list"),
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "Hello"}, "'rejected' is not a transcript"),
     ({"chosen": HH_CHOSEN, "rejected": HH_CHOSEN}, "'chosen' and 'rejected' are the same reply"),
 ])
 def test_a_bad_chat_row_names_its_file_and_line_and_stores_nothing(tmp_path, capsys, bad_row, reason):
@@ -113,3 +114,18 @@ def test_a_broken_gzip_file_is_one_line(tmp_path, capsys):
     code, _, err = run(capsys, "import", "--db", str(tmp_path / "l.db"), str(path))
     assert code == 2 and err.startswith(f"rlhf import: error: {path}: cannot read as gzip") and len(
         err.strip().splitlines()) == 1
+
+
+def test_train_rm_data_reads_hh_transcripts_from_a_gzip_file(tmp_path):
+    from reward_model.data import find_data
+
+    write_rows(tmp_path / "hh.jsonl.gz", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED, "subset": "library"},
+                                          {"chosen": HH_CHOSEN.replace("knots", "ropes"),
+                                           "rejected": HH_REJECTED.replace("knots", "ropes")}])
+    [first, second] = find_data(tmp_path / "hh.jsonl.gz").train
+    assert (first.prompt, first.chosen, first.rejected) == (PROMPT[1:], "The Ashley Book of Knots.", "No.")
+    assert second.prompt[0].content == "Do you have books on ropes?"
+    write_rows(tmp_path / "bad.jsonl.gz", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+                                           {"chosen": HH_CHOSEN + "\n\nHuman: and?", "rejected": HH_REJECTED}])
+    with pytest.raises(Exception, match=r"bad\.jsonl\.gz:2: 'chosen' ends in a user turn"):
+        find_data(tmp_path / "bad.jsonl.gz")
