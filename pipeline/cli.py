@@ -13,7 +13,7 @@ import os
 import sys
 
 from labeling import commands as labeling_commands
-from pipeline import demo, doctor
+from pipeline import demo, doctor, loop
 from pipeline import export_model as export_model_command
 from policy import commands as policy_commands
 from reward_model import commands as reward_model_commands
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rlhf", description="RLHF toolkit: generate -> label -> pairs -> reward model -> PPO/RLOO/GRPO.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in (labeling_commands, reward_model_commands, export_model_command, policy_commands, demo, doctor):
+    for stage in (labeling_commands, reward_model_commands, export_model_command, policy_commands, demo, loop, doctor):
         stage.add_commands(sub)
     return parser
 

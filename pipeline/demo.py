@@ -280,6 +280,10 @@ def add_commands(sub) -> None:
                        description=__doc__.split("\n\n")[0] + " Writes OUT/report.html and OUT/report.md.")
     p.add_argument("--quick", action="store_true",
                    help="a small run of a few minutes (fewer prompts and steps); other flags still apply")
+    p.add_argument("--online", action="store_true",
+                   help="run the pipeline in rounds instead (`rlhf loop`): each round the scripted annotators rank the "
+                        "current policy's samples, then the reward model and PPO continue (default --out "
+                        "runs/demo-online)")
     add_config_arguments(p, DemoConfig)
     p.set_defaults(func=run_demo_command)
 
@@ -287,6 +291,11 @@ def add_commands(sub) -> None:
 def run_demo_command(args) -> None:
     from rlhf.config_args import given_fields
 
+    if args.online:
+        from pipeline.loop import online_demo_config, run_loop_config
+
+        run_loop_config(online_demo_config(given_fields(DemoConfig, args), quick=args.quick))
+        return
     cfg = (DemoConfig.quick if args.quick else DemoConfig)(**given_fields(DemoConfig, args))
     start = time.perf_counter()
     done = run_demo(cfg)
