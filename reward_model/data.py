@@ -16,7 +16,8 @@ conversation of `{"role", "content"}` messages ending in a user turn; `messages`
 preference format: `{prompt, chosen, rejected}` as texts, or its conversational form with message lists, where
 the prompt is every message before the last assistant turn, either in a `prompt` column or shared by `chosen`
 and `rejected` (`rlhf.records.Pair.from_dict`), or HH-RLHF's transcripts (`{chosen, rejected}` texts
-"\\n\\nHuman: ...\\n\\nAssistant: ...", the shared turns the prompt). The chat template is applied by `rlhf.models.format_prompt`.
+"\\n\\nHuman: ...\\n\\nAssistant: ...", the shared turns the prompt). The chat template is applied by
+`rlhf.models.format_prompt`.
 
 A row may name its `subset` (a category of the evaluation set, as in RewardBench): `rlhf eval-rm` reports the
 accuracy per subset.
@@ -202,7 +203,8 @@ def _normalize_rows(batch: dict[str, list], indices: list[int], origin: str, jso
         else:
             texts = [c.text for c in record.completions]
             ranks, ids = [c.rank for c in record.completions], [c.id for c in record.completions]
-        for name, value in (("prompt", encode_prompt(record.prompt)), ("texts", texts), ("ranks", ranks), ("completion_ids", ids),
+        for name, value in (("prompt", encode_prompt(record.prompt)), ("texts", texts), ("ranks", ranks),
+                            ("completion_ids", ids),
                             ("task_id", record.task_id), ("annotator", record.annotator), ("split", split),
                             ("is_pair", isinstance(record, Pair)), ("subset", subset)):
             out[name].append(value)

@@ -72,4 +72,5 @@ def test_a_file_without_subsets_reports_none_and_a_bad_subset_is_one_line(rm_dir
     write_jsonl(tmp_path / "bad.jsonl", ROWS[3:5] + [{**ROWS[3], "subset": "  "}])
     assert main(["eval-rm", "--rm", rm_dir, "--data", str(tmp_path / "bad.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith(f"{tmp_path / 'bad.jsonl'}:3: 'subset' must be a non-empty string") and len(err.splitlines()) == 1
+    assert err.endswith(f"{tmp_path / 'bad.jsonl'}:3: 'subset' must be a non-empty string")
+    assert len(err.splitlines()) == 1

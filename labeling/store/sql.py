@@ -322,7 +322,8 @@ class SQLLabelStore:
                 fingerprint = _task_fingerprint(task)
                 inserted = tx.execute("INSERT INTO tasks (id, prompt, fingerprint, queue_key, created_at)"
                                       " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                                      (task.id, encode_prompt(task.prompt), fingerprint, _hash63(task.id), now)).rowcount
+                                      (task.id, encode_prompt(task.prompt), fingerprint, _hash63(task.id),
+                                       now)).rowcount
                 if not inserted:
                     if tx.value("SELECT fingerprint FROM tasks WHERE id = ?", (task.id,)) != fingerprint:
                         raise ConflictingTask(f"task id {task.id!r} is already stored with different content")
