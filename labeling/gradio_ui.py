@@ -56,13 +56,15 @@ def _json(view: dict) -> str:
 
 
 def topbar_html(annotator: str, progress: dict) -> str:
-    """Who is signed in and their progress, as escaped HTML."""
+    """Who is signed in and their progress (with "N left for you" when the queue was counted), as escaped HTML."""
     line = f"{progress['ranked']} ranked"
     if progress["skipped"]:
         line += f", {progress['skipped']} skipped"
     line += f" · {progress['total_tasks']} tasks in all"
+    left = (f'<span class="left" id="left">{int(progress["left"])} left for you</span>'
+            if "left" in progress else "")
     return (f'<div class="topbar-text"><span class="brand">RLHF labeling</span>'
-            f'<span class="progress" id="progress">{html.escape(line)}</span>'
+            f'<span class="progress" id="progress">{html.escape(line)}</span>{left}'
             f'<span class="who">signed in as <b>{html.escape(annotator)}</b></span></div>')
 
 

@@ -138,6 +138,8 @@ def next_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings
     task = (active.next_task(store, annotator, settings.overlap, max_held=settings.max_held) if active is not None
             else store.next_task(annotator, settings.overlap, max_held=settings.max_held))
     result = {"task": None if task is None else task_view(task), "progress": progress(store, annotator, settings)}
+    # "N left for you" (the served task included): counted here only, where the queue is read anyway.
+    result["progress"]["left"] = 0 if task is None else store.remaining(annotator, settings.overlap)
     if active is not None and active.proposal_rewards:  # --pre-rank: the order the task opens with
         result["proposal"] = None if task is None else active.proposal(task.id)
     return result

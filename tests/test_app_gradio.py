@@ -60,7 +60,9 @@ def test_ranker_value_carries_hostile_text_exactly_and_no_markup():
 def test_topbar_and_history_labels_are_escaped_text():
     html = topbar_html("a<b>", {"ranked": 2, "skipped": 1, "total_tasks": 9})
     assert "a&lt;b&gt;" in html and "<b>a<b>" not in html
-    assert ">2 ranked, 1 skipped · 9 tasks in all<" in html
+    assert ">2 ranked, 1 skipped · 9 tasks in all<" in html and "left for you" not in html
+    assert '<span class="left" id="left">3 left for you</span>' in topbar_html(
+        "a", {"ranked": 2, "skipped": 1, "total_tasks": 9, "left": 3})
     items = [{"task_id": "t<1>", "prompt": "line one \u202eevil x x…", "status": "ranked", "at": 0}]
     assert history_choices(items) == [("ranked · t<1> · line one U+202Eevil x x…", "t<1>")]  # shown as text
 
@@ -70,14 +72,15 @@ def test_topbar_and_history_labels_are_escaped_text():
 def test_submit_stores_once_and_serves_the_next_task(store):
     ui = LabelUI(store, SETTINGS)
     value, progress = ui.next_view("alice")
-    assert view(value)["task"]["id"] in ("evil", "t1") and progress == {"ranked": 0, "skipped": 0, "total_tasks": 2}
+    assert view(value)["task"]["id"] in ("evil", "t1") and progress == {"ranked": 0, "skipped": 0, "total_tasks": 2,
+                                                                       "left": 2}
     assert store.assign_task("alice", "evil", SETTINGS.overlap)  # as if the queue had served it
     task = view(ui.open("alice", "evil"))["task"]
     assert sorted(c["text"] for c in task["completions"]) == sorted(HOSTILE)
     payload = {"task_id": "evil", "ranks": ranks_for(task, [1, 2, 2]), "request_id": "r1", "seconds": 3.5}
     value, progress = ui.submit("alice", payload)
     assert view(value)["notice"] == "Ranking saved." and view(value)["task"]["id"] == "t1"
-    assert progress == {"ranked": 1, "skipped": 0, "total_tasks": 2}
+    assert progress == {"ranked": 1, "skipped": 0, "total_tasks": 2, "left": 1}
     value, progress = ui.submit("alice", payload)  # the same request again (a double Enter)
     assert view(value)["notice"] == "Ranking already saved." and progress["ranked"] == 1
     assert len(store.events()) == 1

@@ -111,7 +111,7 @@ def test_next_task_shows_the_annotators_order_with_stable_labels(store):
     assert [c["id"] for c in task["completions"]] == display_order("alice", task["id"],
                                                                    [c.id for c in stored.completions])
     assert {c["id"]: c["text"] for c in task["completions"]} == {c.id: c.text for c in stored.completions}
-    assert first["progress"] == {"ranked": 0, "skipped": 0, "total_tasks": 4}
+    assert first["progress"] == {"ranked": 0, "skipped": 0, "total_tasks": 4, "left": 4}  # the served one included
 
 
 def test_completion_labels():
@@ -132,7 +132,7 @@ def test_valid_ranking_is_stored_and_the_queue_moves_on(store):
     assert stored.ranks == ranks and stored.seconds == 4.5 and stored.request_id == "r1"
     following = handlers.next_task(store, "alice", SETTINGS)
     assert following["task"]["id"] != task["id"]
-    assert following["progress"] == {"ranked": 1, "skipped": 0, "total_tasks": 4}
+    assert following["progress"] == {"ranked": 1, "skipped": 0, "total_tasks": 4, "left": 3}
 
 
 @pytest.mark.parametrize("ranks, error", [
