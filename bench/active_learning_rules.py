@@ -5,8 +5,8 @@
 
 `bench/active_learning.py` measures the product's loop with the real reward model, but one training per
 round makes a seed cost minutes, and one seed cannot separate rules whose curves differ by a point. Here
-the reward model is the product's read-out (the hidden state at the layer `RewardTrainingConfig.readout_layer`
-resolves to, mean over the completion) of the FROZEN base model, with a Bradley-Terry logistic head
+the reward model is a read-out of the product's kind (the hidden state a third of the way up, mean over the
+completion) of the FROZEN base model, with a Bradley-Terry logistic head
 refit each round: the same data, annotators and rounds as `bench/active_learning.py` (the cached SFT
 completions; `--oracle`, the demo's `descriptive` by default, as one scripted annotator with noise 0.1,
 overlap 1; 20% of the prompts held out and ranked without noise; every rule's first round in the same random
@@ -156,16 +156,14 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
-    from reward_model.config import RewardTrainingConfig
     from rlhf.layer_request import resolve_layer
     from rlhf.models import resolve_model
     from rlhf.oracles import load_oracle
 
     torch.set_num_threads(args.threads)
     print(f"uptime: {os.popen('uptime').read().strip()}")
-    defaults = RewardTrainingConfig(data="", out="")
     depth = AutoConfig.from_pretrained(resolve_model(args.model)).num_hidden_layers
-    layer = resolve_layer(defaults.readout_layer, depth) or depth
+    layer = resolve_layer(0.33, depth) or depth
     tasks = cached_tasks(args.model, args.k, 32)
     table = FrozenFeatures(args.model, tasks).table
     oracle = load_oracle(args.oracle)
@@ -175,17 +173,17 @@ def main() -> None:
         raise SystemExit(f"--task-size {size} must divide --k {args.k}")
     pool = [{**t, "id": f"{t['id']}-{i // size}", "completions": t["completions"][i:i + size]}
             for t in tasks if t["prompt"] not in {r["prompt"] for r in test_rows} for i in range(0, args.k, size)]
-    raw = {t["id"]: torch.stack([table[((t["prompt"], c["text"]), defaults.readout_pool, layer)]
+    raw = {t["id"]: torch.stack([table[((t["prompt"], c["text"]), "mean", layer)]
                                  for c in t["completions"]]) for t in pool}
     scale = torch.cat(list(raw.values())).abs().mean(0) + 1e-6  # one L2 penalty fits every dimension
     features = {t: f / scale for t, f in raw.items()}
     test_pairs = comparisons(test_rows)
-    test_x = torch.stack([table[((p, b), defaults.readout_pool, layer)] - table[((p, w), defaults.readout_pool, layer)]
+    test_x = torch.stack([table[((p, b), "mean", layer)] - table[((p, w), "mean", layer)]
                           for p, b, w in test_pairs]) / scale
     scores = {t["id"]: [float(oracle(t["prompt"], c["text"])) for c in t["completions"]] for t in pool}
     rankable = sum(len(set(s)) > 1 for s in scores.values())
     print(f"K={args.k} in tasks of {size}: {len(pool)} tasks to label ({rankable} not all-tied), "
-          f"{len(test_pairs)} held-out pairs; read-out {defaults.readout_pool}@{layer} of the frozen base model; "
+          f"{len(test_pairs)} held-out pairs; read-out mean@{layer} of the frozen base model; "
           f"budget {args.budget}, refit every {args.every}, {args.seeds} seeds", flush=True)
 
     curves = {rule: [run_rule(rule, seed, pool, features, scores, test_x, args) for seed in range(args.seeds)]

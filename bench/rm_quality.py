@@ -19,6 +19,11 @@ For each preference (an oracle from rlhf/oracles.py standing in for noiseless an
      layers, at the last token or as the mean over the completion; the read-out is chosen on a
      validation split of the training prompts, then refit on all of them (how much the base model
      already knows);
+   - fixed: ours with the read-out fixed at a third of the depth's completion mean, a random head and 8 epochs
+     without validation (`FIXED_READOUT`); random-head: ours with its read-out search but a random head (no
+     LP-FT); odin: ours with --length-decorrelation;
+   - hindsight: the frozen probe whose read-out and L2 score best on the held-out pairs themselves (picked on the
+     test set: a ceiling for a frozen read-out, not a method);
    - bow: logistic regression on the difference of bag-of-words counts, L2 chosen the same way (how much
      signal the labels carry for a model-free learner).
 Beside the oracles, each `--sets` row is a set of real human labels (bench/prepare_human_preferences.py:
@@ -140,11 +145,20 @@ def run_ours(rows: list[dict], args, out: Path, **overrides) -> dict:
     from rlhf.runlog import read_log
 
     train_seconds = float(read_log(out / "rm" / "train_log.csv")["seconds"].iloc[-1])  # load + steps, as TRL's
+    readout = summary["readout"]
     return {"train": train["accuracy"], "test": summary["test_accuracy"], "seconds": train_seconds,
-            "test_result": summary["test"]}
+            "test_result": summary["test"], "readout": f"{readout['pool']}@{readout['layer'] or 'last'}",
+            "epochs": summary["epochs"], "length_correlation": summary["length_correlation"],
+            "by_length": summary["test"].get("by_length")}
 
 
 # ---- TRL ----
+
+# The read-out and schedule `train-rm` used before it chose them from the data: a third of the depth, the mean over
+# the completion, a random head, 8 epochs without a validation split.
+FIXED_READOUT = {"readout_layer": "0.33", "readout_pool": "mean", "probe_init": False, "validation_fraction": 0.0,
+                 "epochs": 8}
+
 
 def run_trl(rows: list[dict], args, out: Path) -> dict:
     import torch
@@ -260,6 +274,24 @@ def select_and_fit(features: dict[str, callable], train_rows, test_rows, l2s=(1e
     return name, train_acc, test_acc
 
 
+def best_in_hindsight(features: dict[str, callable], train_rows, test_rows, l2s=(1e-4, 1e-3, 1e-2, 1e-1, 1.0)):
+    """The frozen read-out and L2 whose probe, fitted on all training pairs, scores best on the HELD-OUT pairs:
+    what a perfect choice of read-out would reach (name, train accuracy, held-out accuracy)."""
+    import torch
+
+    def diff(feature, rows):
+        return torch.stack([feature(p, b) - feature(p, w) for p, b, w in comparisons(rows)])
+
+    best = None
+    for name, feature in features.items():
+        x_train, x_test = diff(feature, train_rows), diff(feature, test_rows)
+        for l2 in l2s:
+            train_acc, test_acc = logistic_accuracy(x_train, [x_train, x_test], l2)
+            if best is None or test_acc > best[2]:
+                best = (name, train_acc, test_acc)
+    return best
+
+
 class FrozenFeatures:
     """Hidden states of the frozen base model at PROBE_LAYERS: last token and completion mean, computed
     once per (prompt, completion) and cached on disk."""
@@ -373,6 +405,14 @@ def main() -> None:
         out = Path(args.out) / name
         if "ours" in methods:
             result["ours"] = run_ours(rows, args, out)
+            print(f"  ours: read-out {result['ours']['readout']}, {result['ours']['epochs']} epochs, "
+                  f"length correlation {result['ours']['length_correlation']:+.2f}", flush=True)
+        if "random-head" in methods:
+            result["random-head"] = run_ours(rows, args, out / "random-head", probe_init=False)
+        if "fixed" in methods:
+            result["fixed"] = run_ours(rows, args, out / "fixed", **FIXED_READOUT)
+        if "odin" in methods:
+            result["odin"] = run_ours(rows, args, out / "odin", length_decorrelation=True)
         if "trl" in methods:
             result["trl"] = run_trl(rows, args, out)
         if "probe" in methods:
@@ -383,6 +423,14 @@ def main() -> None:
                                                          test_rows)
             result["probe"] = {"train": train_acc, "test": test_acc, "seconds": time.time() - started,
                                "readout": chosen}
+        if "hindsight" in methods:  # picked on the TEST pairs: a ceiling for frozen read-outs, not a method
+            if id(source) not in frozen_by_source:
+                frozen_by_source[id(source)] = FrozenFeatures(args.model, source)
+            started = time.time()
+            chosen, train_acc, test_acc = best_in_hindsight(frozen_by_source[id(source)].features(), train_rows,
+                                                            test_rows)
+            result["hindsight"] = {"train": train_acc, "test": test_acc, "seconds": time.time() - started,
+                                   "readout": chosen}
         if "bow" in methods:
             started = time.time()
             _, train_acc, test_acc = select_and_fit(bag_of_words(source), train_rows, test_rows, standardise=False)

@@ -4,8 +4,8 @@ TRL's RewardTrainer) vs TRL's RewardTrainer itself, same data, model (SmolLM2-13
     .venv/bin/python bench/rm_throughput.py [--steps 3] [--seqs 32] [--ks 4 8] [--dtype float32]
 
 Data: the cached completions of bench/rm_quality.py ranked by the `sentiment` oracle (K completions
-per prompt, equal oracle scores tie). Our reward model uses its defaults (RewardTrainingConfig: the
-read-out layer and pooling); TRL's reads the last layer's last token, as it always does. Every configuration
+per prompt, equal oracle scores tie). Our reward model reads a fixed read-out (a third of the depth, the
+completion mean: READOUT_LAYER); TRL's reads the last layer's last token, as it always does. Every configuration
 trains on the SAME rankings, in a fresh subprocess
 (so peak RSS, from getrusage, does not mix), with the same number of sequences per forward pass
 (--seqs): K-wise packs seqs/K whole rankings per step and gets all their pairs from one pass;
@@ -33,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rm_quality import cached_tasks, oracle_rankings  # noqa: E402
 
 LORA_R = 8
+
+
+READOUT_LAYER = 0.33
 
 
 def synthetic_tasks(limit: int | None, k: int = 8, words: int = 36) -> list[dict]:
@@ -77,15 +80,14 @@ def pair_batches(examples, pairs_per_step):
 def run_ours(mode: str, k: int, args) -> dict:
     import torch
 
-    from reward_model.config import RewardTrainingConfig
     from reward_model.data import DataStats, collate, tokenize_examples
     from reward_model.loss import ranking_loss
     from reward_model.model import create_reward_model, pad_samples
 
     torch.manual_seed(0)
-    defaults = RewardTrainingConfig(data="", out="")
+    # a fixed read-out (train-rm chooses one from the data): a third of the depth, whose cost is a third of a full pass
     rm, tok = create_reward_model(args.model, lora_r=LORA_R, lora_alpha=2 * LORA_R, dtype=getattr(torch, args.dtype),
-                                  readout_layer=defaults.readout_layer, readout_pool=defaults.readout_pool)
+                                  readout_layer=READOUT_LAYER, readout_pool="mean")
     examples, test = load_rankings(k, args.model, args.limit, args.synthetic)
     tokenize_examples(examples, tok, 512, DataStats())
     if args.grad_ckpt:  # recompute each decoder layer in backward instead of keeping its activations

@@ -108,6 +108,15 @@ def _sum(*values: Any) -> float | None:
     return None if any(v is None for v in values) else float(sum(values))
 
 
+def _readout(rm: dict[str, Any]) -> str:
+    """"layer 10, mean (probe 0.71 cross-validated)" from a reward-model summary."""
+    readout, search = rm.get("readout"), rm.get("readout_search")
+    if not readout:
+        return "n/a"
+    text = f"layer {readout['layer'] or 'last'}, {readout['pool']}"
+    return text + (f" (probe {search['cv_accuracy']:.2f} cross-validated)" if search else "")
+
+
 def _held_out_accuracy(test: dict[str, Any]) -> str:
     """'0.768 [0.638, 0.888], 142 pairs of 19 prompts': the interval resamples prompts, since pairs of one prompt
     are not independent (reward_model.evaluate.prompt_bootstrap_interval)."""
@@ -147,6 +156,9 @@ def write_report(out: Path, settings: dict[str, Any], done: dict[str, dict]) -> 
         ("KL(PPO \\|\\| SFT), nats per response", _fmt(final.get("objective/kl"))),
         ("Distinct-2, SFT -> PPO", f"{_fmt(reference.get('eval/distinct_2'))} -> {_fmt(final.get('eval/distinct_2'))}"),
         ("Reward model held-out accuracy [95% interval over the held-out prompts]", _held_out_accuracy(rm_test)),
+        ("Reward model read-out (chosen by frozen probes on the training rankings)", _readout(rm)),
+        ("Reward's correlation with completion length (within prompts, training completions)",
+         _fmt(rm.get("length_correlation"))),
         ("Reward model calibration error (ECE)", _fmt(rm_test.get("ece"))),
         ("Human agreement ceiling", _fmt(rm_test.get("human_agreement")))])
     ppo_samples = _samples(out / "ppo" / "samples.jsonl")

@@ -78,6 +78,16 @@ def run_train(args) -> None:
         return
     print(f"trained on {summary['train_rankings']} rankings ({summary['train_pairs']} pairs), "
           f"{summary['steps']} steps in {summary['seconds']} s")
+    readout = summary["readout"]
+    search = summary.get("readout_search")
+    how = (f"chosen by frozen probes, cross-validated accuracy {search['cv_accuracy']:.3f} on {search['pairs']} pairs"
+           if search else "as asked")
+    print(f"read-out: layer {readout['layer'] or 'last'}, {readout['pool']} ({how})")
+    if "validation" in summary:
+        v = summary["validation"]
+        print(f"validation ({v['rankings']} rankings): best loss {v['best_loss']:.4f} at epoch {v['best_epoch']}"
+              f"{', stopped early' if v['stopped_early'] else ''}; those weights are kept")
+    print(f"reward's correlation with completion length (within prompts): {summary['length_correlation']:+.3f}")
     print(f"reward bias {summary['reward_bias']:+.4f} (SFT completions now mean 0); "
           f"per-prompt spread of mean reward {summary['per_prompt_mean_std']:.4f}")
     if "test" in summary:

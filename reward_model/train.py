@@ -32,7 +32,14 @@ from reward_model import data as rmdata
 from reward_model.config import RESUME_KEYS, RewardTrainingConfig
 from reward_model.evaluate import evaluate_reward_model
 from reward_model.loss import length_disentangling_loss, ranking_loss
-from reward_model.model import Readout, RewardModel, attach_reward_head, num_decoder_layers, save_reward_model, score_rows
+from reward_model.model import (
+    Readout,
+    RewardModel,
+    attach_reward_head,
+    num_decoder_layers,
+    save_reward_model,
+    score_rows,
+)
 from reward_model.readout_search import search_readout
 from rlhf.errors import UserError
 from rlhf.hardware import setup_compute
@@ -86,29 +93,6 @@ def reward_normalisation(rm: RewardModel, tokenizer, examples, batch_size: int) 
         "normalisation_prompts": len(prompt_means),
         "length_correlation": correlation,
     }
-
-
-# ---- starting from an earlier reward model ----
-
-def load_trained_weights(rm: RewardModel, rm_dir: str) -> None:
-    """Copy the LoRA weights and the score head of the reward model in `rm_dir` into the fresh `rm`, which must
-    have the same LoRA shape and read-out (its reward bias is recomputed after training, as for a fresh one)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from reward_model.model import Readout, load_head, read_meta
-
-    meta = read_meta(rm_dir)
-    config = rm.backbone.peft_config["default"]
-    if (meta.get("lora_r"), meta.get("lora_alpha", config.lora_alpha)) != (config.r, config.lora_alpha) \
-            or Readout.from_meta(meta) != rm.readout:
-        raise UserError(f"--init-rm {rm_dir}: its LoRA rank/alpha ({meta.get('lora_r')}/{meta.get('lora_alpha')}) or "
-                        f"read-out ({Readout.from_meta(meta)}) differ from this run's ({config.r}/{config.lora_alpha}, "
-                        f"{rm.readout})")
-    result = set_peft_model_state_dict(rm.backbone, load_file(str(Path(rm_dir) / "adapter_model.safetensors")))
-    if result.unexpected_keys:
-        raise UserError(f"--init-rm {rm_dir}: its adapter does not fit this base model")
-    load_head(rm.score_head, rm_dir)
 
 
 # ---- starting from an earlier reward model ----

@@ -8,17 +8,22 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_reward_model_train import write_marker_rankings
 
 from reward_model import train as rmtrain
 from reward_model.config import RewardTrainingConfig
 from reward_model.data import DataStats, build_examples, find_data, tokenize_examples
 from reward_model.model import Readout, encode_sample_ids, pad_samples, reward_features
-from reward_model.readout_search import (candidate_layers, choose_readout, fit_bradley_terry, layer_features,
-                                         prompt_folds)
+from reward_model.readout_search import (
+    candidate_layers,
+    choose_readout,
+    fit_bradley_terry,
+    layer_features,
+    prompt_folds,
+)
 from reward_model.train import length_correlation, train_reward_model, validation_metrics, validation_split
 from rlhf.errors import UserError
 from rlhf.models import load_causal_lm, load_tokenizer
-from test_reward_model_train import write_marker_rankings
 
 
 def test_candidate_layers_cover_the_depth_once_each():
