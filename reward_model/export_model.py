@@ -102,6 +102,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 model = AutoModelForSequenceClassification.from_pretrained(FOLDER, trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained(FOLDER, trust_remote_code=True)
 messages = [{"role": "user", "content": "Write a poem."}, {"role": "assistant", "content": "Silver seas sing softly."}]
+# a conversation works the same: its earlier turns, then the reply to score as the last assistant message
 inputs = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), return_tensors="pt",
                    add_special_tokens=False)
 reward = model(**inputs).logits[:, 0]
