@@ -153,6 +153,9 @@ class LoopConfig:
             raise UserError("--annotate simulate needs --oracle: the scripted annotators' preference")
         if self.overlap > self.annotators and self.annotate == "simulate":
             raise UserError(f"--overlap {self.overlap} needs at least {self.overlap} annotators")
+        if self.rankings_per_round and self.rankings_per_round > self.prompts_per_round * self.overlap:
+            raise UserError(f"--rankings-per-round {self.rankings_per_round} is more than a round's tasks can take "
+                            f"(--prompts-per-round {self.prompts_per_round} x --overlap {self.overlap})")
         if self.poll_seconds <= 0:
             raise UserError("--poll-seconds must be > 0")
 
@@ -306,7 +309,7 @@ class Loop:
         dtype = setup_compute(cfg.dtype)
         mixed = {"previous": r - 2, "reference": 0}.get(cfg.mix)
         if mixed is not None and r - 1 == max(mixed, 0):
-            mixed = None  # the mix source is the current policy itself (round 1; round 2's previous is the SFT model)
+            mixed = None  # round 1: the current policy is the SFT model itself, the only one there is
         params = SamplingParams(cfg.temperature, 1.0, cfg.max_new_tokens)
         seed = derived_seed(cfg.seed, r, LOOP_ROUND)
 
@@ -407,13 +410,13 @@ class Loop:
         done = len(self.round_rankings(store, r))  # a rerun after a kill mid-round keeps what was ranked
 
         def serve(annotator: str, overlap: int):
-            if done + stored[0] >= wanted:
-                return None
-            task = queue.next_task(store, annotator, overlap)
-            if task is not None and round_of(task.id) != r:  # earlier rounds' leftovers are not this budget's
+            while done + stored[0] < wanted:
+                task = queue.next_task(store, annotator, overlap)
+                if task is None or round_of(task.id) == r:
+                    return task
+                # another round's open task (the store's order serves it once the round's are taken): not ours
                 store.skip_task(annotator, task.id, reason="not in the loop's current round")
-                return serve(annotator, overlap)
-            return task
+            return None
 
         stored = [0]
 
@@ -485,10 +488,12 @@ class Loop:
         from rlhf.run import has_checkpoint
 
         folder = round_dir(self.out, r)
-        rows = []
-        for past in range(1, r + 1):
-            test = self.held_out_split(past)
-            rows += [{**row, "split": "test" if row["prompt"] in test else "train"} for row in self.rankings_of(past)]
+        # every ranking in the store now: also those people added to earlier rounds after their budget was met, and
+        # any the store held before the loop (trained on; each round holds its own prompts' share out)
+        held_out = {past: self.held_out_split(past) for past in range(1, r + 1)}
+        with self.open_store() as store:
+            rows = [{**t.to_dict(), "split": "test" if t.prompt in held_out.get(round_of(t.task_id), ()) else "train"}
+                    for t in store.export_ranked_tasks() if (round_of(t.task_id) or 0) <= r]
         write_jsonl(folder / "rm_data" / "rankings.jsonl", rows)
         out = folder / "rm"
         resume = has_checkpoint(out)

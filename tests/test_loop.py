@@ -271,3 +271,16 @@ def test_online_demo_settings():
     assert DEMO_ONLINE["rounds"] * DEMO_ONLINE["prompts_per_round"] >= 192  # about the demo's 200 labeled prompts
     with pytest.raises(UserError, match="--dpo-beta do not apply"):
         online_demo_config({"dpo_beta": 0.2})
+
+
+def test_dpo_rounds_continue_the_policy(tiny_model_dir, tmp_path):
+    """--algo dpo: each round's DPO trains on that round's rankings, from the last round's policy."""
+    cfg = _config(tmp_path / "run", tiny_model_dir, algo="dpo", mix="none")
+    rounds = run_loop(cfg)
+    out = Path(cfg.out)
+    config = json.loads((out / "round-2" / "policy" / "config.json").read_text())
+    assert config["init_policy"] == str(out / "round-1" / "policy" / "policy")
+    data = _lines(out / "round-2" / "dpo_data" / "rankings.jsonl")
+    assert len(data) == rounds[2]["label"]["rankings"] and all(round_of(row["task_id"]) == 2 for row in data)
+    row = rounds[2]["evaluate"]["row"]
+    assert row["kl"] == rounds[2]["policy"]["final"]["objective/kl"] and row["oracle"] is not None
