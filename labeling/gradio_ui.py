@@ -142,9 +142,12 @@ def theme():
 
     # System fonts: the default theme fetches web fonts from Google, which an offline annotation
     # server cannot reach (and the Content-Security-Policy forbids).
+    # Primary buttons a shade darker than the default: white text on them has a contrast of at least 4.5:1.
     return gr.themes.Default(primary_hue="blue",
                              font=["system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
-                             font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
+                             font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"]).set(
+        button_primary_background_fill="*primary_700", button_primary_background_fill_hover="*primary_800",
+        button_primary_background_fill_dark="*primary_700", button_primary_background_fill_hover_dark="*primary_800")
 
 
 def css() -> str:
@@ -177,6 +180,14 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
         with gr.Row(elem_id="topbar", equal_height=True):
             topbar = gr.HTML("", elem_id="topbar-text", padding=False)
             gr.Button("Sign out", link="logout", size="sm", scale=0, min_width=100, elem_id="sign-out")
+        # The guidelines before the first task, and again when they change: shown by the widget (ranker.js)
+        # until the annotator confirms having read this version (remembered in the browser).
+        with gr.Column(elem_id="guide-panel", visible=bool(settings.guidelines_html)):
+            gr.HTML("<h2>Guidelines</h2>"
+                    '<p id="guide-changed" hidden>The guidelines changed since you last read them.</p>',
+                    padding=False)
+            gr.HTML(settings.guidelines_html, elem_id="guide-text", padding=False)
+            gr.Button("I have read them: start", variant="primary", elem_id="guide-ok", scale=0, min_width=220)
         ranker = gr.HTML(
             "", elem_id="ranker", apply_default_css=False, padding=False,
             html_template=(STATIC_DIR / "ranker.html").read_text(encoding="utf-8"),

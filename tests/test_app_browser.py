@@ -101,6 +101,20 @@ def assert_inert(page, task) -> None:
     assert page.locator(f"{RANKER} img, {RANKER} script, {RANKER} b, {RANKER} a, {RANKER} i").count() == 0
 
 
+def drag(page, source, target) -> None:
+    """Drag `source` onto `target` with the mouse, as a person does: the drag starts first (the ranking's
+    drop targets grow), then the pointer goes to where the target is now."""
+    box = source.bounding_box()
+    x, y = box["x"] + min(box["width"] / 2, 40), box["y"] + min(box["height"] / 2, 16)
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 12, y + 12, steps=3)
+    page.wait_for_function("() => document.querySelector('.rk-dragging-now .rk-ranking')")
+    box = target.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=4)
+    page.mouse.up()
+
+
 def open_history(page):
     """The history dropdown's options (opening its list)."""
     page.locator("#history-list input").click()
@@ -129,8 +143,15 @@ def test_rank_skip_and_edit_in_the_browser(server):
             expect(page.locator("#login-error")).to_contain_text("wrong annotator name or password")
             page.fill("#login-password", PASSWORD)
             page.press("#login-password", "Enter")
-            expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)  # the first task, on a busy CI machine
+            # The guidelines come first; the task waits until they are read.
+            expect(page.locator("#guide-panel")).to_be_visible(timeout=30_000)  # on a busy CI machine
+            expect(page.locator("#guide-text em")).to_have_text("helpful")
+            expect(page.locator(".rk-layout")).to_be_hidden()
+            page.click("#guide-ok")
+            expect(page.locator(".rk-layout")).to_be_visible()
+            expect(page.locator("#guide-panel")).to_be_hidden()
             expect(page.locator("#progress")).to_have_text("0 ranked · 2 tasks in all")
+            expect(page.locator("#left")).to_have_text("2 left for you")
             expect(page.locator("#topbar-text")).to_contain_text("signed in as alice")
             expect(page.locator("#stats")).to_be_hidden()  # alice is no admin
 
@@ -164,6 +185,7 @@ def test_rank_skip_and_edit_in_the_browser(server):
             expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
             expect(page.locator(".rk-task-id")).to_have_text("hamlet")
             expect(page.locator("#progress")).to_have_text("1 ranked · 2 tasks in all")
+            expect(page.locator("#left")).to_have_text("1 left for you")
             second = "hamlet"
             assert_inert(page, store.get_task(second))
 
@@ -195,15 +217,16 @@ def test_rank_skip_and_edit_in_the_browser(server):
             cards = page.locator(".rk-completions .rk-card header")
             cards.nth(2).click()                          # C first
             cards.nth(0).click()                          # A second
-            # Drag B onto rank 1 (tie with C), D into the ranking's end, and D's chip back to "unranked"
+            # Drag B onto rank 1 (asked: tie with C), D into the ranking's end, and D's chip back to "unranked"
             # and again to the end.
-            completions = page.locator(".rk-completions .rk-card")
-            completions.nth(1).drag_to(page.locator('.rk-row[data-rank="1"]'))
-            completions.nth(3).drag_to(page.locator(".rk-ranking .rk-gap").last)
+            completions = page.locator(".rk-completions .rk-card header")
+            drag(page, completions.nth(1), page.locator('.rk-row[data-rank="1"]'))
+            page.click(".rk-ask-tie")
+            drag(page, completions.nth(3), page.locator(".rk-ranking .rk-gap").last)
             assert badges(page) == ["rank 2", "rank 1 (tie)", "rank 1 (tie)", "rank 3"]
-            page.locator('.rk-row[data-rank="3"] .rk-chip').drag_to(page.locator(".rk-row.rk-unranked"))
+            drag(page, page.locator('.rk-row[data-rank="3"] .rk-chip'), page.locator(".rk-row.rk-unranked"))
             assert badges(page) == ["rank 2", "rank 1 (tie)", "rank 1 (tie)", ""]
-            page.locator(".rk-row.rk-unranked .rk-chip").drag_to(page.locator(".rk-ranking .rk-gap").last)
+            drag(page, page.locator(".rk-row.rk-unranked .rk-chip"), page.locator(".rk-ranking .rk-gap").last)
             assert badges(page) == ["rank 2", "rank 1 (tie)", "rank 1 (tie)", "rank 3"]
             page.click(".rk-submit")
             expect(page.locator(".rk-toast")).to_have_text("Ranking updated.")
@@ -227,7 +250,9 @@ def test_rank_skip_and_edit_in_the_browser(server):
             page.fill("#login-username", "carol")
             page.fill("#login-password", PASSWORD)
             page.press("#login-password", "Enter")
+            # (This browser has read these guidelines already: no panel.)
             expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)  # the first task, on a busy CI machine
+            expect(page.locator("#guide-panel")).to_be_hidden()
             page.locator("#stats button.label-wrap").click()
             stats = page.locator("#stats-text textarea")
             expect(stats).to_have_value(re.compile(r"rankings: 2  skips: 1"))

@@ -22,6 +22,8 @@ const state = {
   busy: false,       // a submit or skip is on its way; the server's answer clears it
   cards: new Map(),  // completion id -> {card, badge, body} (built once per task to keep scroll positions)
   diff: false,       // "Highlight differences" is on (kept from task to task)
+  ask: null,         // {id, row}: a completion dropped on a rank row, waiting for "tie or insert"
+  guide: false,      // the guidelines panel is open: the task waits until the annotator has read them
 };
 
 function newRequestId() {
@@ -49,35 +51,91 @@ function toast(message) {
 
 function showError(message) { q("rk-error").textContent = message || ""; }
 
+let view = "loading";
 function showView(name) {
-  q("rk-loading").hidden = name !== "loading";
-  q("rk-done").hidden = name !== "done";
-  q("rk-layout").hidden = name !== "task";
+  view = name;
+  const waiting = state.guide; // the guidelines come first
+  q("rk-loading").hidden = waiting || name !== "loading";
+  q("rk-done").hidden = waiting || name !== "done";
+  q("rk-layout").hidden = waiting || name !== "task";
+  q("rk-bar").hidden = waiting || name !== "task";
   if (name !== "task") q("rk-banner").hidden = true;
+}
+
+// ---------- the guidelines: shown before the first task, and again when they change ----------
+
+// The panel (#guide-panel, rendered by Gradio from the owner's guidelines) is shown until its "start" button
+// is pressed; the browser remembers which version (a hash of the text) was read.
+const GUIDE_KEY = "rlhf-label-guidelines-read";
+
+function textHash(text) { // FNV-1a, 32 bits: tells versions apart, nothing more
+  let h = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) { h ^= text.charCodeAt(i); h = Math.imul(h, 0x01000193) >>> 0; }
+  return h.toString(16);
+}
+
+function storedGuide() {
+  try { return window.localStorage.getItem(GUIDE_KEY); } catch (err) { return null; }
+}
+
+function checkGuidelines(tries = 0) {
+  const panel = document.getElementById("guide-panel");
+  const text = document.getElementById("guide-text");
+  if (!panel || !text) { // no guidelines, or Gradio has not drawn the panel yet
+    if (tries < 50) setTimeout(() => checkGuidelines(tries + 1), 100);
+    return;
+  }
+  const version = textHash(text.textContent);
+  const read = storedGuide();
+  if (read === version) return;
+  state.guide = true;
+  document.body.classList.add("rk-guide-open"); // (on the body: Gradio redraws the panel's own classes)
+  const changed = document.getElementById("guide-changed");
+  if (changed) changed.hidden = !read;
+  showView(view);
+  // Listened to on the document: Gradio may draw its button anew.
+  document.addEventListener("click", function onRead(event) {
+    if (!event.target.closest || !event.target.closest("#guide-ok")) return;
+    document.removeEventListener("click", onRead);
+    try { window.localStorage.setItem(GUIDE_KEY, version); } catch (err) { /* not remembered: shown again */ }
+    state.guide = false;
+    document.body.classList.remove("rk-guide-open");
+    showView(view);
+    if (view === "task") openedScroll(false);
+  });
+  panel.scrollIntoView({ block: "start" });
+  const ok = document.getElementById("guide-ok");
+  if (ok) ok.focus();
 }
 
 // ---------- the server's view ----------
 
 function receive(raw) {
   if (!raw) return;
-  let view;
-  try { view = JSON.parse(raw); } catch (err) { return; }
+  let answer;
+  try { answer = JSON.parse(raw); } catch (err) { return; }
   state.busy = false;
   clearTimeout(watchdog);
-  if (view.keep) {
+  if (answer.keep) {
     // The server refused an answer (or could not store it): keep the annotator's work and say why.
-    if (state.task) { showError(view.error); render(); } else { toast(view.error); }
+    if (state.task) { showError(answer.error); render(); } else { toast(answer.error); }
     return;
   }
-  if (view.notice) toast(view.notice);
-  if (view.error) showError(view.error);
-  if (!view.task) {
+  if (answer.notice) toast(answer.notice);
+  if (answer.error) showError(answer.error);
+  if (!answer.task) {
     state.task = null;
     showView("done");
     return;
   }
-  openTask(view.task, view.own, !!view.editing);
-  if (view.error) showError(view.error);
+  openTask(answer.task, answer.own, !!answer.editing);
+  if (answer.error) showError(answer.error);
+}
+
+// A new task opens with its prompt in view: on a phone the last one was answered far down the page.
+function openedScroll(force) {
+  const top = q("rk-layout").getBoundingClientRect().top;
+  if (force || top < 0 || top > window.innerHeight / 2) element.scrollIntoView({ block: "start" });
 }
 
 function openTask(task, own, editing) {
@@ -85,6 +143,7 @@ function openTask(task, own, editing) {
   state.editing = editing;
   state.undo = [];
   state.tieNext = false;
+  state.ask = null;
   state.requestId = newRequestId();
   state.openedAt = performance.now();
   state.groups = [];
@@ -109,8 +168,8 @@ function openTask(task, own, editing) {
   if (editing) {
     // Opened from the history list: give the keyboard back to the ranker (and close the list).
     if (document.activeElement && document.activeElement !== document.body) document.activeElement.blur();
-    element.scrollIntoView({ block: "start" });
   }
+  if (!state.guide) openedScroll(editing);
 }
 
 // ---------- ranking state ----------
@@ -120,7 +179,10 @@ function rankOf(id) {
   return index < 0 ? null : index + 1;
 }
 
-function snapshot() { state.undo.push(state.groups.map((g) => g.slice())); }
+function snapshot() {
+  state.undo.push(state.groups.map((g) => g.slice()));
+  state.ask = null;
+}
 
 function removeId(groups, id) {
   // Returns the index of the group that held `id` and whether that group is now gone.
@@ -176,14 +238,16 @@ function move(id, target) {
 }
 
 function undo() {
-  if (!state.undo.length) return;
+  state.ask = null;
+  if (!state.undo.length) { render(); return; }
   state.groups = state.undo.pop();
   state.tieNext = false;
   render();
 }
 
 function clearRanking() {
-  if (!state.groups.length) return;
+  state.ask = null;
+  if (!state.groups.length) { render(); return; }
   snapshot();
   state.groups = [];
   state.tieNext = false;
@@ -200,6 +264,7 @@ function buildCards() {
     const card = el("article", "rk-card");
     card.dataset.id = c.id;
     card.draggable = true;
+    card.tabIndex = 0; // reachable by Tab; Enter or Space picks it (Shift: tie)
     const header = el("header");
     header.append(el("span", "rk-label", c.label));
     if (index < MAX_KEYS) header.append(el("span", "rk-key", `key ${index + 1} / ${c.label}`));
@@ -213,11 +278,10 @@ function buildCards() {
       pick(index, event.shiftKey || state.tieNext);
     });
     card.addEventListener("dragstart", (event) => {
-      event.dataTransfer.setData("text/x-completion", c.id);
-      event.dataTransfer.effectAllowed = "move";
+      startDrag(event, c.id);
       card.classList.add("rk-dragging");
     });
-    card.addEventListener("dragend", () => card.classList.remove("rk-dragging"));
+    card.addEventListener("dragend", () => { card.classList.remove("rk-dragging"); endDrag(); });
     state.cards.set(c.id, { card, badge, body });
     box.append(card);
   });
@@ -292,11 +356,51 @@ function chip(id) {
   node.draggable = true;
   node.dataset.id = id;
   node.title = "drag to move";
-  node.addEventListener("dragstart", (event) => {
-    event.dataTransfer.setData("text/x-completion", id);
-    event.dataTransfer.effectAllowed = "move";
-  });
+  node.addEventListener("dragstart", (event) => startDrag(event, id));
+  node.addEventListener("dragend", endDrag);
   return node;
+}
+
+// While something is dragged, the places between ranks grow to drop targets of 32 px (at rest they are thin,
+// so that the ranking stays short). The class is set after dragstart: changing the page during dragstart
+// itself can cancel the drag.
+function startDrag(event, id) {
+  event.dataTransfer.setData("text/x-completion", id);
+  event.dataTransfer.effectAllowed = "move";
+  state.ask = null;
+  setTimeout(() => element.classList.add("rk-dragging-now"), 0);
+}
+
+function endDrag() { element.classList.remove("rk-dragging-now"); }
+
+// A completion dropped on a rank row: tie with that rank, or a new rank just above or below it.
+function askTieOrInsert(id, row) {
+  const group = state.groups[row];
+  if (!group || (group.length === 1 && group[0] === id)) return; // onto its own single-member rank
+  state.ask = { id, row };
+  render();
+}
+
+function askNode() {
+  const { id, row } = state.ask;
+  const box = el("div", "rk-ask");
+  box.setAttribute("role", "group");
+  box.setAttribute("aria-label", `Where to put ${labelOf(id)}`);
+  box.append(el("span", "rk-ask-text", `Put ${labelOf(id)}:`));
+  const option = (cls, text, target) => {
+    const button = el("button", cls, text);
+    button.type = "button";
+    button.addEventListener("click", () => { state.ask = null; move(id, target); });
+    box.append(button);
+  };
+  if (!state.groups[row].includes(id)) option("rk-ask-tie", `tie with rank ${row + 1}`, { join: row });
+  option("rk-ask-above", "new rank above", { insert: row });
+  option("rk-ask-below", "new rank below", { insert: row + 1 });
+  const cancel = el("button", "rk-ask-cancel rk-link", "cancel");
+  cancel.type = "button";
+  cancel.addEventListener("click", () => { state.ask = null; render(); });
+  box.append(cancel);
+  return box;
 }
 
 function dropZone(node, target) {
@@ -310,8 +414,11 @@ function dropZone(node, target) {
   node.addEventListener("drop", (event) => {
     event.preventDefault();
     node.classList.remove("rk-over");
+    endDrag();
     const id = event.dataTransfer.getData("text/x-completion");
-    if (id && state.task && state.cards.has(id)) move(id, target);
+    if (!id || !state.task || !state.cards.has(id)) return;
+    if (target.join !== undefined) askTieOrInsert(id, target.join);
+    else move(id, target);
   });
 }
 
@@ -340,6 +447,7 @@ function render() {
     });
     dropZone(row, { join: i });
     box.append(gap, row);
+    if (state.ask && state.ask.row === i) box.append(askNode());
   });
   const endGap = el("div", "rk-gap");
   dropZone(endGap, { insert: state.groups.length });
@@ -351,8 +459,24 @@ function render() {
   dropZone(rest, { unrank: true });
   box.append(rest);
   q("rk-tie").hidden = !state.tieNext;
+  for (const name of ["rk-tie-button", "rk-bar-tie"]) q(name).setAttribute("aria-pressed", String(state.tieNext));
   q("rk-undo").disabled = !state.undo.length;
   q("rk-submit").disabled = state.busy || unranked.length > 0;
+  q("rk-bar-submit").disabled = q("rk-submit").disabled;
+  q("rk-bar-skip").disabled = state.busy;
+  // The phone's action bar sums the ranking up: "B > A = C", and what is left to rank.
+  const summary = state.groups.map((g) => g.map(labelOf).join(" = ")).join(" > ");
+  q("rk-bar-summary").textContent = (summary || "Tap the best first")
+    + (unranked.length && summary ? ` · ${unranked.length} to rank` : "");
+  if (state.ask) {
+    const first = box.querySelector(".rk-ask button");
+    if (first && !box.contains(document.activeElement)) first.focus({ preventScroll: true });
+  }
+}
+
+function toggleTie() {
+  state.tieNext = !state.tieNext;
+  render();
 }
 
 // ---------- submitting (the Python handlers answer with a new props.value) ----------
@@ -426,6 +550,19 @@ function toggleGuidelines() {
 function onKeyDown(event) {
   if (q("rk-layout").hidden || !state.task || !element.isConnected) return;
   const target = event.target;
+  if (state.ask && event.key === "Escape") { // the tie-or-insert question: cancelled
+    event.preventDefault();
+    state.ask = null;
+    render();
+    return;
+  }
+  if (target && target.classList && target.classList.contains("rk-card") && (event.key === "Enter" || event.key === " ")
+      && target.matches(":focus-visible")) { // a card reached by Tab (a clicked card leaves Enter to submit)
+    event.preventDefault();
+    const index = state.task.completions.findIndex((c) => c.id === target.dataset.id);
+    if (index >= 0) pick(index, event.shiftKey || state.tieNext);
+    return;
+  }
   if (target && (target.tagName === "INPUT" || target.tagName === "TEXTAREA" || target.tagName === "SELECT"
                  || target.isContentEditable)) {
     if (event.key === "Escape") target.blur();
@@ -442,8 +579,7 @@ function onKeyDown(event) {
   switch (event.key) {
     case "=": case "+":
       event.preventDefault();
-      state.tieNext = !state.tieNext;
-      render();
+      toggleTie();
       break;
     case "u": case "U": case "Backspace":
       event.preventDefault();
@@ -471,6 +607,9 @@ function onKeyDown(event) {
 // ---------- start ----------
 
 q("rk-submit").addEventListener("click", submit);
+q("rk-bar-submit").addEventListener("click", submit);
+q("rk-bar-skip").addEventListener("click", skip);
+for (const name of ["rk-tie-button", "rk-bar-tie"]) q(name).addEventListener("click", toggleTie);
 q("rk-undo").addEventListener("click", undo);
 q("rk-clear").addEventListener("click", clearRanking);
 q("rk-skip").addEventListener("submit", (event) => { event.preventDefault(); skip(); });
@@ -485,3 +624,4 @@ q("rk-diff-toggle").addEventListener("click", (event) => {
 document.addEventListener("keydown", onKeyDown);
 watch("value", () => receive(props.value));
 receive(props.value);
+checkGuidelines();
