@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 
 def is_text(value: Any) -> bool:
@@ -76,7 +76,7 @@ class Message:
         return cls(role, _unicode(content, f"{where} ({role})"))
 
 
-Prompt = Union[str, tuple[Message, ...]]
+Prompt = str | tuple[Message, ...]
 """What a completion answers: one text (a single user turn), or a conversation of messages that ends in a user
 turn, the completion being the next assistant turn."""
 
@@ -312,8 +312,8 @@ class RankedTask:
         raw = obj.get("completions")
         if not isinstance(raw, list) or len(raw) < 2:
             raise ValueError("'completions' must be a list of at least 2 ranked completions")
-        task_id = str(obj.get("task_id") or content_id("t-", encode_prompt(prompt), *[str(c.get("text", "")) for c in raw
-                                                                        if isinstance(c, Mapping)]))
+        texts = [str(c.get("text", "")) for c in raw if isinstance(c, Mapping)]
+        task_id = str(obj.get("task_id") or content_id("t-", encode_prompt(prompt), *texts))
         completions = tuple(Completion.from_dict(c, f"{task_id}-{i}") for i, c in enumerate(raw))
         if len({c.id for c in completions}) != len(completions):
             raise ValueError("completion ids must be unique within a ranking")

@@ -253,7 +253,8 @@ def test_conversations_export_in_trl_conversational_and_flat_text_form(tmp_path)
     flat = {}
     for r in (r for split in text.values() for r in split):
         flat.setdefault(r["task_id"], r)
-    assert flat["c1"]["prompt"] == "\n\nSystem: Be brief.\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Colour 1?\n\nAssistant:"
+    assert flat["c1"]["prompt"] == ("\n\nSystem: Be brief.\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Colour 1?"
+                                   "\n\nAssistant:")
     assert (flat["c1"]["chosen"], flat["plain"]["prompt"]) == ("Red 1", "\n\nHuman: Name a fruit.\n\nAssistant:")
     conv = [r for split in pairs.values() for r in split if r["task_id"] == "c2"]
     assert [r["rejected"] for r in conv] == [[{"role": "assistant", "content": t}] for t in ("Blue 2", "Green 2",
