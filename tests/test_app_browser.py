@@ -474,3 +474,288 @@ def test_a_conversation_as_markdown_with_hostile_turns(chat_server, screen):
 
     assert store.get_own_ranking("alice", "chat").ranks == {ids[1]: 1, ids[0]: 2, ids[2]: 3}
     assert store.get_own_ranking("alice", "pair").ranks == {pair_ids[1]: 1, pair_ids[0]: 2}
+
+
+# ------------------------------------------------------------------ a phone, the keyboard, drop targets, contrast
+
+WIDE = ["An unbroken word: " + "x" * 300,
+        "```\n" + "wide_code_line = " + "0123456789" * 20 + "\n```",
+        "| " + " | ".join(f"column number {k}" for k in range(8)) + " |\n|" + "---|" * 8 + "\n| "
+        + " | ".join(f"value {k}" for k in range(8)) + " |"]
+GUIDELINES = "<p>Prefer <em>helpful</em> answers.</p>"
+
+
+@pytest.fixture()
+def team_server(tmp_path):
+    store = open_store(tmp_path / "labels.db")
+    store.import_tasks([Task.from_dict({"id": f"t{k}", "prompt": f"Prompt number {k}: " + "long prompt text " * 20,
+                                        "completions": [{"id": f"t{k}-{i}", "text": text} for i, text in enumerate(WIDE)]})
+                        for k in range(3)])
+    add_annotator(store, "alice", PASSWORD)
+    with serving(store, AppSettings(overlap=1, guidelines_html=GUIDELINES)) as (host, port):
+        yield f"http://{host}:{port}/", store
+    store.close()
+
+
+def launch(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+
+
+def sign_in(page, url: str, read_guidelines: bool = True) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    page.fill("#login-username", "alice")
+    page.fill("#login-password", PASSWORD)
+    page.press("#login-password", "Enter")
+    if read_guidelines:
+        expect(page.locator("#guide-panel")).to_be_visible(timeout=30_000)
+        page.click("#guide-ok")
+    expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)
+
+
+def in_view(page, selector: str) -> bool:
+    box = page.locator(selector).bounding_box()
+    return box is not None and box["y"] >= 0 and box["y"] + min(box["height"], 40) <= page.viewport_size["height"]
+
+
+def test_a_phone_ranks_with_taps_and_the_action_bar(team_server):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, store = team_server
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport=PHONE, is_mobile=True, has_touch=True)
+            page.set_default_timeout(20_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(url)
+            page.fill("#login-username", "alice")
+            page.fill("#login-password", PASSWORD)
+            page.press("#login-password", "Enter")
+            # The guidelines first, in view; then the task. A reload does not show them again (read).
+            expect(page.locator("#guide-panel")).to_be_visible(timeout=30_000)
+            assert in_view(page, "#guide-ok")
+            expect(page.locator(".rk-layout")).to_be_hidden()
+            expect(page.locator(".rk-bar")).to_be_hidden()
+            page.locator("#guide-ok").tap()
+            expect(page.locator(".rk-layout")).to_be_visible()
+            page.reload()
+            expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)
+            expect(page.locator("#guide-panel")).to_be_hidden()
+            expect(page.locator("#left")).to_have_text("3 left for you")
+
+            # No keyboard hints on a touch screen.
+            for hint in (".rk-keys", ".rk-card .rk-key", ".rk-submit kbd"):
+                expect(page.locator(hint).first).to_be_hidden()
+            # Each card fits its column (an unbroken word, a wide code line and a wide table scroll inside),
+            # and nothing is wider than the screen.
+            column = page.locator(".rk-completions").bounding_box()
+            assert column["x"] >= 0 and column["x"] + column["width"] <= PHONE["width"]
+            for card in page.locator(".rk-card").all():
+                box = card.bounding_box()
+                assert column["x"] - 0.5 <= box["x"] and box["x"] + box["width"] <= column["x"] + column["width"] + 0.5
+                assert card.evaluate("node => node.scrollWidth <= node.clientWidth + 1")
+            assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+
+            # The action bar stays at the bottom of the screen wherever the page is scrolled.
+            bar = page.locator(".rk-bar")
+            for scroll in (0, 100_000):
+                page.evaluate(f"window.scrollTo(0, {scroll})")
+                box = bar.bounding_box()
+                assert abs(box["y"] + box["height"] - PHONE["height"]) <= 1 and box["width"] == PHONE["width"]
+                for button in (".rk-bar-submit", ".rk-bar-skip", ".rk-bar-tie"):
+                    assert page.locator(button).bounding_box()["height"] >= 44  # a finger's size
+            expect(page.locator(".rk-bar-submit")).to_be_disabled()
+
+            # Ties by tapping: B, then "Tie next" and A (tied with B), then C.
+            page.evaluate("window.scrollTo(0, 0)")
+            ids = shown_ids(page)
+            headers = page.locator(".rk-card header")
+            headers.nth(1).tap()
+            page.locator(".rk-bar-tie").tap()
+            expect(page.locator(".rk-bar-tie")).to_have_attribute("aria-pressed", "true")
+            headers.nth(0).tap()
+            expect(page.locator(".rk-bar-tie")).to_have_attribute("aria-pressed", "false")  # one tie per tap
+            headers.nth(2).tap()
+            assert badges(page) == ["rank 1 (tie)", "rank 1 (tie)", "rank 2"]
+            expect(page.locator(".rk-bar-summary")).to_have_text("B = A > C")
+
+            # Submitted from the bottom of the page: the next task opens with its prompt in view.
+            page.evaluate("window.scrollTo(0, 100_000)")
+            first = page.locator(".rk-task-id").text_content()
+            assert not in_view(page, ".rk-prompt")
+            page.locator(".rk-bar-submit").tap()
+            expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+            expect(page.locator(".rk-task-id")).not_to_have_text(first)
+            page.wait_for_function("() => document.querySelector('.rk-prompt').getBoundingClientRect().top >= 0")
+            assert in_view(page, ".rk-prompt") and in_view(page, ".rk-task-id")
+            expect(page.locator("#left")).to_have_text("2 left for you")
+            second = page.locator(".rk-task-id").text_content()
+
+            # Skip from the bar.
+            page.evaluate("window.scrollTo(0, 100_000)")
+            page.locator(".rk-bar-skip").tap()
+            expect(page.locator(".rk-toast")).to_have_text("Task skipped.")
+            expect(page.locator(".rk-task-id")).not_to_have_text(second)
+            expect(page.locator("#left")).to_have_text("1 left for you")
+            assert errors == []
+        finally:
+            browser.close()
+    assert store.get_own_ranking("alice", first).ranks == {ids[1]: 1, ids[0]: 1, ids[2]: 2}
+    assert [(e["kind"], e["task_id"]) for e in store.events()] == [("submit", first), ("skip", second)]
+
+
+def test_cards_by_tab_with_visible_focus_and_drops_that_ask(team_server):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, store = team_server
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(20_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            sign_in(page, url)
+            ids = shown_ids(page)
+            expect(page.locator(".rk-keys")).to_be_visible()  # a desktop shows the keyboard hints
+
+            # Tab reaches every card, and the focused card has a visible focus ring.
+            reached = []
+            for _ in range(40):
+                page.keyboard.press("Tab")
+                focused = page.evaluate("""() => { const n = document.activeElement;
+                    if (!n.classList.contains('rk-card')) return null;
+                    const s = getComputedStyle(n);
+                    return [n.dataset.id, s.outlineStyle, parseFloat(s.outlineWidth)]; }""")
+                if focused:
+                    assert focused[1] == "solid" and focused[2] >= 2
+                    if focused[0] not in reached:
+                        reached.append(focused[0])
+                if len(reached) == len(ids):
+                    break
+            assert reached == ids
+            # Space picks the focused card; Shift+Enter on the next one ties it.
+            def tab_back_to(card_id: str) -> None:
+                for _ in range(20):
+                    if page.evaluate("document.activeElement.dataset.id") == card_id:
+                        return
+                    page.keyboard.press("Shift+Tab")
+                raise AssertionError(f"Shift+Tab never reached {card_id}")
+
+            tab_back_to(ids[0])
+            page.keyboard.press("Space")                   # A
+            tab_back_to(ids[0])
+            while page.evaluate("document.activeElement.dataset.id") != ids[1]:
+                page.keyboard.press("Tab")
+            page.keyboard.press("Shift+Enter")             # B, tied with A
+            assert badges(page) == ["rank 1 (tie)", "rank 1 (tie)", ""]
+
+            # While dragging, every place between ranks is a drop target of at least 32 px; a drop on a
+            # rank row asks: tie, or a new rank above or below (Esc: nothing changes).
+            cards = page.locator(".rk-card header")
+            drag(page, cards.nth(2), page.locator('.rk-row[data-rank="1"]'))
+            expect(page.locator(".rk-ask")).to_be_visible()
+            assert page.locator(".rk-ask button").all_inner_texts() == [
+                "tie with rank 1", "new rank above", "new rank below", "cancel"]
+            page.keyboard.press("Escape")
+            expect(page.locator(".rk-ask")).to_have_count(0)
+            assert badges(page) == ["rank 1 (tie)", "rank 1 (tie)", ""]
+            box = cards.nth(2).bounding_box()
+            page.mouse.move(box["x"] + 40, box["y"] + 16)
+            page.mouse.down()
+            page.mouse.move(box["x"] + 52, box["y"] + 28, steps=3)
+            page.wait_for_function("() => document.querySelector('.rk-dragging-now .rk-ranking')")
+            heights = [g.bounding_box()["height"] for g in page.locator(".rk-ranking .rk-gap, .rk-ranking .rk-row").all()]
+            assert len(heights) == 4 and min(heights) >= 32
+            row = page.locator('.rk-row[data-rank="1"]').bounding_box()
+            page.mouse.move(row["x"] + row["width"] / 2, row["y"] + row["height"] / 2, steps=4)
+            page.mouse.up()
+            page.click(".rk-ask-above")                    # C alone at rank 1, A and B at rank 2
+            assert badges(page) == ["rank 2 (tie)", "rank 2 (tie)", "rank 1"]
+            assert page.locator(".rk-gap").first.bounding_box()["height"] < 32  # thin again at rest
+            drag(page, page.locator('.rk-row[data-rank="2"] .rk-chip').first, page.locator('.rk-row[data-rank="2"]'))
+            assert page.locator(".rk-ask button").all_inner_texts() == ["new rank above", "new rank below", "cancel"]
+            page.click(".rk-ask-below")                    # A out of the tie, below B
+            assert badges(page) == ["rank 3", "rank 2", "rank 1"]
+            drag(page, page.locator('.rk-row[data-rank="3"] .rk-chip'), page.locator('.rk-row[data-rank="1"]'))
+            page.click(".rk-ask-tie")                      # A tied with C
+            assert badges(page) == ["rank 1 (tie)", "rank 2", "rank 1 (tie)"]
+
+            # A clicked card keeps Enter for submitting.
+            cards.nth(1).click()
+            cards.nth(1).click()                           # (B out and in again: rank 2)
+            assert badges(page) == ["rank 1 (tie)", "rank 2", "rank 1 (tie)"]
+            page.keyboard.press("Enter")
+            expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+            assert errors == []
+        finally:
+            browser.close()
+    first = store.events()[0]["task_id"]
+    assert store.get_own_ranking("alice", first).ranks == {ids[0]: 1, ids[1]: 2, ids[2]: 1}
+
+
+CONTRAST = (Path(__file__).resolve().parent / "contrast.js").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_text_has_a_contrast_of_at_least_4_5(team_server, scheme):
+    """WCAG 2 contrast of each visible text against the background it is drawn on (its own and its ancestors'
+    colours composited; text in a disabled control is exempt, as in WCAG), on the guidelines panel, a task with
+    ranks, tie mode, an error and marked differences, the tie-or-insert question, the history and the toast:
+    desktop and phone. (tests/contrast.js found Gradio's primary button at 3.7:1 and the dark header at 3.3:1.)"""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, store = team_server
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            for phone in (False, True):
+                context = browser.new_context(color_scheme=scheme, **(
+                    dict(viewport=PHONE, is_mobile=True, has_touch=True) if phone
+                    else dict(viewport={"width": 1400, "height": 1000})))
+                page = context.new_page()
+                page.set_default_timeout(20_000)
+                checked: list[dict] = []
+
+                def check(what: str) -> None:
+                    texts = page.evaluate(CONTRAST)
+                    assert [t for t in texts if "unknown" in t] == [], what
+                    low = [t for t in texts if t["ratio"] < 4.5]
+                    assert low == [], f"{scheme}, {'phone' if phone else 'desktop'}, {what}: {low}"
+                    checked.extend(texts)
+
+                page.goto(url)
+                page.fill("#login-username", "alice")
+                page.fill("#login-password", PASSWORD)
+                page.press("#login-password", "Enter")
+                expect(page.locator("#guide-panel")).to_be_visible(timeout=30_000)
+                assert page.evaluate("document.body.classList.contains('dark')") == (scheme == "dark")
+                check("guidelines")
+                page.click("#guide-ok")
+                expect(page.locator(".rk-layout")).to_be_visible()
+                page.click(".rk-diff-toggle")
+                page.click(".rk-submit", force=True)       # disabled: nothing happens
+                page.keyboard.press("Enter")               # "Rank every completion first"
+                expect(page.locator(".rk-error")).not_to_be_empty()
+                page.keyboard.press("1")
+                page.keyboard.press("=")
+                check("a task")
+                page.keyboard.press("2")
+                page.keyboard.press("3")
+                if not phone:
+                    drag(page, page.locator(".rk-card header").nth(2), page.locator('.rk-row[data-rank="1"]'))
+                    expect(page.locator(".rk-ask")).to_be_visible()
+                    check("the tie-or-insert question")
+                    page.keyboard.press("Escape")
+                page.locator("#history button.label-wrap").click()
+                check("history")
+                page.locator(".rk-bar-submit").tap() if phone else page.click(".rk-submit")
+                expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+                check("the toast")
+                assert len(checked) > 100 and {t["cls"] for t in checked} >= {"rk-badge rk-r1", "rk-title", "progress"}
+                context.close()
+        finally:
+            browser.close()

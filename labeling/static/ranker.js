@@ -276,6 +276,7 @@ function buildCards() {
     card.addEventListener("click", (event) => {
       if (window.getSelection && String(window.getSelection()).length) return; // selecting text, not ranking
       pick(index, event.shiftKey || state.tieNext);
+      if (event.detail > 0) card.blur(); // clicked, not reached by Tab: Enter submits again
     });
     card.addEventListener("dragstart", (event) => {
       startDrag(event, c.id);
@@ -556,8 +557,8 @@ function onKeyDown(event) {
     render();
     return;
   }
-  if (target && target.classList && target.classList.contains("rk-card") && (event.key === "Enter" || event.key === " ")
-      && target.matches(":focus-visible")) { // a card reached by Tab (a clicked card leaves Enter to submit)
+  if (target && target.classList && target.classList.contains("rk-card") && (event.key === "Enter" || event.key === " ")) {
+    // A card reached by Tab (a clicked card gives its focus up: Enter submits).
     event.preventDefault();
     const index = state.task.completions.findIndex((c) => c.id === target.dataset.id);
     if (index >= 0) pick(index, event.shiftKey || state.tieNext);
