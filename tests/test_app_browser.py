@@ -690,10 +690,21 @@ def test_cards_by_tab_with_visible_focus_and_drops_that_ask(team_server):
             assert badges(page) == ["rank 1 (tie)", "rank 2", "rank 1 (tie)"]
             page.keyboard.press("Enter")
             expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+
+            # The session ends (signed out everywhere) while a task is open: the answer is refused and a
+            # message links to the sign-in page.
+            store.end_sessions("alice")
+            for key in ("1", "2", "3", "Enter"):
+                page.keyboard.press(key)
+            expect(page.locator(".rk-session")).to_be_visible(timeout=15_000)
+            expect(page.locator(".rk-session")).to_contain_text("Your session has ended")
+            page.click(".rk-session-link")
+            expect(page.locator("#login-form")).to_be_visible()
             assert errors == []
         finally:
             browser.close()
     first = store.events()[0]["task_id"]
+    assert len(store.events()) == 1
     assert store.get_own_ranking("alice", first).ranks == {ids[0]: 1, ids[1]: 2, ids[2]: 1}
 
 

@@ -494,9 +494,12 @@ function send(event, data) {
   watchdog = setTimeout(async () => {
     try {
       const response = await fetch("api/session", { credentials: "same-origin" });
-      if (response.status === 401) {
-        showError("Your session ended: sign in again (this answer was not saved).");
-        setTimeout(() => window.location.assign("login"), 2000);
+      if (response.status === 401) { // signed out elsewhere, or the session expired: a link to sign in
+        state.busy = false;
+        showError("");
+        q("rk-session").hidden = false;
+        q("rk-session-link").focus();
+        render();
         return;
       }
     } catch (err) { /* the server is unreachable: say so below */ }
