@@ -56,6 +56,10 @@ OWN_PATHS = ("/api/", "/login", "/logout", "/auth/")
 """Paths this module serves; everything else is the mounted Gradio app."""
 CLOSED_PATHS = frozenset({"/openapi.json", "/docs", "/redoc", "/gradio_api/openapi.json"})
 """Gradio's API descriptions: the UI does not use them, and they would describe the server to anyone."""
+CLOSED_PREFIXES = ("/gradio_api/run/", "/gradio_api/api/", "/gradio_api/call/", "/gradio_api/vibe-",
+                   "/gradio_api/undo-vibe-", "/gradio_api/dev/", "/gradio_api/proxy=")
+"""Gradio's routes for direct API calls (the UI's page goes through its queue) and its editing, reloading and
+proxying routes: the UI uses none of them, and the direct calls answered odd bodies with a 500."""
 _UNKNOWN = object()
 
 
@@ -118,11 +122,13 @@ def create_app(store: SQLLabelStore, settings: AppSettings, sessions: "Sessions 
 
     sessions = sessions or Sessions(store)
     throttle = throttle or LoginThrottle(store)
+    event_ids: set[int] = set()  # the page's event handlers, once it is built below
     app = FastAPI(title="rlhf label", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.settings, app.state.sessions = store, settings, sessions
     # Middleware, outermost first: security_headers (below), BodyLimit, SameOrigin, CORS, SignInGate, the routes.
     app.add_middleware(SignInGate, annotator_of_token=sessions.annotator, cookie_name=SESSION_COOKIE,
-                       open_prefixes=OWN_PATHS, closed_paths=CLOSED_PATHS, max_body_bytes=MAX_BODY_BYTES)
+                       open_prefixes=OWN_PATHS, closed_paths=CLOSED_PATHS, closed_prefixes=CLOSED_PREFIXES,
+                       max_body_bytes=MAX_BODY_BYTES, event_ids=event_ids)
     # No origin may read or call us across origins. (Without a CORS policy of ours, Gradio adds its own,
     # which lets pages served from localhost call the UI's events with the annotator's cookie.)
     app.add_middleware(CORSMiddleware, allow_origins=[])
@@ -287,7 +293,9 @@ def create_app(store: SQLLabelStore, settings: AppSettings, sessions: "Sessions 
         # Mounted last: the routes above take precedence over Gradio's catch-all mount at /.
         # No uploads in this UI: Gradio's upload route (signed-in only) takes at most 1 KB. No run history:
         # Gradio would keep every event's inputs and outputs in the browser's storage and offer to upload them.
-        gr.mount_gradio_app(app, gradio_ui.build_ui(store, settings), path="/", auth_dependency=annotator_of,
+        blocks = gradio_ui.build_ui(store, settings)
+        event_ids.update(blocks.fns)
+        gr.mount_gradio_app(app, blocks, path="/", auth_dependency=annotator_of,
                             ssr_mode=False, theme=gradio_ui.theme(), css=gradio_ui.css(), footer_links=[],
                             show_error=False, max_file_size=1024, run_history=False)
     return app

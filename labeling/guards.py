@@ -8,7 +8,8 @@
   cannot act with an annotator's cookie even where SameSite is not enforced.
 - `SignInGate`: every route outside the server's own (sign-in page, JSON API) needs a signed-in session,
   Gradio's included (its queue, heartbeat, cancel, reset, startup events, config ...); a few routes nobody
-  needs are closed. Gradio identifies a page by a client-chosen `session_hash` and streams that page's
+  needs are closed, and so is a path no file or route can have (a control character, an over-long segment).
+  Gradio identifies a page by a client-chosen `session_hash` and streams that page's
   event output (the annotator's name, history, ranks) to whoever asks for the hash. The gate binds each
   hash to the annotator who first used it and refuses it to anyone else.
 
@@ -21,7 +22,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Container, Iterable
 from urllib.parse import parse_qs
 
 from starlette.concurrency import run_in_threadpool
@@ -163,18 +164,23 @@ class SessionHashes:
 
 
 class SignInGate:
-    """Every request outside `open_prefixes` needs a signed-in session (else 401; `closed_paths` are 404 for
+    """Every request outside `open_prefixes` needs a signed-in session (else 401; `closed_paths`, and the paths
+    under `closed_prefixes`, are 404 for
     everyone), and a Gradio session hash in the request (query, path or JSON body) must be the annotator's."""
 
     def __init__(self, app, *, annotator_of_token: Callable[[str | None], str | None], cookie_name: str,
                  open_prefixes: tuple[str, ...], closed_paths: frozenset[str], max_body_bytes: int,
+                 closed_prefixes: tuple[str, ...] = (), event_ids: Container[int] | None = None,
                  upload_paths: frozenset[str] = frozenset({"/gradio_api/upload"}),
                  session_hashes: SessionHashes | None = None):
-        """`upload_paths` take other bodies than JSON (Gradio's file uploads, multipart)."""
+        """`upload_paths` take other bodies than JSON (Gradio's file uploads, multipart). `event_ids`: the page's
+        event handlers (Gradio's fn_index values, filled in once the page is built); a queue/join naming another
+        is refused (Gradio's queue looks it up unchecked: a 500)."""
         self.app = app
         self.upload_paths = upload_paths
         self.annotator_of_token, self.cookie_name = annotator_of_token, cookie_name
-        self.open_prefixes, self.closed_paths = open_prefixes, closed_paths
+        self.open_prefixes, self.closed_paths, self.closed_prefixes = open_prefixes, closed_paths, closed_prefixes
+        self.event_ids = event_ids
         self.max_body_bytes = max_body_bytes
         self.session_hashes = session_hashes or SessionHashes()
 
@@ -206,7 +212,7 @@ class SignInGate:
                 return
             await self.app(scope, receive, send)
             return
-        if path in self.closed_paths:
+        if path in self.closed_paths or path.startswith(self.closed_prefixes) or not _plain_path(path):
             await send_error(send, 404, "not found")
             return
         if annotator is None:
@@ -237,12 +243,22 @@ class SignInGate:
             if _has_lone_surrogate(data):
                 await send_error(send, 400, "the request body holds text that is not valid Unicode")
                 return
-            if isinstance(data, dict) and isinstance(data.get("session_hash"), str):
+            if isinstance(data, dict) and "session_hash" in data:
+                if not isinstance(data["session_hash"], str):
+                    await send_error(send, 400, "session_hash must be a string")
+                    return
                 hashes.append(data["session_hash"])
+            elif path == "/gradio_api/queue/join":
+                await send_error(send, 400, "queue/join needs a session_hash")
+                return
+            if path == "/gradio_api/queue/join" and self.event_ids is not None and not (isinstance(data, dict)
+                    and type(data.get("fn_index")) is int and data["fn_index"] in self.event_ids):
+                await send_error(send, 404, "no such event on this page; reload the page")
+                return
             receive = _replay(body, receive)
         for session_hash in hashes:
-            if len(session_hash) > MAX_SESSION_HASH_LENGTH:
-                await send_error(send, 400, "session hash too long")
+            if not 0 < len(session_hash) <= MAX_SESSION_HASH_LENGTH:  # an empty one fails Gradio's queue (a 500)
+                await send_error(send, 400, f"a session hash must be 1 to {MAX_SESSION_HASH_LENGTH} characters")
                 return
             if not self.session_hashes.claim(session_hash, annotator):
                 await send_error(send, 403, "this page session belongs to another sign-in; reload the page")
@@ -263,6 +279,18 @@ class SignInGate:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+MAX_PATH_SEGMENT_BYTES = 255
+"""The longest path segment Gradio's routes are given (a file name's limit on common file systems)."""
+
+
+def _plain_path(path: str) -> bool:
+    """Whether a (percent-decoded) path can name something of Gradio's: no control character (a NUL fails its
+    file and proxy routes with a 500) and no segment over MAX_PATH_SEGMENT_BYTES (a longer file name fails the
+    operating system's file calls with a 500)."""
+    return (not any(ord(char) < 32 or ord(char) == 127 for char in path)
+            and all(len(part.encode("utf-8", "surrogatepass")) <= MAX_PATH_SEGMENT_BYTES for part in path.split("/")))
 
 
 def _has_lone_surrogate(data) -> bool:

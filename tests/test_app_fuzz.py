@@ -121,14 +121,14 @@ def test_generated_requests_never_get_a_5xx_and_leave_the_store_intact(store):
     handed: set[str] = set()  # tasks the store handed to bob, whichever route asked (the API's or Gradio's)
     next_task, assign_task = store.next_task, store.assign_task
 
-    def recording_next_task(annotator, overlap):
-        task = next_task(annotator, overlap)
+    def recording_next_task(annotator, overlap, **options):
+        task = next_task(annotator, overlap, **options)
         if task is not None and annotator == "bob":
             handed.add(task.id)
         return task
 
-    def recording_assign_task(annotator, task_id, overlap):
-        assigned = assign_task(annotator, task_id, overlap)
+    def recording_assign_task(annotator, task_id, overlap, **options):
+        assigned = assign_task(annotator, task_id, overlap, **options)
         if assigned and annotator == "bob":
             handed.add(task_id)
         return assigned
@@ -181,3 +181,104 @@ def test_generated_requests_never_get_a_5xx_and_leave_the_store_intact(store):
         assert len(ids) == len(set(ids))
     assert {(e["annotator"], e["task_id"]) for e in events if e["kind"] == "submit"} == \
         {(r.annotator, r.task_id) for r in after}
+
+
+# ------------------------------------------------------------------------- every route mounted, odd requests
+
+ODD_SEGMENTS = ["x", "0", "-1", "..", "%2e%2e", "..%2f..%2fetc%2fpasswd", "%00", "a%00b", "%ff%fe", "\u00fc" * 100,
+                "a" * 300, "a/" * 200, "%3Cscript%3E"]
+"""Values for a route's path parameters: unknown names, traversal, NUL, invalid UTF-8, over-long segments."""
+ODD_BODIES = [None, b"", b"{}", b"[]", b"null", b"7", b'"x"', b"not json", b"{" * 5000, b'{"session_hash": ""}',
+              b'{"session_hash": "' + b"h" * 500 + b'"}', b'{"session_hash": 5}', b'{"data": "x"}',
+              b'{"fn_index": 999, "session_hash": "odd-1", "data": []}',
+              b'{"fn_index": -1, "trigger_id": -1, "session_hash": "odd-1", "data": null}',
+              b'{"event_id": "nope", "session_hash": "odd-1"}', b'{"data": [1, 2], "event_data": {"a": 1}}']
+"""Bodies for every write: empty, not JSON, not an object, absurdly nested, empty or over-long session hashes,
+unknown fn_index and event ids."""
+
+
+def mounted_routes(app) -> list[tuple[str, str]]:
+    """(method, path pattern) of every route the app serves, the mounted Gradio app's and its routers' included."""
+    found = []
+
+    def walk(routes, prefix=""):
+        for route in routes:
+            if type(route).__name__ == "Mount":
+                walk(route.routes, prefix + route.path)
+            elif hasattr(route, "original_router"):  # FastAPI's included router (Gradio's gradio_api routes)
+                walk(route.original_router.routes, prefix)
+            elif hasattr(route, "path"):
+                found.extend((method, prefix + route.path) for method in sorted(route.methods or {"GET"}))
+
+    walk(app.routes)
+    return sorted(set(found))
+
+
+def dependency_bodies(config: dict) -> list[bytes]:
+    """queue/join-style bodies for each of the page's real event handlers, with odd data and session hashes."""
+    bodies = []
+    for dependency in config["dependencies"]:
+        for session_hash in ("", "odd-2", None):
+            for data in ([], [None] * 5, "x", [{"a": [1]}] * 3):
+                body = {"fn_index": dependency["id"], "trigger_id": None, "data": data, "event_data": None}
+                if session_hash is not None:
+                    body["session_hash"] = session_hash
+                bodies.append(json.dumps(body).encode())
+    return bodies
+
+
+def test_every_mounted_route_answers_odd_requests_with_a_4xx_never_a_5xx(tmp_path):
+    """Every route of the server, Gradio's included (enumerated from the app, so a route a new Gradio adds is
+    covered), signed in and not: odd path parameters and odd bodies get an answer under 500."""
+    import re
+
+    import httpx
+    from app_helpers import serving
+
+    store = open_store(tmp_path / "labels.db")
+    store.import_tasks([Task.from_dict({"id": t, "prompt": f"prompt {t}", "completions": ["a", "b", "c"]})
+                        for t in TASK_IDS[:3]])
+    add_annotator(store, "bob", PASSWORD)
+    settings = AppSettings(overlap=OVERLAP)
+    routes = mounted_routes(create_app(store, settings))
+    paths = {path for _, path in routes}
+    for expected in ("/gradio_api/queue/join", "/gradio_api/run/{api_name}", "/gradio_api/api/{api_name}",
+                     "/gradio_api/call/{api_name}", "/gradio_api/call/v2/{api_name}",
+                     "/gradio_api/heartbeat/{session_hash}", "/gradio_api/queue/data", "/gradio_api/upload",
+                     "/config", "/api/rankings"):
+        assert expected in paths  # the enumeration reaches into Gradio's routers
+    answered: dict[tuple[str, str], set[int]] = {}
+    with serving(store, settings) as (host, port):
+        for signed_in in (True, False):
+            with httpx.Client(base_url=f"http://{host}:{port}", timeout=httpx.Timeout(10)) as client:
+                names, events = ["on_load"], []
+                if signed_in:
+                    client.post("/api/login", json={"username": "bob", "password": PASSWORD}).raise_for_status()
+                    config = client.get("/config").json()
+                    names = [d["api_name"] for d in config["dependencies"] if d.get("api_name")]
+                    events = dependency_bodies(config)
+                for method, pattern in routes:
+                    if pattern in ("/api/login", "/api/logout", "/logout"):
+                        continue  # signing in and out: the generated requests above cover them
+                    has_params = "{" in pattern
+                    for segment in (ODD_SEGMENTS + names if has_params else [""]):
+                        path = re.sub(r"\{[^}]+\}", segment, pattern)
+                        if method in ("GET", "HEAD"):
+                            bodies = [None]
+                        elif pattern.endswith(("/queue/join", "/cancel", "/reset")):
+                            bodies = ODD_BODIES + events
+                        else:
+                            bodies = ODD_BODIES if not has_params or segment in names else ODD_BODIES[:6]
+                        for body in bodies:
+                            headers = {} if body is None else {"content-type": "application/json"}
+                            with client.stream(method, path, content=body, headers=headers) as response:
+                                status = response.status_code
+                                location = response.headers.get("location")
+                                text = response.read()[:300] if status >= 500 else b""
+                            assert status < 500, (signed_in, method, path, body and body[:200], status, text)
+                            if not signed_in and not pattern.startswith(("/api/", "/login", "/auth/")):
+                                assert status in (401, 404, 405) or (status, location) == (303, "login"), (
+                                    method, path, status)  # nothing without a session (the page: to sign-in)
+                            answered.setdefault((method, pattern), set()).add(status)
+    assert set(answered) == {route for route in routes if route[1] not in ("/api/login", "/api/logout", "/logout")}
+    store.close()
