@@ -130,6 +130,53 @@ class LabelUI:
             return str(exc)
 
 
+# ------------------------------------------------------------------ the admin view (plain functions, no Gradio)
+
+DISAGREED_ROWS = 20
+"""The admin view lists this many of the tasks whose rankings disagree most."""
+
+
+def ranking_text(ranks: dict[str, int], labels: dict[str, str]) -> str:
+    """A ranking as one line, best first, ties joined: "B > A = C" (labels: completion id -> label)."""
+    groups: dict[int, list[str]] = {}
+    for cid, rank in ranks.items():
+        groups.setdefault(rank, []).append(labels.get(cid, cid))
+    return " > ".join(" = ".join(sorted(groups[r])) for r in sorted(groups))
+
+
+def admin_tables(store: SQLLabelStore, settings: AppSettings) -> dict:
+    """What the admin view shows: the annotators table of `rlhf stats` (every column it has), and the tasks
+    ranked by two or more annotators whose rankings agree least (pairwise agreement, then Kendall's tau)."""
+    from labeling.stats import stats_tables
+
+    tables = stats_tables(store, settings.overlap)
+    tasks = tables["tasks"]
+    disagreed = (tasks[tasks["rankings"] >= 2]
+                 .sort_values(["pairwise_agreement", "mean_kendall_tau"], na_position="last", kind="stable")
+                 .head(DISAGREED_ROWS).reset_index(drop=True))
+    return {"annotators": tables["annotators"].round(3), "disagreed": disagreed.round(3)}
+
+
+def review_table(store: SQLLabelStore, task_id: str):
+    """One task's rankings for review: its completions labelled A, B, ... in their stored order (with the
+    start of their text), and each annotator's ranking in those labels."""
+    import pandas as pd
+
+    task = store.get_task(task_id)
+    labels = {c.id: handlers.completion_label(i) for i, c in enumerate(task.completions)}
+    legend = pd.DataFrame([{"label": labels[c.id], "completion": c.id, "text": _preview(c.text)}
+                           for c in task.completions])
+    rankings = pd.DataFrame([{"annotator": r.annotator, "ranking": ranking_text(r.ranks, labels)}
+                             for r in store.export_rankings() if r.task_id == task_id],
+                            columns=["annotator", "ranking"])
+    return legend, rankings
+
+
+def _preview(text: str, limit: int = 120) -> str:
+    line = _CONTROL_CHARS.sub(lambda m: f"U+{ord(m[0]):04X}", " ".join(text.split()))
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def _task_id_of(payload: Any) -> str | None:
     value = payload.get("task_id") if isinstance(payload, dict) else None
     return value if isinstance(value, str) else None
@@ -202,13 +249,47 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
         with gr.Accordion("Statistics", open=False, visible=False, elem_id="stats") as stats_box:
             stats_text = gr.Textbox(show_label=False, lines=8, max_lines=40, interactive=False, elem_id="stats-text")
             refresh_stats = gr.Button("Refresh", size="sm")
+        # Admins: the annotators at a glance and the tasks to review (cells are shown as text).
+        with gr.Accordion("Admin: annotators and review", open=False, visible=False, elem_id="admin") as admin_box:
+            admin_annotators = gr.Dataframe(label="Annotators", interactive=False, wrap=True,
+                                            elem_id="admin-annotators")
+            admin_disagreed = gr.Dataframe(label="Most disagreed tasks (lowest agreement first)", interactive=False,
+                                           wrap=True, elem_id="admin-disagreed")
+            review_pick = gr.Dropdown(choices=[], value=None, label="Review a task", interactive=True,
+                                      filterable=True, elem_id="admin-review-pick")
+            with gr.Row():
+                review_legend = gr.Dataframe(label="Its completions", interactive=False, wrap=True,
+                                             elem_id="admin-review-legend", visible=False)
+                review_rankings = gr.Dataframe(label="Its rankings", interactive=False, wrap=True,
+                                               elem_id="admin-review-rankings", visible=False)
+            refresh_admin = gr.Button("Refresh", size="sm", elem_id="admin-refresh")
+
+        def admin_outputs(annotator: str):
+            if not is_admin(store, annotator, settings.admins):  # checked on every request, not only at load
+                return gr.skip(), gr.skip(), gr.skip()
+            tables = admin_tables(store, settings)
+            ids = [str(t) for t in tables["disagreed"]["task_id"]]
+            return tables["annotators"], tables["disagreed"], gr.Dropdown(choices=ids, value=None)
 
         def on_load(request: gr.Request):
             annotator = request.username
             value, progress = ui.next_view(annotator)
             admin = is_admin(store, annotator, settings.admins)
             return (topbar_html(annotator, progress), value, gr.Dropdown(choices=ui.history(annotator), value=None),
-                    gr.Accordion(visible=admin), ui.stats_text(annotator) if admin else "")
+                    gr.Accordion(visible=admin), ui.stats_text(annotator) if admin else "",
+                    gr.Accordion(visible=admin), *admin_outputs(annotator))
+
+        def on_admin_refresh(request: gr.Request):
+            return admin_outputs(request.username)
+
+        def on_review(task_id, request: gr.Request):
+            if not task_id or not is_admin(store, request.username, settings.admins):
+                return gr.Dataframe(visible=False), gr.Dataframe(visible=False)
+            try:
+                legend, rankings = review_table(store, task_id)
+            except UserError:
+                return gr.Dataframe(visible=False), gr.Dataframe(visible=False)
+            return gr.Dataframe(legend, visible=True), gr.Dataframe(rankings, visible=True)
 
         def after_answer(annotator: str, value: str, progress: dict | None):
             if progress is None:  # refused: only the widget changes
@@ -231,7 +312,10 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
         def on_stats(request: gr.Request):
             return ui.stats_text(request.username)
 
-        demo.load(on_load, outputs=[topbar, ranker, history, stats_box, stats_text], **events)
+        demo.load(on_load, outputs=[topbar, ranker, history, stats_box, stats_text, admin_box, admin_annotators,
+                                    admin_disagreed, review_pick], **events)
+        refresh_admin.click(on_admin_refresh, outputs=[admin_annotators, admin_disagreed, review_pick], **events)
+        review_pick.input(on_review, inputs=[review_pick], outputs=[review_legend, review_rankings], **events)
         ranker.submit(on_submit, outputs=[ranker, topbar, history], **events)
         ranker.skip(on_skip, outputs=[ranker, topbar, history], **events)
         ranker.back(on_back, outputs=[ranker], **events)

@@ -770,3 +770,74 @@ def test_every_text_has_a_contrast_of_at_least_4_5(team_server, scheme):
                 context.close()
         finally:
             browser.close()
+
+
+EVIL_ID = '<img src=x onerror="window.__pwned=1">'
+
+
+@pytest.fixture()
+def review_server(tmp_path):
+    store = open_store(tmp_path / "labels.db")
+    store.import_tasks([Task.from_dict({"id": tid, "prompt": "Which is better?",
+                                        "completions": [{"id": f"{tid}-{i}", "text": f"{EVIL_ID} answer {i}"}
+                                                        for i in range(3)]}) for tid in ("calm", EVIL_ID, "open")])
+    add_annotator(store, "carol", PASSWORD)
+    add_annotator(store, "alice", PASSWORD)
+    for name in ("ann1", "ann2"):
+        store.add_annotator(name)
+    store.submit_ranking("ann1", "calm", {"calm-0": 1, "calm-1": 2, "calm-2": 3}, seconds=10)
+    store.submit_ranking("ann2", "calm", {"calm-0": 3, "calm-1": 2, "calm-2": 1}, seconds=20)
+    store.submit_ranking("ann1", EVIL_ID, {f"{EVIL_ID}-0": 1, f"{EVIL_ID}-1": 2, f"{EVIL_ID}-2": 3})
+    store.submit_ranking("ann2", EVIL_ID, {f"{EVIL_ID}-0": 1, f"{EVIL_ID}-1": 3, f"{EVIL_ID}-2": 2})
+    with serving(store, AppSettings(overlap=2, admins=frozenset({"carol"}))) as (host, port):
+        yield f"http://{host}:{port}/", store
+    store.close()
+
+
+def table_rows(page, selector: str) -> list[list[str]]:
+    """The cells of a Gradio Dataframe's rows (drawn as div rows of grid cells)."""
+    return page.eval_on_selector_all(f"{selector} .virtual-row[role=row]", """rows => rows.map((row) =>
+        [...row.querySelectorAll("[role=gridcell]")].map((cell) => cell.innerText.trim()))""")
+
+
+def test_the_admin_view_shows_annotators_and_the_most_disagreed_tasks(review_server):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, store = review_server
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(20_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(url)
+            page.fill("#login-username", "alice")  # no admin: no admin view
+            page.fill("#login-password", PASSWORD)
+            page.press("#login-password", "Enter")
+            expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)
+            expect(page.locator("#admin")).to_be_hidden()
+            page.click("#sign-out")
+            page.goto(url)
+            page.fill("#login-username", "carol")
+            page.fill("#login-password", PASSWORD)
+            page.press("#login-password", "Enter")
+            expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)
+            page.locator("#admin button.label-wrap").click()
+            expect(page.locator("#admin-annotators .virtual-row[role=row]")).to_have_count(4)
+            rows = {row[0]: row[1:3] for row in table_rows(page, "#admin-annotators")}
+            assert rows == {"ann1": ["2", "0"], "ann2": ["2", "0"], "alice": ["0", "0"], "carol": ["0", "0"]}
+            # The reversed task first; the hostile task id is shown as text.
+            disagreed = table_rows(page, "#admin-disagreed")
+            assert [row[0] for row in disagreed] == ["calm", EVIL_ID]
+            page.locator("#admin-review-pick input").click()
+            page.locator("ul[role=listbox] li[role=option]").nth(1).click()
+            expect(page.locator("#admin-review-rankings .virtual-row[role=row]")).to_have_count(2)
+            assert table_rows(page, "#admin-review-rankings") == [["ann1", "A > B > C"], ["ann2", "A > C > B"]]
+            assert [row[2] for row in table_rows(page, "#admin-review-legend")] == [
+                f"{EVIL_ID} answer {i}" for i in range(3)]
+            assert page.locator("#admin img, #admin script").count() == 0
+            assert page.evaluate("typeof window.__pwned") == "undefined"
+            assert errors == []
+        finally:
+            browser.close()

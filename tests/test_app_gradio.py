@@ -260,3 +260,31 @@ def test_the_ui_under_a_root_path(store):
         assert client.get("/label/").status_code == 200
         config = client.get("/label/config").json()
         assert config["username"] == "alice" and config["root"].endswith("/label")
+
+
+# ------------------------------------------------------------------------------------------ the admin view
+
+def test_admin_view_lists_the_most_disagreed_tasks_first(store):
+    from labeling.gradio_ui import admin_tables, ranking_text, review_table
+
+    assert ranking_text({"x": 2, "y": 1, "z": 2}, {"x": "A", "y": "B", "z": "C"}) == "B > A = C"
+    store.add_annotator("carl")
+    for name, evil, plain in [("alice", {"e0": 1, "e1": 2, "e2": 3}, {"a": 1, "b": 2}),
+                              ("bob", {"e0": 3, "e1": 2, "e2": 1}, {"a": 1, "b": 2}),
+                              ("carl", None, {"a": 2, "b": 1})]:
+        if evil:
+            store.submit_ranking(name, "evil", evil, seconds=10.0)
+        store.submit_ranking(name, "t1", plain, seconds=4.0)
+    tables = admin_tables(store, SETTINGS)
+    annotators = tables["annotators"].set_index("annotator")
+    assert annotators.loc["alice", "ranked"] == 2 and annotators.loc["carl", "ranked"] == 1
+    assert annotators.loc["alice", "median_seconds"] == 7.0
+    # evil: alice and bob reversed (0 of 3 pairs agree); t1: 1 of 3 annotator pairs agree.
+    disagreed = tables["disagreed"]
+    assert list(disagreed["task_id"]) == ["evil", "t1"]
+    assert list(disagreed["pairwise_agreement"]) == [0.0, round(1 / 3, 3)]
+    legend, rankings = review_table(store, "evil")
+    assert list(legend["label"]) == ["A", "B", "C"] and list(legend["completion"]) == ["e0", "e1", "e2"]
+    assert legend["text"][0] == HOSTILE[0]  # as text, exactly
+    assert rankings.to_dict("records") == [{"annotator": "alice", "ranking": "A > B > C"},
+                                           {"annotator": "bob", "ranking": "C > B > A"}]
