@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from pipeline.report import _escape, _fenced, _fmt, _table, render_html
 from rlhf.jsonl import atomic_write, read_jsonl
 from rlhf.runlog import Panel, plot, read_log
@@ -55,10 +57,13 @@ def write_loop_report(out: str | Path, settings: dict[str, Any]) -> dict[str, An
          _fmt(_num(row.get("distinct_2")))) for row in rows], align="---:")
     if rows:
         lines += [f"The SFT model's oracle score on the same prompts: {_fmt(_num(rows[0].get('oracle_sft')))}.", ""]
+        # round 0: the SFT model, where every round's policy started from
+        policy = pd.concat([pd.DataFrame([{"step": 0, "oracle": frame["oracle_sft"].iloc[0], "kl": 0.0}]),
+                            frame[["step", "oracle", "kl"]]], ignore_index=True)
         figure = plot(out / "plots" / "rounds.png", [
-            Panel([(frame, "step", "oracle", "policy", "o-"), (frame, "step", "oracle_sft", "SFT", "--")],
-                  title="Oracle score (held-out)", xlabel="round"),
-            Panel([(frame, "step", "kl", None, "o-")], title="KL to the SFT model", xlabel="round",
+            Panel([(policy, "step", "oracle", None, "o-")], title="Oracle score (held-out; round 0: SFT)",
+                  xlabel="round"),
+            Panel([(policy, "step", "kl", None, "o-")], title="KL to the SFT model", xlabel="round",
                   ylabel="nats / response"),
             Panel([(frame, "step", "rm_acc_before_new", "before retraining (new rankings)", "o-"),
                    (frame, "step", "rm_acc_after_held_out", "after (held-out new)", "o-"),
