@@ -1,10 +1,14 @@
-"""Screenshots of the ranking screen on a multi-turn task, on a desktop and a phone screen, for docs/labeling.md.
+"""Screenshots of the ranking screen on a multi-turn task, on a desktop and a phone screen, and of the admin
+view, for docs/labeling.md and the README.
 
 Starts `rlhf label` on 127.0.0.1 with a fresh database holding one conversation (a system message, two user
-turns and an assistant turn before the last user turn) and three candidate replies in Markdown, signs in with
-headless Chromium, ranks two replies, turns "Highlight differences" on, and saves
+turns and an assistant turn before the last user turn) and three candidate replies in Markdown, and a few
+tasks that two scripted annotators ranked (they disagree on some); signs in with headless Chromium, ranks two
+replies, turns "Highlight differences" on, and saves
     docs/screenshot-conversation.png        (1400 x 1000)
     docs/screenshot-conversation-phone.png  (390 x 844 at 2x, earlier turns collapsed)
+    docs/screenshot-phone.png               (390 x 844 at 2x: the replies, a tie made with "Tie next", the action bar)
+    docs/screenshot-admin.png               (the admin view: annotators, most disagreed tasks, one under review)
 
     .venv/bin/python bench/screenshots.py [--out docs]
 """
@@ -52,6 +56,58 @@ REPLIES = [
 ]
 
 
+REVIEWED = [  # (task id, prompt, replies, ann1's ranks, ann2's ranks): the admin view's material
+    ("capital-fr", "What is the capital of France?", ["Paris.", "Lyon.", "Paris, on the Seine."], [2, 3, 1], [1, 3, 1]),
+    ("haiku-rain", "Write a haiku about rain.",
+     ["Soft rain on the roof", "Rain. Rain. Rain.", "Drops drum the tin roof"], [1, 3, 2], [2, 3, 1]),
+    ("sql-join", "Explain a LEFT JOIN in one sentence.",
+     ["Keeps every left row, matched or not.", "Joins tables.", "Returns only matching rows."], [1, 2, 3], [3, 2, 1]),
+]
+
+
+def sign_in(page, base: str, name: str) -> None:
+    page.goto(base + "/")
+    page.fill("#login-username", name)
+    page.fill("#login-password", PASSWORD)
+    page.press("#login-password", "Enter")
+    page.wait_for_selector(".rk-card", timeout=60_000)
+
+
+def shoot_phone(browser, base: str, out: Path) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                                  has_touch=True)
+    page = context.new_page()
+    sign_in(page, base, "alice")
+    if page.locator(".rk-earlier").evaluate("node => node.open"):
+        page.locator(".rk-earlier summary").tap()
+    headers = page.locator(".rk-card header")
+    headers.nth(1).tap()
+    page.locator(".rk-bar-tie").tap()
+    headers.nth(0).tap()
+    page.locator(".rk-completions").evaluate("node => node.scrollIntoView()")
+    page.evaluate("window.scrollBy(0, -60)")
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(out / "screenshot-phone.png"))
+    print("wrote", out / "screenshot-phone.png")
+    context.close()
+
+
+def shoot_admin(browser, base: str, out: Path) -> None:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    sign_in(page, base, "carol")
+    page.locator("#admin button.label-wrap").click()
+    page.wait_for_selector("#admin-disagreed .virtual-row", timeout=20_000)
+    page.locator("#admin-review-pick input").click()
+    page.locator("ul[role=listbox] li[role=option]").first.click()
+    page.wait_for_selector("#admin-review-rankings .virtual-row", timeout=20_000)
+    page.mouse.move(0, 0)
+    page.wait_for_timeout(300)
+    page.locator("#admin").screenshot(path=str(out / "screenshot-admin.png"))
+    print("wrote", out / "screenshot-admin.png")
+    context.close()
+
+
 def shoot(base: str, out: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -81,6 +137,8 @@ def shoot(base: str, out: Path) -> None:
                 page.screenshot(path=str(out / name))
                 print("wrote", out / name)
                 context.close()
+            shoot_phone(browser, base, out)
+            shoot_admin(browser, base, out)
         finally:
             browser.close()
 
@@ -96,8 +154,19 @@ def main() -> None:
             store.import_tasks([Task.from_dict({
                 "id": "orders-over-100", "prompt": CONVERSATION,
                 "completions": [{"id": f"r{i}", "text": text} for i, text in enumerate(REPLIES)]})])
+            store.import_tasks([Task.from_dict({"id": tid, "prompt": prompt, "completions": [
+                {"id": f"{tid}-{i}", "text": text} for i, text in enumerate(replies)]})
+                for tid, prompt, replies, _, _ in REVIEWED])
             add_annotator(store, "alice", PASSWORD)
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "label", "--db", str(db), "--port", "0"],
+            add_annotator(store, "carol", PASSWORD)
+            for name in ("ann1", "ann2"):
+                add_annotator(store, name, PASSWORD)
+            for tid, _, _, first, second in REVIEWED:
+                for name, ranks in (("ann1", first), ("ann2", second)):
+                    store.submit_ranking(name, tid, {f"{tid}-{i}": r for i, r in enumerate(ranks)},
+                                         seconds=7.0 + 3 * len(name + tid) % 11)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "label", "--db", str(db), "--port", "0",
+                                 "--admin", "carol"],
                                 stdout=subprocess.PIPE, text=True)
         try:
             match = re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stdout.readline())

@@ -44,7 +44,7 @@ OTHER = [
     "\u202eA prince avenges his father\u202c &lt;i&gt; &amp; " + "very long line " * 80,
     "A Danish prince hesitates, and almost everyone dies. [x](javascript:alert(1))",
 ]
-RANKER = "#ranker"
+RANKER = "#ranker"  # (its only link of its own: the sign-in link shown when the session has ended)
 # What the page shows of the texts that hold Markdown (emphasis markers gone, a link's address as text);
 # every other text is shown exactly as written.
 RENDERED = {
@@ -98,7 +98,8 @@ def assert_inert(page, task) -> None:
     shown = page.locator(".rk-completions .rk-body").all_inner_texts()
     assert sorted(shown) == sorted(RENDERED.get(c.text, displayed(c.text)) for c in task.completions)
     assert page.locator(".rk-prompt").inner_text() == RENDERED.get(task.prompt, displayed(task.prompt))
-    assert page.locator(f"{RANKER} img, {RANKER} script, {RANKER} b, {RANKER} a, {RANKER} i").count() == 0
+    markup = f"{RANKER} img, {RANKER} script, {RANKER} b, {RANKER} a:not(.rk-session-link), {RANKER} i"
+    assert page.locator(markup).count() == 0
 
 
 def drag(page, source, target) -> None:
@@ -335,7 +336,8 @@ def assert_nothing_ran(page, origin: str, requests: list[str], dialogs: list[str
     elements = content_elements(page)
     assert {e.split(":")[0] for e in elements} <= CONTENT_TAGS
     assert {e.split(":")[1] for e in elements} <= {"", "class", "style"}
-    assert page.locator(f"{RANKER} img, {RANKER} iframe, {RANKER} script, {RANKER} svg, {RANKER} a").count() == 0
+    markup = f"{RANKER} img, {RANKER} iframe, {RANKER} script, {RANKER} svg, {RANKER} a:not(.rk-session-link)"
+    assert page.locator(markup).count() == 0
     assert page.evaluate("typeof window.__pwned") == "undefined"
     assert dialogs == []
     assert [u for u in requests if "pwned" in u or not u.startswith(origin)] == []
@@ -489,7 +491,8 @@ GUIDELINES = "<p>Prefer <em>helpful</em> answers.</p>"
 def team_server(tmp_path):
     store = open_store(tmp_path / "labels.db")
     store.import_tasks([Task.from_dict({"id": f"t{k}", "prompt": f"Prompt number {k}: " + "long prompt text " * 20,
-                                        "completions": [{"id": f"t{k}-{i}", "text": text} for i, text in enumerate(WIDE)]})
+                                        "completions": [{"id": f"t{k}-{i}", "text": text}
+                                                        for i, text in enumerate(WIDE)]})
                         for k in range(3)])
     add_annotator(store, "alice", PASSWORD)
     with serving(store, AppSettings(overlap=1, guidelines_html=GUIDELINES)) as (host, port):
@@ -668,7 +671,8 @@ def test_cards_by_tab_with_visible_focus_and_drops_that_ask(team_server):
             page.mouse.down()
             page.mouse.move(box["x"] + 52, box["y"] + 28, steps=3)
             page.wait_for_function("() => document.querySelector('.rk-dragging-now .rk-ranking')")
-            heights = [g.bounding_box()["height"] for g in page.locator(".rk-ranking .rk-gap, .rk-ranking .rk-row").all()]
+            targets = page.locator(".rk-ranking .rk-gap, .rk-ranking .rk-row").all()
+            heights = [target.bounding_box()["height"] for target in targets]
             assert len(heights) == 4 and min(heights) >= 32
             row = page.locator('.rk-row[data-rank="1"]').bounding_box()
             page.mouse.move(row["x"] + row["width"] / 2, row["y"] + row["height"] / 2, steps=4)
@@ -731,11 +735,12 @@ def test_every_text_has_a_contrast_of_at_least_4_5(team_server, scheme):
                 page.set_default_timeout(20_000)
                 checked: list[dict] = []
 
-                def check(what: str) -> None:
+                def check(what: str, page=page, where=f"{scheme}, {'phone' if phone else 'desktop'}",
+                          checked=checked) -> None:
                     texts = page.evaluate(CONTRAST)
                     assert [t for t in texts if "unknown" in t] == [], what
                     low = [t for t in texts if t["ratio"] < 4.5]
-                    assert low == [], f"{scheme}, {'phone' if phone else 'desktop'}, {what}: {low}"
+                    assert low == [], f"{where}, {what}: {low}"
                     checked.extend(texts)
 
                 page.goto(url)

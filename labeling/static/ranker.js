@@ -467,8 +467,8 @@ function render() {
   q("rk-bar-skip").disabled = state.busy;
   // The phone's action bar sums the ranking up: "B > A = C", and what is left to rank.
   const summary = state.groups.map((g) => g.map(labelOf).join(" = ")).join(" > ");
-  q("rk-bar-summary").textContent = (summary || "Tap the best first")
-    + (unranked.length && summary ? ` · ${unranked.length} to rank` : "");
+  q("rk-bar-summary").textContent = (summary || "Tap the best")
+    + (unranked.length && summary ? ` (${unranked.length} more)` : "");
   if (state.ask) {
     const first = box.querySelector(".rk-ask button");
     if (first && !box.contains(document.activeElement)) first.focus({ preventScroll: true });
@@ -609,6 +609,14 @@ function onKeyDown(event) {
 }
 
 // ---------- start ----------
+
+// Gradio's page keeps 32 px on each side, a sixth of a phone's width; the cards get most of it back. (Set here:
+// the Blocks' css only reaches inside the page's content.)
+function narrowMargins() {
+  const page = element.closest(".app");
+  if (page) { page.style.paddingLeft = page.style.paddingRight = "clamp(6px, 3vw, 32px)"; }
+}
+narrowMargins();
 
 q("rk-submit").addEventListener("click", submit);
 q("rk-bar-submit").addEventListener("click", submit);
