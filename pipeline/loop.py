@@ -224,6 +224,13 @@ def policy_tag(r: int) -> str:
     return f"round-{r}/policy" if r > 0 else REFERENCE_TAG
 
 
+def mix_source(r: int, mix: str) -> int | None:
+    """The round whose policy writes the `mix` share of round r's tasks (0: the SFT model), or None when all K come
+    from the current policy, round r-1's: with mix "none", and in round 1, where the SFT model is the only one."""
+    source = {"previous": max(r - 2, 0), "reference": 0}.get(mix)
+    return None if source is None or source == r - 1 else source
+
+
 # ---- the steps ----
 
 class Loop:
@@ -307,9 +314,7 @@ class Loop:
         cfg, out = self.cfg, self.out
         prompts = [(None, p) for p in self.round_prompts(r)]
         dtype = setup_compute(cfg.dtype)
-        mixed = {"previous": r - 2, "reference": 0}.get(cfg.mix)
-        if mixed is not None and r - 1 == max(mixed, 0):
-            mixed = None  # round 1: the current policy is the SFT model itself, the only one there is
+        mixed = mix_source(r, cfg.mix)
         params = SamplingParams(cfg.temperature, 1.0, cfg.max_new_tokens)
         seed = derived_seed(cfg.seed, r, LOOP_ROUND)
 
@@ -325,7 +330,7 @@ class Loop:
         main_k = cfg.k - (cfg.mix_k if mixed is not None else 0)
         drawn = [draw(r - 1, max(main_k, 2), 0)]
         if mixed is not None:
-            drawn.append(draw(max(mixed, 0), max(cfg.mix_k, 2), 1))
+            drawn.append(draw(mixed, max(cfg.mix_k, 2), 1))
         tasks = []
         for parts in zip(*drawn):
             completions = [*parts[0].completions[:main_k], *(parts[1].completions[:cfg.mix_k] if mixed is not None

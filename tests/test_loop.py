@@ -284,3 +284,11 @@ def test_dpo_rounds_continue_the_policy(tiny_model_dir, tmp_path):
     assert len(data) == rounds[2]["label"]["rankings"] and all(round_of(row["task_id"]) == 2 for row in data)
     row = rounds[2]["evaluate"]["row"]
     assert row["kl"] == rounds[2]["policy"]["final"]["objective/kl"] and row["oracle"] is not None
+
+
+def test_which_policy_writes_the_mixed_completions():
+    from pipeline.loop import mix_source
+
+    assert [mix_source(r, "none") for r in (1, 2, 3)] == [None, None, None]
+    assert [mix_source(r, "reference") for r in (1, 2, 3)] == [None, 0, 0]  # round 1 samples the SFT model anyway
+    assert [mix_source(r, "previous") for r in (1, 2, 3, 4)] == [None, 0, 1, 2]  # the policy before the current one
