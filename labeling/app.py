@@ -281,6 +281,14 @@ def create_app(store: SQLLabelStore, settings: AppSettings, sessions: "Sessions 
     async def api_admin_change_user(request: Request):
         return await call(request, handlers.change_account, await body_of(request))
 
+    @app.get("/api/admin/annotators")
+    async def api_admin_annotators(request: Request):
+        return await call(request, handlers.annotator_metrics)
+
+    @app.post("/api/admin/gold")
+    async def api_admin_gold(request: Request):
+        return await call(request, handlers.set_gold, await body_of(request))
+
     @app.get("/api/health", include_in_schema=False)
     async def api_health():
         return Response("ok", media_type="text/plain")

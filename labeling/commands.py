@@ -11,6 +11,7 @@ import json
 import sys
 
 from labeling.active import ORDERS, SCORED_ORDERS
+from labeling.handlers import GOLD_RATE, GOLD_THRESHOLD
 from labeling.store.sql import MAX_HELD
 from rlhf.config_args import positive_int
 from rlhf.errors import UserError
@@ -44,6 +45,12 @@ def _active_options(p: argparse.ArgumentParser) -> None:
 
 DB_HELP = ("label store: a SQLite file path (or sqlite:///path), or a PostgreSQL URL "
            "(postgresql://user:password@host:port/database; the database must exist)")
+
+
+def _gold_threshold_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gold-threshold", type=float, default=GOLD_THRESHOLD,
+                   help="gold accuracy (pairwise agreement with the known answers, ties half) under which an "
+                        f"annotator is flagged (default {GOLD_THRESHOLD})")
 
 
 def _db_option(p: argparse.ArgumentParser) -> None:
@@ -132,6 +139,10 @@ def add_commands(sub) -> None:
     p.add_argument("--max-held", type=positive_int, default=MAX_HELD,
                    help=f"the most tasks one annotator holds at a time, served and not yet answered (default "
                         f"{MAX_HELD}): nobody can take every place by opening tasks and leaving them")
+    p.add_argument("--gold-rate", type=float, default=GOLD_RATE,
+                   help=f"share of the tasks served that are gold questions (tasks imported with a known answer, "
+                        f"or marked by an admin), blind among the others (default {GOLD_RATE})")
+    _gold_threshold_option(p)
     p.add_argument("--guidelines", default=None, help="Markdown file shown to annotators in the Guidelines panel")
     p.add_argument("--admin", action="append", default=[], metavar="NAME",
                    help="treat this annotator as an admin on this server, besides the accounts with the admin "
@@ -203,6 +214,11 @@ def add_commands(sub) -> None:
                         "printed one after another, or written to --out")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="with --format csv|json: write DIR/annotators, DIR/tasks and DIR/agreement (.csv or .json)")
+    p.add_argument("--by", choices=["annotator"], default=None,
+                   help="annotator: one table of annotator metrics (rankings, skips, median seconds, gold accuracy "
+                        "and flag, leave-one-out agreement, tie and first-shown-first shares) as text, CSV or JSON "
+                        "(--out DIR writes DIR/by_annotator.csv or .json)")
+    _gold_threshold_option(p)
     p.set_defaults(func=run_stats)
 
 
@@ -216,22 +232,30 @@ def run_generate(args) -> None:
     print(f"wrote {count} tasks x {config.k} completions to {config.out}")
 
 
-def read_task_files(paths: list[str]) -> list:
+def read_task_files(paths: list[str], gold: dict | None = None) -> list:
     """Parse every task file fully; a bad line raises UserError 'FILE:LINE: reason' (a blank completion is
     one: there is nothing to rank). A task id repeated with different content is an error naming both
-    places; an exact repeat is kept once."""
+    places; an exact repeat is kept once. A task's "gold" field, {completion id: rank}, its known answer (a gold
+    question), goes into `gold` by task id, checked against the task's completions."""
     from labeling.task_files import task_from_row
     from rlhf.jsonl import read_jsonl
-    from rlhf.records import Task
+    from rlhf.records import Ranking, Task
 
     tasks: list[Task] = []
     seen: dict[str, tuple[Task, str]] = {}
     for path in paths:
         for line_no, obj in read_jsonl(path):
+            answer = obj.pop("gold", None) if isinstance(obj, dict) else None
             try:
                 task = task_from_row(obj)
-            except ValueError as exc:
+                if answer is not None:
+                    if not isinstance(answer, dict):
+                        raise ValueError("'gold' must map completion ids to ranks")
+                    answer = Ranking.normalized(answer, [c.id for c in task.completions])
+            except (ValueError, TypeError) as exc:
                 raise UserError(f"{path}:{line_no}: {exc}") from None
+            if answer is not None and gold is not None:
+                gold[task.id] = answer
             blank = next((c.id for c in task.completions if not c.text.strip()), None)
             if blank is not None:
                 raise UserError(f"{path}:{line_no}: completion {blank!r} is blank (nothing to rank)")
@@ -251,20 +275,22 @@ def run_import(args) -> None:
 
     from labeling.store import open_store, parse_url
 
-    tasks = read_task_files(args.files)  # all files validated before anything is written
+    gold: dict = {}
+    tasks = read_task_files(args.files, gold)  # all files validated before anything is written
     backend, where = parse_url(args.db)
     path = Path(where)
     created = backend == "sqlite" and not path.exists()
     try:
         with open_store(args.db) as store:
-            added, skipped = store.import_tasks(tasks)
+            added, skipped = store.import_tasks(tasks, gold)
             total = store.count_tasks()
     except BaseException:
         if created:  # a failed import leaves no empty database behind (it would look like a finished one)
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         raise
-    print(f"imported {added} tasks ({skipped} already present) into {args.db}; {total} tasks in total")
+    marked = f", {len(gold)} of them gold questions" if gold else ""
+    print(f"imported {added} tasks ({skipped} already present{marked}) into {args.db}; {total} tasks in total")
 
 
 def _read_password(name: str) -> str:
@@ -372,8 +398,13 @@ def run_label(args) -> None:
         raise UserError(f"--overlap must be at least 1, got {args.overlap}")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0-65535, got {args.port}")
+    if not 0 <= args.gold_rate <= 1:
+        raise UserError(f"--gold-rate must be from 0 to 1, got {args.gold_rate}")
+    if not 0 <= args.gold_threshold <= 1:
+        raise UserError(f"--gold-threshold must be from 0 to 1, got {args.gold_threshold}")
     settings = AppSettings(overlap=args.overlap, guidelines_html=render_guidelines(args.guidelines),
-                           admins=frozenset(args.admin), max_held=args.max_held)
+                           admins=frozenset(args.admin), max_held=args.max_held, gold_rate=args.gold_rate,
+                           gold_threshold=args.gold_threshold)
     root_path = args.root_path.rstrip("/")
     if root_path and not root_path.startswith("/"):
         raise UserError(f"--root-path must start with '/', got {args.root_path!r}")
@@ -511,12 +542,22 @@ def run_stats(args) -> None:
         raise UserError("--out writes the tables: give --format csv or --format json")
     if args.json and args.format != "text":
         raise UserError("--json prints the summary; --format csv|json the tables: give one of them")
+    if args.by and args.json:
+        raise UserError("--by annotator prints its table: give --format text|csv|json instead of --json")
     with open_store(args.db, create=False) as store:
-        if args.format == "text":
-            stats = compute_stats(store, overlap=args.overlap)
+        if args.by:
+            from labeling.stats import annotator_table
+
+            tables = {"by_annotator": annotator_table(store, args.gold_threshold)}
+            if args.format == "text":
+                print(tables["by_annotator"].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+                return
+        elif args.format == "text":
+            stats = compute_stats(store, overlap=args.overlap, gold_threshold=args.gold_threshold)
             print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
             return
-        tables = stats_tables(store, overlap=args.overlap)
+        else:
+            tables = stats_tables(store, overlap=args.overlap)
     if args.out:
         paths = write_tables(tables, args.out, args.format)
         print(f"wrote {', '.join(str(p) for p in paths)}")

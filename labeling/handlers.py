@@ -20,6 +20,10 @@ from rlhf.errors import UserError
 from rlhf.records import Task, prompt_json
 
 MAX_HISTORY = 500
+GOLD_RATE = 0.1
+"""The share of served tasks that are gold questions (`rlhf label --gold-rate`), while any are left."""
+GOLD_THRESHOLD = 0.7
+"""Gold accuracy under which an annotator is flagged (`--gold-threshold` of `rlhf label` and `rlhf stats`)."""
 
 
 class RequestError(UserError):
@@ -47,6 +51,10 @@ class AppSettings:
     admins: frozenset[str] = frozenset()
     """Annotators treated as admins by this server besides those with the admin role in the store: they may open
     the statistics view (everyone's counts and agreement) and manage accounts."""
+    gold_rate: float = GOLD_RATE
+    """The share of served tasks that are gold questions (known answers), blind among the others."""
+    gold_threshold: float = GOLD_THRESHOLD
+    """Gold accuracy under which the admin view flags an annotator."""
     max_held: int = MAX_HELD
     """The most tasks one annotator holds at a time (served and not yet answered): a place held past this is
     not handed out, so nobody can take every place by opening tasks and leaving them."""
@@ -136,7 +144,8 @@ def next_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings
     annotator = _signed_in(annotator)
     active = settings.active
     task = (active.next_task(store, annotator, settings.overlap, max_held=settings.max_held) if active is not None
-            else store.next_task(annotator, settings.overlap, max_held=settings.max_held))
+            else store.next_task(annotator, settings.overlap, max_held=settings.max_held,
+                                 gold_rate=settings.gold_rate))
     result = {"task": None if task is None else task_view(task), "progress": progress(store, annotator, settings)}
     # "N left for you" (the served task included): counted here only, where the queue is read anyway.
     result["progress"]["left"] = 0 if task is None else store.remaining(annotator, settings.overlap)
@@ -204,8 +213,45 @@ def stats(store: SQLLabelStore, annotator: str | None, settings: AppSettings) ->
     _admin(store, annotator, settings)
     from labeling.stats import compute_stats, format_stats
 
-    result = compute_stats(store, settings.overlap)
+    result = compute_stats(store, settings.overlap, settings.gold_threshold)
     return {"stats": result, "text": format_stats(result)}
+
+
+def annotator_metrics(store: SQLLabelStore, annotator: str | None, settings: AppSettings) -> dict:
+    """Per-annotator quality at a glance (admins only): `labeling.stats.annotator_table`, one object per
+    annotator, flagged under the server's gold threshold."""
+    _admin(store, annotator, settings)
+    from labeling.stats import annotator_table, table_records
+
+    return {"annotators": table_records(annotator_table(store, settings.gold_threshold)),
+            "gold_threshold": settings.gold_threshold}
+
+
+def set_gold(store: SQLLabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
+    """Make a task a gold question (admins only): {task_id, from: NAME} takes that annotator's ranking of it as the
+    known answer, {task_id, ranks: {completion id: rank}} gives it, {task_id, ranks: null} makes it an ordinary
+    task again."""
+    _admin(store, annotator, settings)
+    payload = _payload(payload)
+    task_id = _task_id(payload)
+    source = payload.get("from")
+    if source is not None:
+        if "ranks" in payload:
+            raise RequestError("give either 'from' (an annotator whose ranking is the answer) or 'ranks', not both")
+        if not isinstance(source, str) or not source:
+            raise RequestError("'from' must be an annotator's name")
+        own = store.get_own_ranking(source, task_id)
+        if own is None:
+            raise NotFound(f"{source!r} has not ranked task {task_id!r}")
+        ranks = own.ranks
+    elif "ranks" in payload:
+        ranks = payload["ranks"]
+        if ranks is not None and not isinstance(ranks, Mapping):
+            raise RequestError("'ranks' must map completion ids to ranks, or be null")
+    else:
+        raise RequestError("give 'from' (an annotator whose ranking is the answer) or 'ranks'")
+    store.set_gold(task_id, None if ranks is None else dict(ranks), source=source)
+    return {"task_id": task_id, "gold": store.gold_answers().get(task_id, (None,))[0], "from": source}
 
 
 ACCOUNT_ACTIONS = ("disable", "enable", "end-sessions", *(f"make-{role}" for role in ROLES))

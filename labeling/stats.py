@@ -8,6 +8,17 @@ shares a task:
   gives no comparison), the fraction they order the same way; pooled over all shared tasks.
 - Kendall's tau-b between the two rank vectors of a shared task (tau-b corrects for ties; 1 = same
   order, -1 = reversed), averaged over all (task, annotator pair) instances.
+
+Per annotator (`annotator_table`, `rlhf stats --by annotator`; docs/metrics.md, "Annotators"):
+- gold accuracy: over the completion pairs a gold question's answer orders strictly, the share the annotator
+  ordered the same way, a tie counted half (`gold_agreement`), pooled over the gold questions they answered;
+  an annotator under the gold threshold is flagged;
+- leave-one-out agreement: on tasks others ranked too, the share of the completion pairs the annotator orders
+  strictly that the majority of the other annotators orders the same way (pairs the others tie on, or split
+  evenly, are left out);
+- tie share: rankings with at least one tie (an all-tied ranking is refused at submit); first-shown-first
+  share: rankings that give the completion shown first (the annotator's display order) rank 1, about 1/K
+  for an annotator without a position bias.
 """
 
 from __future__ import annotations
@@ -21,7 +32,8 @@ from typing import Any
 
 import pandas as pd
 
-from labeling.store import SQLLabelStore
+from labeling.handlers import GOLD_THRESHOLD
+from labeling.store import SQLLabelStore, display_order
 
 
 def pair_agreement(a: Sequence[int], b: Sequence[int]) -> tuple[int, int]:
@@ -32,6 +44,35 @@ def pair_agreement(a: Sequence[int], b: Sequence[int]) -> tuple[int, int]:
         if da and db:
             compared += 1
             agree += (da > 0) == (db > 0)
+    return agree, compared
+
+
+def gold_agreement(ranks: Sequence[int], gold: Sequence[int]) -> tuple[float, int]:
+    """(credit, pairs): over the index pairs the gold answer orders strictly, 1 for each the ranking orders the
+    same way and 1/2 for each it ties (rank 1 best)."""
+    credit, pairs = 0.0, 0
+    for i, j in combinations(range(len(gold)), 2):
+        dg = gold[i] - gold[j]
+        if dg:
+            pairs += 1
+            dr = ranks[i] - ranks[j]
+            credit += 0.5 if dr == 0 else float((dr > 0) == (dg > 0))
+    return credit, pairs
+
+
+def leave_one_out_agreement(own: dict[str, int], others: list[dict[str, int]]) -> tuple[int, int]:
+    """(agreeing, compared): the completion pairs `own` orders strictly on which the other annotators' majority
+    (more of them one way than the other) orders the same way; pairs without a majority are not compared."""
+    ids = sorted(own)
+    agree = compared = 0
+    for a, b in combinations(ids, 2):
+        mine = own[a] - own[b]
+        if not mine:
+            continue
+        votes = sum((r[a] < r[b]) - (r[a] > r[b]) for r in others)  # > 0: the others put a first
+        if votes:
+            compared += 1
+            agree += (votes > 0) == (mine < 0)
     return agree, compared
 
 
@@ -108,6 +149,58 @@ def _tables(store: SQLLabelStore, overlap: int):
     return {"annotators": annotators, "tasks": tasks, "agreement": agreement}, progress, comparisons
 
 
+ANNOTATOR_COLUMNS = ["annotator", "ranked", "skipped", "median_seconds", "gold_tasks", "gold_accuracy", "flagged",
+                     "loo_tasks", "loo_agreement", "tie_share", "first_shown_first_share"]
+
+
+def annotator_table(store: SQLLabelStore, gold_threshold: float = GOLD_THRESHOLD) -> pd.DataFrame:
+    """One row per annotator (see the module docstring): ranked, skipped, median_seconds, gold_tasks,
+    gold_accuracy, flagged (gold accuracy under `gold_threshold`), loo_tasks and loo_agreement (leave-one-out),
+    tie_share, first_shown_first_share. ADMIN/CLI ONLY: it reads every annotator's rankings."""
+    progress = {p.annotator: p for p in store.progress(1).annotators}
+    rankings = store.export_rankings()
+    gold = store.gold_answers()
+    by_task: dict[str, list] = {}
+    for r in rankings:
+        by_task.setdefault(r.task_id, []).append(r)
+    rows = {name: {"annotator": name, "ranked": p.ranked, "skipped": p.skipped, "seconds": [], "gold_credit": 0.0,
+                   "gold_pairs": 0, "gold_tasks": 0, "loo_agree": 0, "loo_compared": 0, "loo_tasks": 0, "tied": 0,
+                   "first": 0} for name, p in progress.items()}
+    for r in rankings:
+        row = rows[r.annotator]
+        if r.seconds is not None:
+            row["seconds"].append(r.seconds)
+        row["tied"] += len(set(r.ranks.values())) < len(r.ranks)
+        row["first"] += r.ranks[display_order(r.annotator, r.task_id, r.ranks)[0]] == 1
+        if r.task_id in gold:
+            answer, source = gold[r.task_id]
+            if r.annotator != source:
+                ids = sorted(answer)
+                credit, pairs = gold_agreement([r.ranks[i] for i in ids], [answer[i] for i in ids])
+                row["gold_credit"] += credit
+                row["gold_pairs"] += pairs
+                row["gold_tasks"] += 1
+        others = [o.ranks for o in by_task[r.task_id] if o.annotator != r.annotator]
+        if others:
+            agree, compared = leave_one_out_agreement(r.ranks, others)
+            row["loo_agree"] += agree
+            row["loo_compared"] += compared
+            row["loo_tasks"] += 1
+    table = []
+    for row in rows.values():
+        gold_accuracy = row["gold_credit"] / row["gold_pairs"] if row["gold_pairs"] else math.nan
+        table.append({
+            "annotator": row["annotator"], "ranked": row["ranked"], "skipped": row["skipped"],
+            "median_seconds": float(pd.Series(row["seconds"], dtype=float).median()),
+            "gold_tasks": row["gold_tasks"], "gold_accuracy": gold_accuracy,
+            "flagged": bool(row["gold_pairs"]) and gold_accuracy < gold_threshold,
+            "loo_tasks": row["loo_tasks"],
+            "loo_agreement": row["loo_agree"] / row["loo_compared"] if row["loo_compared"] else math.nan,
+            "tie_share": row["tied"] / row["ranked"] if row["ranked"] else math.nan,
+            "first_shown_first_share": row["first"] / row["ranked"] if row["ranked"] else math.nan})
+    return pd.DataFrame(table, columns=ANNOTATOR_COLUMNS)
+
+
 def _value(value: Any) -> Any:
     """A table cell as plain JSON: NaN -> None, numpy numbers -> Python numbers."""
     if hasattr(value, "item"):
@@ -120,10 +213,12 @@ def table_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [{key: _value(v) for key, v in row.items()} for row in frame.to_dict("records")]
 
 
-def compute_stats(store: SQLLabelStore, overlap: int = 2) -> dict:
-    """Progress at `overlap`, per-annotator counts with median seconds per ranked task, and agreement
-    (see the module docstring), from `stats_tables`. ADMIN/CLI ONLY: it reads every annotator's rankings."""
+def compute_stats(store: SQLLabelStore, overlap: int = 2, gold_threshold: float = GOLD_THRESHOLD) -> dict:
+    """Progress at `overlap`, per-annotator counts with median seconds per ranked task and gold accuracy (flagged
+    under `gold_threshold`), and agreement (see the module docstring), from `stats_tables` and `annotator_table`.
+    ADMIN/CLI ONLY: it reads every annotator's rankings."""
     tables, progress, comparisons = _tables(store, overlap)
+    gold = {row["annotator"]: row for row in table_records(annotator_table(store, gold_threshold))}
     compared = int(comparisons["compared"].sum())
     taus = comparisons["tau"].dropna()
     return {
@@ -133,7 +228,10 @@ def compute_stats(store: SQLLabelStore, overlap: int = 2) -> dict:
         "rankings": progress.rankings,
         "skips": progress.skips,
         "annotators": [{"name": a["annotator"], "ranked": a["ranked"], "skipped": a["skipped"],
-                        "median_seconds": a["median_seconds"]} for a in table_records(tables["annotators"])],
+                        "median_seconds": a["median_seconds"], "gold_tasks": gold[a["annotator"]]["gold_tasks"],
+                        "gold_accuracy": gold[a["annotator"]]["gold_accuracy"],
+                        "flagged": gold[a["annotator"]]["flagged"]} for a in table_records(tables["annotators"])],
+        "gold_threshold": gold_threshold,
         "agreement": {
             "shared_tasks": int(comparisons["task_id"].nunique()),
             "pairwise_agreement": int(comparisons["agree"].sum()) / compared if compared else None,
@@ -181,10 +279,13 @@ def format_stats(stats: dict) -> str:
              f"rankings: {stats['rankings']}  skips: {stats['skips']}"]
     if stats["annotators"]:
         width = max(9, *(len(a["name"]) for a in stats["annotators"]))
-        lines.append(f"{'annotator':<{width}}  {'ranked':>6}  {'skipped':>7}  {'median s/task':>13}")
+        lines.append(f"{'annotator':<{width}}  {'ranked':>6}  {'skipped':>7}  {'median s/task':>13}  "
+                     f"{'gold accuracy (n)':>17}")
         for a in stats["annotators"]:
+            gold = f"{num(a.get('gold_accuracy'))} ({a.get('gold_tasks', 0)})"
             lines.append(f"{a['name']:<{width}}  {a['ranked']:>6}  {a['skipped']:>7}  "
-                         f"{num(a['median_seconds'], '{:.1f}'):>13}")
+                         f"{num(a['median_seconds'], '{:.1f}'):>13}  {gold:>17}"
+                         + ("  FLAGGED: under the gold threshold" if a.get("flagged") else ""))
     agreement = stats["agreement"]
     lines.append(f"agreement on {agreement['shared_tasks']} shared tasks: pairwise "
                  f"{num(agreement['pairwise_agreement'])}, mean Kendall tau {num(agreement['mean_kendall_tau'])}")

@@ -507,7 +507,17 @@ def test_oversized_bodies_are_refused_before_they_are_read(store, path):
 
 # ------------------------------------------------------------------------------------------ sign-in throttling
 
-def test_http_failed_sign_ins_are_throttled(client, store):
+def test_http_failed_sign_ins_are_throttled(store):
+    from fastapi.testclient import TestClient
+
+    from labeling.auth import LoginThrottle
+
+    throttle = LoginThrottle(store, clock=lambda: 1000.0)  # no time passes: a slow machine waits out no delay
+    with TestClient(create_app(store, SETTINGS, ui=False, throttle=throttle)) as client:
+        check_throttled(client)
+
+
+def check_throttled(client):
     statuses = []
     for _ in range(20):
         response = client.post("/api/login", json={"username": "alice", "password": "wrong password"})
@@ -629,7 +639,8 @@ def test_no_stats_over_http(client):
 def label_args(db, **kw):
     return argparse.Namespace(**{"db": str(db), "host": "127.0.0.1", "port": 0, "overlap": 2, "guidelines": None,
                                  "admin": [], "root_path": "", "order": "fewest-rankings", "rm": None,
-                                 "pre_rank": None, "seed": 0, "max_held": 3, **kw})
+                                 "pre_rank": None, "seed": 0, "max_held": 3, "gold_rate": 0.1,
+                                 "gold_threshold": 0.7, **kw})
 
 
 def test_label_command_refuses_missing_or_empty_databases(tmp_path):

@@ -216,7 +216,7 @@ def test_import_refuses_bad_tasks_into_a_new_path_and_leaves_no_file(tmp_path, c
 def test_a_failed_import_into_a_new_path_removes_the_database_it_made(tmp_path, capsys, monkeypatch):
     from labeling.store import SQLiteLabelStore, StorageUnavailable
 
-    def disk_full(self, tasks):
+    def disk_full(self, tasks, gold=None):
         raise StorageUnavailable(f"{self.path}: cannot write the label database (disk full); nothing was stored")
 
     good = write_tasks(tmp_path / "tasks.jsonl", make_tasks(2))

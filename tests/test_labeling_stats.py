@@ -45,11 +45,12 @@ def test_compute_stats_on_hand_made_rankings(tmp_path):
         stats = compute_stats(store, overlap=2)
 
     assert (stats["tasks"], stats["complete"], stats["rankings"], stats["skips"]) == (3, 2, 6, 1)
+    NO_GOLD = {"gold_tasks": 0, "gold_accuracy": None, "flagged": False}
     assert stats["annotators"] == [
-        {"name": "a", "ranked": 3, "skipped": 0, "median_seconds": 20.0},
-        {"name": "b", "ranked": 2, "skipped": 0, "median_seconds": 5.0},
-        {"name": "c", "ranked": 1, "skipped": 0, "median_seconds": None},
-        {"name": "d", "ranked": 0, "skipped": 1, "median_seconds": None},
+        {"name": "a", "ranked": 3, "skipped": 0, "median_seconds": 20.0} | NO_GOLD,
+        {"name": "b", "ranked": 2, "skipped": 0, "median_seconds": 5.0} | NO_GOLD,
+        {"name": "c", "ranked": 1, "skipped": 0, "median_seconds": None} | NO_GOLD,
+        {"name": "d", "ranked": 0, "skipped": 1, "median_seconds": None} | NO_GOLD,
     ]
     agreement = stats["agreement"]
     # instances: t0 (a,b) 3/3 tau 1; t0 (a,c) 0/3 tau -1; t0 (b,c) 0/3 tau -1; t1 (a,b) 2/3 tau 1/3

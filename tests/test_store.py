@@ -459,13 +459,15 @@ def test_a_schema_1_store_is_migrated_forward_and_a_newer_one_refused(db_url):
         add_users(store, "a")
         store.submit_ranking("a", "task-0", order_ranks(tasks[0], [0, 1]))
     conn = raw_connection(db_url)  # what a store written by schema 1 looks like
-    for statement in ("DROP TABLE login_failures", "DROP TABLE assignments", "DROP TABLE sessions",
+    for statement in ("DROP INDEX tasks_gold", "ALTER TABLE tasks DROP COLUMN gold_from",
+                      "ALTER TABLE tasks DROP COLUMN gold", "DROP TABLE login_failures", "DROP TABLE assignments",
+                      "DROP TABLE sessions",
                       "ALTER TABLE annotators DROP COLUMN role",
                       "ALTER TABLE annotators DROP COLUMN disabled", "ALTER TABLE tasks DROP COLUMN ranking_count",
                       "UPDATE meta SET value = '1' WHERE key = 'schema_version'"):
         conn.execute(statement)
     with open_store(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 4
+        assert store.schema_version() == SCHEMA_VERSION == 5
         assert store.next_task("a", overlap=2).id == "task-1"
         assert [x.task_id for x in store.assignments()] == ["task-1"]
         assert store.get_own_ranking("a", "task-0").ranks == order_ranks(tasks[0], [0, 1])
@@ -473,7 +475,7 @@ def test_a_schema_1_store_is_migrated_forward_and_a_newer_one_refused(db_url):
         assert store.open_slots(overlap=1) == 1 and store.progress(1).complete == 1  # the counts were filled in
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     before = conn.execute("SELECT COUNT(*) FROM assignments").fetchone()
-    with pytest.raises(UserError, match=r"newer version of rlhf \(schema 99, this one reads up to 4\); upgrade rlhf"):
+    with pytest.raises(UserError, match=r"newer version of rlhf \(schema 99, this one reads up to 5\); upgrade rlhf"):
         open_store(db_url)
     assert conn.execute("SELECT COUNT(*) FROM assignments").fetchone() == before
     assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "99"

@@ -28,7 +28,14 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from labeling.store.errors import RequestIdReused, StorageUnavailable, StoreError
-from labeling.store.sql import ASSIGNMENT_SECONDS, COUNT_RANKINGS, LABEL_TABLES, SQLLabelStore, Statements
+from labeling.store.sql import (
+    ASSIGNMENT_SECONDS,
+    COUNT_RANKINGS,
+    GOLD_COLUMNS,
+    LABEL_TABLES,
+    SQLLabelStore,
+    Statements,
+)
 from rlhf.errors import UserError
 
 CONNECT_TIMEOUT = 5
@@ -122,6 +129,7 @@ _MIGRATIONS = {
             PRIMARY KEY (kind, name))""",
         "CREATE INDEX login_failures_by_time ON login_failures(last_at)",
     ),
+    5: GOLD_COLUMNS,
 }
 
 

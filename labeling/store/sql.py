@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,10 +58,11 @@ from rlhf.errors import UserError
 from rlhf.pairs import proposal_moves
 from rlhf.records import Completion, RankedTask, Ranking, Task, decode_prompt, encode_prompt, is_text, last_user_turn
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """1: tasks, completions, annotators, rankings, skips, events. 2: + assignments. 3: + sessions; annotators gain
 a role and a disabled flag; tasks count their rankings (`ranking_count`, kept by `submit_ranking`). 4: +
-login_failures (failed sign-ins per account and per address, shared by every app server on the database)."""
+login_failures (failed sign-ins per account and per address, shared by every app server on the database). 5: tasks
+gain `gold` (a known answer: JSON ranks) and `gold_from` (the annotator whose ranking it was, if any)."""
 ROLES = ("annotator", "admin")
 MAX_REQUEST_ID_LENGTH = 128
 MAX_REASON_LENGTH = 500
@@ -163,7 +165,8 @@ class CopiedTable:
 
 
 COPIED_TABLES = (
-    CopiedTable("tasks", ("seq", "id", "prompt", "fingerprint", "queue_key", "created_at", "ranking_count"), "seq",
+    CopiedTable("tasks", ("seq", "id", "prompt", "fingerprint", "queue_key", "created_at", "ranking_count", "gold",
+                          "gold_from"), "seq",
                 {"created_at": float}),
     CopiedTable("completions", ("task_id", "position", "id", "text", "model", "num_tokens"), "task_id, position"),
     CopiedTable("annotators", ("name", "password_hash", "role", "disabled", "created_at"), "name",
@@ -185,6 +188,12 @@ COUNT_RANKINGS = (
     "UPDATE tasks SET ranking_count = (SELECT COUNT(*) FROM rankings r WHERE r.task_id = tasks.id)",
 )
 """Schema 3's counter of rankings per task, in SQL both backends read alike."""
+GOLD_COLUMNS = (
+    "ALTER TABLE tasks ADD COLUMN gold TEXT",  # NULL: an ordinary task
+    "ALTER TABLE tasks ADD COLUMN gold_from TEXT",
+    "CREATE INDEX tasks_gold ON tasks(seq) WHERE gold IS NOT NULL",
+)
+"""Schema 5's gold questions (`SQLLabelStore.set_gold`), in SQL both backends read alike."""
 
 
 # ------------------------------------------------------------------------------ the shared SQL store
@@ -238,6 +247,8 @@ class SQLLabelStore:
     def __init__(self, *, clock: Callable[[], float], assignment_seconds: float):
         self._clock = clock
         self._assignment_seconds = assignment_seconds
+        self.gold_draw: Callable[[], float] = random.random
+        """Draws the number in [0, 1) that decides whether `next_task` serves a gold question (tests replace it)."""
 
     # --- hooks (the backend's)
 
@@ -311,12 +322,16 @@ class SQLLabelStore:
 
     # --- tasks
 
-    def import_tasks(self, tasks: Iterable[Task]) -> tuple[int, int]:
+    def import_tasks(self, tasks: Iterable[Task], gold: Mapping[str, Mapping[str, int]] | None = None
+                     ) -> tuple[int, int]:
         """Add tasks in one transaction; returns (added, skipped). A task whose id is already stored with
         the same content is skipped (re-importing a file adds nothing twice); the same id with different
-        content raises ConflictingTask naming the id, and then nothing of this call is stored."""
+        content raises ConflictingTask naming the id, and then nothing of this call is stored. `gold`: the known
+        answer of some of the tasks, {task id: {completion id: rank}} (see `set_gold`; an invalid one is an
+        InvalidRanking naming the task, and nothing is stored)."""
         added = skipped = 0
         now = self._clock()
+        gold = dict(gold or {})
         with self._write() as tx:
             for task in tasks:
                 fingerprint = _task_fingerprint(task)
@@ -328,12 +343,51 @@ class SQLLabelStore:
                     if tx.value("SELECT fingerprint FROM tasks WHERE id = ?", (task.id,)) != fingerprint:
                         raise ConflictingTask(f"task id {task.id!r} is already stored with different content")
                     skipped += 1
-                    continue
-                tx.many("INSERT INTO completions (task_id, position, id, text, model, num_tokens)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
-                        [(task.id, i, c.id, c.text, c.model, c.num_tokens) for i, c in enumerate(task.completions)])
-                added += 1
+                else:
+                    tx.many("INSERT INTO completions (task_id, position, id, text, model, num_tokens)"
+                            " VALUES (?, ?, ?, ?, ?, ?)",
+                            [(task.id, i, c.id, c.text, c.model, c.num_tokens) for i, c in enumerate(task.completions)])
+                    added += 1
+                if task.id in gold:
+                    self._store_gold(tx, task.id, gold.pop(task.id), None, [c.id for c in task.completions])
+            if gold:
+                raise UnknownTask(f"gold answer for task {next(iter(gold))!r}, which is not among the tasks imported")
         return added, skipped
+
+    # --- gold questions
+
+    def set_gold(self, task_id: str, ranks: Mapping[str, int] | None, *, source: str | None = None) -> None:
+        """Make a task a gold question with this known answer (dense ranks over its completions, ties allowed,
+        not all tied), or an ordinary task again (ranks None). A gold task is served to every annotator at the
+        server's gold rate, whatever the overlap, never exported as training data, and each ranking of it is
+        scored against the answer (`labeling.stats.gold_agreement`). `source`: the annotator whose ranking the
+        answer is (their own ranking of it is then not scored). InvalidRanking / UnknownTask / UnknownAnnotator."""
+        _check_task_id(task_id)
+        with self._write() as tx:
+            if not self._lock_task(tx, task_id):
+                raise UnknownTask(f"unknown task {task_id!r}")
+            if ranks is None:
+                tx.execute("UPDATE tasks SET gold = NULL, gold_from = NULL WHERE id = ?", (task_id,))
+                return
+            if source is not None:
+                self._require_annotator(tx, source)
+            ids = [r[0] for r in tx.all("SELECT id FROM completions WHERE task_id = ? ORDER BY position", (task_id,))]
+            self._store_gold(tx, task_id, ranks, source, ids)
+
+    def _store_gold(self, tx: Statements, task_id: str, ranks: Mapping[str, int], source: str | None,
+                    completion_ids: list[str]) -> None:
+        try:
+            dense = Ranking.normalized(ranks, completion_ids)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRanking(f"gold answer of task {task_id!r}: {exc}") from None
+        tx.execute("UPDATE tasks SET gold = ?, gold_from = ? WHERE id = ?",
+                   (json.dumps(dense, ensure_ascii=False), source, task_id))
+
+    def gold_answers(self) -> dict[str, tuple[dict[str, int], str | None]]:
+        """ADMIN/CLI ONLY: {task id: (its gold answer, the annotator it came from or None)}, in import order."""
+        with self._read() as tx:
+            return {task_id: (json.loads(gold), source) for task_id, gold, source in tx.all(
+                "SELECT id, gold, gold_from FROM tasks WHERE gold IS NOT NULL ORDER BY seq")}
 
     def get_task(self, task_id: str) -> Task:
         """The task with this id, completions in their stored (generation) order; UnknownTask if absent."""
@@ -524,12 +578,13 @@ class SQLLabelStore:
         FROM tasks t
         LEFT JOIN (SELECT task_id, COUNT(*) AS n FROM assignments WHERE expires_at > :now AND annotator <> :annotator
                    GROUP BY task_id) h ON h.task_id = t.id
-        WHERE t.ranking_count + COALESCE(h.n, 0) < :overlap
+        WHERE t.ranking_count + COALESCE(h.n, 0) < :overlap AND t.gold IS NULL
           AND t.id NOT IN (SELECT task_id FROM rankings WHERE annotator = :annotator)
           AND t.id NOT IN (SELECT task_id FROM skips WHERE annotator = :annotator)
     """
 
-    def next_task(self, annotator: str, overlap: int, *, max_held: int = MAX_HELD) -> Task | None:
+    def next_task(self, annotator: str, overlap: int, *, max_held: int = MAX_HELD, gold_rate: float = 0.0
+                  ) -> Task | None:
         """The next task for this annotator, completions in their display order; None when nothing is left.
         The task is assigned to them (recorded in the store, expiring after `assignment_seconds`). Holds of theirs
         on tasks that filled up meanwhile are dropped first; None also when they hold `max_held` live
@@ -540,15 +595,26 @@ class SQLLabelStore:
         rankings plus other annotators' live assignments), never one this annotator already ranked or skipped.
         Ties are broken by `queue_key(annotator, task_id)` (deterministic: the same call returns the same task
         until something changes). The choice is locked (`_PICK_LOCK`) and its room checked again with what
-        other writers committed meanwhile, so servers sharing the database never hand out the same place."""
+        other writers committed meanwhile, so servers sharing the database never hand out the same place.
+
+        Gold questions (`set_gold`) are not in that queue: with probability `gold_rate` (drawn by `gold_draw`)
+        a new task is instead a gold question this annotator has not answered, served like any other (blind)
+        and held until answered; never when no ordinary task is left for them."""
         if overlap < 1:
             raise ValueError("overlap must be at least 1")
+        if not 0 <= gold_rate <= 1:
+            raise ValueError("gold_rate must be from 0 to 1")
         with self._write() as tx:
             self._require_annotator(tx, annotator, lock=True)
             now = self._clock()
             params: dict[str, Any] = {"overlap": overlap, "annotator": annotator, "salt": _hash63(annotator),
                                       "now": now}
             self._release_full_holds(tx, annotator, overlap, now)
+            gold = tx.value("SELECT a.task_id FROM assignments a JOIN tasks t ON t.id = a.task_id WHERE a.annotator = ?"
+                            " AND t.gold IS NOT NULL ORDER BY a.assigned_at LIMIT 1", (annotator,))
+            if gold is not None:  # a gold question served before and not answered yet: the same again
+                self._assign(tx, annotator, gold, overlap, now)
+                return self.task_for(annotator, gold)
             passed: list[str] = []  # chosen, but full once locked (another server filled it meanwhile)
             while True:
                 exclude = "".join(f" AND t.id <> :passed{i}" for i in range(len(passed)))
@@ -563,6 +629,13 @@ class SQLLabelStore:
                 if self._has_room(tx, annotator, task_id, overlap, now):
                     break
                 passed.append(task_id)
+            held = tx.one("SELECT 1 FROM assignments WHERE annotator = ? AND task_id = ?", (annotator, task_id))
+            if not held and gold_rate > 0 and self.gold_draw() < gold_rate:
+                task_id = tx.value(
+                    """SELECT t.id FROM tasks t WHERE t.gold IS NOT NULL
+                         AND t.id NOT IN (SELECT task_id FROM rankings WHERE annotator = :annotator)
+                         AND t.id NOT IN (SELECT task_id FROM skips WHERE annotator = :annotator)
+                       ORDER BY (t.queue_key | :salt) - (t.queue_key & :salt), t.seq LIMIT 1""", params) or task_id
             if not self._may_hold(tx, annotator, task_id, max_held, now):
                 return None
             self._assign(tx, annotator, task_id, overlap, now)
@@ -601,7 +674,7 @@ class SQLLabelStore:
         such a hold can no longer be answered and would only count against `max_held`."""
         tx.execute(f"""DELETE FROM assignments WHERE annotator = :annotator AND task_id IN (
                            SELECT t.id FROM tasks t JOIN assignments a ON a.task_id = t.id AND a.annotator = :annotator
-                           WHERE t.ranking_count + {self._HELD} >= :overlap)""",
+                           WHERE t.gold IS NULL AND t.ranking_count + {self._HELD} >= :overlap)""",
                    {"annotator": annotator, "overlap": overlap, "now": now})
 
     def _lock_task(self, tx: Statements, task_id: str) -> bool:
@@ -617,10 +690,10 @@ class SQLLabelStore:
 
     def _has_room(self, tx: Statements, annotator: str, task_id: str, overlap: int, now: float) -> bool:
         """Whether the task has a place for this annotator: fewer than `overlap` rankings plus other annotators'
-        live assignments."""
-        taken = tx.value(f"SELECT t.ranking_count + {self._HELD} FROM tasks t WHERE t.id = :task",
-                         {"task": task_id, "annotator": annotator, "now": now})
-        return taken < overlap
+        live assignments (a gold question has a place for everyone)."""
+        gold, taken = tx.one(f"SELECT t.gold IS NOT NULL, t.ranking_count + {self._HELD} FROM tasks t"
+                             " WHERE t.id = :task", {"task": task_id, "annotator": annotator, "now": now})
+        return bool(gold) or taken < overlap
 
     def _check_assigned(self, tx: Statements, annotator: str, task_id: str, now: float,
                         overlap: int | None = None) -> None:
@@ -655,7 +728,7 @@ class SQLLabelStore:
         with self._read() as tx:
             return int(tx.value(
                 """SELECT COALESCE(SUM(CASE WHEN ranking_count < :overlap THEN :overlap - ranking_count ELSE 0 END), 0)
-                   FROM tasks""",
+                   FROM tasks WHERE gold IS NULL""",
                 {"overlap": overlap}))
 
     # --- submissions
@@ -826,7 +899,7 @@ class SQLLabelStore:
         """Totals (tasks, tasks with >= overlap rankings, rankings, skips) and per-annotator counts."""
         with self._read() as tx:
             tasks = tx.value("SELECT COUNT(*) FROM tasks")
-            complete = tx.value("SELECT COUNT(*) FROM tasks WHERE ranking_count >= ?", (overlap,))
+            complete = tx.value("SELECT COUNT(*) FROM tasks WHERE ranking_count >= ? AND gold IS NULL", (overlap,))
             rankings = tx.value("SELECT COUNT(*) FROM rankings")
             skips = tx.value("SELECT COUNT(*) FROM skips")
             per = [AnnotatorProgress(name, ranked, skipped) for name, ranked, skipped in tx.all(
@@ -843,18 +916,21 @@ class SQLLabelStore:
                                      " (SELECT COUNT(*) FROM skips WHERE annotator = :a)", {"a": annotator})
         return AnnotatorProgress(annotator, ranked, skipped)
 
-    def export_rankings(self) -> list[Ranking]:
-        """ADMIN/CLI ONLY: every annotator's stored ranking (ordered by task import order, then annotator)."""
+    def export_rankings(self, *, gold: bool = True) -> list[Ranking]:
+        """ADMIN/CLI ONLY: every annotator's stored ranking (ordered by task import order, then annotator); with
+        gold=False, none of a gold question's."""
         with self._read() as tx:
             rows = tx.all("SELECT r.task_id, r.annotator, r.ranks, r.seconds, r.request_id, r.created_at,"
-                          " r.updated_at FROM rankings r JOIN tasks t ON t.id = r.task_id ORDER BY t.seq, r.annotator")
+                          " r.updated_at FROM rankings r JOIN tasks t ON t.id = r.task_id"
+                          + ("" if gold else " WHERE t.gold IS NULL") + " ORDER BY t.seq, r.annotator")
         return [_ranking(*row) for row in rows]
 
     def export_ranked_tasks(self) -> Iterator[RankedTask]:
         """ADMIN/CLI ONLY: every ranking joined with its task, as RankedTask (one line of rankings.jsonl),
-        ordered by task import order, then annotator."""
+        ordered by task import order, then annotator; never a gold question's (they are tests of the annotators,
+        not training data)."""
         tasks: dict[str, Task] = {}
-        for ranking in self.export_rankings():
+        for ranking in self.export_rankings(gold=False):
             task = tasks.get(ranking.task_id)
             if task is None:
                 tasks.clear()  # rankings come grouped by task: keep only the current one in memory

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from labeling.store.errors import StorageUnavailable
-from labeling.store.sql import ASSIGNMENT_SECONDS, COUNT_RANKINGS, SQLLabelStore, Statements
+from labeling.store.sql import ASSIGNMENT_SECONDS, COUNT_RANKINGS, GOLD_COLUMNS, SQLLabelStore, Statements
 from rlhf.errors import UserError
 
 _MIGRATIONS = {
@@ -107,6 +107,7 @@ _MIGRATIONS = {
             PRIMARY KEY (kind, name))""",
         "CREATE INDEX login_failures_by_time ON login_failures(last_at)",
     ),
+    5: GOLD_COLUMNS,
 }
 
 

@@ -1,0 +1,214 @@
+"""Gold questions and annotator metrics: tasks with a known answer served blind at a rate, kept out of the
+training data, scored per annotator (labeling.stats.gold_agreement); `rlhf stats --by annotator` and the admin
+API's /api/admin/annotators and /api/admin/gold; a store written before gold questions migrates."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from labeling_helpers import make_tasks, order_ranks, raw_connection, write_tasks
+
+from labeling.auth import add_annotator
+from labeling.handlers import AppSettings
+from labeling.stats import annotator_table, compute_stats, format_stats, gold_agreement, leave_one_out_agreement
+from labeling.store import SCHEMA_VERSION, InvalidRanking, UnknownTask, display_order, open_store
+from pipeline.cli import main
+
+PASSWORD = "correct horse"
+
+
+@pytest.fixture
+def store(db_url):
+    s = open_store(db_url)
+    yield s
+    s.close()
+
+
+def gold_of(task, order):
+    """A gold answer putting task.completions[order[0]] first, ..."""
+    return order_ranks(task, order)
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+def test_gold_agreement_counts_pairs_the_answer_orders_and_ties_half():
+    assert gold_agreement([1, 2, 3], [1, 2, 3]) == (3.0, 3)
+    assert gold_agreement([3, 2, 1], [1, 2, 3]) == (0.0, 3)
+    assert gold_agreement([1, 1, 2], [1, 2, 3]) == (2.5, 3)  # the tie of the first two: half a pair
+    assert gold_agreement([2, 1, 3], [1, 1, 2]) == (2.0, 2)  # a pair the answer ties is not scored
+
+
+def test_leave_one_out_agreement_uses_the_majority_of_the_others():
+    own = {"a": 1, "b": 2, "c": 3}
+    others = [{"a": 1, "b": 2, "c": 3}, {"a": 2, "b": 1, "c": 3}, {"a": 1, "b": 3, "c": 2}]
+    # a<b: others 2 of 3 agree -> agree; a<c: 3 of 3 -> agree; b<c: 2 for, 1 against -> agree
+    assert leave_one_out_agreement(own, others) == (3, 3)
+    assert leave_one_out_agreement(own, [{"a": 2, "b": 1, "c": 1}, {"a": 1, "b": 2, "c": 2}]) == (0, 0)  # no majority
+    assert leave_one_out_agreement({"a": 1, "b": 1, "c": 2}, [{"a": 3, "b": 2, "c": 1}]) == (0, 2)
+
+
+# ------------------------------------------------------------------------------------------- the store
+
+def test_gold_questions_are_served_blind_at_the_rate_and_never_exported(store):
+    tasks = make_tasks(4, k=3)
+    store.import_tasks(tasks, gold={"task-3": gold_of(tasks[3], [2, 1, 0])})
+    for name in ("a", "b", "c"):
+        store.add_annotator(name)
+    assert store.gold_answers() == {"task-3": ({"task-3-0": 3, "task-3-1": 2, "task-3-2": 1}, None)}
+    assert store.open_slots(overlap=1) == 3 and store.remaining("a", overlap=1) == 3  # not in the ordinary queue
+    store.gold_draw = lambda: 0.99
+    first = store.next_task("a", 1, gold_rate=0.5)
+    assert first.id != "task-3"  # the draw was over the rate
+    store.submit_ranking("a", first.id, order_ranks(first, [0, 1, 2]), require_assignment=True)
+    store.gold_draw = lambda: 0.2
+    gold = store.next_task("a", 1, gold_rate=0.5)
+    assert gold.id == "task-3" and set(c.id for c in gold.completions) == {"task-3-0", "task-3-1", "task-3-2"}
+    assert store.next_task("a", 1, gold_rate=0.0).id == "task-3"  # held until answered, like any task
+    store.submit_ranking("a", "task-3", {"task-3-0": 3, "task-3-1": 1, "task-3-2": 2}, require_assignment=True)
+    # every annotator answers it, whatever the overlap (a's ranking filled overlap 1 long ago)
+    assert store.next_task("b", 1, gold_rate=1.0).id == "task-3"
+    store.submit_ranking("b", "task-3", {"task-3-0": 3, "task-3-1": 2, "task-3-2": 1}, require_assignment=True)
+    assert store.next_task("a", 1, gold_rate=1.0).id not in ("task-3", first.id)  # answered: ordinary tasks only
+    assert [r.task_id for r in store.export_ranked_tasks()] == [first.id]  # never training data
+    assert len(store.export_rankings()) == 3 and len(store.export_rankings(gold=False)) == 1
+    assert store.progress(1).complete == 1 and store.progress(1).tasks == 4
+    table = annotator_table(store).set_index("annotator")
+    assert table.loc["a", "gold_tasks"] == 1 and table.loc["a", "gold_accuracy"] == pytest.approx(2 / 3)
+    assert table.loc["b", "gold_accuracy"] == 1.0 and not table.loc["b", "flagged"]
+    assert table.loc["a", "flagged"]  # 0.667 < 0.7
+    assert math.isnan(table.loc["c", "gold_accuracy"]) and not table.loc["c", "flagged"]  # no answers: no flag
+
+
+def test_no_gold_question_when_no_ordinary_task_is_left(store):
+    tasks = make_tasks(2, k=2)
+    store.import_tasks(tasks, gold={"task-1": gold_of(tasks[1], [0, 1])})
+    store.add_annotator("a")
+    task = store.next_task("a", 1, gold_rate=0.0)
+    store.submit_ranking("a", task.id, order_ranks(task, [0, 1]), require_assignment=True)
+    assert store.next_task("a", 1, gold_rate=1.0) is None  # a gold question alone would not be blind
+
+
+def test_an_admin_marks_a_ranking_as_gold_and_its_author_is_not_scored(store):
+    tasks = make_tasks(2, k=3)
+    store.import_tasks(tasks)
+    for name in ("a", "b"):
+        store.add_annotator(name)
+    store.submit_ranking("a", "task-0", order_ranks(tasks[0], [0, 1, 2]))
+    store.submit_ranking("b", "task-0", order_ranks(tasks[0], [2, 1, 0]))
+    store.set_gold("task-0", store.get_own_ranking("a", "task-0").ranks, source="a")
+    table = annotator_table(store).set_index("annotator")
+    assert table.loc["a", "gold_tasks"] == 0 and table.loc["b", "gold_tasks"] == 1
+    assert table.loc["b", "gold_accuracy"] == 0.0 and table.loc["b", "flagged"]
+    assert list(store.export_ranked_tasks()) == []
+    stats = compute_stats(store, overlap=1)
+    assert [(a["name"], a["flagged"]) for a in stats["annotators"]] == [("a", False), ("b", True)]
+    assert "FLAGGED" in format_stats(stats).splitlines()[3]  # b's line, after a's
+    with pytest.raises(InvalidRanking, match="gold answer of task 'task-1'"):
+        store.set_gold("task-1", {"task-1-0": 1})
+    with pytest.raises(UnknownTask):
+        store.set_gold("nope", {"x": 1})
+    store.set_gold("task-0", None)  # an ordinary task again: its rankings are training data
+    assert len(list(store.export_ranked_tasks())) == 2 and store.gold_answers() == {}
+
+
+def test_annotator_table_on_hand_made_rankings(store):
+    tasks = make_tasks(3, k=3)
+    store.import_tasks(tasks)
+    for name in ("a", "b", "c"):
+        store.add_annotator(name)
+    for task in tasks:
+        first = display_order("a", task.id, [c.id for c in task.completions])[0]
+        rest = [c.id for c in task.completions if c.id != first]
+        store.submit_ranking("a", task.id, {first: 1, rest[0]: 2, rest[1]: 2}, seconds=10.0)  # always first shown
+        store.submit_ranking("b", task.id, {first: 1, rest[0]: 2, rest[1]: 3}, seconds=30.0)
+    store.skip_task("c", "task-0")
+    table = annotator_table(store).set_index("annotator")
+    assert table.loc["a", "ranked"] == 3 and table.loc["c", "skipped"] == 1
+    assert table.loc["a", "first_shown_first_share"] == 1.0 and table.loc["a", "tie_share"] == 1.0
+    assert table.loc["b", "tie_share"] == 0.0 and table.loc["b", "median_seconds"] == 30.0
+    # b orders all 3 pairs per task; a (the only other) agrees on 2 and ties the third: no majority there
+    assert table.loc["b", "loo_tasks"] == 3 and table.loc["b", "loo_agreement"] == 1.0
+    assert table.loc["a", "loo_agreement"] == 1.0  # a's 2 strict pairs per task match b
+    assert math.isnan(table.loc["c", "loo_agreement"])
+
+
+def test_a_store_written_before_gold_questions_migrates_and_keeps_everything(db_url):
+    tasks = make_tasks(3, k=2)
+    with open_store(db_url) as store:
+        store.import_tasks(tasks)
+        store.add_annotator("a")
+        store.submit_ranking("a", "task-0", order_ranks(tasks[0], [1, 0]), request_id="r1")
+        store.skip_task("a", "task-1", reason="unsure")
+        before = (store.export_rankings(), store.events(), store.history("a"))
+    conn = raw_connection(db_url)  # the schema-3 store of the previous release
+    for statement in ("DROP INDEX tasks_gold", "ALTER TABLE tasks DROP COLUMN gold_from",
+                      "ALTER TABLE tasks DROP COLUMN gold", "DROP TABLE login_failures",
+                      "UPDATE meta SET value = '3' WHERE key = 'schema_version'"):
+        conn.execute(statement)
+    conn.close()
+    with open_store(db_url) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 5
+        assert (store.export_rankings(), store.events(), store.history("a")) == before
+        assert store.gold_answers() == {} and store.next_task("a", overlap=1).id == "task-2"
+        store.set_gold("task-2", order_ranks(tasks[2], [0, 1]))
+        assert "task-2" in store.gold_answers()
+
+
+# ------------------------------------------------------------------------------------------- API and CLI
+
+def test_admin_routes_for_gold_and_metrics(store):
+    from fastapi.testclient import TestClient
+
+    from labeling.app import create_app
+
+    tasks = make_tasks(2, k=3)
+    store.import_tasks(tasks)
+    add_annotator(store, "alice", PASSWORD, role="admin")
+    add_annotator(store, "bob", PASSWORD)
+    store.submit_ranking("bob", "task-0", order_ranks(tasks[0], [0, 1, 2]))
+    with TestClient(create_app(store, AppSettings(overlap=1), ui=False), client=("10.0.0.5", 1)) as client:
+        client.post("/api/login", json={"username": "bob", "password": PASSWORD}).raise_for_status()
+        assert client.get("/api/admin/annotators").status_code == 403
+        assert client.post("/api/admin/gold", json={"task_id": "task-0", "from": "bob"}).status_code == 403
+        client.post("/api/login", json={"username": "alice", "password": PASSWORD}).raise_for_status()
+        answer = client.post("/api/admin/gold", json={"task_id": "task-0", "from": "bob"})
+        assert answer.status_code == 200 and answer.json() == {
+            "task_id": "task-0", "gold": {"task-0-0": 1, "task-0-1": 2, "task-0-2": 3}, "from": "bob"}
+        assert client.post("/api/admin/gold", json={"task_id": "task-1", "from": "bob"}).status_code == 404
+        assert client.post("/api/admin/gold", json={"task_id": "task-1", "ranks": {"task-1-0": 1}}).status_code == 422
+        assert client.post("/api/admin/gold", json={"task_id": "task-1"}).status_code == 400
+        metrics = client.get("/api/admin/annotators").json()
+        assert metrics["gold_threshold"] == 0.7
+        assert [(a["annotator"], a["ranked"], a["gold_tasks"]) for a in metrics["annotators"]] == [
+            ("alice", 0, 0), ("bob", 1, 0)]  # bob's is the answer: not scored
+
+
+def test_cli_imports_gold_answers_and_prints_annotator_metrics(tmp_path, capsys):
+    tasks = make_tasks(3, k=2)
+    rows = [t.to_dict() for t in tasks]
+    rows[2]["gold"] = {"task-2-0": 2, "task-2-1": 1}
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    db = str(tmp_path / "labels.db")
+    assert main(["import", "--db", db, str(path)]) == 0
+    assert "imported 3 tasks (0 already present, 1 of them gold questions)" in capsys.readouterr().out
+    with open_store(db) as store:
+        assert store.gold_answers() == {"task-2": ({"task-2-0": 2, "task-2-1": 1}, None)}
+        store.add_annotator("a")
+        store.submit_ranking("a", "task-2", {"task-2-0": 1, "task-2-1": 2})
+        store.submit_ranking("a", "task-0", order_ranks(tasks[0], [0, 1]))
+    assert main(["stats", "--db", db, "--by", "annotator", "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["by_annotator"]
+    assert (row["annotator"], row["ranked"], row["gold_tasks"], row["gold_accuracy"], row["flagged"]) == (
+        "a", 2, 1, 0.0, True)
+    assert main(["stats", "--db", db, "--by", "annotator", "--format", "csv", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "by_annotator.csv").read_text().splitlines()[0].startswith(
+        "annotator,ranked,skipped,median_seconds,gold_tasks,gold_accuracy,flagged,loo_tasks")
+    assert main(["stats", "--db", db, "--by", "annotator"]) == 0
+    assert "gold_accuracy" in capsys.readouterr().out
+    bad = write_tasks(tmp_path / "bad.jsonl", make_tasks(1, k=2, prefix="bad"))
+    bad.write_text(bad.read_text().replace('"completions"', '"gold": {"bad-0-0": 1}, "completions"'))
+    assert main(["import", "--db", db, str(bad)]) == 2
+    assert f"{bad}:1: " in capsys.readouterr().err
