@@ -846,3 +846,69 @@ def test_the_admin_view_shows_annotators_and_the_most_disagreed_tasks(review_ser
             assert errors == []
         finally:
             browser.close()
+
+
+def drafts_in(page, expected: dict[str, list]) -> bool:
+    """Whether the browser's drafts become `expected` ({"annotator/task id": groups}) within 10 s."""
+    for _ in range(100):
+        drafts = page.evaluate("""() => Object.fromEntries(Object.keys(localStorage)
+            .filter((k) => k.startsWith("rlhf-label-draft"))
+            .map((k) => [k.split("\\u0000").slice(1).join("/"), JSON.parse(localStorage.getItem(k)).groups]))""")
+        if drafts == expected:
+            return True
+        page.wait_for_timeout(100)
+    raise AssertionError(f"drafts {drafts} != {expected}")
+
+
+def test_a_half_ranked_task_comes_back_after_a_reload_and_a_new_sign_in(team_server):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, store = team_server
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(20_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            sign_in(page, url)
+            first = page.locator(".rk-task-id").text_content()
+            ids = shown_ids(page)
+            page.keyboard.press("2")
+            page.keyboard.press("Shift+1")                 # A tied with B; C not ranked yet
+            expect(page.locator(".rk-badge").nth(0)).to_have_text("rank 1 (tie)")
+            assert drafts_in(page, {f"alice/{first}": [[ids[1], ids[0]]]})
+
+            page.reload()                                  # a reload: the same task, the same half ranking
+            expect(page.locator(".rk-toast")).to_have_text("Your unsent ranking of this task is back.",
+                                                           timeout=30_000)
+            expect(page.locator(".rk-task-id")).to_have_text(first)
+            assert badges(page) == ["rank 1 (tie)", "rank 1 (tie)", ""]
+            page.keyboard.press("u")                       # undo goes back to how the task opened
+            assert badges(page) == ["", "", ""]
+            assert drafts_in(page, {})
+            page.keyboard.press("2")
+            page.keyboard.press("1")
+
+            # The session ends: the answer is not sent, the draft stays; after signing in again it is back.
+            store.end_sessions("alice")
+            page.keyboard.press("3")
+            page.keyboard.press("Enter")
+            expect(page.locator(".rk-session")).to_be_visible(timeout=15_000)
+            assert drafts_in(page, {f"alice/{first}": [[ids[1]], [ids[0]], [ids[2]]]})
+            page.click(".rk-session-link")
+            page.fill("#login-username", "alice")
+            page.fill("#login-password", PASSWORD)
+            page.press("#login-password", "Enter")
+            expect(page.locator(".rk-toast")).to_have_text("Your unsent ranking of this task is back.",
+                                                           timeout=30_000)
+            expect(page.locator(".rk-task-id")).to_have_text(first)
+            assert badges(page) == ["rank 2", "rank 1", "rank 3"]
+            page.keyboard.press("Enter")
+            expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+            expect(page.locator(".rk-task-id")).not_to_have_text(first)
+            assert drafts_in(page, {})  # stored: the draft is gone
+            assert errors == []
+        finally:
+            browser.close()
+    assert store.get_own_ranking("alice", first).ranks == {ids[1]: 1, ids[0]: 2, ids[2]: 3}

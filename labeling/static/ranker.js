@@ -24,6 +24,8 @@ const state = {
   diff: false,       // "Highlight differences" is on (kept from task to task)
   ask: null,         // {id, row}: a completion dropped on a rank row, waiting for "tie or insert"
   guide: false,      // the guidelines panel is open: the task waits until the annotator has read them
+  opened: "[]",      // the groups the task opened with (JSON): a ranking that differs is kept as a draft
+  sent: null,        // the task whose submit or skip is on its way: its draft goes once the server answers
 };
 
 function newRequestId() {
@@ -116,11 +118,14 @@ function receive(raw) {
   try { answer = JSON.parse(raw); } catch (err) { return; }
   state.busy = false;
   clearTimeout(watchdog);
+  const answered = state.sent;
+  state.sent = null;
   if (answer.keep) {
     // The server refused an answer (or could not store it): keep the annotator's work and say why.
     if (state.task) { showError(answer.error); render(); } else { toast(answer.error); }
     return;
   }
+  if (answered) drafts.remove(answered); // stored (or refused for good): the draft has served
   if (answer.notice) toast(answer.notice);
   if (answer.error) showError(answer.error);
   if (!answer.task) {
@@ -157,6 +162,8 @@ function openTask(task, own, editing) {
     }
     state.groups = [...byRank.keys()].sort((a, b) => a - b).map((r) => byRank.get(r));
   }
+  state.opened = JSON.stringify(state.groups);
+  drafts.restore(task.id);
   q("rk-banner").hidden = !editing;
   q("rk-task-id").textContent = task.id;
   showPrompt(task.prompt);
@@ -171,6 +178,77 @@ function openTask(task, own, editing) {
   }
   if (!state.guide) openedScroll(editing);
 }
+
+// ---------- drafts: a half-done ranking survives a reload, a sign-out and an ended session ----------
+
+// Kept in this browser's storage per annotator and task, written at every change and removed once the server
+// has answered the submit or skip. Only completion ids of the open task are taken back from it.
+const drafts = (() => {
+  const PREFIX = "rlhf-label-draft\u0000";
+  const MAX_AGE_MS = 14 * 24 * 3600 * 1000;
+  let annotator = null;
+  let storage = null;
+  try { storage = window.localStorage; } catch (err) { /* no storage: no drafts */ }
+  const key = (taskId) => PREFIX + annotator + "\u0000" + taskId;
+
+  function valid(groups, task) {
+    const ids = new Set(task.completions.map((c) => c.id));
+    const seen = new Set();
+    return Array.isArray(groups) && groups.every((g) => Array.isArray(g) && g.length > 0 && g.every(
+      (id) => typeof id === "string" && ids.has(id) && !seen.has(id) && seen.add(id)));
+  }
+
+  function restore(taskId) {
+    if (!storage || annotator === null || !state.task || state.task.id !== taskId || state.undo.length) return;
+    let draft = null;
+    try { draft = JSON.parse(storage.getItem(key(taskId))); } catch (err) { /* unreadable: none */ }
+    if (!draft || !valid(draft.groups, state.task) || JSON.stringify(draft.groups) === state.opened) return;
+    state.undo = [JSON.parse(state.opened)]; // Undo goes back to how the task opened
+    state.groups = draft.groups;
+    render();
+    toast("Your unsent ranking of this task is back.");
+  }
+
+  function save() {
+    if (!storage || annotator === null || !state.task) return;
+    const groups = JSON.stringify(state.groups);
+    try {
+      if (groups === state.opened) storage.removeItem(key(state.task.id));
+      else storage.setItem(key(state.task.id), JSON.stringify({ groups: state.groups, at: Date.now() }));
+    } catch (err) { /* storage full or refused: the draft is not kept */ }
+  }
+
+  function remove(taskId) {
+    if (!storage || annotator === null) return;
+    try { storage.removeItem(key(taskId)); } catch (err) { /* nothing to remove */ }
+  }
+
+  function prune() { // drafts of tasks never answered here: gone after two weeks
+    const now = Date.now();
+    for (let i = storage.length - 1; i >= 0; i--) {
+      const name = storage.key(i);
+      if (!name || !name.startsWith(PREFIX)) continue;
+      let at = 0;
+      try { at = JSON.parse(storage.getItem(name)).at || 0; } catch (err) { /* unreadable: old */ }
+      if (now - at > MAX_AGE_MS) storage.removeItem(name);
+    }
+  }
+
+  // Whose drafts: the signed-in annotator, from the server (the page may be shared by several people in turn).
+  if (storage) {
+    fetch("api/session", { credentials: "same-origin" })
+      .then((response) => (response.ok ? response.json() : null))
+      .then((info) => {
+        if (!info || typeof info.annotator !== "string") return;
+        annotator = info.annotator;
+        try { prune(); } catch (err) { /* storage refused */ }
+        if (state.task && state.undo.length) save(); // ranked before this answer came
+        else if (state.task) restore(state.task.id);
+      })
+      .catch(() => { /* offline: no drafts this time */ });
+  }
+  return { restore, save, remove };
+})();
 
 // ---------- ranking state ----------
 
@@ -459,6 +537,7 @@ function render() {
   unranked.forEach((c) => rest.append(chip(c.id)));
   dropZone(rest, { unrank: true });
   box.append(rest);
+  drafts.save();
   q("rk-tie").hidden = !state.tieNext;
   for (const name of ["rk-tie-button", "rk-bar-tie"]) q(name).setAttribute("aria-pressed", String(state.tieNext));
   q("rk-undo").disabled = !state.undo.length;
@@ -524,12 +603,14 @@ function submit() {
   }
   const ranks = {};
   state.groups.forEach((group, i) => group.forEach((id) => { ranks[id] = i + 1; }));
+  state.sent = state.task.id;
   send("submit", { task_id: state.task.id, ranks, request_id: state.requestId,
                    seconds: Math.round((performance.now() - state.openedAt) / 100) / 10 });
 }
 
 function skip() {
   if (!state.task || state.busy) return;
+  state.sent = state.task.id;
   send("skip", { task_id: state.task.id, reason: q("rk-skip-reason").value,
                  request_id: "skip-" + state.requestId });
   q("rk-skip-reason").blur();
