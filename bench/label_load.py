@@ -14,6 +14,13 @@ its one server at the end. Then the database is checked: acknowledged rankings m
 annotator's task stored or submitted twice, a request id stored twice), tasks ranked past their overlap.
 Targets: submit p95 < 200 ms, 0 missing, 0 duplicates, 0 tasks past the overlap.
 
+Hostile clients run beside the honest ones (--hoarders, --odd): a hoarder takes a task and skips it, reopens
+every task it skipped from its history, and takes the next, again and again (the way one annotator once held
+every place); an odd client sends Gradio's routes and the API odd bodies (unknown fn_index, empty session
+hash, direct API calls, a ranking that repeats a completion id). Also checked: 0 answers 5xx to anyone, and
+no honest annotator finds an empty queue while a task they have not answered has a place that no honest
+annotator holds, beyond the --max-held places each hoarder may hold.
+
     .venv/bin/python bench/label_load.py [--backends sqlite postgresql] [--clients 200] [--tasks 2000]
                                          [--seconds 60] [--think 5] [--overlap 2]
 """
@@ -41,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # postgres_cluster: the throwaway cluster of the tests
 from labeling.auth import hash_password  # noqa: E402
-from labeling.store import open_store  # noqa: E402
+from labeling.store import MAX_HELD, open_store  # noqa: E402
 from rlhf.records import Task  # noqa: E402
 
 PASSWORD = "benchmark password"
@@ -58,7 +65,7 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def make_store(url: str, tasks: int, k: int, clients: int, rng: random.Random) -> list[str]:
+def make_store(url: str, tasks: int, k: int, clients: int, rng: random.Random, hostile: list[str] = ()) -> list[str]:
     words = "the a lighthouse keeper ship fog lamp sea night tower morning story prince plot river".split()
     password_hash = hash_password(PASSWORD)  # one scrypt hash for every account: setting up stays quick
     with open_store(url) as store:
@@ -66,9 +73,28 @@ def make_store(url: str, tasks: int, k: int, clients: int, rng: random.Random) -
             "id": f"t{i}", "prompt": f"prompt {i}: " + " ".join(rng.choices(words, k=30)),
             "completions": [" ".join(rng.choices(words, k=60)) for _ in range(k)]}) for i in range(tasks)])
         names = [f"annotator-{i:03d}" for i in range(clients)]
-        for name in names:
+        for name in [*names, *hostile]:
             store.add_annotator(name, password_hash=password_hash)
     return names
+
+
+def hostile_names(args) -> list[str]:
+    return [f"hoarder-{i:03d}" for i in range(args.hoarders)] + [f"odd-{i:03d}" for i in range(args.odd)]
+
+
+def hoarded(url: str, name: str, overlap: int) -> int:
+    """How many tasks this honest annotator has not answered still have a place besides the rankings and the live
+    holds of honest annotators: places only hoarders hold (at most --max-held each), or none."""
+    with open_store(url, create=False) as store:
+        done = {item.task_id for item in store.history(name)}
+        taken: dict[str, int] = {}
+        for ranking in store.export_rankings():
+            taken[ranking.task_id] = taken.get(ranking.task_id, 0) + 1
+        now = time.time()
+        for a in store.assignments():
+            if a.expires_at > now and a.annotator != name and not a.annotator.startswith("hoarder-"):
+                taken[a.task_id] = taken.get(a.task_id, 0) + 1
+        return sum(taken.get(t, 0) < overlap for t in store.task_ids() if t not in done)
 
 
 def start_server(url: str, overlap: int) -> tuple[subprocess.Popen, str]:
@@ -119,8 +145,11 @@ async def annotate(who: Annotator, deadline: float, think: float, seed: int, out
         started = time.monotonic()
         response, seconds = await who.send(out, "GET", "/api/next")
         out["next"].append((started, seconds))
+        count_status(out, response)
         task = response.json()["task"]
         if task is None:
+            out["honest_empty"] += 1
+            out["hoarded"] = max(out["hoarded"], await asyncio.to_thread(hoarded, out["url"], who.name, out["overlap"]))
             return
         ids = [c["id"] for c in task["completions"]]
         ranks = {cid: rng.randint(1, len(ids)) for cid in ids}
@@ -130,15 +159,73 @@ async def annotate(who: Annotator, deadline: float, think: float, seed: int, out
         response, seconds = await who.send(out, "POST", "/api/rankings",
                                            json={"task_id": task["id"], "ranks": ranks, "request_id": uuid.uuid4().hex})
         out["submit"].append((started, seconds))
+        count_status(out, response)
         if response.status_code == 200:
             out["acked"].append((who.name, task["id"], response.json()["ranks"]))
         else:
             out["errors"].append(f"{response.status_code} {response.text[:100]}")
 
 
+def count_status(out: dict, response: httpx.Response) -> None:
+    out["requests"] += 1
+    if response.status_code >= 500 and response.status_code != 503:  # 503: the database restarts, send again
+        out["5xx"].append(f"{response.request.method} {response.request.url.path} -> {response.status_code}")
+
+
+async def hoard(who: Annotator, deadline: float, out: dict) -> None:
+    """Take a task and skip it, reopen every task skipped so far, take the next: over and over."""
+    skipped: list[str] = []
+    while time.monotonic() < deadline:
+        response, _ = await who.send(out, "GET", "/api/next")
+        count_status(out, response)
+        task = response.json().get("task") if response.status_code == 200 else None
+        if task is not None:
+            response, _ = await who.send(out, "POST", "/api/skip", json={"task_id": task["id"]})
+            count_status(out, response)
+            skipped.append(task["id"])
+        for task_id in skipped[-20:]:
+            response, _ = await who.send(out, "GET", "/api/task", params={"id": task_id})
+            count_status(out, response)
+        await asyncio.sleep(0.05)
+
+
+ODD_REQUESTS = [
+    ("POST", "/gradio_api/queue/join", b'{"fn_index": 999, "session_hash": "odd-page", "data": []}'),
+    ("POST", "/gradio_api/queue/join", b'{"fn_index": 0, "session_hash": "", "data": [], "event_data": null}'),
+    ("POST", "/gradio_api/queue/join", b'{"fn_index": 0, "data": [], "event_data": null}'),
+    ("POST", "/gradio_api/run/no_such_api", b'{"fn_index": 999, "session_hash": "odd-page", "data": []}'),
+    ("POST", "/gradio_api/api/on_submit", b'{"data": ["x"]}'),
+    ("POST", "/gradio_api/call/on_submit", b'{"data": []}'),
+    ("POST", "/gradio_api/call/v2/on_submit", b"[]"),
+    ("POST", "/gradio_api/cancel", b'{"session_hash": "", "fn_index": "x", "event_id": null}'),
+    ("GET", "/gradio_api/queue/data?session_hash=", b""),
+    ("GET", "/gradio_api/heartbeat/" + "h" * 300, b""),
+    ("GET", "/assets/" + "a" * 300, b""),
+    ("POST", "/api/rankings", b'{"task_id": "t0", "ranks": {"t0-0": 1, "t0-1": 2, "t0-0": 3}}'),
+    ("POST", "/api/skip", b'{"task_id": ' + b"[" * 5000 + b"}"),
+]
+"""Bodies that Gradio's routes once answered with a 500, and a ranking that repeats a completion id."""
+
+
+async def send_odd(who: Annotator, deadline: float, out: dict) -> None:
+    rng = random.Random(who.name)
+    while time.monotonic() < deadline:
+        method, path, body = rng.choice(ODD_REQUESTS)
+        try:
+            response = await who.http.request(method, who.bases[who.server] + path, content=body or None,
+                                              headers={"content-type": "application/json"}, timeout=5)
+            count_status(out, response)
+            out["odd"] += 1
+        except httpx.TimeoutException:
+            pass  # a stream that stays open (answered 200): nothing to count
+        except httpx.TransportError:
+            who.server = (who.server + 1) % len(who.bases)
+        await asyncio.sleep(0.1)
+
+
 async def run_clients(names: list[str], bases: list[str], seconds: float, think: float, out: dict,
-                      faults: list[tuple[float, str, callable]]) -> float:
-    annotators = [Annotator(name, bases, i % len(bases)) for i, name in enumerate(names)]
+                      faults: list[tuple[float, str, callable]], hostile: list[str] = ()) -> float:
+    annotators = [Annotator(name, bases, i % len(bases)) for i, name in enumerate([*names, *hostile])]
     try:
         for who in annotators:  # sign everyone in first (scrypt is slow on purpose), then start the clock
             (await who.http.post(who.bases[who.server] + "/api/login",
@@ -152,8 +239,10 @@ async def run_clients(names: list[str], bases: list[str], seconds: float, think:
                 await asyncio.to_thread(fault)
                 out["faults"].append((label, began, time.monotonic()))
 
-        await asyncio.gather(inject(), *(annotate(who, start + seconds, think, i, out)
-                                         for i, who in enumerate(annotators)))
+        work = [annotate(who, start + seconds, think, i, out) if who.name in names
+                else hoard(who, start + seconds, out) if who.name.startswith("hoarder-")
+                else send_odd(who, start + seconds, out) for i, who in enumerate(annotators)]
+        await asyncio.gather(inject(), *work)
         return time.monotonic() - start
     finally:
         for who in annotators:
@@ -166,7 +255,7 @@ def check_store(url: str, acked: list, overlap: int) -> dict:
                       if (stored := store.get_own_ranking(name, task_id)) is None or stored.ranks != ranks)
         events = store.events()
         firsts = [(e["annotator"], e["task_id"]) for e in events if e["kind"] == "submit"]
-        request_ids = [(e["annotator"], e["request_id"]) for e in events]
+        request_ids = [(e["annotator"], e["request_id"]) for e in events if e["request_id"] is not None]
         rankings = store.export_rankings()
         per_task: dict[str, int] = {}
         for ranking in rankings:
@@ -191,21 +280,24 @@ def summarize(out: dict, elapsed: float, checked: dict) -> dict:
             "submit_max": max(submit, default=float("nan")), "calm_p95": percentile(calm, .95),
             "next_p50": statistics.median(nxt) if nxt else float("nan"), "next_p95": percentile(nxt, .95),
             "retries": f"{out['retries_dropped']} dropped / {out['retries_503']} x 503",
-            "errors": len(out["errors"]), "faults": out["faults"], **checked}
+            "errors": len(out["errors"]), "faults": out["faults"], "requests": out["requests"],
+            "5xx": len(out["5xx"]), "odd": out["odd"], "honest_empty": out["honest_empty"],
+            "hoarded": out["hoarded"], "hoard_bound": out["hoard_bound"], **checked}
 
 
-def new_out() -> dict:
+def new_out(url: str, overlap: int, hoard_bound: int) -> dict:
     return {"next": [], "submit": [], "acked": [], "errors": [], "faults": [], "retries_dropped": 0,
-            "retries_503": 0}
+            "retries_503": 0, "requests": 0, "5xx": [], "odd": 0, "honest_empty": 0, "hoarded": 0, "url": url,
+            "overlap": overlap, "hoard_bound": hoard_bound}
 
 
 def bench_sqlite(args, tmp: Path) -> dict:
     url = str(tmp / "labels.db")
-    names = make_store(url, args.tasks, args.k, args.clients, random.Random(0))
+    names = make_store(url, args.tasks, args.k, args.clients, random.Random(0), hostile_names(args))
     proc, base = start_server(url, args.overlap)
-    out = new_out()
+    out = new_out(url, args.overlap, args.hoarders * MAX_HELD)
     try:
-        elapsed = asyncio.run(run_clients(names, [base], args.seconds, args.think, out, []))
+        elapsed = asyncio.run(run_clients(names, [base], args.seconds, args.think, out, [], hostile_names(args)))
     finally:
         os.kill(proc.pid, signal.SIGKILL)  # no graceful shutdown: acknowledged must mean on disk
         proc.wait()
@@ -224,7 +316,7 @@ def bench_postgresql(args) -> dict:
     procs: list[subprocess.Popen] = []
     try:
         url = cluster.new_database()
-        names = make_store(url, args.tasks, args.k, args.clients, random.Random(0))
+        names = make_store(url, args.tasks, args.k, args.clients, random.Random(0), hostile_names(args))
         servers = [start_server(url, args.overlap) for _ in range(args.servers)]
         procs = [proc for proc, _ in servers]
 
@@ -238,9 +330,9 @@ def bench_postgresql(args) -> dict:
 
         faults = [(args.seconds / 3, "kill -9 of app server 1", kill_first_server),
                   (2 * args.seconds / 3, "PostgreSQL stopped in immediate mode and restarted", restart_database)]
-        out = new_out()
+        out = new_out(url, args.overlap, args.hoarders * MAX_HELD)
         elapsed = asyncio.run(run_clients(names, [base for _, base in servers], args.seconds, args.think, out,
-                                          faults))
+                                          faults, hostile_names(args)))
         for proc in procs:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -259,7 +351,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", nargs="+", choices=["sqlite", "postgresql"], default=["sqlite", "postgresql"])
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the clients submit (default 60)")
-    parser.add_argument("--clients", type=int, default=200, help="concurrent annotators (default 200)")
+    parser.add_argument("--clients", type=int, default=200, help="concurrent honest annotators (default 200)")
+    parser.add_argument("--hoarders", type=int, default=10,
+                        help="hostile annotators who skip and reopen tasks to hold places (default 10)")
+    parser.add_argument("--odd", type=int, default=10,
+                        help="hostile clients sending odd bodies to Gradio's routes and the API (default 10)")
     parser.add_argument("--tasks", type=int, default=2000, help="tasks in the store (default 2000)")
     parser.add_argument("--k", type=int, default=4, help="completions per task (default 4)")
     parser.add_argument("--think", type=float, default=5.0,
@@ -269,7 +365,8 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=2, help="app servers on the PostgreSQL database (default 2)")
     args = parser.parse_args()
 
-    print(f"label_load: {args.clients} clients, {args.tasks} tasks x {args.k}, overlap {args.overlap}, "
+    print(f"label_load: {args.clients} clients (+ {args.hoarders} hoarders, {args.odd} odd),"
+          f" {args.tasks} tasks x {args.k}, overlap {args.overlap}, "
           f"think {args.think:g} s, {args.seconds:g} s per backend, CPUs: {os.cpu_count()}")
     print("before:", uptime(), flush=True)
     results = {}
@@ -291,16 +388,21 @@ def main() -> None:
         ("duplicate rankings", lambda r: str(r["duplicates"])),
         ("tasks past the overlap", lambda r: str(r["over_overlap"])),
         ("other errors", lambda r: str(r["errors"])),
+        ("requests answered 5xx", lambda r: f"{r['5xx']} of {r['requests']} ({r['odd']} odd)"),
+        ("honest empty queues / most places only hoarders held then (bound)",
+         lambda r: f"{r['honest_empty']} / {r['hoarded']} ({r['hoard_bound']})"),
     ]
     print("\n| | " + " | ".join(columns[b] for b in results) + " |")
     print("|---|" + "---:|" * len(results))
     for label, cell in rows:
         print(f"| {label} | " + " | ".join(cell(r) for r in results.values()) + " |")
     for backend, r in results.items():
-        ok = (r["submit_p95"] < 200, r["missing"] == 0, r["duplicates"] == 0, r["over_overlap"] == 0)
+        ok = (r["submit_p95"] < 200, r["missing"] == 0, r["duplicates"] == 0, r["over_overlap"] == 0,
+              r["5xx"] == 0 and r["hoarded"] <= r["hoard_bound"])
         print(f"{columns[backend]}: p95 < 200 ms {'PASS' if ok[0] else 'FAIL'}; "
               f"0 missing {'PASS' if ok[1] else 'FAIL'}; 0 duplicates {'PASS' if ok[2] else 'FAIL'}; "
-              f"overlap kept {'PASS' if ok[3] else 'FAIL'}")
+              f"overlap kept {'PASS' if ok[3] else 'FAIL'}; 0 5xx and hoarders within --max-held "
+              f"{'PASS' if ok[4] else 'FAIL'}")
 
 
 if __name__ == "__main__":

@@ -218,7 +218,8 @@ class SignInGate:
         if annotator is None:
             await send_error(send, 401, "sign in first")
             return
-        hashes = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash", [])
+        hashes = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).get(
+            "session_hash", [])  # an empty one too: refused below (Gradio's stream fails on it)
         match = _HASH_IN_PATH.match(path)
         if match and (scope["method"] == "GET" or "/heartbeat/" in path):  # POST /stream/{id} names an event
             hashes.append(match[1])
