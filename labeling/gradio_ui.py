@@ -145,21 +145,22 @@ def ranking_text(ranks: dict[str, int], labels: dict[str, str]) -> str:
 
 
 def admin_tables(store: SQLLabelStore, settings: AppSettings) -> dict:
-    """What the admin view shows: the annotators table of `rlhf stats` (every column it has), and the tasks
-    ranked by two or more annotators whose rankings agree least (pairwise agreement, then Kendall's tau)."""
-    from labeling.stats import stats_tables
+    """What the admin view shows: the annotators table of `rlhf stats --by annotator` (every column it has: gold
+    accuracy, flagged under the server's gold threshold, ...), and the tasks ranked by two or more annotators
+    whose rankings agree least (pairwise agreement, then Kendall's tau)."""
+    from labeling.stats import annotator_table, stats_tables
 
-    tables = stats_tables(store, settings.overlap)
-    tasks = tables["tasks"]
+    tasks = stats_tables(store, settings.overlap)["tasks"]
     disagreed = (tasks[tasks["rankings"] >= 2]
                  .sort_values(["pairwise_agreement", "mean_kendall_tau"], na_position="last", kind="stable")
                  .head(DISAGREED_ROWS).reset_index(drop=True))
-    return {"annotators": tables["annotators"].round(3), "disagreed": disagreed.round(3)}
+    return {"annotators": annotator_table(store, settings.gold_threshold).round(3), "disagreed": disagreed.round(3)}
 
 
 def review_table(store: SQLLabelStore, task_id: str):
     """One task's rankings for review: its completions labelled A, B, ... in their stored order (with the
-    start of their text), and each annotator's ranking in those labels."""
+    start of their text), each annotator's ranking in those labels, and its gold answer as a line ("" if it
+    is no gold question)."""
     import pandas as pd
 
     task = store.get_task(task_id)
@@ -169,7 +170,10 @@ def review_table(store: SQLLabelStore, task_id: str):
     rankings = pd.DataFrame([{"annotator": r.annotator, "ranking": ranking_text(r.ranks, labels)}
                              for r in store.export_rankings() if r.task_id == task_id],
                             columns=["annotator", "ranking"])
-    return legend, rankings
+    gold = store.gold_answers().get(task_id)
+    gold_line = "" if gold is None else (f"Gold question: {ranking_text(gold[0], labels)}"
+                                         + (f" (the ranking of {gold[1]})" if gold[1] else ""))
+    return legend, rankings, gold_line
 
 
 def _preview(text: str, limit: int = 120) -> str:
@@ -262,14 +266,23 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
                                              elem_id="admin-review-legend", visible=False)
                 review_rankings = gr.Dataframe(label="Its rankings", interactive=False, wrap=True,
                                                elem_id="admin-review-rankings", visible=False)
+            # Gold questions: one annotator's ranking of the task becomes its known answer (or it stops being one).
+            with gr.Row(visible=False, equal_height=True) as gold_row:
+                gold_from = gr.Dropdown(choices=[], value=None, label="Make it a gold question: the answer is the "
+                                        "ranking of", interactive=True, elem_id="admin-gold-from", scale=3)
+                make_gold = gr.Button("Make gold", size="sm", scale=1, elem_id="admin-make-gold")
+                drop_gold = gr.Button("No longer gold", size="sm", scale=1, elem_id="admin-drop-gold")
+            gold_status = gr.Textbox(show_label=False, interactive=False, visible=False, elem_id="admin-gold-status")
             refresh_admin = gr.Button("Refresh", size="sm", elem_id="admin-refresh")
 
-        def admin_outputs(annotator: str):
+        def admin_outputs(annotator: str, reviewing: str | None = None):
             if not is_admin(store, annotator, settings.admins):  # checked on every request, not only at load
                 return gr.skip(), gr.skip(), gr.skip()
             tables = admin_tables(store, settings)
             ids = [str(t) for t in tables["disagreed"]["task_id"]]
-            return tables["annotators"], tables["disagreed"], gr.Dropdown(choices=ids, value=None)
+            if reviewing and reviewing not in ids:  # the task under review stays under review
+                ids.append(reviewing)
+            return tables["annotators"], tables["disagreed"], gr.Dropdown(choices=ids, value=reviewing or None)
 
         def on_load(request: gr.Request):
             annotator = request.username
@@ -279,17 +292,44 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
                     gr.Accordion(visible=admin), ui.stats_text(annotator) if admin else "",
                     gr.Accordion(visible=admin), *admin_outputs(annotator))
 
-        def on_admin_refresh(request: gr.Request):
-            return admin_outputs(request.username)
+        def on_admin_refresh(reviewing, request: gr.Request):
+            return admin_outputs(request.username, reviewing if isinstance(reviewing, str) else None)
+
+        def review_outputs(task_id, note: str = ""):
+            hidden = (gr.Dataframe(visible=False), gr.Dataframe(visible=False), gr.Row(visible=False),
+                      gr.Dropdown(choices=[], value=None), gr.Textbox(visible=bool(note), value=note))
+            if not task_id or not isinstance(task_id, str):  # (a page's input is whatever the browser sent)
+                return hidden
+            try:
+                legend, rankings, gold_line = review_table(store, task_id)
+            except UserError as exc:
+                return (*hidden[:4], gr.Textbox(visible=True, value=str(exc)))
+            status = " ".join(filter(None, [note, gold_line or "Not a gold question."]))
+            return (gr.Dataframe(legend, visible=True), gr.Dataframe(rankings, visible=True), gr.Row(visible=True),
+                    gr.Dropdown(choices=list(rankings["annotator"]), value=None),
+                    gr.Textbox(visible=True, value=status))
 
         def on_review(task_id, request: gr.Request):
-            if not task_id or not is_admin(store, request.username, settings.admins):
-                return gr.Dataframe(visible=False), gr.Dataframe(visible=False)
-            try:
-                legend, rankings = review_table(store, task_id)
-            except UserError:
-                return gr.Dataframe(visible=False), gr.Dataframe(visible=False)
-            return gr.Dataframe(legend, visible=True), gr.Dataframe(rankings, visible=True)
+            if not is_admin(store, request.username, settings.admins):
+                return review_outputs(None)
+            return review_outputs(task_id)
+
+        def on_gold(task_id, source, request: gr.Request):
+            payload = {"task_id": task_id, "from": source} if source else {"task_id": task_id, "ranks": None}
+            try:  # the handler checks the admin role and every value
+                handlers.set_gold(store, request.username, settings, payload)
+            except UserError as exc:
+                return (*review_outputs(task_id)[:4], gr.Textbox(visible=True, value=str(exc)))
+            return review_outputs(task_id, "Saved.")
+
+        def on_make_gold(task_id, source, request: gr.Request):
+            if not source:
+                note = "Pick whose ranking is the answer."
+                return (*review_outputs(task_id)[:4], gr.Textbox(visible=True, value=note))
+            return on_gold(task_id, source, request)
+
+        def on_drop_gold(task_id, request: gr.Request):
+            return on_gold(task_id, None, request)
 
         def after_answer(annotator: str, value: str, progress: dict | None):
             if progress is None:  # refused: only the widget changes
@@ -314,8 +354,12 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
 
         demo.load(on_load, outputs=[topbar, ranker, history, stats_box, stats_text, admin_box, admin_annotators,
                                     admin_disagreed, review_pick], **events)
-        refresh_admin.click(on_admin_refresh, outputs=[admin_annotators, admin_disagreed, review_pick], **events)
-        review_pick.input(on_review, inputs=[review_pick], outputs=[review_legend, review_rankings], **events)
+        refresh_admin.click(on_admin_refresh, inputs=[review_pick], outputs=[admin_annotators, admin_disagreed,
+                                                                             review_pick], **events)
+        review_outputs_list = [review_legend, review_rankings, gold_row, gold_from, gold_status]
+        review_pick.input(on_review, inputs=[review_pick], outputs=review_outputs_list, **events)
+        make_gold.click(on_make_gold, inputs=[review_pick, gold_from], outputs=review_outputs_list, **events)
+        drop_gold.click(on_drop_gold, inputs=[review_pick], outputs=review_outputs_list, **events)
         ranker.submit(on_submit, outputs=[ranker, topbar, history], **events)
         ranker.skip(on_skip, outputs=[ranker, topbar, history], **events)
         ranker.back(on_back, outputs=[ranker], **events)

@@ -841,6 +841,27 @@ def test_the_admin_view_shows_annotators_and_the_most_disagreed_tasks(review_ser
             assert table_rows(page, "#admin-review-rankings") == [["ann1", "A > B > C"], ["ann2", "A > C > B"]]
             assert [row[2] for row in table_rows(page, "#admin-review-legend")] == [
                 f"{EVIL_ID} answer {i}" for i in range(3)]
+            expect(page.locator("#admin-gold-status textarea")).to_have_value("Not a gold question.")
+
+            # ann1's ranking becomes the task's gold answer: ann2 (one pair of three the other way) is flagged.
+            page.locator("#admin-gold-from input").click()
+            page.locator("ul[role=listbox] li[role=option]", has_text="ann1").click()
+            page.click("#admin-make-gold")
+            expect(page.locator("#admin-gold-status textarea")).to_have_value(
+                "Saved. Gold question: A > B > C (the ranking of ann1)")
+            page.click("#admin-refresh")
+            columns = page.eval_on_selector_all("#admin-annotators [role=columnheader]",
+                                                "cells => cells.map((c) => c.innerText.trim())")
+            expect(page.locator("#admin-annotators")).to_contain_text("0.667")
+            rows = {row[0]: dict(zip(columns, row)) for row in table_rows(page, "#admin-annotators")}
+            assert (rows["ann2"]["gold_tasks"], rows["ann2"]["gold_accuracy"], rows["ann2"]["flagged"]) == (
+                "1", "0.667", "true")
+            assert rows["ann1"]["gold_tasks"] == "0"
+            assert store.gold_answers()[EVIL_ID] == ({f"{EVIL_ID}-0": 1, f"{EVIL_ID}-1": 2, f"{EVIL_ID}-2": 3},
+                                                     "ann1")
+            page.click("#admin-drop-gold")
+            expect(page.locator("#admin-gold-status textarea")).to_have_value("Saved. Not a gold question.")
+            assert store.gold_answers() == {}
             assert page.locator("#admin img, #admin script").count() == 0
             assert page.evaluate("typeof window.__pwned") == "undefined"
             assert errors == []

@@ -283,8 +283,15 @@ def test_admin_view_lists_the_most_disagreed_tasks_first(store):
     disagreed = tables["disagreed"]
     assert list(disagreed["task_id"]) == ["evil", "t1"]
     assert list(disagreed["pairwise_agreement"]) == [0.0, round(1 / 3, 3)]
-    legend, rankings = review_table(store, "evil")
+    legend, rankings, gold = review_table(store, "evil")
     assert list(legend["label"]) == ["A", "B", "C"] and list(legend["completion"]) == ["e0", "e1", "e2"]
     assert legend["text"][0] == HOSTILE[0]  # as text, exactly
     assert rankings.to_dict("records") == [{"annotator": "alice", "ranking": "A > B > C"},
                                            {"annotator": "bob", "ranking": "C > B > A"}]
+    assert gold == ""
+    # alice's ranking becomes the gold answer: bob, who reversed it, has gold accuracy 0 and is flagged.
+    store.set_gold("evil", {"e0": 1, "e1": 2, "e2": 3}, source="alice")
+    assert review_table(store, "evil")[2] == "Gold question: A > B > C (the ranking of alice)"
+    annotators = admin_tables(store, SETTINGS)["annotators"].set_index("annotator")
+    assert annotators.loc["bob", "gold_tasks"] == 1 and annotators.loc["bob", "gold_accuracy"] == 0.0
+    assert bool(annotators.loc["bob", "flagged"]) and annotators.loc["alice", "gold_tasks"] == 0
