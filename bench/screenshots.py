@@ -8,7 +8,8 @@ replies, turns "Highlight differences" on, and saves
     docs/screenshot-conversation.png        (1400 x 1000)
     docs/screenshot-conversation-phone.png  (390 x 844 at 2x, earlier turns collapsed)
     docs/screenshot-phone.png               (390 x 844 at 2x: the replies, a tie made with "Tie next", the action bar)
-    docs/screenshot-admin.png               (the admin view: annotators, most disagreed tasks, one under review)
+    docs/screenshot-admin.png               (the admin view: annotators with gold accuracy, most disagreed tasks,
+                                             one under review)
 
     .venv/bin/python bench/screenshots.py [--out docs]
 """
@@ -165,6 +166,8 @@ def main() -> None:
                 for name, ranks in (("ann1", first), ("ann2", second)):
                     store.submit_ranking(name, tid, {f"{tid}-{i}": r for i, r in enumerate(ranks)},
                                          seconds=7.0 + 3 * len(name + tid) % 11)
+            # A gold question: its answer is known (here ann1's ranking), and ann2 is scored against it.
+            store.set_gold("haiku-rain", {"haiku-rain-0": 1, "haiku-rain-1": 3, "haiku-rain-2": 2}, source="ann1")
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "label", "--db", str(db), "--port", "0",
                                  "--admin", "carol"],
                                 stdout=subprocess.PIPE, text=True)
