@@ -289,6 +289,14 @@ def create_app(store: SQLLabelStore, settings: AppSettings, sessions: "Sessions 
     async def api_admin_gold(request: Request):
         return await call(request, handlers.set_gold, await body_of(request))
 
+    @app.get("/api/admin/review")
+    async def api_admin_review(request: Request, limit: str = "50"):
+        return await call(request, handlers.review_list, limit)
+
+    @app.post("/api/admin/review")
+    async def api_admin_resolve(request: Request):
+        return await call(request, handlers.resolve_task, await body_of(request))
+
     @app.get("/api/health", include_in_schema=False)
     async def api_health():
         return Response("ok", media_type="text/plain")

@@ -194,9 +194,11 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of prompts held out (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt split")
-    p.add_argument("--aggregate", choices=["none", "majority"], default="none",
-                   help="none: every annotator's pairs (default); majority: one pair per completion pair by "
-                        "majority vote, dropping tied votes")
+    p.add_argument("--resolve", dest="aggregate", choices=["none", "review", "majority"], default="none",
+                   help="what becomes pairs: none: every annotator's pairs (default); review: a task's resolved "
+                        "ranking where an admin set one in review, every annotator's pairs elsewhere; majority: one "
+                        "pair per completion pair by majority vote, dropping tied votes")
+    p.add_argument("--aggregate", dest="aggregate", choices=["none", "majority"], help="the former name of --resolve")
     p.add_argument("--push-to-hub", metavar="REPO", default=None,
                    help="also upload the datasets to this Hugging Face hub dataset repository (owner/name): the "
                         "pairs as its default configuration, the rankings as the configuration 'rankings'")

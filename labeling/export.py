@@ -31,7 +31,8 @@ row order, and a prompt rarely changes side when more data is added.
 Aggregation: "none" keeps every annotator's C(K,2) pairs (InstructGPT trains on all of them);
 "majority" keeps one pair per (task, completion pair), oriented by the majority of the annotators who
 ordered it, and drops pairs whose votes tie (contradicted); those pairs carry annotator "majority" and
-no ranks.
+no ranks. "review" takes a task's pairs from its resolved ranking where an admin set one in review
+(`SQLLabelStore.resolve`; annotator "review"), and every annotator's pairs elsewhere.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ from rlhf.errors import UserError
 from rlhf.jsonl import atomic_write, replace_folder, write_jsonl
 from rlhf.pairs import expand_pairs, pair_indices
 from rlhf.prompts import split_by_prompt
-from rlhf.records import Pair, RankedTask, as_conversation, transcript
+from rlhf.records import Pair, RankedTask, Ranking, as_conversation, transcript
 from rlhf.tables import EXPORT_FORMAT, EXPORT_META, quiet_datasets
 
-AGGREGATIONS = ("none", "majority")
+AGGREGATIONS = ("none", "review", "majority")
 PAIRS_DATASET = "pairs_dataset"
 PAIRS_TEXT_DATASET = "pairs_text_dataset"
 RANKINGS_DATASET = "rankings_dataset"
@@ -155,9 +156,13 @@ def export(store: SQLLabelStore, out_dir, test_fraction: float = 0.1, seed: int 
         by_task[r.task_id].append(r)
     pairs: dict[str, list[Pair]] = {"train": [], "test": []}
     dropped = 0
-    for task_rankings in by_task.values():  # insertion order = task import order
+    resolved = store.resolutions() if aggregate == "review" else {}
+    for task_id, task_rankings in by_task.items():  # insertion order = task import order
         split = "test" if task_rankings[0].prompt in test_prompts else "train"
-        if aggregate == "majority":
+        if task_id in resolved:
+            review = Ranking(task_id, "review", resolved[task_id][0])
+            task_pairs = expand_pairs(RankedTask.from_task(store.get_task(task_id), review))
+        elif aggregate == "majority":
             task_pairs, n_dropped = majority_pairs(task_rankings)
             dropped += n_dropped
         else:

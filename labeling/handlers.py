@@ -254,6 +254,32 @@ def set_gold(store: SQLLabelStore, annotator: str | None, settings: AppSettings,
     return {"task_id": task_id, "gold": store.gold_answers().get(task_id, (None,))[0], "from": source}
 
 
+MAX_REVIEW = 200
+
+
+def review_list(store: SQLLabelStore, annotator: str | None, settings: AppSettings, limit: Any = "50") -> dict:
+    """The tasks whose rankings disagree most, each with its rankings and resolution (admins only;
+    `labeling.stats.review_queue`)."""
+    _admin(store, annotator, settings)
+    if not (isinstance(limit, str) and limit.isdigit() and 1 <= int(limit) <= MAX_REVIEW):
+        raise RequestError(f"'limit' must be a whole number from 1 to {MAX_REVIEW}")
+    from labeling.stats import review_queue
+
+    return {"tasks": review_queue(store, int(limit))}
+
+
+def resolve_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
+    """Set the resolved ranking of a task, {task_id, ranks: {completion id: rank}}, or remove it (ranks null);
+    the event log records which admin did it (admins only)."""
+    admin = _admin(store, annotator, settings)
+    payload = _payload(payload)
+    task_id = _task_id(payload)
+    if "ranks" not in payload or not (payload["ranks"] is None or isinstance(payload["ranks"], Mapping)):
+        raise RequestError("'ranks' must map completion ids to ranks, or be null")
+    ranks = store.resolve(task_id, None if payload["ranks"] is None else dict(payload["ranks"]), admin)
+    return {"task_id": task_id, "ranks": ranks, "by": admin}
+
+
 ACCOUNT_ACTIONS = ("disable", "enable", "end-sessions", *(f"make-{role}" for role in ROLES))
 
 

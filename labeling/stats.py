@@ -201,6 +201,33 @@ def annotator_table(store: SQLLabelStore, gold_threshold: float = GOLD_THRESHOLD
     return pd.DataFrame(table, columns=ANNOTATOR_COLUMNS)
 
 
+def review_queue(store: SQLLabelStore, limit: int = 50) -> list[dict[str, Any]]:
+    """The tasks whose rankings disagree most, for an admin's review: every ordinary task with two or more
+    rankings, by pooled pairwise agreement among its annotators (lowest first; a task whose annotators ordered
+    no pair alike-or-not comes last), then by more rankings; each with its rankings and its resolution, if any.
+    ADMIN/CLI ONLY."""
+    by_task: dict[str, list] = {}
+    for ranking in store.export_rankings(gold=False):
+        by_task.setdefault(ranking.task_id, []).append(ranking)
+    resolved = store.resolutions()
+    rows = []
+    for order, (task_id, rankings) in enumerate(by_task.items()):
+        if len(rankings) < 2:
+            continue
+        agree = compared = 0
+        for a, b in combinations(rankings, 2):
+            ids = sorted(a.ranks)
+            got = pair_agreement([a.ranks[i] for i in ids], [b.ranks[i] for i in ids])
+            agree, compared = agree + got[0], compared + got[1]
+        resolution = resolved.get(task_id)
+        rows.append((compared == 0, agree / compared if compared else 1.0, -len(rankings), order, {
+            "task_id": task_id, "agreement": agree / compared if compared else None,
+            "rankings": [{"annotator": r.annotator, "ranks": r.ranks} for r in rankings],
+            "resolved": None if resolution is None else {"ranks": resolution[0], "by": resolution[1],
+                                                         "at": resolution[2]}}))
+    return [row[-1] for row in sorted(rows, key=lambda row: row[:4])[:limit]]
+
+
 def _value(value: Any) -> Any:
     """A table cell as plain JSON: NaN -> None, numpy numbers -> Python numbers."""
     if hasattr(value, "item"):

@@ -143,17 +143,22 @@ def test_a_store_written_before_gold_questions_migrates_and_keeps_everything(db_
         store.skip_task("a", "task-1", reason="unsure")
         before = (store.export_rankings(), store.events(), store.history("a"))
     conn = raw_connection(db_url)  # the schema-3 store of the previous release
-    for statement in ("DROP INDEX tasks_gold", "ALTER TABLE tasks DROP COLUMN gold_from",
+    for statement in ("DROP TABLE resolutions", "DROP INDEX tasks_gold", "ALTER TABLE tasks DROP COLUMN gold_from",
                       "ALTER TABLE tasks DROP COLUMN gold", "DROP TABLE login_failures",
                       "UPDATE meta SET value = '3' WHERE key = 'schema_version'"):
         conn.execute(statement)
     conn.close()
     with open_store(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 5
+        assert store.schema_version() == SCHEMA_VERSION == 6
         assert (store.export_rankings(), store.events(), store.history("a")) == before
         assert store.gold_answers() == {} and store.next_task("a", overlap=1).id == "task-2"
         store.set_gold("task-2", order_ranks(tasks[2], [0, 1]))
         assert "task-2" in store.gold_answers()
+        store.resolve("task-0", order_ranks(tasks[0], [0, 1]), "a")  # the new event kind is accepted
+        store.submit_ranking("a", "task-0", order_ranks(tasks[0], [0, 1]), request_id="r2")
+        events = store.events()
+        assert events[:2] == before[1] and [e["kind"] for e in events[2:]] == ["resolve", "edit"]
+        assert events[-1]["id"] > events[-2]["id"] > before[1][-1]["id"]  # ids go on after the copied ones
 
 
 # ------------------------------------------------------------------------------------------- API and CLI
@@ -212,3 +217,66 @@ def test_cli_imports_gold_answers_and_prints_annotator_metrics(tmp_path, capsys)
     bad.write_text(bad.read_text().replace('"completions"', '"gold": {"bad-0-0": 1}, "completions"'))
     assert main(["import", "--db", db, str(bad)]) == 2
     assert f"{bad}:1: " in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- review
+
+def test_review_lists_the_most_disagreeing_tasks_and_a_resolution_becomes_the_pairs(store, tmp_path):
+    from labeling.export import export
+    from labeling.stats import review_queue
+
+    tasks = make_tasks(3, k=3)
+    store.import_tasks(tasks)
+    for name in ("a", "b", "c", "boss"):
+        store.add_annotator(name)
+    for name, order in (("a", [0, 1, 2]), ("b", [2, 1, 0])):  # task-0: reversed, agreement 0
+        store.submit_ranking(name, "task-0", order_ranks(tasks[0], order))
+    for name, order in (("a", [0, 1, 2]), ("b", [0, 1, 2]), ("c", [0, 2, 1])):  # task-1: 7 of 9 pairs alike
+        store.submit_ranking(name, "task-1", order_ranks(tasks[1], order))
+    store.submit_ranking("a", "task-2", order_ranks(tasks[2], [0, 1, 2]))  # one ranking: nothing to review
+    queue = review_queue(store)
+    assert [(t["task_id"], t["agreement"]) for t in queue] == [("task-0", 0.0), ("task-1", pytest.approx(7 / 9))]
+    assert [r["annotator"] for r in queue[0]["rankings"]] == ["a", "b"] and queue[0]["resolved"] is None
+    resolved = order_ranks(tasks[0], [1, 0, 2])
+    assert store.resolve("task-0", resolved, "boss") == resolved
+    with pytest.raises(InvalidRanking):
+        store.resolve("task-0", {"task-0-0": 1}, "boss")
+    assert {k: review_queue(store)[0]["resolved"][k] for k in ("ranks", "by")} == {"ranks": resolved, "by": "boss"}
+    (event,) = [e for e in store.events() if e["kind"] == "resolve"]
+    assert (event["annotator"], event["task_id"], event["payload"]) == ("boss", "task-0",
+                                                                       {"ranks": resolved, "previous": None})
+    summary = export(store, tmp_path / "review", test_fraction=0.0, aggregate="review")
+    rows = [json.loads(line) for line in (tmp_path / "review" / "train.jsonl").read_text().splitlines()]
+    task0 = [r for r in rows if r["task_id"] == "task-0"]
+    assert {r["annotator"] for r in task0} == {"review"} and len(task0) == 3  # the resolution's 3 pairs only
+    assert sum(r["task_id"] == "task-1" for r in rows) == 9 and summary["train_pairs"] == 3 + 9 + 3
+    assert export(store, tmp_path / "none", test_fraction=0.0)["train_pairs"] == 6 + 9 + 3  # every annotator's
+    store.resolve("task-0", None, "boss")
+    assert store.resolutions() == {} and [e["payload"]["previous"] for e in store.events()
+                                          if e["kind"] == "resolve"] == [None, resolved]
+
+
+def test_review_routes_are_for_admins(store):
+    from fastapi.testclient import TestClient
+
+    from labeling.app import create_app
+
+    tasks = make_tasks(1, k=2)
+    store.import_tasks(tasks)
+    add_annotator(store, "alice", PASSWORD, role="admin")
+    add_annotator(store, "bob", PASSWORD)
+    store.submit_ranking("alice", "task-0", order_ranks(tasks[0], [0, 1]))
+    store.submit_ranking("bob", "task-0", order_ranks(tasks[0], [1, 0]))
+    with TestClient(create_app(store, AppSettings(overlap=2), ui=False), client=("10.0.0.6", 1)) as client:
+        client.post("/api/login", json={"username": "bob", "password": PASSWORD}).raise_for_status()
+        assert client.get("/api/admin/review").status_code == 403
+        assert client.post("/api/admin/review", json={"task_id": "task-0", "ranks": None}).status_code == 403
+        client.post("/api/login", json={"username": "alice", "password": PASSWORD}).raise_for_status()
+        listed = client.get("/api/admin/review?limit=5").json()["tasks"]
+        assert [(t["task_id"], t["agreement"]) for t in listed] == [("task-0", 0.0)]
+        assert client.get("/api/admin/review?limit=0").status_code == 400
+        answer = client.post("/api/admin/review", json={"task_id": "task-0", "ranks": {"task-0-0": 2, "task-0-1": 1}})
+        assert answer.json() == {"task_id": "task-0", "ranks": {"task-0-0": 2, "task-0-1": 1}, "by": "alice"}
+        assert client.post("/api/admin/review", json={"task_id": "task-0"}).status_code == 400
+        assert client.post("/api/admin/review", json={"task_id": "nope", "ranks": None}).status_code == 404
+    assert store.resolutions()["task-0"][:2] == ({"task-0-0": 2, "task-0-1": 1}, "alice")

@@ -459,7 +459,7 @@ def test_a_schema_1_store_is_migrated_forward_and_a_newer_one_refused(db_url):
         add_users(store, "a")
         store.submit_ranking("a", "task-0", order_ranks(tasks[0], [0, 1]))
     conn = raw_connection(db_url)  # what a store written by schema 1 looks like
-    for statement in ("DROP INDEX tasks_gold", "ALTER TABLE tasks DROP COLUMN gold_from",
+    for statement in ("DROP TABLE resolutions", "DROP INDEX tasks_gold", "ALTER TABLE tasks DROP COLUMN gold_from",
                       "ALTER TABLE tasks DROP COLUMN gold", "DROP TABLE login_failures", "DROP TABLE assignments",
                       "DROP TABLE sessions",
                       "ALTER TABLE annotators DROP COLUMN role",
@@ -467,7 +467,7 @@ def test_a_schema_1_store_is_migrated_forward_and_a_newer_one_refused(db_url):
                       "UPDATE meta SET value = '1' WHERE key = 'schema_version'"):
         conn.execute(statement)
     with open_store(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 5
+        assert store.schema_version() == SCHEMA_VERSION == 6
         assert store.next_task("a", overlap=2).id == "task-1"
         assert [x.task_id for x in store.assignments()] == ["task-1"]
         assert store.get_own_ranking("a", "task-0").ranks == order_ranks(tasks[0], [0, 1])
@@ -475,7 +475,7 @@ def test_a_schema_1_store_is_migrated_forward_and_a_newer_one_refused(db_url):
         assert store.open_slots(overlap=1) == 1 and store.progress(1).complete == 1  # the counts were filled in
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     before = conn.execute("SELECT COUNT(*) FROM assignments").fetchone()
-    with pytest.raises(UserError, match=r"newer version of rlhf \(schema 99, this one reads up to 5\); upgrade rlhf"):
+    with pytest.raises(UserError, match=r"newer version of rlhf \(schema 99, this one reads up to 6\); upgrade rlhf"):
         open_store(db_url)
     assert conn.execute("SELECT COUNT(*) FROM assignments").fetchone() == before
     assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "99"
@@ -772,6 +772,8 @@ def filled_store(url):
     store.submit_ranking("alice", "task-0", order_ranks(tasks[0], [2, 0, 1]), request_id="r1", seconds=3.5)
     store.submit_ranking("alice", "task-0", order_ranks(tasks[0], [0, 1, 2]), request_id="r2", seconds=1)
     store.skip_task("sim-1", "task-1", reason="ünïcode <b>")
+    store.set_gold("task-4", order_ranks(tasks[4], [1, 0, 2]), source=None)
+    store.resolve("task-0", order_ranks(tasks[0], [1, 2, 0]), "alice")
     store.next_task("sim-1", 2)
     store.add_session("hash", "alice", now[0], now[0] + 60)
     return store
@@ -788,20 +790,21 @@ def test_copy_carries_everything_both_ways_and_verifies_it(store, db_url, tmp_pa
     with open_store(there) as target:
         report = copy_store(source, target)
         assert report.counts == {"tasks": 5, "completions": 15, "annotators": 3, "rankings": 1, "skips": 1,
-                                 "assignments": 1, "events": 3}
+                                 "assignments": 1, "resolutions": 1, "events": 4}
+        assert target.gold_answers() == source.gold_answers() and target.resolutions() == source.resolutions()
         assert target.export_rankings() == source.export_rankings() and target.events() == source.events()
         assert target.accounts() == source.accounts() and target.assignments() == source.assignments()
         assert target.history("sim-1") == source.history("sim-1")
         assert target.row_counts()["sessions"] == 0  # everyone signs in again
         # ids go on after the copied ones
         target.submit_ranking("sim-1", "task-2", order_ranks(source.get_task("task-2"), [0, 1, 2]))
-        assert [e["id"] for e in target.events()] == [1, 2, 3, 4]
+        assert [e["id"] for e in target.events()] == [1, 2, 3, 4, 5]
         target.import_tasks(make_tasks(1, prefix="new"))
         assert target.history("sim-1")[0].task_id == "task-2"
     back = tmp_path / "back.db"
     with open_store(there) as middle, open_store(back) as again:
         again_report = copy_store(middle, again)
-        assert again_report.counts["events"] == 4 and again.export_rankings() == middle.export_rankings()
+        assert again_report.counts["events"] == 5 and again.export_rankings() == middle.export_rankings()
     source.close()
 
 

@@ -130,6 +130,15 @@ _MIGRATIONS = {
         "CREATE INDEX login_failures_by_time ON login_failures(last_at)",
     ),
     5: GOLD_COLUMNS,
+    6: (
+        """CREATE TABLE resolutions (
+            task_id TEXT PRIMARY KEY REFERENCES tasks(id),
+            ranks TEXT NOT NULL,
+            resolved_by TEXT NOT NULL,
+            resolved_at DOUBLE PRECISION NOT NULL)""",
+        "ALTER TABLE events DROP CONSTRAINT events_kind_check",
+        "ALTER TABLE events ADD CONSTRAINT events_kind_check CHECK (kind IN ('submit', 'edit', 'skip', 'resolve'))",
+    ),
 }
 
 

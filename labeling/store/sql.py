@@ -58,11 +58,12 @@ from rlhf.errors import UserError
 from rlhf.pairs import proposal_moves
 from rlhf.records import Completion, RankedTask, Ranking, Task, decode_prompt, encode_prompt, is_text, last_user_turn
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """1: tasks, completions, annotators, rankings, skips, events. 2: + assignments. 3: + sessions; annotators gain
 a role and a disabled flag; tasks count their rankings (`ranking_count`, kept by `submit_ranking`). 4: +
 login_failures (failed sign-ins per account and per address, shared by every app server on the database). 5: tasks
-gain `gold` (a known answer: JSON ranks) and `gold_from` (the annotator whose ranking it was, if any)."""
+gain `gold` (a known answer: JSON ranks) and `gold_from` (the annotator whose ranking it was, if any). 6: +
+resolutions (an admin's resolved ranking of a task); events gain the kind 'resolve'."""
 ROLES = ("annotator", "admin")
 MAX_REQUEST_ID_LENGTH = 128
 MAX_REASON_LENGTH = 500
@@ -177,6 +178,8 @@ COPIED_TABLES = (
                 {"created_at": float}),
     CopiedTable("assignments", ("annotator", "task_id", "overlap", "assigned_at", "expires_at"), "annotator, task_id",
                 {"assigned_at": float, "expires_at": float}),
+    CopiedTable("resolutions", ("task_id", "ranks", "resolved_by", "resolved_at"), "task_id",
+                {"resolved_at": float}),
     CopiedTable("events", ("id", "at", "annotator", "task_id", "kind", "payload", "request_id"), "id", {"at": float}),
 )
 """Everything a label store holds, in an order that satisfies the foreign keys. Sign-in sessions and failed
@@ -856,6 +859,41 @@ class SQLLabelStore:
     def _log(self, tx: Statements, at, annotator, task_id, kind, payload, request_id) -> None:
         tx.execute("INSERT INTO events (at, annotator, task_id, kind, payload, request_id) VALUES (?, ?, ?, ?, ?, ?)",
                    (at, annotator, task_id, kind, json.dumps(payload, ensure_ascii=False), request_id))
+
+    # --- review (admin)
+
+    def resolve(self, task_id: str, ranks: Mapping[str, int] | None, admin: str) -> dict[str, int] | None:
+        """ADMIN: set the resolved ranking of a task (what `rlhf export --resolve review` turns into its pairs), or
+        remove it (ranks None); logged as a 'resolve' event by `admin` with the previous resolution. Returns the
+        stored (dense) ranks. InvalidRanking / UnknownTask / UnknownAnnotator; nothing is stored on error."""
+        _check_task_id(task_id)
+        with self._write() as tx:
+            self._require_annotator(tx, admin)
+            if not self._lock_task(tx, task_id):
+                raise UnknownTask(f"unknown task {task_id!r}")
+            ids = [r[0] for r in tx.all("SELECT id FROM completions WHERE task_id = ? ORDER BY position", (task_id,))]
+            dense = None
+            if ranks is not None:
+                try:
+                    dense = Ranking.normalized(ranks, ids)
+                except (ValueError, TypeError) as exc:
+                    raise InvalidRanking(str(exc)) from None
+            previous = tx.value("SELECT ranks FROM resolutions WHERE task_id = ?", (task_id,))
+            now = self._clock()
+            tx.execute("DELETE FROM resolutions WHERE task_id = ?", (task_id,))
+            if dense is not None:
+                tx.execute("INSERT INTO resolutions (task_id, ranks, resolved_by, resolved_at) VALUES (?, ?, ?, ?)",
+                           (task_id, json.dumps(dense, ensure_ascii=False), admin, now))
+            self._log(tx, now, admin, task_id, "resolve",
+                      {"ranks": dense, "previous": None if previous is None else json.loads(previous)}, None)
+        return dense
+
+    def resolutions(self) -> dict[str, tuple[dict[str, int], str, float]]:
+        """ADMIN/CLI ONLY: {task id: (resolved ranks, the admin, when)}, in task import order."""
+        with self._read() as tx:
+            return {task_id: (json.loads(ranks), admin, float(at)) for task_id, ranks, admin, at in tx.all(
+                "SELECT r.task_id, r.ranks, r.resolved_by, r.resolved_at FROM resolutions r"
+                " JOIN tasks t ON t.id = r.task_id ORDER BY t.seq")}
 
     # --- an annotator's own work (handler-facing)
 

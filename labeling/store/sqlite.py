@@ -108,6 +108,34 @@ _MIGRATIONS = {
         "CREATE INDEX login_failures_by_time ON login_failures(last_at)",
     ),
     5: GOLD_COLUMNS,
+    6: (
+        # A resolved ranking per task, set by an admin in review; the event log gains its 'resolve' kind (SQLite
+        # cannot change a CHECK constraint: the table is copied into one with the new constraint).
+        """CREATE TABLE resolutions (
+            task_id TEXT PRIMARY KEY REFERENCES tasks(id),
+            ranks TEXT NOT NULL,                        -- JSON {completion_id: dense rank}
+            resolved_by TEXT NOT NULL,                  -- the admin
+            resolved_at REAL NOT NULL)""",
+        """CREATE TABLE events_6 (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            annotator TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('submit', 'edit', 'skip', 'resolve')),
+            payload TEXT NOT NULL,
+            request_id TEXT)""",
+        "INSERT INTO events_6 (id, at, annotator, task_id, kind, payload, request_id)"
+        " SELECT id, at, annotator, task_id, kind, payload, request_id FROM events ORDER BY id",
+        "DROP TRIGGER events_append_only_update",
+        "DROP TRIGGER events_append_only_delete",
+        "DROP TABLE events",
+        "ALTER TABLE events_6 RENAME TO events",
+        "CREATE UNIQUE INDEX events_by_request ON events(annotator, request_id) WHERE request_id IS NOT NULL",
+        """CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
+            BEGIN SELECT RAISE(ABORT, 'events are append-only'); END""",
+        """CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
+            BEGIN SELECT RAISE(ABORT, 'events are append-only'); END""",
+    ),
 }
 
 
