@@ -144,23 +144,49 @@ def ranking_text(ranks: dict[str, int], labels: dict[str, str]) -> str:
     return " > ".join(" = ".join(sorted(groups[r])) for r in sorted(groups))
 
 
+def parse_ranking_text(text: Any, labels: dict[str, str]) -> dict[str, int]:
+    """The ranking an admin typed as labels, best first, ties joined ("B > A = C"; labels: completion id ->
+    label), as {completion id: rank}; RequestError naming the problem otherwise (every label exactly once)."""
+    if not isinstance(text, str) or not text.strip():
+        raise handlers.RequestError("type the ranking as labels, best first: B > A = C")
+    ids = {label.upper(): cid for cid, label in labels.items()}
+    ranks: dict[str, int] = {}
+    for rank, group in enumerate(text.split(">"), start=1):
+        for label in group.split("="):
+            label = label.strip().upper()
+            if label not in ids:
+                raise handlers.RequestError(f"no completion is labelled {label[:20]!r} "
+                                            f"(the labels: {', '.join(sorted(ids))})")
+            if ids[label] in ranks:
+                raise handlers.RequestError(f"{label} appears twice")
+            ranks[ids[label]] = rank
+    missing = sorted(label for label, cid in ids.items() if cid not in ranks)
+    if missing:
+        raise handlers.RequestError(f"rank every completion ({', '.join(missing)} missing)")
+    return ranks
+
+
 def admin_tables(store: SQLLabelStore, settings: AppSettings) -> dict:
     """What the admin view shows: the annotators table of `rlhf stats --by annotator` (every column it has: gold
-    accuracy, flagged under the server's gold threshold, ...), and the tasks ranked by two or more annotators
-    whose rankings agree least (pairwise agreement, then Kendall's tau)."""
-    from labeling.stats import annotator_table, stats_tables
+    accuracy, flagged under the server's gold threshold, ...), and the review queue: the tasks whose rankings
+    disagree most (`labeling.stats.review_queue`), with who resolved them."""
+    import pandas as pd
 
-    tasks = stats_tables(store, settings.overlap)["tasks"]
-    disagreed = (tasks[tasks["rankings"] >= 2]
-                 .sort_values(["pairwise_agreement", "mean_kendall_tau"], na_position="last", kind="stable")
-                 .head(DISAGREED_ROWS).reset_index(drop=True))
+    from labeling.stats import annotator_table, review_queue
+
+    disagreed = pd.DataFrame([{"task_id": item["task_id"], "rankings": len(item["rankings"]),
+                               "annotators": ", ".join(r["annotator"] for r in item["rankings"]),
+                               "agreement": item["agreement"],
+                               "resolved_by": item["resolved"]["by"] if item["resolved"] else ""}
+                              for item in review_queue(store, DISAGREED_ROWS)],
+                             columns=["task_id", "rankings", "annotators", "agreement", "resolved_by"])
     return {"annotators": annotator_table(store, settings.gold_threshold).round(3), "disagreed": disagreed.round(3)}
 
 
 def review_table(store: SQLLabelStore, task_id: str):
     """One task's rankings for review: its completions labelled A, B, ... in their stored order (with the
-    start of their text), each annotator's ranking in those labels, and its gold answer as a line ("" if it
-    is no gold question)."""
+    start of their text), each annotator's ranking in those labels, and a line saying its gold answer and its
+    resolved ranking, if it has them."""
     import pandas as pd
 
     task = store.get_task(task_id)
@@ -171,9 +197,12 @@ def review_table(store: SQLLabelStore, task_id: str):
                              for r in store.export_rankings() if r.task_id == task_id],
                             columns=["annotator", "ranking"])
     gold = store.gold_answers().get(task_id)
-    gold_line = "" if gold is None else (f"Gold question: {ranking_text(gold[0], labels)}"
-                                         + (f" (the ranking of {gold[1]})" if gold[1] else ""))
-    return legend, rankings, gold_line
+    resolved = store.resolutions().get(task_id)
+    notes = ["Not a gold question." if gold is None else f"Gold question: {ranking_text(gold[0], labels)}"
+             + (f" (the ranking of {gold[1]})." if gold[1] else "."),
+             "Not resolved." if resolved is None
+             else f"Resolved: {ranking_text(resolved[0], labels)} (by {resolved[1]})."]
+    return legend, rankings, " ".join(notes)
 
 
 def _preview(text: str, limit: int = 120) -> str:
@@ -266,13 +295,21 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
                                              elem_id="admin-review-legend", visible=False)
                 review_rankings = gr.Dataframe(label="Its rankings", interactive=False, wrap=True,
                                                elem_id="admin-review-rankings", visible=False)
-            # Gold questions: one annotator's ranking of the task becomes its known answer (or it stops being one).
-            with gr.Row(visible=False, equal_height=True) as gold_row:
-                gold_from = gr.Dropdown(choices=[], value=None, label="Make it a gold question: the answer is the "
-                                        "ranking of", interactive=True, elem_id="admin-gold-from", scale=3)
-                make_gold = gr.Button("Make gold", size="sm", scale=1, elem_id="admin-make-gold")
-                drop_gold = gr.Button("No longer gold", size="sm", scale=1, elem_id="admin-drop-gold")
-            gold_status = gr.Textbox(show_label=False, interactive=False, visible=False, elem_id="admin-gold-status")
+            with gr.Column(visible=False) as review_controls:
+                # The resolved ranking (what `rlhf export --resolve review` takes), typed as labels.
+                with gr.Row(equal_height=True):
+                    resolve_text = gr.Textbox(label="Resolved ranking: the labels, best first (B > A = C)",
+                                              max_length=200, elem_id="admin-resolve-text", scale=3)
+                    resolve = gr.Button("Resolve", size="sm", scale=1, elem_id="admin-resolve")
+                    unresolve = gr.Button("Remove the resolution", size="sm", scale=1, elem_id="admin-unresolve")
+                # Gold questions: one annotator's ranking of the task becomes its known answer (or it stops being one).
+                with gr.Row(equal_height=True):
+                    gold_from = gr.Dropdown(choices=[], value=None, label="Make it a gold question: the answer is "
+                                            "the ranking of", interactive=True, elem_id="admin-gold-from", scale=3)
+                    make_gold = gr.Button("Make gold", size="sm", scale=1, elem_id="admin-make-gold")
+                    drop_gold = gr.Button("No longer gold", size="sm", scale=1, elem_id="admin-drop-gold")
+            review_status = gr.Textbox(show_label=False, interactive=False, visible=False,
+                                       elem_id="admin-review-status")
             refresh_admin = gr.Button("Refresh", size="sm", elem_id="admin-refresh")
 
         def admin_outputs(annotator: str, reviewing: str | None = None):
@@ -296,7 +333,7 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
             return admin_outputs(request.username, reviewing if isinstance(reviewing, str) else None)
 
         def review_outputs(task_id, note: str = ""):
-            hidden = (gr.Dataframe(visible=False), gr.Dataframe(visible=False), gr.Row(visible=False),
+            hidden = (gr.Dataframe(visible=False), gr.Dataframe(visible=False), gr.Column(visible=False),
                       gr.Dropdown(choices=[], value=None), gr.Textbox(visible=bool(note), value=note))
             if not task_id or not isinstance(task_id, str):  # (a page's input is whatever the browser sent)
                 return hidden
@@ -304,8 +341,8 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
                 legend, rankings, gold_line = review_table(store, task_id)
             except UserError as exc:
                 return (*hidden[:4], gr.Textbox(visible=True, value=str(exc)))
-            status = " ".join(filter(None, [note, gold_line or "Not a gold question."]))
-            return (gr.Dataframe(legend, visible=True), gr.Dataframe(rankings, visible=True), gr.Row(visible=True),
+            status = " ".join(filter(None, [note, gold_line]))
+            return (gr.Dataframe(legend, visible=True), gr.Dataframe(rankings, visible=True), gr.Column(visible=True),
                     gr.Dropdown(choices=list(rankings["annotator"]), value=None),
                     gr.Textbox(visible=True, value=status))
 
@@ -331,6 +368,24 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
         def on_drop_gold(task_id, request: gr.Request):
             return on_gold(task_id, None, request)
 
+        def on_resolve(task_id, text, request: gr.Request):
+            try:  # the handler checks the admin role and the ranking against the task
+                if text is None:  # "Remove the resolution"
+                    ranks = None
+                else:
+                    task = store.get_task(task_id) if isinstance(task_id, str) and task_id else None
+                    if task is None:
+                        raise handlers.RequestError("pick a task first")
+                    ranks = parse_ranking_text(text, {c.id: handlers.completion_label(i)
+                                                      for i, c in enumerate(task.completions)})
+                handlers.resolve_task(store, request.username, settings, {"task_id": task_id, "ranks": ranks})
+            except UserError as exc:
+                return (*review_outputs(task_id)[:4], gr.Textbox(visible=True, value=str(exc)))
+            return review_outputs(task_id, "Saved.")
+
+        def on_unresolve(task_id, request: gr.Request):
+            return on_resolve(task_id, None, request)
+
         def after_answer(annotator: str, value: str, progress: dict | None):
             if progress is None:  # refused: only the widget changes
                 return value, gr.skip(), gr.skip()
@@ -346,6 +401,9 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
         def on_back(request: gr.Request):
             return ui.next_view(request.username)[0]
 
+        def on_reopen(evt: gr.EventData, request: gr.Request):  # "Undo the last answer": open it again
+            return ui.open(request.username, _task_id_of(evt._data))
+
         def on_open(task_id, request: gr.Request):
             return ui.open(request.username, task_id), gr.Dropdown(value=None)
 
@@ -356,13 +414,16 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
                                     admin_disagreed, review_pick], **events)
         refresh_admin.click(on_admin_refresh, inputs=[review_pick], outputs=[admin_annotators, admin_disagreed,
                                                                              review_pick], **events)
-        review_outputs_list = [review_legend, review_rankings, gold_row, gold_from, gold_status]
+        review_outputs_list = [review_legend, review_rankings, review_controls, gold_from, review_status]
         review_pick.input(on_review, inputs=[review_pick], outputs=review_outputs_list, **events)
         make_gold.click(on_make_gold, inputs=[review_pick, gold_from], outputs=review_outputs_list, **events)
         drop_gold.click(on_drop_gold, inputs=[review_pick], outputs=review_outputs_list, **events)
+        resolve.click(on_resolve, inputs=[review_pick, resolve_text], outputs=review_outputs_list, **events)
+        unresolve.click(on_unresolve, inputs=[review_pick], outputs=review_outputs_list, **events)
         ranker.submit(on_submit, outputs=[ranker, topbar, history], **events)
         ranker.skip(on_skip, outputs=[ranker, topbar, history], **events)
         ranker.back(on_back, outputs=[ranker], **events)
+        ranker.reopen(on_reopen, outputs=[ranker], **events)
         history.input(on_open, inputs=[history], outputs=[ranker, history], **events)
         refresh_stats.click(on_stats, outputs=[stats_text], **events)
     return demo

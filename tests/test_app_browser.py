@@ -841,14 +841,33 @@ def test_the_admin_view_shows_annotators_and_the_most_disagreed_tasks(review_ser
             assert table_rows(page, "#admin-review-rankings") == [["ann1", "A > B > C"], ["ann2", "A > C > B"]]
             assert [row[2] for row in table_rows(page, "#admin-review-legend")] == [
                 f"{EVIL_ID} answer {i}" for i in range(3)]
-            expect(page.locator("#admin-gold-status textarea")).to_have_value("Not a gold question.")
+            expect(page.locator("#admin-review-status textarea")).to_have_value("Not a gold question. Not resolved.")
+
+            # A resolved ranking, typed as labels (a wrong one is refused with a reason, nothing stored).
+            page.fill("#admin-resolve-text textarea", "C > A > D")
+            page.click("#admin-resolve")
+            expect(page.locator("#admin-review-status textarea")).to_have_value(
+                "no completion is labelled 'D' (the labels: A, B, C)")
+            assert store.resolutions() == {}
+            page.fill("#admin-resolve-text textarea", "C > a = B")
+            page.click("#admin-resolve")
+            expect(page.locator("#admin-review-status textarea")).to_have_value(
+                "Saved. Not a gold question. Resolved: C > A = B (by carol).")
+            assert store.resolutions()[EVIL_ID][:2] == (
+                {f"{EVIL_ID}-2": 1, f"{EVIL_ID}-0": 2, f"{EVIL_ID}-1": 2}, "carol")
+            page.click("#admin-refresh")
+            expect(page.locator("#admin-disagreed")).to_contain_text("carol")
+            page.click("#admin-unresolve")
+            expect(page.locator("#admin-review-status textarea")).to_have_value(
+                "Saved. Not a gold question. Not resolved.")
+            assert store.resolutions() == {}
 
             # ann1's ranking becomes the task's gold answer: ann2 (one pair of three the other way) is flagged.
             page.locator("#admin-gold-from input").click()
             page.locator("ul[role=listbox] li[role=option]", has_text="ann1").click()
             page.click("#admin-make-gold")
-            expect(page.locator("#admin-gold-status textarea")).to_have_value(
-                "Saved. Gold question: A > B > C (the ranking of ann1)")
+            expect(page.locator("#admin-review-status textarea")).to_have_value(
+                "Saved. Gold question: A > B > C (the ranking of ann1). Not resolved.")
             page.click("#admin-refresh")
             columns = page.eval_on_selector_all("#admin-annotators [role=columnheader]",
                                                 "cells => cells.map((c) => c.innerText.trim())")
@@ -860,7 +879,8 @@ def test_the_admin_view_shows_annotators_and_the_most_disagreed_tasks(review_ser
             assert store.gold_answers()[EVIL_ID] == ({f"{EVIL_ID}-0": 1, f"{EVIL_ID}-1": 2, f"{EVIL_ID}-2": 3},
                                                      "ann1")
             page.click("#admin-drop-gold")
-            expect(page.locator("#admin-gold-status textarea")).to_have_value("Saved. Not a gold question.")
+            expect(page.locator("#admin-review-status textarea")).to_have_value(
+                "Saved. Not a gold question. Not resolved.")
             assert store.gold_answers() == {}
             assert page.locator("#admin img, #admin script").count() == 0
             assert page.evaluate("typeof window.__pwned") == "undefined"
@@ -933,3 +953,58 @@ def test_a_half_ranked_task_comes_back_after_a_reload_and_a_new_sign_in(team_ser
         finally:
             browser.close()
     assert store.get_own_ranking("alice", first).ranks == {ids[1]: 1, ids[0]: 2, ids[2]: 3}
+
+
+def test_undo_the_last_submit_and_the_last_skip(team_server):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, store = team_server
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(20_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            sign_in(page, url)
+            undo = page.locator(".rk-undo-answer")
+            expect(undo).to_be_hidden()
+            first = page.locator(".rk-task-id").text_content()
+            ids = shown_ids(page)
+            for key in ("1", "2", "3", "Enter"):
+                page.keyboard.press(key)
+            expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+            expect(page.locator(".rk-task-id")).not_to_have_text(first)
+            # Undo: the task opens again with the stored ranking; changed and submitted, it is an edit.
+            undo.click()
+            expect(page.locator(".rk-task-id")).to_have_text(first)
+            expect(page.locator(".rk-banner")).to_be_visible()
+            assert badges(page) == ["rank 1", "rank 2", "rank 3"]
+            expect(undo).to_be_hidden()
+            for key in ("Escape", "3", "2", "1", "Enter"):
+                page.keyboard.press(key)
+            expect(page.locator(".rk-toast")).to_have_text("Ranking updated.")
+            second = page.locator(".rk-task-id").text_content()
+            assert second != first
+
+            # Undo a skip: the skipped task opens again and can be ranked after all.
+            page.keyboard.press("s")
+            page.keyboard.press("Enter")
+            expect(page.locator(".rk-toast")).to_have_text("Task skipped.")
+            expect(page.locator(".rk-task-id")).not_to_have_text(second)
+            undo.click()
+            expect(page.locator(".rk-task-id")).to_have_text(second)
+            second_ids = shown_ids(page)
+            for key in ("2", "1", "3", "Enter"):
+                page.keyboard.press(key)
+            expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+            # The offer lasts a short while only.
+            expect(undo).to_be_visible()
+            expect(undo).to_be_hidden(timeout=15_000)
+            assert errors == []
+        finally:
+            browser.close()
+    assert [(e["kind"], e["task_id"]) for e in store.events()] == [
+        ("submit", first), ("edit", first), ("skip", second), ("submit", second)]
+    assert store.get_own_ranking("alice", first).ranks == {ids[2]: 1, ids[1]: 2, ids[0]: 3}
+    assert store.get_own_ranking("alice", second).ranks == {second_ids[1]: 1, second_ids[0]: 2, second_ids[2]: 3}

@@ -4,6 +4,7 @@ for the sign-in page, the API and Gradio; Gradio refuses every request without o
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -282,16 +283,36 @@ def test_admin_view_lists_the_most_disagreed_tasks_first(store):
     # evil: alice and bob reversed (0 of 3 pairs agree); t1: 1 of 3 annotator pairs agree.
     disagreed = tables["disagreed"]
     assert list(disagreed["task_id"]) == ["evil", "t1"]
-    assert list(disagreed["pairwise_agreement"]) == [0.0, round(1 / 3, 3)]
+    assert list(disagreed["agreement"]) == [0.0, round(1 / 3, 3)]
+    assert list(disagreed["annotators"]) == ["alice, bob", "alice, bob, carl"]
     legend, rankings, gold = review_table(store, "evil")
     assert list(legend["label"]) == ["A", "B", "C"] and list(legend["completion"]) == ["e0", "e1", "e2"]
     assert legend["text"][0] == HOSTILE[0]  # as text, exactly
     assert rankings.to_dict("records") == [{"annotator": "alice", "ranking": "A > B > C"},
                                            {"annotator": "bob", "ranking": "C > B > A"}]
-    assert gold == ""
+    assert gold == "Not a gold question. Not resolved."
+    store.resolve("evil", {"e0": 2, "e1": 1, "e2": 2}, "alice")  # an admin's resolution
+    assert review_table(store, "evil")[2] == "Not a gold question. Resolved: B > A = C (by alice)."
+    assert list(admin_tables(store, SETTINGS)["disagreed"]["resolved_by"]) == ["alice", ""]
     # alice's ranking becomes the gold answer: bob, who reversed it, has gold accuracy 0 and is flagged.
     store.set_gold("evil", {"e0": 1, "e1": 2, "e2": 3}, source="alice")
-    assert review_table(store, "evil")[2] == "Gold question: A > B > C (the ranking of alice)"
+    assert review_table(store, "evil")[2] == ("Gold question: A > B > C (the ranking of alice). "
+                                              "Resolved: B > A = C (by alice).")
     annotators = admin_tables(store, SETTINGS)["annotators"].set_index("annotator")
     assert annotators.loc["bob", "gold_tasks"] == 1 and annotators.loc["bob", "gold_accuracy"] == 0.0
     assert bool(annotators.loc["bob", "flagged"]) and annotators.loc["alice", "gold_tasks"] == 0
+
+
+def test_an_admin_types_a_ranking_as_labels():
+    from labeling.gradio_ui import parse_ranking_text
+    from labeling.handlers import RequestError
+
+    labels = {"x": "A", "y": "B", "z": "C"}
+    assert parse_ranking_text("B > a = C", labels) == {"y": 1, "x": 2, "z": 2}
+    assert parse_ranking_text(" C>B>A ", labels) == {"z": 1, "y": 2, "x": 3}
+    for text, error in [("", "type the ranking as labels"), (None, "type the ranking as labels"),
+                        ("A > B", "rank every completion (C missing)"), ("A > B > C > A", "A appears twice"),
+                        ("A > B > D", "no completion is labelled 'D' (the labels: A, B, C)"),
+                        ("A >> B > C", "no completion is labelled ''")]:
+        with pytest.raises(RequestError, match=re.escape(error)):
+            parse_ranking_text(text, labels)

@@ -53,6 +53,31 @@ function toast(message) {
 
 function showError(message) { q("rk-error").textContent = message || ""; }
 
+// Undo of the last submit or skip, for a short while: the task opens again with the stored answer, to be
+// changed (an edit, in the event log) or, after a skip, ranked after all.
+const UNDO_MS = 10000;
+let undoTimer = null;
+let undoTask = null;
+function offerUndo(taskId) {
+  undoTask = taskId;
+  q("rk-undo-answer").hidden = false;
+  clearTimeout(undoTimer);
+  undoTimer = setTimeout(withdrawUndo, UNDO_MS);
+}
+
+function withdrawUndo() {
+  clearTimeout(undoTimer);
+  undoTask = null;
+  q("rk-undo-answer").hidden = true;
+}
+
+function undoAnswer() {
+  if (!undoTask || state.busy) return;
+  const taskId = undoTask;
+  withdrawUndo();
+  send("reopen", { task_id: taskId });
+}
+
 let view = "loading";
 function showView(name) {
   view = name;
@@ -127,6 +152,7 @@ function receive(raw) {
   }
   if (answered) drafts.remove(answered); // stored (or refused for good): the draft has served
   if (answer.notice) toast(answer.notice);
+  if (answered && answer.notice) offerUndo(answered); else withdrawUndo();
   if (answer.error) showError(answer.error);
   if (!answer.task) {
     state.task = null;
@@ -701,6 +727,7 @@ narrowMargins();
 
 q("rk-submit").addEventListener("click", submit);
 q("rk-bar-submit").addEventListener("click", submit);
+q("rk-undo-answer").addEventListener("click", undoAnswer);
 q("rk-bar-skip").addEventListener("click", skip);
 for (const name of ["rk-tie-button", "rk-bar-tie"]) q(name).addEventListener("click", toggleTie);
 q("rk-undo").addEventListener("click", undo);
