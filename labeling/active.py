@@ -139,12 +139,19 @@ class ActiveQueue:
         rewards = self.proposal_rewards.get(task_id)
         return proposed_ranks(rewards) if rewards else None
 
-    def next_task(self, store: SQLLabelStore, annotator: str, overlap: int, *, max_held: int = MAX_HELD) -> Task | None:
+    def next_task(self, store: SQLLabelStore, annotator: str, overlap: int, *, max_held: int = MAX_HELD,
+                  gold_rate: float = 0.0) -> Task | None:
         """The next task for this annotator in this queue's order, assigned to them; as `store.next_task`: their
         own open assignment first, never a task they ranked or skipped, only a task with a free place. When
-        the ordered tasks are done, the store's own queue serves the rest."""
+        the ordered tasks are done, the store's own queue serves the rest. Gold questions are not in this order:
+        the store serves them at `gold_rate` (`SQLLabelStore.next_task`), among the ordered tasks too."""
         if not self._ranked:
-            return store.next_task(annotator, overlap, max_held=max_held)
+            return store.next_task(annotator, overlap, max_held=max_held, gold_rate=gold_rate)
+        gold = store.gold_answers()
+        if gold and gold_rate > 0 and store.gold_draw() < gold_rate:
+            served = store.next_task(annotator, overlap, max_held=max_held, gold_rate=1.0)
+            if served is not None and served.id in gold:
+                return served
         done = {item.task_id for item in store.history(annotator)}  # ranked or skipped by them
         counts = Counter(r.task_id for r in store.export_rankings())
         now, held, mine = self.clock(), Counter(), []
@@ -154,11 +161,11 @@ class ActiveQueue:
             elif a.expires_at > now:
                 held[a.task_id] += 1
         for task_id in [*mine, *self._ranked]:
-            if task_id in done or counts[task_id] + held[task_id] >= overlap:
+            if task_id in done or task_id in gold or counts[task_id] + held[task_id] >= overlap:
                 continue
             if store.assign_task(annotator, task_id, overlap, max_held=max_held):  # checked again, atomically
                 return store.task_for(annotator, task_id)
-        return store.next_task(annotator, overlap, max_held=max_held)
+        return store.next_task(annotator, overlap, max_held=max_held, gold_rate=gold_rate)
 
 
 # ---- scoring with a reward model ----

@@ -143,9 +143,9 @@ def next_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings
     """The next task of this annotator's queue (None when it is empty) and their progress."""
     annotator = _signed_in(annotator)
     active = settings.active
-    task = (active.next_task(store, annotator, settings.overlap, max_held=settings.max_held) if active is not None
-            else store.next_task(annotator, settings.overlap, max_held=settings.max_held,
-                                 gold_rate=settings.gold_rate))
+    options = {"max_held": settings.max_held, "gold_rate": settings.gold_rate}
+    task = (active.next_task(store, annotator, settings.overlap, **options) if active is not None
+            else store.next_task(annotator, settings.overlap, **options))
     result = {"task": None if task is None else task_view(task), "progress": progress(store, annotator, settings)}
     # "N left for you" (the served task included): counted here only, where the queue is read anyway.
     result["progress"]["left"] = 0 if task is None else store.remaining(annotator, settings.overlap)

@@ -280,3 +280,20 @@ def test_review_routes_are_for_admins(store):
         assert client.post("/api/admin/review", json={"task_id": "task-0"}).status_code == 400
         assert client.post("/api/admin/review", json={"task_id": "nope", "ranks": None}).status_code == 404
     assert store.resolutions()["task-0"][:2] == ({"task-0-0": 2, "task-0-1": 1}, "alice")
+
+
+def test_an_active_order_serves_gold_questions_only_at_the_rate(store):
+    from labeling.active import ActiveQueue
+
+    tasks = make_tasks(4, k=2)
+    store.import_tasks(tasks, gold={"task-0": gold_of(tasks[0], [1, 0])})
+    store.add_annotator("a")
+    queue = ActiveQueue("random", seed=0, task_ids=store.task_ids())
+    served = []
+    while (task := queue.next_task(store, "a", 1, gold_rate=0.0)) is not None:
+        store.submit_ranking("a", task.id, order_ranks(task, [0, 1]), require_assignment=True)
+        served.append(task.id)
+    assert sorted(served) == ["task-1", "task-2", "task-3"]  # the gold question is not in the order
+    store.add_annotator("b")
+    store.gold_draw = lambda: 0.0
+    assert queue.next_task(store, "b", 2, gold_rate=0.5).id == "task-0"  # at the draw: the gold question
