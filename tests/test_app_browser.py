@@ -540,6 +540,7 @@ def test_a_phone_ranks_with_taps_and_the_action_bar(team_server):
             # The guidelines first, in view; then the task. A reload does not show them again (read).
             expect(page.locator("#guide-panel")).to_be_visible(timeout=30_000)
             assert in_view(page, "#guide-ok")
+            expect(page.locator("#guide-changed")).to_be_hidden()  # (read for the first time)
             expect(page.locator(".rk-layout")).to_be_hidden()
             expect(page.locator(".rk-bar")).to_be_hidden()
             page.locator("#guide-ok").tap()
@@ -547,6 +548,14 @@ def test_a_phone_ranks_with_taps_and_the_action_bar(team_server):
             page.reload()
             expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)
             expect(page.locator("#guide-panel")).to_be_hidden()
+            # Guidelines other than the version read (as after the owner changed the file): shown again, saying so.
+            page.evaluate("localStorage.setItem('rlhf-label-guidelines-read', 'an older version')")
+            page.reload()
+            expect(page.locator("#guide-panel")).to_be_visible(timeout=30_000)
+            expect(page.locator("#guide-changed")).to_have_text("The guidelines changed since you last read them.")
+            expect(page.locator(".rk-layout")).to_be_hidden()
+            page.locator("#guide-ok").tap()
+            expect(page.locator(".rk-layout")).to_be_visible()
             expect(page.locator("#left")).to_have_text("3 left for you")
 
             # No keyboard hints on a touch screen.
