@@ -168,6 +168,8 @@ def main() -> None:
                                          seconds=7.0 + 3 * len(name + tid) % 11)
             # A gold question: its answer is known (here ann1's ranking), and ann2 is scored against it.
             store.set_gold("haiku-rain", {"haiku-rain-0": 1, "haiku-rain-1": 3, "haiku-rain-2": 2}, source="ann1")
+            # A disagreement an admin has resolved.
+            store.resolve("capital-fr", {"capital-fr-0": 2, "capital-fr-1": 3, "capital-fr-2": 1}, "carol")
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "label", "--db", str(db), "--port", "0",
                                  "--admin", "carol"],
                                 stdout=subprocess.PIPE, text=True)

@@ -297,13 +297,13 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
                                                elem_id="admin-review-rankings", visible=False)
             with gr.Column(visible=False) as review_controls:
                 # The resolved ranking (what `rlhf export --resolve review` takes), typed as labels.
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=False):
                     resolve_text = gr.Textbox(label="Resolved ranking: the labels, best first (B > A = C)",
                                               max_length=200, elem_id="admin-resolve-text", scale=3)
                     resolve = gr.Button("Resolve", size="sm", scale=1, elem_id="admin-resolve")
                     unresolve = gr.Button("Remove the resolution", size="sm", scale=1, elem_id="admin-unresolve")
                 # Gold questions: one annotator's ranking of the task becomes its known answer (or it stops being one).
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=False):
                     gold_from = gr.Dropdown(choices=[], value=None, label="Make it a gold question: the answer is "
                                             "the ranking of", interactive=True, elem_id="admin-gold-from", scale=3)
                     make_gold = gr.Button("Make gold", size="sm", scale=1, elem_id="admin-make-gold")
