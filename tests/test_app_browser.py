@@ -851,6 +851,8 @@ def test_the_admin_view_shows_annotators_and_the_most_disagreed_tasks(review_ser
             assert [row[2] for row in table_rows(page, "#admin-review-legend")] == [
                 f"{EVIL_ID} answer {i}" for i in range(3)]
             expect(page.locator("#admin-review-status textarea")).to_have_value("Not a gold question. Not resolved.")
+            texts = page.evaluate(CONTRAST)  # the admin view's text is as legible as the ranker's
+            assert len(texts) > 50 and [t for t in texts if "unknown" in t or t["ratio"] < 4.5] == []
 
             # A resolved ranking, typed as labels (a wrong one is refused with a reason, nothing stored).
             page.fill("#admin-resolve-text textarea", "C > A > D")
