@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,12 +65,12 @@ def run_arm(args, oracle: str, seed: int, rounds: int) -> dict:
                      prompts_per_round=args.rankings // rounds, policy_steps=args.policy_steps // rounds,
                      rm_epochs=args.rm_epochs, eval_prompts=args.eval_prompts, max_new_tokens=args.max_new_tokens,
                      eval_every=args.eval_every, order="random", resume=(out / "loop.json").is_file())
-    started = time.time()
     rounds_done = run_loop(cfg)
     last = rounds_done[rounds]["evaluate"]["row"]
+    seconds = sum(step.get("seconds", 0) for steps in rounds_done.values() for step in steps.values())
     return {"out": str(out), "points": trajectory(out, rounds), "kl": last["kl"], "oracle": last["oracle"],
             "oracle_sft": last["oracle_sft"], "rm_acc_policy_samples": last["rm_acc_policy_samples"],
-            "seconds": round(time.time() - started)}
+            "seconds": round(seconds)}  # the steps' own times, also when an earlier invocation ran them
 
 
 def interval(diffs: list[float]) -> str:
