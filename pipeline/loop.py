@@ -500,6 +500,10 @@ class Loop:
             rows = [{**t.to_dict(), "split": "test" if t.prompt in held_out.get(round_of(t.task_id), ()) else "train"}
                     for t in store.export_ranked_tasks() if (round_of(t.task_id) or 0) <= r]
         write_jsonl(folder / "rm_data" / "rankings.jsonl", rows)
+        if not any(row["split"] == "train" for row in rows):
+            raise UserError(f"no ranking so far is of a prompt the reward model may train on ({len(rows)} rankings in "
+                            "all, their prompts held out by --rm-test-fraction; tasks whose completions all tie are "
+                            "skipped): rank more tasks a round (--prompts-per-round, --rankings-per-round)")
         out = folder / "rm"
         resume = has_checkpoint(out)
         init = rm_dir(self.out, r - 1) if self.cfg.rm_init == "previous" else None
