@@ -34,12 +34,15 @@ _nonce = itertools.count()
 
 
 def ranker_value(task: dict | None, *, own: dict | None = None, editing: bool = False, notice: str | None = None,
-                 error: str | None = None) -> str:
-    """The ranker widget's value: its view as JSON (`task` None: the queue is finished). Each value differs
-    (a counter), so the widget hears every answer, even one equal to the last. '<', '>' and '&' are
-    JSON-escaped: the value holds no markup at all, wherever it might end up."""
+                 error: str | None = None, draft: dict | None = None) -> str:
+    """The ranker widget's value: its view as JSON (`task` None: the queue is finished; `draft`: the annotator's
+    partial ranking of it kept by the server, {completion id: rank}). Each value differs (a counter), so the
+    widget hears every answer, even one equal to the last. '<', '>' and '&' are JSON-escaped: the value holds
+    no markup at all, wherever it might end up."""
     view: dict[str, Any] = {"n": next(_nonce), "task": task, "own": own, "editing": editing, "notice": notice,
                             "error": error}
+    if draft:
+        view["draft"] = draft
     return _json(view)
 
 
@@ -91,8 +94,8 @@ class LabelUI:
         proposal = result.get("proposal")  # --pre-rank: the task opens with the reward model's order set
         if proposal:
             notice = " ".join(filter(None, [notice, "The reward model's order is set: correct it, or submit it."]))
-        return (ranker_value(result["task"], own={"ranks": proposal} if proposal else None, notice=notice),
-                result["progress"])
+        return (ranker_value(result["task"], own={"ranks": proposal} if proposal else None, notice=notice,
+                             draft=result.get("draft")), result["progress"])
 
     def submit(self, annotator: str, payload: Any) -> tuple[str, dict | None]:
         """Store a ranking from the widget, then serve the next task. A refused ranking keeps the widget's work."""
@@ -118,7 +121,7 @@ class LabelUI:
         except UserError as exc:
             return refused_value(str(exc), task_id)
         own = result["own"] or ({"ranks": result["proposal"]} if result.get("proposal") else None)
-        return ranker_value(result["task"], own=own, editing=True)
+        return ranker_value(result["task"], own=own, editing=True, draft=result.get("draft"))
 
     def history(self, annotator: str) -> list[tuple[str, str]]:
         return history_choices(handlers.history(self.store, annotator, self.settings)["items"])

@@ -159,7 +159,7 @@ function receive(raw) {
     showView("done");
     return;
   }
-  openTask(answer.task, answer.own, !!answer.editing);
+  openTask(answer.task, answer.own, !!answer.editing, answer.draft);
   if (answer.error) showError(answer.error);
 }
 
@@ -169,7 +169,19 @@ function openedScroll(force) {
   if (force || top < 0 || top > window.innerHeight / 2) element.scrollIntoView({ block: "start" });
 }
 
-function openTask(task, own, editing) {
+// Ranks {completion id: rank} (1 best; a partial ranking may leave completions out) as groups, best first.
+function groupsOf(task, ranks) {
+  const byRank = new Map();
+  for (const c of task.completions) {
+    const rank = ranks[c.id];
+    if (!Number.isInteger(rank)) continue;
+    if (!byRank.has(rank)) byRank.set(rank, []);
+    byRank.get(rank).push(c.id);
+  }
+  return [...byRank.keys()].sort((a, b) => a - b).map((r) => byRank.get(r));
+}
+
+function openTask(task, own, editing, serverDraft) {
   state.task = task;
   state.editing = editing;
   state.undo = [];
@@ -178,18 +190,9 @@ function openTask(task, own, editing) {
   state.requestId = newRequestId();
   state.openedAt = performance.now();
   state.groups = [];
-  if (own && own.ranks) {
-    // Rebuild the groups from the stored ranks (dense, 1 best).
-    const byRank = new Map();
-    for (const c of task.completions) {
-      const rank = own.ranks[c.id];
-      if (!byRank.has(rank)) byRank.set(rank, []);
-      byRank.get(rank).push(c.id);
-    }
-    state.groups = [...byRank.keys()].sort((a, b) => a - b).map((r) => byRank.get(r));
-  }
+  if (own && own.ranks) state.groups = groupsOf(task, own.ranks); // the stored ranks (dense, 1 best)
   state.opened = JSON.stringify(state.groups);
-  drafts.restore(task.id);
+  drafts.restore(task.id, serverDraft && typeof serverDraft === "object" ? groupsOf(task, serverDraft) : null);
   q("rk-banner").hidden = !editing;
   q("rk-task-id").textContent = task.id;
   showPrompt(task.prompt);
@@ -207,15 +210,21 @@ function openTask(task, own, editing) {
 
 // ---------- drafts: a half-done ranking survives a reload, a sign-out and an ended session ----------
 
-// Kept in this browser's storage per annotator and task, written at every change and removed once the server
-// has answered the submit or skip. Only completion ids of the open task are taken back from it.
+// Sent to the server (POST api/draft, shortly after each change), which hands it back with the task after a
+// reload or a new sign-in, on any device, until the task is submitted or skipped. This browser's storage keeps
+// a copy per annotator and task, written at every change, for the changes the server could not take (the
+// session had ended, the network was down); it is removed once the server has answered the submit or skip.
+// Only completion ids of the open task are taken back.
 const drafts = (() => {
   const PREFIX = "rlhf-label-draft\u0000";
   const MAX_AGE_MS = 14 * 24 * 3600 * 1000;
   let annotator = null;
   let storage = null;
-  try { storage = window.localStorage; } catch (err) { /* no storage: no drafts */ }
+  try { storage = window.localStorage; } catch (err) { /* no storage: no copy in this browser */ }
   const key = (taskId) => PREFIX + annotator + "\u0000" + taskId;
+  let server = null;      // {taskId, groups}: the server's draft of the open task, until it is applied
+  let uploaded = null;    // {taskId, json}: what the server holds of the open task's draft ("[]": nothing)
+  let uploadTimer = null;
 
   function valid(groups, task) {
     const ids = new Set(task.completions.map((c) => c.id));
@@ -224,32 +233,73 @@ const drafts = (() => {
       (id) => typeof id === "string" && ids.has(id) && !seen.has(id) && seen.add(id)));
   }
 
-  function restore(taskId) {
-    if (!storage || annotator === null || !state.task || state.task.id !== taskId || state.undo.length) return;
-    let draft = null;
-    try { draft = JSON.parse(storage.getItem(key(taskId))); } catch (err) { /* unreadable: none */ }
-    if (!draft || !valid(draft.groups, state.task) || JSON.stringify(draft.groups) === state.opened) return;
+  function local(taskId) {
+    if (!storage || annotator === null) return null;
+    try { return JSON.parse(storage.getItem(key(taskId))); } catch (err) { return null; }
+  }
+
+  function keepLocal(taskId, groups, synced) {
+    if (!storage || annotator === null) return;
+    try {
+      if (groups === null) storage.removeItem(key(taskId));
+      else storage.setItem(key(taskId), JSON.stringify({ groups, at: Date.now(), synced }));
+    } catch (err) { /* storage full or refused: no copy here */ }
+  }
+
+  // The draft to take back: this browser's copy if the server never got it (its last change came after the
+  // session had ended, or while offline), else the server's.
+  function restore(taskId, serverGroups) {
+    if (serverGroups !== undefined) {
+      server = serverGroups && serverGroups.length ? { taskId, groups: serverGroups } : null;
+      uploaded = { taskId, json: JSON.stringify(server ? server.groups : []) };
+    }
+    if (!state.task || state.task.id !== taskId || state.undo.length) return;
+    const mine = local(taskId);
+    let groups = mine && !mine.synced ? mine.groups : null;
+    if (!groups && server && server.taskId === taskId) groups = server.groups;
+    if (!groups || !valid(groups, state.task) || JSON.stringify(groups) === state.opened) return;
+    server = null;
     state.undo = [JSON.parse(state.opened)]; // Undo goes back to how the task opened
-    state.groups = draft.groups;
+    state.groups = groups;
     render();
     toast("Your unsent ranking of this task is back.");
   }
 
+  function upload(taskId, groups) { // to the server, once the annotator pauses
+    clearTimeout(uploadTimer);
+    uploadTimer = setTimeout(() => {
+      if (!state.task || state.task.id !== taskId || state.sent === taskId) return; // answered meanwhile
+      const json = JSON.stringify(groups);
+      const ranks = {}; // (back to how the task opened: {} removes the draft)
+      if (json !== state.opened) groups.forEach((g, i) => g.forEach((id) => { ranks[id] = i + 1; }));
+      fetch("api/draft", { method: "POST", credentials: "same-origin",
+                           headers: { "Content-Type": "application/json" },
+                           body: JSON.stringify({ task_id: taskId, ranks }) })
+        .then((response) => {
+          if (!response.ok) return;
+          uploaded = { taskId, json: json === state.opened ? "[]" : json };
+          const mine = local(taskId);
+          if (mine && JSON.stringify(mine.groups) === json) keepLocal(taskId, groups, true);
+        })
+        .catch(() => { /* this browser keeps it */ });
+    }, 700);
+  }
+
+  // At every change: this browser's copy now, the server's shortly after.
   function save() {
-    if (!storage || annotator === null || !state.task) return;
-    const groups = JSON.stringify(state.groups);
-    try {
-      if (groups === state.opened) storage.removeItem(key(state.task.id));
-      else storage.setItem(key(state.task.id), JSON.stringify({ groups: state.groups, at: Date.now() }));
-    } catch (err) { /* storage full or refused: the draft is not kept */ }
+    if (!state.task) return;
+    const taskId = state.task.id;
+    const json = JSON.stringify(state.groups);
+    const held = uploaded && uploaded.taskId === taskId ? uploaded.json : "[]";
+    if (json !== held && !(json === state.opened && held === "[]")) upload(taskId, state.groups.map((g) => g.slice()));
+    const mine = local(taskId);
+    if (json === state.opened) keepLocal(taskId, null);
+    else if (!mine || JSON.stringify(mine.groups) !== json) keepLocal(taskId, state.groups, false);
   }
 
-  function remove(taskId) {
-    if (!storage || annotator === null) return;
-    try { storage.removeItem(key(taskId)); } catch (err) { /* nothing to remove */ }
-  }
+  function remove(taskId) { keepLocal(taskId, null); }
 
-  function prune() { // drafts of tasks never answered here: gone after two weeks
+  function prune() { // copies of tasks never answered here: gone after two weeks
     const now = Date.now();
     for (let i = storage.length - 1; i >= 0; i--) {
       const name = storage.key(i);
@@ -260,7 +310,7 @@ const drafts = (() => {
     }
   }
 
-  // Whose drafts: the signed-in annotator, from the server (the page may be shared by several people in turn).
+  // Whose copies: the signed-in annotator, from the server (the page may be shared by several people in turn).
   if (storage) {
     fetch("api/session", { credentials: "same-origin" })
       .then((response) => (response.ok ? response.json() : null))
@@ -271,7 +321,7 @@ const drafts = (() => {
         if (state.task && state.undo.length) save(); // ranked before this answer came
         else if (state.task) restore(state.task.id);
       })
-      .catch(() => { /* offline: no drafts this time */ });
+      .catch(() => { /* offline: no copy in this browser this time */ });
   }
   return { restore, save, remove };
 })();
@@ -667,7 +717,8 @@ function onKeyDown(event) {
     render();
     return;
   }
-  if (target && target.classList && target.classList.contains("rk-card") && (event.key === "Enter" || event.key === " ")) {
+  const onCard = target && target.classList && target.classList.contains("rk-card");
+  if (onCard && (event.key === "Enter" || event.key === " ")) {
     // A card reached by Tab (a clicked card gives its focus up: Enter submits).
     event.preventDefault();
     const index = state.task.completions.findIndex((c) => c.id === target.dataset.id);
