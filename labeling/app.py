@@ -269,6 +269,10 @@ def create_app(store: SQLLabelStore, settings: AppSettings, sessions: "Sessions 
     async def api_skip(request: Request):
         return await call(request, handlers.skip_task, await body_of(request))
 
+    @app.post("/api/draft")
+    async def api_draft(request: Request):
+        return await call(request, handlers.save_draft, await body_of(request))
+
     @app.get("/api/history")
     async def api_history(request: Request):
         return await call(request, handlers.history)

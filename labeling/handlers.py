@@ -151,6 +151,7 @@ def next_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings
     result["progress"]["left"] = 0 if task is None else store.remaining(annotator, settings.overlap)
     if active is not None and active.proposal_rewards:  # --pre-rank: the order the task opens with
         result["proposal"] = None if task is None else active.proposal(task.id)
+    result["draft"] = None if task is None else store.draft(annotator, task.id)
     return result
 
 
@@ -163,7 +164,8 @@ def open_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings
         raise RequestError("'id' must be a non-empty string")
     task = store.task_for(annotator, task_id)
     own = store.get_own_ranking(annotator, task_id)
-    result = {"task": task_view(task), "own": None if own is None else {"ranks": own.ranks}}
+    result = {"task": task_view(task), "own": None if own is None else {"ranks": own.ranks},
+              "draft": store.draft(annotator, task_id)}
     if own is None and settings.active is not None and settings.active.proposal_rewards:
         result["proposal"] = settings.active.proposal(task_id)
     return result
@@ -199,6 +201,19 @@ def skip_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings
         reason = reason.strip() or None
     result = store.skip_task(annotator, task_id, reason, request_id=payload.get("request_id"), require_assignment=True)
     return {"task_id": task_id, "action": result.action, "progress": progress(store, annotator, settings)}
+
+
+def save_draft(store: SQLLabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
+    """Keep the annotator's partial ranking of a task as they go, {task_id, ranks: {completion id: rank}} (ranks
+    so far; {} removes it): it comes back with the task (`next_task`, `open_task`) after a reload or a new
+    sign-in, until they submit or skip the task. Not a ranking: nothing counts or exports it."""
+    annotator = _signed_in(annotator)
+    payload = _payload(payload)
+    task_id = _task_id(payload)
+    ranks = payload.get("ranks")
+    if not isinstance(ranks, Mapping):
+        raise RequestError("'ranks' must map completion ids to ranks ({} removes the draft)")
+    return {"task_id": task_id, "draft": store.save_draft(annotator, task_id, dict(ranks))}
 
 
 def history(store: SQLLabelStore, annotator: str | None, settings: AppSettings) -> dict:

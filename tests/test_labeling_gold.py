@@ -143,13 +143,14 @@ def test_a_store_written_before_gold_questions_migrates_and_keeps_everything(db_
         store.skip_task("a", "task-1", reason="unsure")
         before = (store.export_rankings(), store.events(), store.history("a"))
     conn = raw_connection(db_url)  # the schema-3 store of the previous release
-    for statement in ("DROP TABLE resolutions", "DROP INDEX tasks_gold", "ALTER TABLE tasks DROP COLUMN gold_from",
+    for statement in ("DROP TABLE drafts", "DROP TABLE resolutions", "DROP INDEX tasks_gold",
+                      "ALTER TABLE tasks DROP COLUMN gold_from",
                       "ALTER TABLE tasks DROP COLUMN gold", "DROP TABLE login_failures",
                       "UPDATE meta SET value = '3' WHERE key = 'schema_version'"):
         conn.execute(statement)
     conn.close()
     with open_store(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 6
+        assert store.schema_version() == SCHEMA_VERSION == 7
         assert (store.export_rankings(), store.events(), store.history("a")) == before
         assert store.gold_answers() == {} and store.next_task("a", overlap=1).id == "task-2"
         store.set_gold("task-2", order_ranks(tasks[2], [0, 1]))
@@ -297,3 +298,39 @@ def test_an_active_order_serves_gold_questions_only_at_the_rate(store):
     store.add_annotator("b")
     store.gold_draw = lambda: 0.0
     assert queue.next_task(store, "b", 2, gold_rate=0.5).id == "task-0"  # at the draw: the gold question
+
+
+# ------------------------------------------------------------------------------------------- drafts
+
+def test_a_draft_comes_back_with_the_task_until_it_is_submitted_or_skipped(store):
+    from labeling import handlers
+
+    tasks = make_tasks(2, k=3)
+    store.import_tasks(tasks)
+    add_annotator(store, "alice", PASSWORD)
+    add_annotator(store, "bob", PASSWORD)
+    settings = AppSettings(overlap=2)
+    task = handlers.next_task(store, "alice", settings)["task"]
+    first, second = task["completions"][0]["id"], task["completions"][1]["id"]
+    saved = handlers.save_draft(store, "alice", settings, {"task_id": task["id"], "ranks": {first: 1}})
+    assert saved == {"task_id": task["id"], "draft": {first: 1}}
+    handlers.save_draft(store, "alice", settings, {"task_id": task["id"], "ranks": {first: 2, second: 1}})
+    again = handlers.next_task(store, "alice", settings)  # a reload, or a new sign-in: the same task and draft
+    assert again["task"]["id"] == task["id"] and again["draft"] == {first: 2, second: 1}
+    assert handlers.open_task(store, "alice", settings, task["id"])["draft"] == {first: 2, second: 1}
+    assert handlers.open_task(store, "bob", settings, task["id"])["draft"] is None  # one's own only
+    assert store.export_rankings() == [] and store.progress(2).rankings == 0  # not a ranking
+    for bad in ({"nope": 1}, {first: 0}, {first: 4}, {first: "1"}, {first: True}):
+        with pytest.raises(InvalidRanking):
+            store.save_draft("alice", task["id"], bad)
+    with pytest.raises(handlers.RequestError):
+        handlers.save_draft(store, "alice", settings, {"task_id": task["id"], "ranks": [1]})
+    handlers.submit_ranking(store, "alice", settings, {"task_id": task["id"], "ranks": {
+        c["id"]: r for c, r in zip(task["completions"], (1, 2, 3))}})
+    assert store.draft("alice", task["id"]) is None  # submitted: the draft is done with
+    other = handlers.next_task(store, "alice", settings)["task"]
+    store.save_draft("alice", other["id"], {other["completions"][0]["id"]: 1})
+    handlers.skip_task(store, "alice", settings, {"task_id": other["id"]})
+    assert store.draft("alice", other["id"]) is None
+    store.save_draft("bob", other["id"], {other["completions"][0]["id"]: 1})
+    assert store.save_draft("bob", other["id"], {}) is None and store.draft("bob", other["id"]) is None

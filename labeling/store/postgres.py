@@ -31,6 +31,7 @@ from labeling.store.errors import RequestIdReused, StorageUnavailable, StoreErro
 from labeling.store.sql import (
     ASSIGNMENT_SECONDS,
     COUNT_RANKINGS,
+    DRAFTS,
     GOLD_COLUMNS,
     LABEL_TABLES,
     SQLLabelStore,
@@ -139,6 +140,7 @@ _MIGRATIONS = {
         "ALTER TABLE events DROP CONSTRAINT events_kind_check",
         "ALTER TABLE events ADD CONSTRAINT events_kind_check CHECK (kind IN ('submit', 'edit', 'skip', 'resolve'))",
     ),
+    7: DRAFTS,
 }
 
 

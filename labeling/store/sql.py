@@ -58,12 +58,13 @@ from rlhf.errors import UserError
 from rlhf.pairs import proposal_moves
 from rlhf.records import Completion, RankedTask, Ranking, Task, decode_prompt, encode_prompt, is_text, last_user_turn
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """1: tasks, completions, annotators, rankings, skips, events. 2: + assignments. 3: + sessions; annotators gain
 a role and a disabled flag; tasks count their rankings (`ranking_count`, kept by `submit_ranking`). 4: +
 login_failures (failed sign-ins per account and per address, shared by every app server on the database). 5: tasks
 gain `gold` (a known answer: JSON ranks) and `gold_from` (the annotator whose ranking it was, if any). 6: +
-resolutions (an admin's resolved ranking of a task); events gain the kind 'resolve'."""
+resolutions (an admin's resolved ranking of a task); events gain the kind 'resolve'. 7: + drafts (an annotator's
+partial ranking of a task, kept until they submit or skip it)."""
 ROLES = ("annotator", "admin")
 MAX_REQUEST_ID_LENGTH = 128
 MAX_REASON_LENGTH = 500
@@ -178,6 +179,8 @@ COPIED_TABLES = (
                 {"created_at": float}),
     CopiedTable("assignments", ("annotator", "task_id", "overlap", "assigned_at", "expires_at"), "annotator, task_id",
                 {"assigned_at": float, "expires_at": float}),
+    CopiedTable("drafts", ("annotator", "task_id", "ranks", "updated_at"), "annotator, task_id",
+                {"updated_at": float}),
     CopiedTable("resolutions", ("task_id", "ranks", "resolved_by", "resolved_at"), "task_id",
                 {"resolved_at": float}),
     CopiedTable("events", ("id", "at", "annotator", "task_id", "kind", "payload", "request_id"), "id", {"at": float}),
@@ -191,6 +194,16 @@ COUNT_RANKINGS = (
     "UPDATE tasks SET ranking_count = (SELECT COUNT(*) FROM rankings r WHERE r.task_id = tasks.id)",
 )
 """Schema 3's counter of rankings per task, in SQL both backends read alike."""
+DRAFTS = (
+    """CREATE TABLE drafts (
+        annotator TEXT NOT NULL REFERENCES annotators(name),
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        ranks TEXT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (annotator, task_id))""",
+)
+"""Schema 7's drafts (`SQLLabelStore.save_draft`), in SQL both backends read alike: JSON {completion id: rank} of
+the completions ranked so far."""
 GOLD_COLUMNS = (
     "ALTER TABLE tasks ADD COLUMN gold TEXT",  # NULL: an ordinary task
     "ALTER TABLE tasks ADD COLUMN gold_from TEXT",
@@ -794,6 +807,7 @@ class SQLLabelStore:
                            (ranks_json, seconds, request_id, now, annotator, task_id))
             tx.execute("DELETE FROM skips WHERE annotator = ? AND task_id = ?", (annotator, task_id))
             tx.execute("DELETE FROM assignments WHERE annotator = ? AND task_id = ?", (annotator, task_id))
+            tx.execute("DELETE FROM drafts WHERE annotator = ? AND task_id = ?", (annotator, task_id))
             payload = {"ranks": dense, "seconds": seconds}
             if previous is not None:
                 payload["previous"] = previous.ranks
@@ -836,6 +850,7 @@ class SQLLabelStore:
                 raise NotAssigned(f"task {task_id!r} was not handed to you; nothing was stored")
             now = self._clock()
             tx.execute("DELETE FROM assignments WHERE annotator = ? AND task_id = ?", (annotator, task_id))
+            tx.execute("DELETE FROM drafts WHERE annotator = ? AND task_id = ?", (annotator, task_id))
             tx.execute("INSERT INTO skips (annotator, task_id, reason, created_at) VALUES (?, ?, ?, ?)"
                        " ON CONFLICT (annotator, task_id) DO UPDATE SET reason = excluded.reason,"
                        " created_at = excluded.created_at", (annotator, task_id, reason, now))
@@ -859,6 +874,41 @@ class SQLLabelStore:
     def _log(self, tx: Statements, at, annotator, task_id, kind, payload, request_id) -> None:
         tx.execute("INSERT INTO events (at, annotator, task_id, kind, payload, request_id) VALUES (?, ?, ?, ?, ?, ?)",
                    (at, annotator, task_id, kind, json.dumps(payload, ensure_ascii=False), request_id))
+
+    # --- drafts (handler-facing: an annotator's own)
+
+    def save_draft(self, annotator: str, task_id: str, ranks: Mapping[str, int]) -> dict[str, int] | None:
+        """Keep this annotator's partial ranking of a task (not a ranking: nothing counts it) until they submit or
+        skip the task: {completion id: rank} over some of its completions, ranks from 1 to K; an empty one
+        removes the draft. InvalidRanking / UnknownTask / UnknownAnnotator. Returns what is stored."""
+        _check_task_id(task_id)
+        if not isinstance(ranks, Mapping):
+            raise InvalidRanking("a draft must map completion ids to ranks")
+        with self._write() as tx:
+            self._require_annotator(tx, annotator)
+            if not self._lock_task(tx, task_id):
+                raise UnknownTask(f"unknown task {task_id!r}")
+            ids = {r[0] for r in tx.all("SELECT id FROM completions WHERE task_id = ?", (task_id,))}
+            unknown = [key for key in ranks if key not in ids]
+            if unknown:
+                raise InvalidRanking(f"draft names completions the task does not have: {unknown[:3]!r}")
+            if not all(type(rank) is int and 1 <= rank <= len(ids) for rank in ranks.values()):
+                raise InvalidRanking(f"a draft's ranks must be whole numbers from 1 to {len(ids)}")
+            tx.execute("DELETE FROM drafts WHERE annotator = ? AND task_id = ?", (annotator, task_id))
+            if not ranks:
+                return None
+            stored = dict(ranks)
+            tx.execute("INSERT INTO drafts (annotator, task_id, ranks, updated_at) VALUES (?, ?, ?, ?)",
+                       (annotator, task_id, json.dumps(stored, ensure_ascii=False), self._clock()))
+        return stored
+
+    def draft(self, annotator: str, task_id: str) -> dict[str, int] | None:
+        """This annotator's own draft of a task, or None."""
+        if not storable(annotator) or not storable(task_id):
+            return None
+        with self._read() as tx:
+            ranks = tx.value("SELECT ranks FROM drafts WHERE annotator = ? AND task_id = ?", (annotator, task_id))
+        return None if ranks is None else json.loads(ranks)
 
     # --- review (admin)
 

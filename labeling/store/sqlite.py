@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from labeling.store.errors import StorageUnavailable
-from labeling.store.sql import ASSIGNMENT_SECONDS, COUNT_RANKINGS, GOLD_COLUMNS, SQLLabelStore, Statements
+from labeling.store.sql import ASSIGNMENT_SECONDS, COUNT_RANKINGS, DRAFTS, GOLD_COLUMNS, SQLLabelStore, Statements
 from rlhf.errors import UserError
 
 _MIGRATIONS = {
@@ -136,6 +136,7 @@ _MIGRATIONS = {
         """CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
             BEGIN SELECT RAISE(ABORT, 'events are append-only'); END""",
     ),
+    7: DRAFTS,
 }
 
 
