@@ -930,6 +930,20 @@ def test_a_half_ranked_task_comes_back_after_a_reload_and_a_new_sign_in(team_ser
             page.keyboard.press("Shift+1")                 # A tied with B; C not ranked yet
             expect(page.locator(".rk-badge").nth(0)).to_have_text("rank 1 (tie)")
             assert drafts_in(page, {f"alice/{first}": [[ids[1], ids[0]]]})
+            for _ in range(100):  # the server keeps it too, shortly after the last change
+                if store.draft("alice", first) == {ids[1]: 1, ids[0]: 1}:
+                    break
+                page.wait_for_timeout(100)
+            assert store.draft("alice", first) == {ids[1]: 1, ids[0]: 1}
+
+            # Another browser (another device, nothing stored there): the server's draft comes back.
+            other = browser.new_context(viewport={"width": 1400, "height": 1000})
+            other_page = other.new_page()
+            sign_in(other_page, url)
+            expect(other_page.locator(".rk-toast")).to_have_text("Your unsent ranking of this task is back.")
+            expect(other_page.locator(".rk-task-id")).to_have_text(first)
+            assert badges(other_page) == ["rank 1 (tie)", "rank 1 (tie)", ""]
+            other.close()
 
             page.reload()                                  # a reload: the same task, the same half ranking
             expect(page.locator(".rk-toast")).to_have_text("Your unsent ranking of this task is back.",
@@ -960,6 +974,7 @@ def test_a_half_ranked_task_comes_back_after_a_reload_and_a_new_sign_in(team_ser
             expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
             expect(page.locator(".rk-task-id")).not_to_have_text(first)
             assert drafts_in(page, {})  # stored: the draft is gone
+            assert store.draft("alice", first) is None
             assert errors == []
         finally:
             browser.close()
