@@ -94,8 +94,9 @@ def test_pre_ranked_task_stores_the_proposal_apart_and_stats_report_it(store):
         result = handlers.submit_ranking(store, "alice", settings, {"task_id": task_id, "ranks": ranks})
         assert result["ranks"] == ranks  # the ranking itself is the annotator's
         kept_moves.append((task_id, not changed))
-    assert handlers.next_task(store, "alice", settings) == {"task": None, "proposal": None,
-                                                           "progress": {"ranked": 3, "skipped": 0, "total_tasks": 3}}
+    assert handlers.next_task(store, "alice", settings) == {
+        "task": None, "proposal": None, "draft": None,
+        "progress": {"ranked": 3, "skipped": 0, "total_tasks": 3, "left": 0}}
     submits = [e for e in store.events() if e["kind"] == "submit"]
     assert [(e["task_id"], e["payload"]["proposal_kept"]) for e in submits] == kept_moves
     assert [e["payload"]["proposal_moves"] for e in submits] == [0, 1, 1]
