@@ -219,21 +219,11 @@ def run_trl(rows: list[dict], args, out: Path) -> dict:
 # ---- frozen-feature probes and bag of words ----
 
 def fit_pairwise_logistic(x, l2: float):
-    """w minimising mean(-log sigmoid(x @ w)) + l2 |w|^2: a Bradley-Terry head on pair-difference rows x
-    (each row: preferred minus other)."""
-    import torch
+    """w minimising mean(-log sigmoid(x @ w)) + l2 |w|^2 on pair-difference rows x (each row: preferred minus
+    other): the Bradley-Terry probe train-rm's read-out search fits (`reward_model.readout_search`)."""
+    from reward_model.readout_search import fit_bradley_terry
 
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    optimizer = torch.optim.LBFGS([w], max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.softplus(-(x @ w)).mean() + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return w.detach()
+    return fit_bradley_terry(x, l2)
 
 
 def logistic_accuracy(x_train, x_eval_sets, l2: float, standardise: bool = True):
