@@ -11,7 +11,8 @@ import json
 import sys
 
 from labeling.active import ORDERS, SCORED_ORDERS
-from labeling.handlers import GOLD_RATE, GOLD_THRESHOLD
+from labeling.handlers import GOLD_RATE
+from labeling.stats import GOLD_THRESHOLD
 from labeling.store.sql import MAX_HELD
 from rlhf.config_args import positive_int
 from rlhf.errors import UserError

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from labeling.active import ActiveQueue
 from labeling.auth import LoginThrottle, NotSignedIn, Sessions, is_admin, sign_in
+from labeling.stats import GOLD_THRESHOLD
 from labeling.store import MAX_HELD, ROLES, SQLLabelStore, UnknownAnnotator
 from rlhf.errors import UserError
 from rlhf.records import Task, prompt_json
@@ -22,8 +23,6 @@ from rlhf.records import Task, prompt_json
 MAX_HISTORY = 500
 GOLD_RATE = 0.1
 """The share of served tasks that are gold questions (`rlhf label --gold-rate`), while any are left."""
-GOLD_THRESHOLD = 0.7
-"""Gold accuracy under which an annotator is flagged (`--gold-threshold` of `rlhf label` and `rlhf stats`)."""
 
 
 class RequestError(UserError):

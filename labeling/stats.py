@@ -32,8 +32,10 @@ from typing import Any
 
 import pandas as pd
 
-from labeling.handlers import GOLD_THRESHOLD
 from labeling.store import SQLLabelStore, display_order
+
+GOLD_THRESHOLD = 0.7
+"""Gold accuracy under which an annotator is flagged (`--gold-threshold` of `rlhf label` and `rlhf stats`)."""
 
 
 def pair_agreement(a: Sequence[int], b: Sequence[int]) -> tuple[int, int]:
