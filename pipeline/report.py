@@ -20,6 +20,7 @@ from markdown_it import MarkdownIt
 from rlhf.bootstrap import cluster_bootstrap_interval
 from rlhf.hardware import cpu_description, resolve_dtype, usable_cores
 from rlhf.jsonl import atomic_write, read_jsonl
+from rlhf.records import parse_prompt, transcript
 
 PLOTS = [("rm/train_curves.png", "Reward model training curves"),
          ("ppo/plots/reward_vs_step.png", "Policy reward against step (rollouts and held-out prompts)"),
@@ -52,10 +53,18 @@ def _escape(text: Any) -> str:
     return re.sub(r"([\\`*_\[\]<>!#|&~])", r"\\\1", " ".join(str(text).split()))
 
 
-def _fenced(text: str, info: str = "") -> list[str]:
-    """Literal text as a fenced code block; no line of the text can close it."""
+def _fenced(text: Any, info: str = "") -> list[str]:
+    """Literal text as a fenced code block; no line of the text can close it. A conversation prompt (its JSON
+    list of messages) is shown as its transcript."""
+    if not isinstance(text, str):
+        text = transcript(parse_prompt(text))
     fence = "`" * max(3, 1 + max(map(len, re.findall(r"`+", text)), default=0))
     return [fence + info, text, fence, ""]
+
+
+def _prompt_key(prompt: Any) -> str:
+    """A sample's prompt as a dict key: the string, or a conversation's JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
 def _mean_ci(values: list[float]) -> str:
@@ -75,12 +84,12 @@ def comparison_rows(ppo_samples: list[dict], dpo_samples: list[dict], reference:
     and temperature) measured the same way. Oracle scores with their 95% bootstrap interval over the prompts,
     and each policy's change against the SFT model's sample of the same prompt (paired)."""
     sft_rows = ppo_samples or dpo_samples
-    sft = {s["prompt"]: s["reference"].get("oracle") for s in sft_rows}
+    sft = {_prompt_key(s["prompt"]): s["reference"].get("oracle") for s in sft_rows}
 
     def paired(samples):
-        diffs = [s["policy"]["oracle"] - sft[s["prompt"]] for s in samples
+        diffs = [s["policy"]["oracle"] - sft[_prompt_key(s["prompt"])] for s in samples
                  if isinstance(s["policy"].get("oracle"), (int, float))
-                 and isinstance(sft.get(s["prompt"]), (int, float))]
+                 and isinstance(sft.get(_prompt_key(s["prompt"])), (int, float))]
         return _mean_ci(diffs) if diffs else "n/a"
 
     dpo_final = dpo.get("final", {}) or {}
@@ -189,14 +198,14 @@ def write_report(out: Path, settings: dict[str, Any], done: dict[str, dict]) -> 
     for path, title in PLOTS:
         if (out / path).is_file():
             lines += [f"**{title}**", "", f"![{title}]({path})", ""]
-    dpo_by_prompt = {s["prompt"]: s["policy"] for s in dpo_samples}
+    dpo_by_prompt = {_prompt_key(s["prompt"]): s["policy"] for s in dpo_samples}
     samples = (ppo_samples or [{**s, "policy": None} for s in dpo_samples])[:6]
     if samples:
         lines += ["## Samples: SFT, PPO and DPO on held-out prompts", ""]
         for i, sample in enumerate(samples, 1):
             lines += [f"### Prompt {i}", ""] + _fenced(sample["prompt"])
             sides = (("SFT", sample["reference"]), ("PPO", sample["policy"]),
-                     ("DPO", dpo_by_prompt.get(sample["prompt"])))
+                     ("DPO", dpo_by_prompt.get(_prompt_key(sample["prompt"]))))
             for name, side in sides:
                 if side is None:
                     continue

@@ -138,3 +138,14 @@ def test_report_renders_model_text_inert(tmp_path):
     assert tags.count("h1") == 1 and ("meta", {"http-equiv": "Content-Security-Policy", "content": policy}) in page.tags
     html = (out / "report.html").read_text()
     assert "&lt;b&gt;[m](javascript:x)&lt;/b&gt; | x" in html  # the annotator's name, escaped, in one cell
+
+
+def test_the_report_keys_and_shows_a_conversation_prompt():
+    from pipeline.report import _fenced, _prompt_key
+
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "A poem?"}]
+    assert _fenced(conversation) == ["```", "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: A poem?\n\nAssistant:",
+                                     "```", ""]
+    assert _prompt_key(conversation) == _prompt_key([dict(m) for m in conversation]) != _prompt_key("A poem?")
+    assert {_prompt_key(conversation): 1}  # hashable, unlike the list itself
