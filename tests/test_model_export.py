@@ -41,9 +41,9 @@ def rlhf_score(rm, tmp_path, capsys, *flags) -> list[float]:
     return [json.loads(line)["reward"] for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("readout", [[], ["--readout-layer", "0", "--readout-pool", "last", "--dtype", "float32"]],
-                         ids=["default: mean after a third of the layers, bfloat16",
-                              "last layer, last token, float32"])
+@pytest.mark.parametrize("readout", [["--readout-layer", "1", "--readout-pool", "mean"],
+                                     ["--readout-layer", "0", "--readout-pool", "last", "--dtype", "float32"]],
+                         ids=["mean after layer 1 of 2, the default dtype", "last layer, last token, float32"])
 def test_exported_reward_model_gives_the_rewards_of_rlhf_score(tiny_model_dir, tmp_path, capsys, one_thread, readout):
     """The folder holds float32 weights: it matches `rlhf score` of a float32 RM as it is, and of a bfloat16 one
     (the default) scored in float32 (`--dtype float32`)."""
@@ -51,7 +51,7 @@ def test_exported_reward_model_gives_the_rewards_of_rlhf_score(tiny_model_dir, t
 
     rm = train_rm(tiny_model_dir, tmp_path, capsys, *readout)
     meta = json.loads((rm / "reward_model.json").read_text())
-    assert meta["readout"] == ({"layer": 1, "pool": "mean"} if not readout else {"layer": 0, "pool": "last"})
+    assert meta["readout"] == ({"layer": 1, "pool": "mean"} if "mean" in readout else {"layer": 0, "pool": "last"})
     assert abs(meta["reward_bias"]) > 1e-3  # the normalisation is part of what must match
     expected = rlhf_score(rm, tmp_path, capsys, *(["--dtype", "float32"] if meta["dtype"] == "bfloat16" else []))
 
@@ -60,7 +60,7 @@ def test_exported_reward_model_gives_the_rewards_of_rlhf_score(tiny_model_dir, t
     assert "trust_remote_code=True" in capsys.readouterr().out
     model = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
-    assert model.config.body["num_hidden_layers"] == (1 if not readout else 2)
+    assert model.config.body["num_hidden_layers"] == (1 if "mean" in readout else 2)
 
     def conversation(prompt, completion):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
