@@ -160,10 +160,10 @@ class ReadoutChoice:
             by_layer.setdefault(c.layer, {})[c.pool] = c
         best = self.best
         lines = ["layer  mean    last    (cross-validated probe accuracy)"]
-        for layer, pools in sorted(by_layer.items()):
+        for layer, pools in sorted(by_layer.items(), key=lambda item: item[0] or math.inf):  # 0 = the last layer
             cells = [f"{pools[p].cv_accuracy:.3f}{'*' if pools[p] is best else ' '}" if p in pools else "  -   "
                      for p in ("mean", "last")]
-            lines.append(f"{layer:5d}  " + "  ".join(cells))
+            lines.append(f"{layer or 'last':>5}  " + "  ".join(cells))
         return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -192,9 +193,9 @@ def read_out(config: RewardTrainingConfig, causal_lm, examples, pad_id: int, run
         return Readout(layer, pool), None, None
     search = search_readout(causal_lm, examples, pad_id, layer, pool, config.seed, config.eval_batch_size, progress)
     if progress:
-        log.warning("read-out: layer %s, %s (frozen probes on %d pairs of %d prompts, cross-validated by "
-                    "prompt)\n%s", search.readout.layer or "last", search.readout.pool, search.pairs, search.prompts,
-                    search.table())
+        print(f"read-out: layer {search.readout.layer or 'last'}, {search.readout.pool} (frozen probes on "
+              f"{search.pairs} pairs of {search.prompts} prompts, cross-validated by prompt)\n{search.table()}",
+              file=sys.stderr)
     return search.readout, search, search.summary()
 
 
