@@ -1,4 +1,9 @@
-() => {
+async () => {
+  // Fades and slides first run to their end (a list closing after a pick, a toast appearing): text mid-fade is not
+  // what a reader sees. Endless animations (spinners) are not waited for; nothing waits longer than 2 s.
+  const finite = document.getAnimations().filter((a) => Number.isFinite(a.effect?.getComputedTiming().endTime));
+  await Promise.race([Promise.all(finite.map((a) => a.finished.catch(() => null))),
+                      new Promise((done) => setTimeout(done, 2000))]);
   // WCAG 2 contrast of every visible text on the page (tests/test_app_browser.py): for each element with text of
   // its own, its colour (with the opacity of it and its ancestors) over the background it is drawn on (its own
   // and its ancestors' background colours composited, white below all). A gradient background is reported as

@@ -851,6 +851,8 @@ def test_the_admin_view_shows_annotators_and_the_most_disagreed_tasks(review_ser
             assert [row[2] for row in table_rows(page, "#admin-review-legend")] == [
                 f"{EVIL_ID} answer {i}" for i in range(3)]
             expect(page.locator("#admin-review-status textarea")).to_have_value("Not a gold question. Not resolved.")
+            # The picker's list fades out after a pick: measure once it is gone, not mid-fade.
+            expect(page.locator("ul[role=listbox]")).to_have_count(0)
             texts = page.evaluate(CONTRAST)  # the admin view's text is as legible as the ranker's
             assert len(texts) > 50 and [t for t in texts if "unknown" in t or t["ratio"] < 4.5] == []
 
