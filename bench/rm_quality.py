@@ -13,8 +13,8 @@ For each preference (an oracle from rlhf/oracles.py standing in for noiseless an
    - trl: TRL's RewardTrainer (optional: pip install -e ".[bench]") as TRL users run it: LoRA on the same
      modules and rank, the same token ids (our `encode_sample_ids`), the same LoRA lr, epochs and pairs
      per step and backbone dtype, its own defaults otherwise (a score head at the last layer's last
-     token, same lr as the LoRA weights; its head finds the last token by the pad id, which is EOS here, so it reads
-     the token before the final EOS);
+     token, same lr as the LoRA weights, as many epochs as ours trained before its validation stop; its head
+     finds the last token by the pad id, which is EOS here, so it reads the token before the final EOS);
    - probe: logistic regression on the difference of the FROZEN base model's hidden states, at several
      layers, at the last token or as the mean over the completion; the read-out is chosen on a
      validation split of the training prompts, then refit on all of them (how much the base model
@@ -160,7 +160,7 @@ FIXED_READOUT = {"readout_layer": "0.33", "readout_pool": "mean", "probe_init": 
                  "epochs": 8}
 
 
-def run_trl(rows: list[dict], args, out: Path) -> dict:
+def run_trl(rows: list[dict], args, out: Path, epochs: int) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -170,23 +170,25 @@ def run_trl(rows: list[dict], args, out: Path) -> dict:
     from reward_model.config import RewardTrainingConfig
     from reward_model.model import encode_sample_ids
     from rlhf.causal_lm import lora_target_modules, pad_rows
+    from rlhf.hardware import resolve_dtype
     from rlhf.models import load_tokenizer, resolve_model
 
     defaults = RewardTrainingConfig(data="", out="")
+    dtype, _ = resolve_dtype(defaults.dtype)
     tok = load_tokenizer(args.model)
     ids = lambda p, t: encode_sample_ids(tok, p, t, defaults.max_length).ids  # noqa: E731
     train = comparisons([r for r in rows if r["split"] == "train"])
     dataset = Dataset.from_dict({"chosen_ids": [ids(p, b) for p, b, _ in train],
                                  "rejected_ids": [ids(p, w) for p, _, w in train]})
     torch.manual_seed(args.seed)
-    # The backbone in the same dtype as ours (bf16 by default); peft keeps the LoRA weights in float32.
+    # The backbone in the same dtype as ours (resolved for this machine); peft keeps the LoRA weights in float32.
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model(args.model), num_labels=1,
-                                                               dtype=getattr(torch, defaults.dtype))
+                                                               dtype=getattr(torch, dtype))
     model.config.pad_token_id = tok.pad_token_id
     # Pairs per step: ours takes `batch_rankings` rankings, about C(K,2) pairs each, per step.
     per_step = max(1, round(len(train) / max(1, sum(r["split"] == "train" for r in rows)) * defaults.batch_rankings))
     config = RewardConfig(output_dir=str(out / "trl"), per_device_train_batch_size=per_step,
-                          learning_rate=args.lr or defaults.lr, num_train_epochs=args.epochs or defaults.epochs,
+                          learning_rate=args.lr or defaults.lr, num_train_epochs=epochs,
                           logging_steps=10_000, save_strategy="no", report_to="none",
                           max_length=defaults.max_length, dataloader_num_workers=0, bf16=False, disable_tqdm=True,
                           use_cpu=not torch.cuda.is_available(),
@@ -404,7 +406,10 @@ def main() -> None:
         if "odin" in methods:
             result["odin"] = run_ours(rows, args, out / "odin", length_decorrelation=True)
         if "trl" in methods:
-            result["trl"] = run_trl(rows, args, out)
+            # As many passes as ours made before its validation stop (TRL has no such stop; its own default is 3).
+            epochs = args.epochs or (math.ceil(result["ours"]["epochs"]) if "ours" in result else 3)
+            result["trl"] = run_trl(rows, args, out, epochs)
+            result["trl"]["epochs"] = epochs
         if "probe" in methods:
             if id(source) not in frozen_by_source:  # one untimed forward pass per source, shared by its rows
                 frozen_by_source[id(source)] = FrozenFeatures(args.model, source)

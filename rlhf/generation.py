@@ -212,7 +212,8 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor, eos_ids: list[int]) -> list[tuple[str, int]]:
-    """(text, token count) per row, cut at the first EOS."""
+    """(text, token count) per row, cut at the first EOS. A NUL the model wrote becomes U+FFFD: PostgreSQL's text
+    cannot hold it, and the label store refuses it rather than cut the text."""
     lengths, _ = completion_lengths(response_ids, eos_ids)
-    return [(tokenizer.decode(row[:n], skip_special_tokens=True).strip(), int(n))
+    return [(tokenizer.decode(row[:n], skip_special_tokens=True).replace("\x00", "\ufffd").strip(), int(n))
             for row, n in zip(response_ids, lengths.tolist())]

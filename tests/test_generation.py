@@ -5,7 +5,7 @@ import torch
 
 from labeling.generate import generate_tasks
 from pipeline.cli import main
-from rlhf.generation import SamplingParams, completion_lengths, encode_prompts, sample_batch
+from rlhf.generation import SamplingParams, completion_lengths, decode_responses, encode_prompts, sample_batch
 from rlhf.models import format_prompt, load_causal_lm, load_tokenizer
 
 
@@ -31,6 +31,15 @@ def test_completion_lengths_stop_at_first_eos():
     lengths, finished = completion_lengths(responses, [2])
     assert lengths.tolist() == [2, 5, 0]
     assert finished.tolist() == [True, False, True]
+
+
+def test_decoded_responses_stop_at_eos_and_replace_nul():
+    class Tokenizer:  # decodes id i as chr(i): id 0 is a NUL, which the label store cannot hold
+        def decode(self, ids, skip_special_tokens):
+            return "".join(chr(i) for i in ids)
+
+    rows = torch.tensor([[72, 0, 105, 2, 120], [32, 97, 98, 99, 32]])
+    assert decode_responses(Tokenizer(), rows, [2]) == [("H\ufffdi", 3), ("abc", 5)]
 
 
 def test_batched_sampling_matches_one_at_a_time(tiny):
