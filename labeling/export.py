@@ -2,10 +2,10 @@
 
 Files written into the output folder, each atomically (temporary file + rename):
 
-- `rankings.jsonl` / `rankings.parquet`: one line per stored ranking (`RankedTask.to_dict()`) plus a
-  `split` field, "train" or "test". The split is the prompt's, the same as in the pair files, so a
-  listwise reward model can hold out exactly the prompts that `test.jsonl` holds out
-  (`RankedTask.from_dict` ignores the extra field).
+- `rankings.jsonl` / `rankings.parquet`: one line per stored ranking (`RankedTask.to_dict()`: with the
+  annotator's `comment` and `flags`) plus a `split` field, "train" or "test". The split is the prompt's, the
+  same as in the pair files, so a listwise reward model can hold out exactly the prompts that `test.jsonl`
+  holds out (`RankedTask.from_dict` ignores the extra field).
 - `train.jsonl` / `train.parquet`, `test.jsonl` / `test.parquet`: preference pairs in TRL's format
   (`Pair.to_dict()`: prompt, chosen, rejected, task_id, annotator, rank_chosen, rank_rejected).
 - `pairs_dataset/`, `rankings_dataset/`: the same pairs and rankings as `datasets.DatasetDict`s
@@ -33,6 +33,10 @@ Aggregation: "none" keeps every annotator's C(K,2) pairs (InstructGPT trains on 
 ordered it, and drops pairs whose votes tie (contradicted); those pairs carry annotator "majority" and
 no ranks. "review" takes a task's pairs from its resolved ranking where an admin set one in review
 (`SQLLabelStore.resolve`; annotator "review"), and every annotator's pairs elsewhere.
+
+Flags: `exclude_flags` (`rlhf export --exclude-flags unsafe,broken-prompt`) leaves out every ranking that carries
+one of them, from the rankings files and from the pairs (majority votes and resolved tasks included: a task
+left with no ranking makes no pairs). The pair files keep TRL's columns; comments and flags are in the rankings.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import json
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterable
 
 from labeling.store import SQLLabelStore
 from rlhf.errors import UserError
@@ -103,7 +108,8 @@ def _ranking_table(rows: list[dict], with_split: bool = True, conversational: bo
     completion = pa.struct([("id", pa.string()), ("text", pa.string()), ("rank", pa.int64())])
     prompt = _messages_type() if conversational else pa.string()
     schema = pa.schema([("task_id", pa.string()), ("annotator", pa.string()), ("prompt", prompt),
-                        ("completions", pa.list_(completion))] + ([("split", pa.string())] if with_split else []))
+                        ("completions", pa.list_(completion)), ("comment", pa.string()),
+                        ("flags", pa.list_(pa.string()))] + ([("split", pa.string())] if with_split else []))
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -131,9 +137,11 @@ def _write_parquet(path: Path, table) -> None:
         pq.write_table(table, handle)
 
 
-def export(store: SQLLabelStore, out_dir, test_fraction: float = 0.1, seed: int = 0, aggregate: str = "none") -> dict:
+def export(store: SQLLabelStore, out_dir, test_fraction: float = 0.1, seed: int = 0, aggregate: str = "none",
+           exclude_flags: Iterable[str] = ()) -> dict:
     """Write rankings, train and test pairs (JSONL + Parquet) into `out_dir`; returns a summary dict
-    (counts per split, dropped contradicted pairs, file paths). See the module docstring for the files."""
+    (counts per split, dropped contradicted pairs, rankings left out for their flags, file paths). See the module
+    docstring for the files."""
     if not 0 <= test_fraction < 1:
         raise UserError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     if aggregate not in AGGREGATIONS:
@@ -141,10 +149,15 @@ def export(store: SQLLabelStore, out_dir, test_fraction: float = 0.1, seed: int 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
+    excluded = frozenset(exclude_flags)
     ranked = list(store.export_ranked_tasks())
     if not ranked:  # six empty files would look like a finished export
         raise UserError("the label store holds no rankings yet; nothing was written (rank tasks with "
                         "`rlhf label` or `rlhf simulate` first)")
+    kept = [r for r in ranked if not excluded.intersection(r.flags)]
+    if not kept:
+        raise UserError(f"every ranking carries one of the flags {', '.join(sorted(excluded))}; nothing was written")
+    excluded_rankings, ranked = len(ranked) - len(kept), kept
     conversational = any(not isinstance(r.prompt, str) for r in ranked)
     if conversational:  # one type per column: every prompt a conversation
         ranked = [replace(r, prompt=as_conversation(r.prompt)) for r in ranked]
@@ -203,6 +216,8 @@ def export(store: SQLLabelStore, out_dir, test_fraction: float = 0.1, seed: int 
         "train_pairs": len(pairs["train"]),
         "test_pairs": len(pairs["test"]),
         "dropped_contradicted": dropped,
+        "excluded_flags": sorted(excluded),
+        "excluded_rankings": excluded_rankings,
         "aggregate": aggregate,
         "test_fraction": test_fraction,
         "seed": seed,

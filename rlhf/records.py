@@ -250,6 +250,10 @@ class Ranking:
     """Unix time of the first submission."""
     updated_at: float | None = None
     """Unix time of the latest submission (== created_at unless edited)."""
+    comment: str | None = None
+    """The annotator's comment on the task (untrusted text; None: none)."""
+    flags: tuple[str, ...] = ()
+    """The flags the annotator set on the task (names from `rlhf label --flags`, e.g. "unsafe"), sorted."""
 
     @staticmethod
     def normalized(ranks: Mapping[str, int], completion_ids: list[str] | tuple[str, ...]) -> dict[str, int]:
@@ -290,6 +294,10 @@ class RankedTask:
     annotator: str
     prompt: Prompt
     completions: tuple[RankedCompletion, ...]
+    comment: str | None = None
+    """The annotator's comment (`Ranking.comment`)."""
+    flags: tuple[str, ...] = ()
+    """The annotator's flags (`Ranking.flags`)."""
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -300,11 +308,13 @@ class RankedTask:
     def from_task(cls, task: Task, ranking: Ranking) -> RankedTask:
         dense = Ranking.normalized(ranking.ranks, [c.id for c in task.completions])
         return cls(task.id, ranking.annotator, task.prompt,
-                   tuple(RankedCompletion(c.id, c.text, dense[c.id]) for c in task.completions))
+                   tuple(RankedCompletion(c.id, c.text, dense[c.id]) for c in task.completions),
+                   ranking.comment, tuple(ranking.flags))
 
     def to_dict(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "annotator": self.annotator, "prompt": prompt_json(self.prompt),
-                "completions": [{"id": c.id, "text": c.text, "rank": c.rank} for c in self.completions]}
+                "completions": [{"id": c.id, "text": c.text, "rank": c.rank} for c in self.completions],
+                "comment": self.comment, "flags": list(self.flags)}
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> RankedTask:
@@ -317,8 +327,14 @@ class RankedTask:
         completions = tuple(Completion.from_dict(c, f"{task_id}-{i}") for i, c in enumerate(raw))
         if len({c.id for c in completions}) != len(completions):
             raise ValueError("completion ids must be unique within a ranking")
+        comment, flags = obj.get("comment"), obj.get("flags") or []
+        if comment is not None and not isinstance(comment, str):
+            raise ValueError("'comment' must be a string or null")
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            raise ValueError("'flags' must be a list of strings")
         ranking = Ranking(task_id, str(obj.get("annotator") or ""),
-                          {c.id: r.get("rank") for c, r in zip(completions, raw)})
+                          {c.id: r.get("rank") for c, r in zip(completions, raw)}, comment=comment,
+                          flags=tuple(sorted(set(flags))))
         return cls.from_task(Task(task_id, prompt, completions), ranking)
 
 

@@ -143,14 +143,16 @@ def test_a_store_written_before_gold_questions_migrates_and_keeps_everything(db_
         store.skip_task("a", "task-1", reason="unsure")
         before = (store.export_rankings(), store.events(), store.history("a"))
     conn = raw_connection(db_url)  # the schema-3 store of the previous release
-    for statement in ("DROP TABLE drafts", "DROP TABLE resolutions", "DROP INDEX tasks_gold",
+    for statement in ("ALTER TABLE rankings DROP COLUMN comment", "ALTER TABLE rankings DROP COLUMN flags",
+                      "ALTER TABLE skips DROP COLUMN flags",
+                      "DROP TABLE drafts", "DROP TABLE resolutions", "DROP INDEX tasks_gold",
                       "ALTER TABLE tasks DROP COLUMN gold_from",
                       "ALTER TABLE tasks DROP COLUMN gold", "DROP TABLE login_failures",
                       "UPDATE meta SET value = '3' WHERE key = 'schema_version'"):
         conn.execute(statement)
     conn.close()
     with open_store(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 7
+        assert store.schema_version() == SCHEMA_VERSION == 8
         assert (store.export_rankings(), store.events(), store.history("a")) == before
         assert store.gold_answers() == {} and store.next_task("a", overlap=1).id == "task-2"
         store.set_gold("task-2", order_ranks(tasks[2], [0, 1]))

@@ -50,8 +50,14 @@ def test_ranked_task_round_trip():
                                   RankedCompletion("t1-2", "z", 2))
     assert ranked.to_dict() == {"task_id": "t1", "annotator": "ann", "prompt": "p", "completions": [
         {"id": "t1-0", "text": "x", "rank": 3}, {"id": "t1-1", "text": "y", "rank": 1},
-        {"id": "t1-2", "text": "z", "rank": 2}]}  # the rankings.jsonl line, a public format
+        {"id": "t1-2", "text": "z", "rank": 2}], "comment": None, "flags": []}  # a rankings.jsonl line: public
     assert RankedTask.from_dict(json.loads(json.dumps(ranked.to_dict()))) == ranked
+    noted = RankedTask.from_task(task, Ranking("t1", "ann", {"t1-0": 2, "t1-1": 1, "t1-2": 2}, comment="<b>x</b>",
+                                               flags=("off-topic", "unsafe")))
+    assert (noted.to_dict()["comment"], noted.to_dict()["flags"]) == ("<b>x</b>", ["off-topic", "unsafe"])
+    assert RankedTask.from_dict(json.loads(json.dumps(noted.to_dict()))) == noted
+    with pytest.raises(ValueError, match="'flags' must be a list of strings"):
+        RankedTask.from_dict({**noted.to_dict(), "flags": "unsafe"})
 
 
 def test_pair_from_dict_checks_types():

@@ -459,7 +459,9 @@ def test_a_schema_1_store_is_migrated_forward_and_a_newer_one_refused(db_url):
         add_users(store, "a")
         store.submit_ranking("a", "task-0", order_ranks(tasks[0], [0, 1]))
     conn = raw_connection(db_url)  # what a store written by schema 1 looks like
-    for statement in ("DROP TABLE drafts", "DROP TABLE resolutions", "DROP INDEX tasks_gold",
+    for statement in ("ALTER TABLE rankings DROP COLUMN comment", "ALTER TABLE rankings DROP COLUMN flags",
+                      "ALTER TABLE skips DROP COLUMN flags",
+                      "DROP TABLE drafts", "DROP TABLE resolutions", "DROP INDEX tasks_gold",
                       "ALTER TABLE tasks DROP COLUMN gold_from",
                       "ALTER TABLE tasks DROP COLUMN gold", "DROP TABLE login_failures", "DROP TABLE assignments",
                       "DROP TABLE sessions",
@@ -468,7 +470,7 @@ def test_a_schema_1_store_is_migrated_forward_and_a_newer_one_refused(db_url):
                       "UPDATE meta SET value = '1' WHERE key = 'schema_version'"):
         conn.execute(statement)
     with open_store(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 7
+        assert store.schema_version() == SCHEMA_VERSION == 8
         assert store.next_task("a", overlap=2).id == "task-1"
         assert [x.task_id for x in store.assignments()] == ["task-1"]
         assert store.get_own_ranking("a", "task-0").ranks == order_ranks(tasks[0], [0, 1])
@@ -476,7 +478,7 @@ def test_a_schema_1_store_is_migrated_forward_and_a_newer_one_refused(db_url):
         assert store.open_slots(overlap=1) == 1 and store.progress(1).complete == 1  # the counts were filled in
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     before = conn.execute("SELECT COUNT(*) FROM assignments").fetchone()
-    with pytest.raises(UserError, match=r"newer version of rlhf \(schema 99, this one reads up to 7\); upgrade rlhf"):
+    with pytest.raises(UserError, match=r"newer version of rlhf \(schema 99, this one reads up to 8\); upgrade rlhf"):
         open_store(db_url)
     assert conn.execute("SELECT COUNT(*) FROM assignments").fetchone() == before
     assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "99"
@@ -771,8 +773,9 @@ def filled_store(url):
     add_users(store, "bob", "sim-1")
     store.set_disabled("bob", True)
     store.submit_ranking("alice", "task-0", order_ranks(tasks[0], [2, 0, 1]), request_id="r1", seconds=3.5)
-    store.submit_ranking("alice", "task-0", order_ranks(tasks[0], [0, 1, 2]), request_id="r2", seconds=1)
-    store.skip_task("sim-1", "task-1", reason="ünïcode <b>")
+    store.submit_ranking("alice", "task-0", order_ranks(tasks[0], [0, 1, 2]), request_id="r2", seconds=1,
+                         comment="<i>why</i> ünï", flags=["unsafe", "off-topic"])
+    store.skip_task("sim-1", "task-1", reason="ünïcode <b>", flags=["broken-prompt"])
     store.set_gold("task-4", order_ranks(tasks[4], [1, 0, 2]), source=None)
     store.resolve("task-0", order_ranks(tasks[0], [1, 2, 0]), "alice")
     store.save_draft("sim-1", "task-2", {"task-2-1": 1})
@@ -796,6 +799,8 @@ def test_copy_carries_everything_both_ways_and_verifies_it(store, db_url, tmp_pa
         assert target.draft("sim-1", "task-2") == {"task-2-1": 1}
         assert target.gold_answers() == source.gold_answers() and target.resolutions() == source.resolutions()
         assert target.export_rankings() == source.export_rankings() and target.events() == source.events()
+        assert target.notes() == source.notes() and [n["flags"] for n in target.notes()] == [
+            ["broken-prompt"], ["off-topic", "unsafe"]]
         assert target.accounts() == source.accounts() and target.assignments() == source.assignments()
         assert target.history("sim-1") == source.history("sim-1")
         assert target.row_counts()["sessions"] == 0  # everyone signs in again

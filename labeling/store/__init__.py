@@ -37,14 +37,17 @@ from labeling.store.errors import (
 from labeling.store.postgres import PostgresLabelStore
 from labeling.store.sql import (
     ASSIGNMENT_SECONDS,
+    FLAG_NAME,
+    MAX_COMMENT_LENGTH,
+    MAX_FLAGS,
     MAX_HELD,
-    MAX_REASON_LENGTH,
     MAX_REQUEST_ID_LENGTH,
     MAX_SECONDS,
     PREVIEW_CHARS,
     ROLES,
     SCHEMA_VERSION,
     SQLLabelStore,
+    check_flags,
     display_order,
     queue_key,
     storable,
@@ -53,12 +56,12 @@ from labeling.store.sqlite import SQLiteLabelStore
 from rlhf.errors import UserError
 
 __all__ = [
-    "ASSIGNMENT_SECONDS", "MAX_HELD", "MAX_REASON_LENGTH", "MAX_REQUEST_ID_LENGTH", "MAX_SECONDS", "PREVIEW_CHARS",
-    "ROLES", "SCHEMA_VERSION", "Account", "AnnotatorExists", "AnnotatorProgress", "Assignment", "Conflict",
-    "ConflictingTask", "HistoryItem", "InvalidRanking", "NotAssigned", "PostgresLabelStore", "Progress",
-    "RequestIdReused", "SQLLabelStore", "SQLiteLabelStore", "SkipResult", "StorageUnavailable", "StoreError",
-    "SubmitResult", "UnknownAnnotator", "UnknownTask", "display_order", "open_store", "parse_url", "queue_key",
-    "storable",
+    "ASSIGNMENT_SECONDS", "FLAG_NAME", "MAX_COMMENT_LENGTH", "MAX_FLAGS", "MAX_HELD", "MAX_REQUEST_ID_LENGTH",
+    "MAX_SECONDS", "PREVIEW_CHARS", "ROLES", "SCHEMA_VERSION", "Account", "AnnotatorExists", "AnnotatorProgress",
+    "Assignment", "Conflict", "ConflictingTask", "HistoryItem", "InvalidRanking", "NotAssigned", "PostgresLabelStore",
+    "Progress", "RequestIdReused", "SQLLabelStore", "SQLiteLabelStore", "SkipResult", "StorageUnavailable",
+    "StoreError", "SubmitResult", "UnknownAnnotator", "UnknownTask", "check_flags", "display_order", "open_store",
+    "parse_url", "queue_key", "storable",
 ]
 
 

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 from labeling.store.errors import RequestIdReused, StorageUnavailable, StoreError
 from labeling.store.sql import (
     ASSIGNMENT_SECONDS,
+    COMMENTS_AND_FLAGS,
     COUNT_RANKINGS,
     DRAFTS,
     GOLD_COLUMNS,
@@ -141,6 +142,7 @@ _MIGRATIONS = {
         "ALTER TABLE events ADD CONSTRAINT events_kind_check CHECK (kind IN ('submit', 'edit', 'skip', 'resolve'))",
     ),
     7: DRAFTS,
+    8: COMMENTS_AND_FLAGS,
 }
 
 

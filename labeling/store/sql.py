@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,16 +59,22 @@ from rlhf.errors import UserError
 from rlhf.pairs import proposal_moves
 from rlhf.records import Completion, RankedTask, Ranking, Task, decode_prompt, encode_prompt, is_text, last_user_turn
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """1: tasks, completions, annotators, rankings, skips, events. 2: + assignments. 3: + sessions; annotators gain
 a role and a disabled flag; tasks count their rankings (`ranking_count`, kept by `submit_ranking`). 4: +
 login_failures (failed sign-ins per account and per address, shared by every app server on the database). 5: tasks
 gain `gold` (a known answer: JSON ranks) and `gold_from` (the annotator whose ranking it was, if any). 6: +
 resolutions (an admin's resolved ranking of a task); events gain the kind 'resolve'. 7: + drafts (an annotator's
-partial ranking of a task, kept until they submit or skip it)."""
+partial ranking of a task, kept until they submit or skip it). 8: rankings gain `comment` and `flags`, skips
+`flags` (JSON lists of flag names; a skip's comment is its reason)."""
 ROLES = ("annotator", "admin")
 MAX_REQUEST_ID_LENGTH = 128
-MAX_REASON_LENGTH = 500
+MAX_COMMENT_LENGTH = 1000
+"""The longest comment on a ranking, or reason of a skip, in characters."""
+MAX_FLAGS = 20
+"""The most flags one ranking or skip may carry."""
+FLAG_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+"""A flag's name: 1-40 lower-case letters, digits, '-' or '_' ("unsafe", "broken-prompt")."""
 PREVIEW_CHARS = 80
 MAX_SECONDS = 365 * 24 * 3600
 """The most time on a task a client may report (anything larger is a broken or hostile client)."""
@@ -134,15 +141,37 @@ def _check_task_id(task_id: str) -> None:
         raise UnknownTask(f"unknown task {task_id!r}")
 
 
+def check_comment(comment: Any, what: str = "comment") -> str | None:
+    """A comment (or skip reason) as stored: text of at most MAX_COMMENT_LENGTH characters, or None; InvalidRanking
+    otherwise (the whole answer is refused: nothing is cut short)."""
+    if comment is not None and (not storable(comment) or len(comment) > MAX_COMMENT_LENGTH):
+        raise InvalidRanking(f"{what} must be text of at most {MAX_COMMENT_LENGTH} characters")
+    return comment
+
+
+def check_flags(flags: Any) -> tuple[str, ...]:
+    """Flag names as stored: distinct names (FLAG_NAME), at most MAX_FLAGS, sorted; InvalidRanking otherwise. Which
+    names a server accepts is its own setting (`rlhf label --flags`, checked by `labeling.handlers`)."""
+    if isinstance(flags, (str, bytes)) or not isinstance(flags, (list, tuple, set, frozenset)):
+        raise InvalidRanking("flags must be a list of flag names")
+    if len(flags) > MAX_FLAGS:
+        raise InvalidRanking(f"at most {MAX_FLAGS} flags")
+    bad = next((f for f in flags if not isinstance(f, str) or not FLAG_NAME.fullmatch(f)), None)
+    if bad is not None:
+        raise InvalidRanking(f"{str(bad)[:50]!r} is not a flag name (1-40 lower-case letters, digits, '-', '_')")
+    return tuple(sorted(set(flags)))
+
+
 def _float(value) -> float | None:
     return None if value is None else float(value)
 
 
 # ------------------------------------------------------------------------------- rows <-> records
 
-def _ranking(task_id: str, annotator: str, ranks: str, seconds, request_id, created_at, updated_at) -> Ranking:
+def _ranking(task_id: str, annotator: str, ranks: str, seconds, request_id, created_at, updated_at, comment,
+             flags) -> Ranking:
     return Ranking(task_id, annotator, json.loads(ranks), _float(seconds), request_id, _float(created_at),
-                   _float(updated_at))
+                   _float(updated_at), comment, tuple(json.loads(flags)))
 
 
 def _account(name, password_hash, role, disabled, created_at) -> Account:
@@ -173,9 +202,10 @@ COPIED_TABLES = (
     CopiedTable("completions", ("task_id", "position", "id", "text", "model", "num_tokens"), "task_id, position"),
     CopiedTable("annotators", ("name", "password_hash", "role", "disabled", "created_at"), "name",
                 {"disabled": bool, "created_at": float}),
-    CopiedTable("rankings", ("annotator", "task_id", "ranks", "seconds", "request_id", "created_at", "updated_at"),
+    CopiedTable("rankings", ("annotator", "task_id", "ranks", "seconds", "request_id", "created_at", "updated_at",
+                             "comment", "flags"),
                 "annotator, task_id", {"seconds": float, "created_at": float, "updated_at": float}),
-    CopiedTable("skips", ("annotator", "task_id", "reason", "created_at"), "annotator, task_id",
+    CopiedTable("skips", ("annotator", "task_id", "reason", "created_at", "flags"), "annotator, task_id",
                 {"created_at": float}),
     CopiedTable("assignments", ("annotator", "task_id", "overlap", "assigned_at", "expires_at"), "annotator, task_id",
                 {"assigned_at": float, "expires_at": float}),
@@ -210,6 +240,12 @@ GOLD_COLUMNS = (
     "CREATE INDEX tasks_gold ON tasks(seq) WHERE gold IS NOT NULL",
 )
 """Schema 5's gold questions (`SQLLabelStore.set_gold`), in SQL both backends read alike."""
+COMMENTS_AND_FLAGS = (
+    "ALTER TABLE rankings ADD COLUMN comment TEXT",
+    "ALTER TABLE rankings ADD COLUMN flags TEXT NOT NULL DEFAULT '[]'",  # JSON list of flag names, sorted
+    "ALTER TABLE skips ADD COLUMN flags TEXT NOT NULL DEFAULT '[]'",
+)
+"""Schema 8's comments and flags (`SQLLabelStore.submit_ranking`, `skip_task`), in SQL both backends read alike."""
 
 
 # ------------------------------------------------------------------------------ the shared SQL store
@@ -751,7 +787,8 @@ class SQLLabelStore:
 
     def submit_ranking(self, annotator: str, task_id: str, ranks: Mapping[str, int], request_id: str | None = None,
                        seconds: float | None = None, *, require_assignment: bool = False,
-                       proposal: Mapping[str, int] | None = None, overlap: int | None = None) -> SubmitResult:
+                       proposal: Mapping[str, int] | None = None, overlap: int | None = None,
+                       comment: str | None = None, flags: Iterable[str] = ()) -> SubmitResult:
         """Store this annotator's ranking of a task (dense ranks, 1 best, ties allowed but not all-tied).
 
         Checks everything itself: unknown annotator/task -> UnknownAnnotator/UnknownTask; ranks that do not
@@ -765,9 +802,12 @@ class SQLLabelStore:
         'edit', logged as an 'edit' event with the previous ranks; `seconds` add up over edits). Ranking a
         task ends its assignment and removes a skip. `proposal`: the order the task was opened with (active
         labeling's pre-ranking, `labeling.active`); a first submit records it in its event, apart from the
-        ranking, with whether it was kept and how many pairs were moved. Returns after COMMIT."""
+        ranking, with whether it was kept and how many pairs were moved. `comment` (at most MAX_COMMENT_LENGTH
+        characters) and `flags` (`check_flags`) are stored with the ranking and replaced by an edit; the event
+        records them. Returns after COMMIT."""
         _check_request_id(request_id)
         _check_task_id(task_id)
+        comment, flags = check_comment(comment), check_flags(flags)
         if seconds is not None:
             # Compared as given: math.isfinite and float() overflow on huge integers.
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_SECONDS:
@@ -792,25 +832,27 @@ class SQLLabelStore:
             if require_assignment and previous is None:
                 self._check_assigned(tx, annotator, task_id, now, overlap)
             ranks_json = json.dumps(dense, ensure_ascii=False)
+            flags_json = json.dumps(list(flags))
             if previous is None:
                 action = "submit"
                 tx.execute("INSERT INTO rankings (annotator, task_id, ranks, seconds, request_id, created_at,"
-                           " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (annotator, task_id, ranks_json, seconds, request_id, now, now))
+                           " updated_at, comment, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (annotator, task_id, ranks_json, seconds, request_id, now, now, comment, flags_json))
                 tx.execute("UPDATE tasks SET ranking_count = ranking_count + 1 WHERE id = ?", (task_id,))
             else:
                 action = "edit"
                 if previous.seconds is not None:  # time spent accumulates over edits
                     seconds = previous.seconds + (seconds or 0.0)
-                tx.execute("UPDATE rankings SET ranks = ?, seconds = ?, request_id = ?, updated_at = ?"
-                           " WHERE annotator = ? AND task_id = ?",
-                           (ranks_json, seconds, request_id, now, annotator, task_id))
+                tx.execute("UPDATE rankings SET ranks = ?, seconds = ?, request_id = ?, updated_at = ?, comment = ?,"
+                           " flags = ? WHERE annotator = ? AND task_id = ?",
+                           (ranks_json, seconds, request_id, now, comment, flags_json, annotator, task_id))
             tx.execute("DELETE FROM skips WHERE annotator = ? AND task_id = ?", (annotator, task_id))
             tx.execute("DELETE FROM assignments WHERE annotator = ? AND task_id = ?", (annotator, task_id))
             tx.execute("DELETE FROM drafts WHERE annotator = ? AND task_id = ?", (annotator, task_id))
-            payload = {"ranks": dense, "seconds": seconds}
+            payload = {"ranks": dense, "seconds": seconds, "comment": comment, "flags": list(flags)}
             if previous is not None:
-                payload["previous"] = previous.ranks
+                payload.update(previous=previous.ranks, previous_comment=previous.comment,
+                               previous_flags=list(previous.flags))
             elif proposal is not None:
                 try:
                     shown = Ranking.normalized(proposal, ids)
@@ -823,17 +865,19 @@ class SQLLabelStore:
         return SubmitResult(action, stored)
 
     def skip_task(self, annotator: str, task_id: str, reason: str | None = None,
-                  request_id: str | None = None, *, require_assignment: bool = False) -> SkipResult:
+                  request_id: str | None = None, *, require_assignment: bool = False,
+                  flags: Iterable[str] = ()) -> SkipResult:
         """Record that this annotator skipped a task (it is not served to them again; they can still rank it
         later from their history). Ends their assignment of it, so the place goes to someone else. A task they
         already ranked cannot be skipped (InvalidRanking: edit it instead). With `require_assignment` only a
         task assigned to them (or skipped before) can be skipped, else NotAssigned. Re-sending the request id
         of a skip of the same task returns action 'duplicate' and stores nothing; one used for anything else
-        is a RequestIdReused conflict."""
+        is a RequestIdReused conflict. `reason` is the skip's comment (at most MAX_COMMENT_LENGTH characters);
+        `flags` (`check_flags`: a skip with "broken-prompt" tells the admins the task itself is wrong) are stored
+        with it and in its event."""
         _check_request_id(request_id)
         _check_task_id(task_id)
-        if reason is not None and (not storable(reason) or len(reason) > MAX_REASON_LENGTH):
-            raise InvalidRanking(f"skip reason must be text of at most {MAX_REASON_LENGTH} characters")
+        reason, flags = check_comment(reason, "skip reason"), check_flags(flags)
         with self._write() as tx:
             self._require_annotator(tx, annotator)
             exists = self._lock_task(tx, task_id)
@@ -851,10 +895,11 @@ class SQLLabelStore:
             now = self._clock()
             tx.execute("DELETE FROM assignments WHERE annotator = ? AND task_id = ?", (annotator, task_id))
             tx.execute("DELETE FROM drafts WHERE annotator = ? AND task_id = ?", (annotator, task_id))
-            tx.execute("INSERT INTO skips (annotator, task_id, reason, created_at) VALUES (?, ?, ?, ?)"
+            tx.execute("INSERT INTO skips (annotator, task_id, reason, created_at, flags) VALUES (?, ?, ?, ?, ?)"
                        " ON CONFLICT (annotator, task_id) DO UPDATE SET reason = excluded.reason,"
-                       " created_at = excluded.created_at", (annotator, task_id, reason, now))
-            self._log(tx, now, annotator, task_id, "skip", {"reason": reason}, request_id)
+                       " created_at = excluded.created_at, flags = excluded.flags",
+                       (annotator, task_id, reason, now, json.dumps(list(flags))))
+            self._log(tx, now, annotator, task_id, "skip", {"reason": reason, "flags": list(flags)}, request_id)
         return SkipResult("skip", task_id, annotator)
 
     def _replay(self, tx: Statements, annotator: str, request_id: str, task_id: str, kinds: tuple[str, ...]) -> bool:
@@ -948,7 +993,7 @@ class SQLLabelStore:
     # --- an annotator's own work (handler-facing)
 
     def _own_ranking(self, tx: Statements, annotator: str, task_id: str) -> Ranking | None:
-        row = tx.one("SELECT ranks, seconds, request_id, created_at, updated_at FROM rankings"
+        row = tx.one("SELECT ranks, seconds, request_id, created_at, updated_at, comment, flags FROM rankings"
                      " WHERE annotator = ? AND task_id = ?", (annotator, task_id))
         return None if row is None else _ranking(task_id, annotator, *row)
 
@@ -959,6 +1004,14 @@ class SQLLabelStore:
             return None
         with self._read() as tx:
             return self._own_ranking(tx, annotator, task_id)
+
+    def get_own_skip(self, annotator: str, task_id: str) -> tuple[str | None, tuple[str, ...]] | None:
+        """(reason, flags) of this annotator's own skip of a task (not ranked since), or None."""
+        if not storable(annotator) or not storable(task_id):
+            return None
+        with self._read() as tx:
+            row = tx.one("SELECT reason, flags FROM skips WHERE annotator = ? AND task_id = ?", (annotator, task_id))
+        return None if row is None else (row[0], tuple(json.loads(row[1])))
 
     def has_skipped(self, annotator: str, task_id: str) -> bool:
         """Whether this annotator skipped this task (and has not ranked it since)."""
@@ -1009,7 +1062,7 @@ class SQLLabelStore:
         gold=False, none of a gold question's."""
         with self._read() as tx:
             rows = tx.all("SELECT r.task_id, r.annotator, r.ranks, r.seconds, r.request_id, r.created_at,"
-                          " r.updated_at FROM rankings r JOIN tasks t ON t.id = r.task_id"
+                          " r.updated_at, r.comment, r.flags FROM rankings r JOIN tasks t ON t.id = r.task_id"
                           + ("" if gold else " WHERE t.gold IS NULL") + " ORDER BY t.seq, r.annotator")
         return [_ranking(*row) for row in rows]
 
@@ -1024,6 +1077,21 @@ class SQLLabelStore:
                 tasks.clear()  # rankings come grouped by task: keep only the current one in memory
                 task = tasks[ranking.task_id] = self.get_task(ranking.task_id)
             yield RankedTask.from_task(task, ranking)
+
+    def notes(self) -> list[dict]:
+        """ADMIN/CLI ONLY: every ranking and skip that carries a comment (a skip's reason) or flags, newest first:
+        {task_id, annotator, status ('ranked' or 'skipped'), flags, comment, at}."""
+        with self._read() as tx:
+            rows = tx.all(
+                """SELECT n.task_id, n.annotator, n.status, n.flags, n.comment, n.at FROM (
+                       SELECT task_id, annotator, 'ranked' AS status, flags, comment, updated_at AS at FROM rankings
+                       WHERE comment IS NOT NULL OR flags <> '[]'
+                       UNION ALL
+                       SELECT task_id, annotator, 'skipped' AS status, flags, reason AS comment, created_at AS at
+                       FROM skips WHERE reason IS NOT NULL OR flags <> '[]'
+                   ) n JOIN tasks t ON t.id = n.task_id ORDER BY n.at DESC, t.seq DESC, n.annotator""")
+        return [{"task_id": task_id, "annotator": annotator, "status": status, "flags": json.loads(flags),
+                 "comment": comment, "at": float(at)} for task_id, annotator, status, flags, comment, at in rows]
 
     def events(self) -> list[dict]:
         """ADMIN/CLI ONLY: the append-only event log, oldest first, payload decoded."""

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from labeling.store.errors import StorageUnavailable
-from labeling.store.sql import ASSIGNMENT_SECONDS, COUNT_RANKINGS, DRAFTS, GOLD_COLUMNS, SQLLabelStore, Statements
+from labeling.store.sql import (
+    ASSIGNMENT_SECONDS,
+    COMMENTS_AND_FLAGS,
+    COUNT_RANKINGS,
+    DRAFTS,
+    GOLD_COLUMNS,
+    SQLLabelStore,
+    Statements,
+)
 from rlhf.errors import UserError
 
 _MIGRATIONS = {
@@ -137,6 +145,7 @@ _MIGRATIONS = {
             BEGIN SELECT RAISE(ABORT, 'events are append-only'); END""",
     ),
     7: DRAFTS,
+    8: COMMENTS_AND_FLAGS,
 }
 
 
