@@ -11,7 +11,7 @@ import json
 import sys
 
 from labeling.active import ORDERS, SCORED_ORDERS
-from labeling.handlers import GOLD_RATE
+from labeling.handlers import FLAGS, GOLD_RATE
 from labeling.stats import GOLD_THRESHOLD
 from labeling.store.sql import MAX_HELD
 from rlhf.config_args import positive_int
@@ -52,6 +52,20 @@ def _gold_threshold_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gold-threshold", type=float, default=GOLD_THRESHOLD,
                    help="gold accuracy (pairwise agreement with the known answers, ties half) under which an "
                         f"annotator is flagged (default {GOLD_THRESHOLD})")
+
+
+def flag_names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of flag names (`--flags`, `--exclude-flags`); "" is none. A bad name is a one-line
+    error naming it."""
+    from labeling.store import FLAG_NAME, MAX_FLAGS
+
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    bad = next((name for name in names if not FLAG_NAME.fullmatch(name)), None)
+    if bad is not None:
+        raise argparse.ArgumentTypeError(f"{bad!r} is not a flag name (1-40 lower-case letters, digits, '-', '_')")
+    if len(names) > MAX_FLAGS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_FLAGS} flags")
+    return names
 
 
 def _db_option(p: argparse.ArgumentParser) -> None:
@@ -144,6 +158,10 @@ def add_commands(sub) -> None:
                    help=f"share of the tasks served that are gold questions (tasks imported with a known answer, "
                         f"or marked by an admin), blind among the others (default {GOLD_RATE})")
     _gold_threshold_option(p)
+    p.add_argument("--flags", type=flag_names, default=FLAGS, metavar="NAME,...",
+                   help="the flags an annotator may set on a ranking or a skip, besides an optional comment (default "
+                        f"{','.join(FLAGS)}; \"\" for none); shown to admins, counted by `rlhf stats`, exported with "
+                        "the rankings, and `rlhf export --exclude-flags` leaves the flagged rankings out")
     p.add_argument("--guidelines", default=None, help="Markdown file shown to annotators in the Guidelines panel")
     p.add_argument("--admin", action="append", default=[], metavar="NAME",
                    help="treat this annotator as an admin on this server, besides the accounts with the admin "
@@ -200,6 +218,9 @@ def add_commands(sub) -> None:
                         "ranking where an admin set one in review, every annotator's pairs elsewhere; majority: one "
                         "pair per completion pair by majority vote, dropping tied votes")
     p.add_argument("--aggregate", dest="aggregate", choices=["none", "majority"], help="the former name of --resolve")
+    p.add_argument("--exclude-flags", type=flag_names, default=(), metavar="NAME,...",
+                   help="leave out every ranking an annotator flagged with one of these (e.g. unsafe,broken-prompt), "
+                        "from the rankings and the pairs (default: none left out)")
     p.add_argument("--push-to-hub", metavar="REPO", default=None,
                    help="also upload the datasets to this Hugging Face hub dataset repository (owner/name): the "
                         "pairs as its default configuration, the rankings as the configuration 'rankings'")
@@ -407,7 +428,7 @@ def run_label(args) -> None:
         raise UserError(f"--gold-threshold must be from 0 to 1, got {args.gold_threshold}")
     settings = AppSettings(overlap=args.overlap, guidelines_html=render_guidelines(args.guidelines),
                            admins=frozenset(args.admin), max_held=args.max_held, gold_rate=args.gold_rate,
-                           gold_threshold=args.gold_threshold)
+                           gold_threshold=args.gold_threshold, flags=args.flags)
     root_path = args.root_path.rstrip("/")
     if root_path and not root_path.startswith("/"):
         raise UserError(f"--root-path must start with '/', got {args.root_path!r}")
@@ -522,8 +543,12 @@ def run_export(args) -> None:
     from labeling.store import open_store
 
     with open_store(args.db, create=False) as store:
-        summary = export(store, args.out, test_fraction=args.test_fraction, seed=args.seed, aggregate=args.aggregate)
+        summary = export(store, args.out, test_fraction=args.test_fraction, seed=args.seed, aggregate=args.aggregate,
+                         exclude_flags=args.exclude_flags)
     dropped = f"; {summary['dropped_contradicted']} contradicted pairs dropped" if args.aggregate == "majority" else ""
+    if args.exclude_flags:
+        dropped += (f"; {summary['excluded_rankings']} rankings flagged {','.join(args.exclude_flags)} "
+                    "left out")
     def prompts(count: int) -> str:
         return f"{count} prompt{'s' * (count != 1)}"
 

@@ -34,15 +34,21 @@ _nonce = itertools.count()
 
 
 def ranker_value(task: dict | None, *, own: dict | None = None, editing: bool = False, notice: str | None = None,
-                 error: str | None = None, draft: dict | None = None) -> str:
+                 error: str | None = None, draft: dict | None = None, flags: tuple[str, ...] = (),
+                 notes: dict | None = None) -> str:
     """The ranker widget's value: its view as JSON (`task` None: the queue is finished; `draft`: the annotator's
-    partial ranking of it kept by the server, {completion id: rank}). Each value differs (a counter), so the
-    widget hears every answer, even one equal to the last. '<', '>' and '&' are JSON-escaped: the value holds
-    no markup at all, wherever it might end up."""
+    partial ranking of it kept by the server, {completion id: rank}; `flags`: the flags the server accepts, shown
+    as toggles; `notes`: the annotator's own comment and flags on the task, {"comment", "flags"}, from their
+    ranking or skip). Each value differs (a counter), so the widget hears every answer, even one equal to the
+    last. '<', '>' and '&' are JSON-escaped: the value holds no markup at all, wherever it might end up."""
     view: dict[str, Any] = {"n": next(_nonce), "task": task, "own": own, "editing": editing, "notice": notice,
                             "error": error}
     if draft:
         view["draft"] = draft
+    if flags:
+        view["flags"] = list(flags)
+    if notes:
+        view["notes"] = notes
     return _json(view)
 
 
@@ -95,7 +101,7 @@ class LabelUI:
         if proposal:
             notice = " ".join(filter(None, [notice, "The reward model's order is set: correct it, or submit it."]))
         return (ranker_value(result["task"], own={"ranks": proposal} if proposal else None, notice=notice,
-                             draft=result.get("draft")), result["progress"])
+                             draft=result.get("draft"), flags=self.settings.flags), result["progress"])
 
     def submit(self, annotator: str, payload: Any) -> tuple[str, dict | None]:
         """Store a ranking from the widget, then serve the next task. A refused ranking keeps the widget's work."""
@@ -115,13 +121,19 @@ class LabelUI:
         return self.next_view(annotator, "Task skipped.")
 
     def open(self, annotator: str, task_id: Any) -> str:
-        """A task from the history, with the annotator's own ranking to edit."""
+        """A task from the history (or the undo of an answer), with the annotator's own ranking to edit, and the
+        comment and flags of their ranking or skip."""
         try:
             result = handlers.open_task(self.store, annotator, self.settings, task_id)
         except UserError as exc:
             return refused_value(str(exc), task_id)
-        own = result["own"] or ({"ranks": result["proposal"]} if result.get("proposal") else None)
-        return ranker_value(result["task"], own=own, editing=True, draft=result.get("draft"))
+        ranked, skipped = result["own"], result["skipped"]
+        own = ({"ranks": ranked["ranks"]} if ranked
+               else {"ranks": result["proposal"]} if result.get("proposal") else None)
+        notes = ({"comment": ranked["comment"], "flags": ranked["flags"]} if ranked
+                 else {"comment": skipped["reason"], "flags": skipped["flags"]} if skipped else None)
+        return ranker_value(result["task"], own=own, editing=True, draft=result.get("draft"),
+                            flags=self.settings.flags, notes=notes)
 
     def history(self, annotator: str) -> list[tuple[str, str]]:
         return history_choices(handlers.history(self.store, annotator, self.settings)["items"])
@@ -137,6 +149,8 @@ class LabelUI:
 
 DISAGREED_ROWS = 20
 """The admin view lists this many of the tasks whose rankings disagree most."""
+NOTES_ROWS = 50
+"""The admin view lists this many of the latest rankings and skips with a comment or flags."""
 
 
 def ranking_text(ranks: dict[str, int], labels: dict[str, str]) -> str:
@@ -172,7 +186,8 @@ def parse_ranking_text(text: Any, labels: dict[str, str]) -> dict[str, int]:
 def admin_tables(store: SQLLabelStore, settings: AppSettings) -> dict:
     """What the admin view shows: the annotators table of `rlhf stats --by annotator` (every column it has: gold
     accuracy, flagged under the server's gold threshold, ...), and the review queue: the tasks whose rankings
-    disagree most (`labeling.stats.review_queue`), with who resolved them."""
+    disagree most (`labeling.stats.review_queue`), with who resolved them; and the latest rankings and skips that
+    carry a comment or flags (`SQLLabelStore.notes`)."""
     import pandas as pd
 
     from labeling.stats import annotator_table, review_queue
@@ -183,22 +198,27 @@ def admin_tables(store: SQLLabelStore, settings: AppSettings) -> dict:
                                "resolved_by": item["resolved"]["by"] if item["resolved"] else ""}
                               for item in review_queue(store, DISAGREED_ROWS)],
                              columns=["task_id", "rankings", "annotators", "agreement", "resolved_by"])
-    return {"annotators": annotator_table(store, settings.gold_threshold).round(3), "disagreed": disagreed.round(3)}
+    notes = pd.DataFrame([{**note, "flags": ", ".join(note["flags"]), "comment": note["comment"] or ""}
+                          for note in store.notes()[:NOTES_ROWS]],
+                         columns=["task_id", "annotator", "status", "flags", "comment"])
+    return {"annotators": annotator_table(store, settings.gold_threshold).round(3), "disagreed": disagreed.round(3),
+            "notes": notes}
 
 
 def review_table(store: SQLLabelStore, task_id: str):
     """One task's rankings for review: its completions labelled A, B, ... in their stored order (with the
-    start of their text), each annotator's ranking in those labels, and a line saying its gold answer and its
-    resolved ranking, if it has them."""
+    start of their text), each annotator's ranking in those labels with their flags and comment, and a line
+    saying its gold answer and its resolved ranking, if it has them."""
     import pandas as pd
 
     task = store.get_task(task_id)
     labels = {c.id: handlers.completion_label(i) for i, c in enumerate(task.completions)}
     legend = pd.DataFrame([{"label": labels[c.id], "completion": c.id, "text": _preview(c.text)}
                            for c in task.completions])
-    rankings = pd.DataFrame([{"annotator": r.annotator, "ranking": ranking_text(r.ranks, labels)}
+    rankings = pd.DataFrame([{"annotator": r.annotator, "ranking": ranking_text(r.ranks, labels),
+                              "flags": ", ".join(r.flags), "comment": r.comment or ""}
                              for r in store.export_rankings() if r.task_id == task_id],
-                            columns=["annotator", "ranking"])
+                            columns=["annotator", "ranking", "flags", "comment"])
     gold = store.gold_answers().get(task_id)
     resolved = store.resolutions().get(task_id)
     notes = ["Not a gold question." if gold is None else f"Gold question: {ranking_text(gold[0], labels)}"
@@ -291,6 +311,8 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
                                             elem_id="admin-annotators")
             admin_disagreed = gr.Dataframe(label="Most disagreed tasks (lowest agreement first)", interactive=False,
                                            wrap=True, elem_id="admin-disagreed")
+            admin_notes = gr.Dataframe(label="Comments and flags, newest first", interactive=False, wrap=True,
+                                       elem_id="admin-notes")
             review_pick = gr.Dropdown(choices=[], value=None, label="Review a task", interactive=True,
                                       filterable=True, elem_id="admin-review-pick")
             with gr.Row():
@@ -317,12 +339,13 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
 
         def admin_outputs(annotator: str, reviewing: str | None = None):
             if not is_admin(store, annotator, settings.admins):  # checked on every request, not only at load
-                return gr.skip(), gr.skip(), gr.skip()
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
             tables = admin_tables(store, settings)
             ids = [str(t) for t in tables["disagreed"]["task_id"]]
             if reviewing and reviewing not in ids:  # the task under review stays under review
                 ids.append(reviewing)
-            return tables["annotators"], tables["disagreed"], gr.Dropdown(choices=ids, value=reviewing or None)
+            return (tables["annotators"], tables["disagreed"], gr.Dropdown(choices=ids, value=reviewing or None),
+                    tables["notes"])
 
         def on_load(request: gr.Request):
             annotator = request.username
@@ -414,9 +437,9 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
             return ui.stats_text(request.username)
 
         demo.load(on_load, outputs=[topbar, ranker, history, stats_box, stats_text, admin_box, admin_annotators,
-                                    admin_disagreed, review_pick], **events)
+                                    admin_disagreed, review_pick, admin_notes], **events)
         refresh_admin.click(on_admin_refresh, inputs=[review_pick], outputs=[admin_annotators, admin_disagreed,
-                                                                             review_pick], **events)
+                                                                             review_pick, admin_notes], **events)
         review_outputs_list = [review_legend, review_rankings, review_controls, gold_from, review_status]
         review_pick.input(on_review, inputs=[review_pick], outputs=review_outputs_list, **events)
         make_gold.click(on_make_gold, inputs=[review_pick, gold_from], outputs=review_outputs_list, **events)

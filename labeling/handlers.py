@@ -16,13 +16,15 @@ from typing import Any, Mapping
 from labeling.active import ActiveQueue
 from labeling.auth import LoginThrottle, NotSignedIn, Sessions, is_admin, sign_in
 from labeling.stats import GOLD_THRESHOLD
-from labeling.store import MAX_HELD, ROLES, SQLLabelStore, UnknownAnnotator
+from labeling.store import MAX_HELD, ROLES, SQLLabelStore, UnknownAnnotator, check_flags
 from rlhf.errors import UserError
 from rlhf.records import Task, prompt_json
 
 MAX_HISTORY = 500
 GOLD_RATE = 0.1
 """The share of served tasks that are gold questions (`rlhf label --gold-rate`), while any are left."""
+FLAGS = ("unsafe", "broken-prompt", "off-topic", "duplicate")
+"""The flags an annotator may set on a task (`rlhf label --flags`)."""
 
 
 class RequestError(UserError):
@@ -57,6 +59,8 @@ class AppSettings:
     max_held: int = MAX_HELD
     """The most tasks one annotator holds at a time (served and not yet answered): a place held past this is
     not handed out, so nobody can take every place by opening tasks and leaving them."""
+    flags: tuple[str, ...] = FLAGS
+    """The flags an annotator may set on a ranking or a skip (`--flags`); any other name is refused."""
     active: ActiveQueue | None = None
     """Active labeling (`--order`, `--pre-rank`; `labeling.active`): the order tasks are served in and the reward
     model's proposed rankings. None: the store's queue and no proposal."""
@@ -91,6 +95,22 @@ def _task_id(payload: Mapping[str, Any], max_length: int = 1024) -> str:
     if len(value) > max_length:
         raise RequestError(f"'task_id' is too long (at most {max_length} characters)")
     return value
+
+
+def _notes(payload: Mapping[str, Any], settings: AppSettings, comment_key: str) -> tuple[str | None, tuple[str, ...]]:
+    """The comment (blank: None; its length is the store's to check) and the flags of an answer; a flag this
+    server was not started with is refused."""
+    comment = payload.get(comment_key)
+    if comment is not None and not isinstance(comment, str):
+        raise RequestError(f"'{comment_key}' must be a string")
+    flags = payload.get("flags", [])
+    if not isinstance(flags, list):
+        raise RequestError("'flags' must be a list of flag names")
+    unknown = next((f for f in flags if f not in settings.flags), None)
+    if unknown is not None:
+        shown = str(unknown).encode("utf-8", "backslashreplace").decode("utf-8")[:50]
+        raise RequestError(f"unknown flag {shown!r} (this server's flags: {', '.join(settings.flags) or 'none'})")
+    return (comment.strip() or None) if comment is not None else None, check_flags(flags)
 
 
 def task_view(task: Task) -> dict[str, Any]:
@@ -134,7 +154,7 @@ def session_info(store: SQLLabelStore, annotator: str | None, settings: AppSetti
     """Who is signed in, their progress, the guidelines, and whether they may open the statistics."""
     annotator = _signed_in(annotator)
     return {"annotator": annotator, "progress": progress(store, annotator, settings),
-            "guidelines_html": settings.guidelines_html,
+            "guidelines_html": settings.guidelines_html, "flags": list(settings.flags),
             "can_view_stats": is_admin(store, annotator, settings.admins)}
 
 
@@ -155,15 +175,19 @@ def next_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings
 
 
 def open_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings, task_id: Any) -> dict:
-    """A task to (re)rank, with this annotator's own stored ranking of it, if any, to edit. Opening holds no
-    place: a task they skipped can be ranked after all while it has a free place (the store checks at the
-    submit); any other task they can read but not submit unless it was handed to them."""
+    """A task to (re)rank, with this annotator's own stored ranking of it (ranks, comment, flags), if any, to
+    edit, or their skip of it (reason, flags). Opening holds no place: a task they skipped can be ranked after
+    all while it has a free place (the store checks at the submit); any other task they can read but not submit
+    unless it was handed to them."""
     annotator = _signed_in(annotator)
     if not isinstance(task_id, str) or not task_id:
         raise RequestError("'id' must be a non-empty string")
     task = store.task_for(annotator, task_id)
     own = store.get_own_ranking(annotator, task_id)
-    result = {"task": task_view(task), "own": None if own is None else {"ranks": own.ranks},
+    skipped = store.get_own_skip(annotator, task_id) if own is None else None
+    result = {"task": task_view(task),
+              "own": None if own is None else {"ranks": own.ranks, "comment": own.comment, "flags": list(own.flags)},
+              "skipped": None if skipped is None else {"reason": skipped[0], "flags": list(skipped[1])},
               "draft": store.draft(annotator, task_id)}
     if own is None and settings.active is not None and settings.active.proposal_rewards:
         result["proposal"] = settings.active.proposal(task_id)
@@ -172,7 +196,8 @@ def open_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings
 
 def submit_ranking(store: SQLLabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
     """Store (or replace) the annotator's ranking of a task: {task_id, ranks: {completion_id: rank},
-    request_id, seconds?}. The store validates the ranks against the task and accepts only a task handed to
+    request_id, seconds?, comment?, flags?: [name, ...]} (an edit replaces the comment and flags too; flags are
+    this server's `settings.flags`). The store validates the ranks against the task and accepts only a task handed to
     this annotator, or their own earlier ranking (NotAssigned otherwise); a re-sent request id stores nothing
     new ('duplicate'), and a request id of another task is a conflict (RequestIdReused)."""
     annotator = _signed_in(annotator)
@@ -181,24 +206,26 @@ def submit_ranking(store: SQLLabelStore, annotator: str | None, settings: AppSet
     ranks = payload.get("ranks")
     if not isinstance(ranks, Mapping):
         raise RequestError("'ranks' must map completion ids to ranks")
+    comment, flags = _notes(payload, settings, "comment")
     # With --pre-rank the task was opened with the reward model's order; the store keeps it beside the ranking.
     proposal = settings.active.proposal(task_id) if settings.active is not None else None
     result = store.submit_ranking(annotator, task_id, dict(ranks), request_id=payload.get("request_id"),
                                   seconds=payload.get("seconds"), require_assignment=True, overlap=settings.overlap,
-                                  **({"proposal": proposal} if proposal else {}))
+                                  comment=comment, flags=flags, **({"proposal": proposal} if proposal else {}))
     return {"task_id": task_id, "action": result.action, "ranks": result.ranking.ranks,
+            "comment": result.ranking.comment, "flags": list(result.ranking.flags),
             "progress": progress(store, annotator, settings)}
 
 
 def skip_task(store: SQLLabelStore, annotator: str | None, settings: AppSettings, payload: Any) -> dict:
-    """Skip a task, with an optional reason: {task_id, reason?, request_id}."""
+    """Skip a task, with an optional reason (the skip's comment) and flags: {task_id, reason?, flags?: [name, ...],
+    request_id} ("broken-prompt" tells the admins the task itself is wrong)."""
     annotator = _signed_in(annotator)
     payload = _payload(payload)
     task_id = _task_id(payload)
-    reason = payload.get("reason")
-    if isinstance(reason, str):
-        reason = reason.strip() or None
-    result = store.skip_task(annotator, task_id, reason, request_id=payload.get("request_id"), require_assignment=True)
+    reason, flags = _notes(payload, settings, "reason")
+    result = store.skip_task(annotator, task_id, reason, request_id=payload.get("request_id"), require_assignment=True,
+                             flags=flags)
     return {"task_id": task_id, "action": result.action, "progress": progress(store, annotator, settings)}
 
 

@@ -9,6 +9,8 @@ shares a task:
 - Kendall's tau-b between the two rank vectors of a shared task (tau-b corrects for ties; 1 = same
   order, -1 = reversed), averaged over all (task, annotator pair) instances.
 
+Flags (`flag_counts`): how many rankings and skips carry each flag annotators set (`rlhf label --flags`).
+
 Per annotator (`annotator_table`, `rlhf stats --by annotator`; docs/metrics.md, "Annotators"):
 - gold accuracy: over the completion pairs a gold question's answer orders strictly, the share the annotator
   ordered the same way, a tie counted half (`gold_agreement`), pooled over the gold questions they answered;
@@ -270,7 +272,19 @@ def compute_stats(store: SQLLabelStore, overlap: int = 2, gold_threshold: float 
                         for e in table_records(tables["agreement"])],
         },
         "proposals": proposal_stats(store.events()),
+        "flags": flag_counts(store.notes()),
     }
+
+
+def flag_counts(notes: list[dict]) -> dict[str, dict[str, int]]:
+    """{flag: {"rankings": n, "skips": n}} over the stored rankings and skips (`SQLLabelStore.notes`), most used
+    first: what annotators flagged (a skip with "broken-prompt" says the task itself is wrong)."""
+    counts: dict[str, dict[str, int]] = {}
+    for note in notes:
+        for flag in note["flags"]:
+            counts.setdefault(flag, {"rankings": 0, "skips": 0})[
+                "rankings" if note["status"] == "ranked" else "skips"] += 1
+    return dict(sorted(counts.items(), key=lambda item: (-sum(item[1].values()), item[0])))
 
 
 def proposal_stats(events: list[dict]) -> dict:
@@ -322,6 +336,9 @@ def format_stats(stats: dict) -> str:
         a, b = entry["annotators"]
         lines.append(f"  {a} vs {b}: {entry['shared_tasks']} tasks, pairwise {num(entry['pairwise_agreement'])}, "
                      f"tau {num(entry['mean_kendall_tau'])}")
+    if stats.get("flags"):
+        lines.append("flags: " + ", ".join(f"{flag} {c['rankings'] + c['skips']} ({c['rankings']} ranked, "
+                                           f"{c['skips']} skipped)" for flag, c in stats["flags"].items()))
     proposals = stats.get("proposals") or {}
     if proposals.get("shown"):
         lines.append(f"reward-model proposals: kept as is in {proposals['kept']} of {proposals['shown']} rankings "

@@ -274,8 +274,10 @@ def test_admin_view_lists_the_most_disagreed_tasks_first(store):
                               ("bob", {"e0": 3, "e1": 2, "e2": 1}, {"a": 1, "b": 2}),
                               ("carl", None, {"a": 2, "b": 1})]:
         if evil:
-            store.submit_ranking(name, "evil", evil, seconds=10.0)
+            store.submit_ranking(name, "evil", evil, seconds=10.0,
+                                 **({"comment": HOSTILE[0], "flags": ["unsafe", "off-topic"]} if name == "bob" else {}))
         store.submit_ranking(name, "t1", plain, seconds=4.0)
+    store.skip_task("carl", "evil", reason=None, flags=["broken-prompt"])
     tables = admin_tables(store, SETTINGS)
     annotators = tables["annotators"].set_index("annotator")
     assert annotators.loc["alice", "ranked"] == 2 and annotators.loc["carl", "ranked"] == 1
@@ -288,8 +290,14 @@ def test_admin_view_lists_the_most_disagreed_tasks_first(store):
     legend, rankings, gold = review_table(store, "evil")
     assert list(legend["label"]) == ["A", "B", "C"] and list(legend["completion"]) == ["e0", "e1", "e2"]
     assert legend["text"][0] == HOSTILE[0]  # as text, exactly
-    assert rankings.to_dict("records") == [{"annotator": "alice", "ranking": "A > B > C"},
-                                           {"annotator": "bob", "ranking": "C > B > A"}]
+    assert rankings.to_dict("records") == [
+        {"annotator": "alice", "ranking": "A > B > C", "flags": "", "comment": ""},
+        {"annotator": "bob", "ranking": "C > B > A", "flags": "off-topic, unsafe", "comment": HOSTILE[0]}]
+    # Every ranking or skip with a comment or flags, newest first, the comment as text, exactly.
+    assert tables["notes"].to_dict("records") == [
+        {"task_id": "evil", "annotator": "carl", "status": "skipped", "flags": "broken-prompt", "comment": ""},
+        {"task_id": "evil", "annotator": "bob", "status": "ranked", "flags": "off-topic, unsafe",
+         "comment": HOSTILE[0]}]
     assert gold == "Not a gold question. Not resolved."
     store.resolve("evil", {"e0": 2, "e1": 1, "e2": 2}, "alice")  # an admin's resolution
     assert review_table(store, "evil")[2] == "Not a gold question. Resolved: B > A = C (by alice)."

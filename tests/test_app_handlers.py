@@ -78,7 +78,7 @@ def test_login_checks_the_password_and_gives_a_session(store):
     token, info = handlers.login(store, sessions, SETTINGS, {"username": "alice", "password": PASSWORD})
     assert sessions.annotator(token) == "alice"
     assert info == {"annotator": "alice", "progress": {"ranked": 0, "skipped": 0, "total_tasks": 4},
-                    "guidelines_html": "<p>be kind</p>", "can_view_stats": True}
+                    "guidelines_html": "<p>be kind</p>", "flags": list(SETTINGS.flags), "can_view_stats": True}
     sessions.end(token)
     assert sessions.annotator(token) is None
 
@@ -182,7 +182,7 @@ def test_editing_an_earlier_ranking_replaces_it(store):
     handlers.submit_ranking(store, "alice", SETTINGS,
                             {"task_id": "t0", "ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}, "request_id": "a"})
     opened = handlers.open_task(store, "alice", SETTINGS, "t0")
-    assert opened["own"] == {"ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}}
+    assert opened["own"] == {"ranks": {"t0-c0": 1, "t0-c1": 2, "t0-c2": 3}, "comment": None, "flags": []}
     assert opened["task"]["id"] == "t0" and len(opened["task"]["completions"]) == 3
     result = handlers.submit_ranking(store, "alice", SETTINGS,
                                      {"task_id": "t0", "ranks": {"t0-c0": 3, "t0-c1": 1, "t0-c2": 1},
@@ -223,7 +223,7 @@ def test_skip_with_reason_leaves_the_queue_and_shows_in_history(store):
     assert result["action"] == "skip" and result["progress"] == {"ranked": 0, "skipped": 1, "total_tasks": 4}
     again = handlers.skip_task(store, "alice", SETTINGS, {"task_id": task_id, "reason": "x", "request_id": "s1"})
     assert again["action"] == "duplicate"
-    assert [(e["kind"], e["payload"]) for e in store.events()] == [("skip", {"reason": "off-topic"})]
+    assert [(e["kind"], e["payload"]) for e in store.events()] == [("skip", {"reason": "off-topic", "flags": []})]
     assert handlers.next_task(store, "alice", SETTINGS)["task"]["id"] != task_id
     assert [(h["task_id"], h["status"]) for h in handlers.history(store, "alice", SETTINGS)["items"]] == \
         [(task_id, "skipped")]
