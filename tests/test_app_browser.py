@@ -802,7 +802,8 @@ def review_server(tmp_path):
     store.submit_ranking("ann1", "calm", {"calm-0": 1, "calm-1": 2, "calm-2": 3}, seconds=10)
     store.submit_ranking("ann2", "calm", {"calm-0": 3, "calm-1": 2, "calm-2": 1}, seconds=20)
     store.submit_ranking("ann1", EVIL_ID, {f"{EVIL_ID}-0": 1, f"{EVIL_ID}-1": 2, f"{EVIL_ID}-2": 3})
-    store.submit_ranking("ann2", EVIL_ID, {f"{EVIL_ID}-0": 1, f"{EVIL_ID}-1": 3, f"{EVIL_ID}-2": 2})
+    store.submit_ranking("ann2", EVIL_ID, {f"{EVIL_ID}-0": 1, f"{EVIL_ID}-1": 3, f"{EVIL_ID}-2": 2},
+                         comment="see <b>B</b>", flags=["off-topic"])
     with serving(store, AppSettings(overlap=2, admins=frozenset({"carol"}))) as (host, port):
         yield f"http://{host}:{port}/", store
     store.close()
@@ -831,6 +832,18 @@ def test_the_admin_view_shows_annotators_and_the_most_disagreed_tasks(review_ser
             page.press("#login-password", "Enter")
             expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)
             expect(page.locator("#admin")).to_be_hidden()
+            # alice flags her task unsafe (by the keyboard) and comments with markup: stored as given, shown as text.
+            expect(page.locator(".rk-task-id")).to_have_text("open")
+            page.locator('.rk-flag[data-flag="unsafe"]').focus()
+            page.keyboard.press("Space")
+            expect(page.locator('.rk-flag[data-flag="unsafe"]')).to_have_attribute("aria-pressed", "true")
+            page.fill(".rk-comment", EVIL_ID)
+            page.locator(".rk-comment").blur()
+            for key in ("3", "1", "2", "Enter"):
+                page.keyboard.press(key)
+            expect(page.locator(".rk-done")).to_be_visible()
+            mine = store.get_own_ranking("alice", "open")
+            assert (mine.comment, mine.flags) == (EVIL_ID, ("unsafe",))
             page.click("#sign-out")
             page.goto(url)
             page.fill("#login-username", "carol")
@@ -840,14 +853,18 @@ def test_the_admin_view_shows_annotators_and_the_most_disagreed_tasks(review_ser
             page.locator("#admin button.label-wrap").click()
             expect(page.locator("#admin-annotators .virtual-row[role=row]")).to_have_count(4)
             rows = {row[0]: row[1:3] for row in table_rows(page, "#admin-annotators")}
-            assert rows == {"ann1": ["2", "0"], "ann2": ["2", "0"], "alice": ["0", "0"], "carol": ["0", "0"]}
+            assert rows == {"ann1": ["2", "0"], "ann2": ["2", "0"], "alice": ["1", "0"], "carol": ["0", "0"]}
+            # Comments and flags, newest first, the comments as text.
+            assert table_rows(page, "#admin-notes") == [["open", "alice", "ranked", "unsafe", EVIL_ID],
+                                                        [EVIL_ID, "ann2", "ranked", "off-topic", "see <b>B</b>"]]
             # The reversed task first; the hostile task id is shown as text.
             disagreed = table_rows(page, "#admin-disagreed")
             assert [row[0] for row in disagreed] == ["calm", EVIL_ID]
             page.locator("#admin-review-pick input").click()
             page.locator("ul[role=listbox] li[role=option]").nth(1).click()
             expect(page.locator("#admin-review-rankings .virtual-row[role=row]")).to_have_count(2)
-            assert table_rows(page, "#admin-review-rankings") == [["ann1", "A > B > C"], ["ann2", "A > C > B"]]
+            assert table_rows(page, "#admin-review-rankings") == [["ann1", "A > B > C", "", ""],
+                                                                  ["ann2", "A > C > B", "off-topic", "see <b>B</b>"]]
             assert [row[2] for row in table_rows(page, "#admin-review-legend")] == [
                 f"{EVIL_ID} answer {i}" for i in range(3)]
             expect(page.locator("#admin-review-status textarea")).to_have_value("Not a gold question. Not resolved.")
@@ -1015,13 +1032,19 @@ def test_undo_the_last_submit_and_the_last_skip(team_server):
             second = page.locator(".rk-task-id").text_content()
             assert second != first
 
-            # Undo a skip: the skipped task opens again and can be ranked after all.
+            # Undo a skip flagged broken-prompt: the task opens again with its reason and flag, and can be ranked.
+            page.click('.rk-flag[data-flag="broken-prompt"]')
             page.keyboard.press("s")
+            page.keyboard.type("the prompt is cut off")
             page.keyboard.press("Enter")
             expect(page.locator(".rk-toast")).to_have_text("Task skipped.")
             expect(page.locator(".rk-task-id")).not_to_have_text(second)
+            expect(page.locator(".rk-comment")).to_have_value("")  # the next task: no comment, no flag
+            expect(page.locator('.rk-flag[aria-pressed="true"]')).to_have_count(0)
             undo.click()
             expect(page.locator(".rk-task-id")).to_have_text(second)
+            expect(page.locator(".rk-comment")).to_have_value("the prompt is cut off")
+            expect(page.locator('.rk-flag[data-flag="broken-prompt"]')).to_have_attribute("aria-pressed", "true")
             second_ids = shown_ids(page)
             for key in ("2", "1", "3", "Enter"):
                 page.keyboard.press(key)
@@ -1036,3 +1059,5 @@ def test_undo_the_last_submit_and_the_last_skip(team_server):
         ("submit", first), ("edit", first), ("skip", second), ("submit", second)]
     assert store.get_own_ranking("alice", first).ranks == {ids[2]: 1, ids[1]: 2, ids[0]: 3}
     assert store.get_own_ranking("alice", second).ranks == {second_ids[1]: 1, second_ids[0]: 2, second_ids[2]: 3}
+    assert store.events()[2]["payload"] == {"reason": "the prompt is cut off", "flags": ["broken-prompt"]}
+    assert store.get_own_ranking("alice", second).flags == ("broken-prompt",)

@@ -26,6 +26,9 @@ const state = {
   guide: false,      // the guidelines panel is open: the task waits until the annotator has read them
   opened: "[]",      // the groups the task opened with (JSON): a ranking that differs is kept as a draft
   sent: null,        // the task whose submit or skip is on its way: its draft goes once the server answers
+  flags: [],         // the flags the server accepts (its toggles, in this order)
+  flagged: new Set(),// the flags set on the open task
+  skipping: false,   // the comment box was opened by S: Enter there skips (else it submits)
 };
 
 function newRequestId() {
@@ -159,8 +162,62 @@ function receive(raw) {
     showView("done");
     return;
   }
-  openTask(answer.task, answer.own, !!answer.editing, answer.draft);
+  if (Array.isArray(answer.flags)) setFlagNames(answer.flags);
+  openTask(answer.task, answer.own, !!answer.editing, answer.draft, answer.notes);
   if (answer.error) showError(answer.error);
+}
+
+// ---------- the annotator's comment and flags (sent with the submit or the skip) ----------
+
+// The toggles, one button per flag the server accepts (names set as text); built again only when they change.
+function setFlagNames(names) {
+  const wanted = names.filter((n) => typeof n === "string");
+  if (JSON.stringify(wanted) === JSON.stringify(state.flags)) return;
+  state.flags = wanted;
+  const box = q("rk-flags");
+  box.querySelectorAll(".rk-flag").forEach((node) => node.remove());
+  for (const name of wanted) {
+    const button = el("button", "rk-flag", name);
+    button.type = "button";
+    button.dataset.flag = name;
+    button.setAttribute("aria-pressed", "false");
+    button.addEventListener("click", () => {
+      if (state.flagged.has(name)) state.flagged.delete(name); else state.flagged.add(name);
+      showFlags();
+    });
+    box.append(button);
+  }
+  box.hidden = !wanted.length;
+}
+
+function showFlags() {
+  q("rk-flags").querySelectorAll(".rk-flag").forEach((button) => {
+    button.setAttribute("aria-pressed", String(state.flagged.has(button.dataset.flag)));
+  });
+}
+
+// A task opens with the annotator's own comment and flags on it (their ranking's or skip's), else none.
+function showNotes(notes) {
+  const given = notes && typeof notes === "object" ? notes : {};
+  q("rk-comment").value = typeof given.comment === "string" ? given.comment : "";
+  state.flagged = new Set(Array.isArray(given.flags) ? given.flags.filter((f) => state.flags.includes(f)) : []);
+  showFlags();
+}
+
+function notesToSend() {
+  return { comment: q("rk-comment").value, flags: state.flags.filter((f) => state.flagged.has(f)) };
+}
+
+const COMMENT_HINT = q("rk-comment").placeholder;
+function startSkipping() { // S: the comment box takes the reason, Enter skips
+  state.skipping = true;
+  q("rk-comment").placeholder = "Why skip? Enter skips, Esc goes back";
+  q("rk-comment").focus();
+}
+
+function stopSkipping() {
+  state.skipping = false;
+  q("rk-comment").placeholder = COMMENT_HINT;
 }
 
 // A new task opens with its prompt in view: on a phone the last one was answered far down the page.
@@ -181,7 +238,7 @@ function groupsOf(task, ranks) {
   return [...byRank.keys()].sort((a, b) => a - b).map((r) => byRank.get(r));
 }
 
-function openTask(task, own, editing, serverDraft) {
+function openTask(task, own, editing, serverDraft, notes) {
   state.task = task;
   state.editing = editing;
   state.undo = [];
@@ -196,7 +253,7 @@ function openTask(task, own, editing, serverDraft) {
   q("rk-banner").hidden = !editing;
   q("rk-task-id").textContent = task.id;
   showPrompt(task.prompt);
-  q("rk-skip-reason").value = "";
+  showNotes(notes);
   buildCards();
   showError("");
   showView("task");
@@ -680,16 +737,17 @@ function submit() {
   const ranks = {};
   state.groups.forEach((group, i) => group.forEach((id) => { ranks[id] = i + 1; }));
   state.sent = state.task.id;
-  send("submit", { task_id: state.task.id, ranks, request_id: state.requestId,
+  const { comment, flags } = notesToSend();
+  send("submit", { task_id: state.task.id, ranks, request_id: state.requestId, comment, flags,
                    seconds: Math.round((performance.now() - state.openedAt) / 100) / 10 });
 }
 
 function skip() {
   if (!state.task || state.busy) return;
   state.sent = state.task.id;
-  send("skip", { task_id: state.task.id, reason: q("rk-skip-reason").value,
-                 request_id: "skip-" + state.requestId });
-  q("rk-skip-reason").blur();
+  const { comment, flags } = notesToSend();
+  send("skip", { task_id: state.task.id, reason: comment, flags, request_id: "skip-" + state.requestId });
+  q("rk-comment").blur();
 }
 
 // ---------- keyboard ----------
@@ -728,8 +786,11 @@ function onKeyDown(event) {
   if (target && (target.tagName === "INPUT" || target.tagName === "TEXTAREA" || target.tagName === "SELECT"
                  || target.isContentEditable)) {
     if (event.key === "Escape") target.blur();
-    if (event.key === "Enter" && target === q("rk-skip-reason")) { event.preventDefault(); skip(); }
-    return; // typing in a field (the skip reason, the history search)
+    if (event.key === "Enter" && !event.shiftKey && target === q("rk-comment")) { // Shift+Enter: a new line
+      event.preventDefault();
+      if (state.skipping) skip(); else submit();
+    }
+    return; // typing in a field (the comment, the history search)
   }
   if (event.ctrlKey || event.metaKey || event.altKey) return;
   const index = completionIndexForKey(event);
@@ -757,7 +818,7 @@ function onKeyDown(event) {
       break;
     case "s": case "S":
       event.preventDefault();
-      q("rk-skip-reason").focus();
+      startSkipping();
       break;
     case "?":
       toggleGuidelines();
@@ -784,6 +845,7 @@ for (const name of ["rk-tie-button", "rk-bar-tie"]) q(name).addEventListener("cl
 q("rk-undo").addEventListener("click", undo);
 q("rk-clear").addEventListener("click", clearRanking);
 q("rk-skip").addEventListener("submit", (event) => { event.preventDefault(); skip(); });
+q("rk-comment").addEventListener("blur", stopSkipping);
 q("rk-back").addEventListener("click", () => { if (!state.busy) send("back", {}); });
 q("rk-earlier").addEventListener("toggle", () => { // opened: the most recent turns in view, next to the last
   if (q("rk-earlier").open) q("rk-turns").scrollTop = q("rk-turns").scrollHeight;
