@@ -640,7 +640,7 @@ def label_args(db, **kw):
     return argparse.Namespace(**{"db": str(db), "host": "127.0.0.1", "port": 0, "overlap": 2, "guidelines": None,
                                  "admin": [], "root_path": "", "order": "fewest-rankings", "rm": None,
                                  "pre_rank": None, "seed": 0, "max_held": 3, "gold_rate": 0.1,
-                                 "gold_threshold": 0.7, **kw})
+                                 "gold_threshold": 0.7, "flags": ("unsafe",), **kw})
 
 
 def test_label_command_refuses_missing_or_empty_databases(tmp_path):
