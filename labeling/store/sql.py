@@ -69,7 +69,7 @@ partial ranking of a task, kept until they submit or skip it). 8: rankings gain 
 `flags` (JSON lists of flag names; a skip's comment is its reason)."""
 ROLES = ("annotator", "admin")
 MAX_REQUEST_ID_LENGTH = 128
-MAX_COMMENT_LENGTH = 1000
+MAX_COMMENT_LENGTH = 500
 """The longest comment on a ranking, or reason of a skip, in characters."""
 MAX_FLAGS = 20
 """The most flags one ranking or skip may carry."""
