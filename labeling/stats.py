@@ -226,7 +226,8 @@ def review_queue(store: SQLLabelStore, limit: int = 50) -> list[dict[str, Any]]:
         resolution = resolved.get(task_id)
         rows.append((compared == 0, agree / compared if compared else 1.0, -len(rankings), order, {
             "task_id": task_id, "agreement": agree / compared if compared else None,
-            "rankings": [{"annotator": r.annotator, "ranks": r.ranks} for r in rankings],
+            "rankings": [{"annotator": r.annotator, "ranks": r.ranks, "comment": r.comment, "flags": list(r.flags)}
+                         for r in rankings],
             "resolved": None if resolution is None else {"ranks": resolution[0], "by": resolution[1],
                                                          "at": resolution[2]}}))
     return [row[-1] for row in sorted(rows, key=lambda row: row[:4])[:limit]]

@@ -242,8 +242,13 @@ def flagged_store(url):
 
 
 def test_stats_count_each_flag(db_url):
+    from labeling.stats import review_queue
+
     with flagged_store(db_url) as store:
         stats = compute_stats(store, overlap=2)
+        review = review_queue(store)  # what an admin reviews (GET /api/admin/review) carries them too
+    assert [(r["annotator"], r["comment"], r["flags"]) for r in review[0]["rankings"]] == [
+        ("a", "<b>no</b>", ["unsafe"]), ("b", None, [])]
     assert stats["flags"] == {"unsafe": {"rankings": 2, "skips": 1}, "broken-prompt": {"rankings": 0, "skips": 1},
                               "off-topic": {"rankings": 1, "skips": 0}}
     assert ("flags: unsafe 3 (2 ranked, 1 skipped), broken-prompt 1 (0 ranked, 1 skipped), off-topic 1 (1 ranked, "
