@@ -97,8 +97,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"CPU: {cpu_description()}\nuptime before: {os.popen('uptime').read().strip()}", flush=True)
     results = []
-    for oracle in args.oracles.split(","):
-        for seed in map(int, args.seeds.split(",")):
+    # Seeds outer: a run stopped early still has every oracle at its first seeds.
+    for seed in map(int, args.seeds.split(",")):
+        for oracle in args.oracles.split(","):
             offline, online = (run_arm(args, oracle, seed, rounds) for rounds in (1, args.rounds))
             matched = min(offline["kl"], online["kl"])
             for arm in (offline, online):
@@ -107,6 +108,8 @@ def main() -> None:
                             "online": online})
             print(f"[bench] {oracle} seed {seed}: matched KL {matched:.3f}: offline "
                   f"{offline['oracle_at_matched_kl']:.3f}, online {online['oracle_at_matched_kl']:.3f}", flush=True)
+            Path(args.out).mkdir(parents=True, exist_ok=True)  # after each pair of arms: nothing lost to a stop
+            (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nuptime after: {os.popen('uptime').read().strip()}\n")
     print(f"{args.rankings} rankings and {args.policy_steps} PPO steps per arm; online = {args.rounds} rounds\n")
     print("| oracle | seed | SFT | matched KL | offline @KL | online @KL | offline final (KL) | online final (KL) "
@@ -124,11 +127,11 @@ def main() -> None:
     print("|---|---:|---:|")
     for oracle in args.oracles.split(","):
         rows = [r for r in results if r["oracle"] == oracle]
+        if not rows:
+            continue
         score = [r["online"]["oracle_at_matched_kl"] - r["offline"]["oracle_at_matched_kl"] for r in rows]
         accuracy = [r["online"]["rm_acc_policy_samples"] - r["offline"]["rm_acc_policy_samples"] for r in rows]
         print(f"| {oracle} | {interval(score)} | {interval(accuracy)} |")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ replies, turns "Highlight differences" on, and saves
     docs/screenshot-conversation-phone.png  (390 x 844 at 2x, earlier turns collapsed)
     docs/screenshot-phone.png               (390 x 844 at 2x: the replies, a tie made with "Tie next", the action bar)
     docs/screenshot-admin.png               (the admin view: annotators with gold accuracy, most disagreed tasks,
-                                             one under review)
+                                             comments and flags, one task under review)
 
     .venv/bin/python bench/screenshots.py [--out docs]
 """
@@ -64,6 +64,11 @@ REVIEWED = [  # (task id, prompt, replies, ann1's ranks, ann2's ranks): the admi
     ("sql-join", "Explain a LEFT JOIN in one sentence.",
      ["Keeps every left row, matched or not.", "Joins tables.", "Returns only matching rows."], [1, 2, 3], [3, 2, 1]),
 ]
+
+NOTES = {  # an annotator's comment and flags on a ranking (shown in the admin view)
+    ("ann2", "sql-join"): {"comment": "Reply 3 describes an INNER JOIN.", "flags": ["off-topic"]},
+    ("ann1", "capital-fr"): {"comment": "1 and 3 both right; 3 adds a detail."},
+}
 
 
 def sign_in(page, base: str, name: str) -> None:
@@ -164,8 +169,9 @@ def main() -> None:
                 add_annotator(store, name, PASSWORD)
             for tid, _, _, first, second in REVIEWED:
                 for name, ranks in (("ann1", first), ("ann2", second)):
+                    note = NOTES.get((name, tid), {})
                     store.submit_ranking(name, tid, {f"{tid}-{i}": r for i, r in enumerate(ranks)},
-                                         seconds=7.0 + 3 * len(name + tid) % 11)
+                                         seconds=7.0 + 3 * len(name + tid) % 11, **note)
             # A gold question: its answer is known (here ann1's ranking), and ann2 is scored against it.
             store.set_gold("haiku-rain", {"haiku-rain-0": 1, "haiku-rain-1": 3, "haiku-rain-2": 2}, source="ann1")
             # A disagreement an admin has resolved.

@@ -12,13 +12,14 @@ labeling nor the reward model. A failing stage is named in the one-line error.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pipeline.steps import finished_step, run_step
 from reward_model.config import RewardTrainingConfig
 from rlhf.config_args import check_fields
 from rlhf.errors import UserError
@@ -73,8 +74,9 @@ class DemoConfig:
     """Annotator noise (Bradley-Terry sampling temperature relative to a task's score range)."""
     # reward model
     rm_epochs: int = 6
-    """Reward-model epochs over the training rankings: fewer than `rlhf train-rm`'s 8, so that the whole demo fits
-    20 minutes on a 2-core CPU without bf16 units (docs/benchmarks.md, "The demo", "Reward-model settings")."""
+    """Most reward-model epochs over the training rankings (its validation stop may end it sooner): fewer than
+    `rlhf train-rm`'s 10, so that the whole demo fits 20 minutes on a 2-core CPU without bf16 units
+    (docs/benchmarks.md, "The demo", "Reward-model settings")."""
     rm_lr: float = RewardTrainingConfig.lr
     """Reward-model learning rate of the LoRA weights (the score head's is 30x, RewardTrainingConfig)."""
     dtype: DtypeName = "auto"
@@ -252,24 +254,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     done: dict[str, dict] = {}
     for stage in STAGES:
         marker = stages_dir / f"{stage.name}.json"
-        if cfg.resume and marker.is_file() and stage.name != "report":
-            done[stage.name] = json.loads(marker.read_text())
+        earlier = finished_step(marker) if cfg.resume and stage.name != "report" else None
+        if earlier is not None:
+            done[stage.name] = earlier
             print(f"[demo] {stage.name}: done earlier, skipped (--resume)", flush=True)
             continue
         print(f"[demo] {stage.title}", flush=True)
-        start = time.perf_counter()
-        try:
-            summary = stage.run(cfg, out, done)
-        except UserError as exc:
-            raise UserError(f"stage '{stage.name}' failed: {exc}") from None
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # report the stage; the traceback goes to the log with --verbose
-            raise UserError(f"stage '{stage.name}' failed: {type(exc).__name__}: {exc}") from exc
-        summary = dict(summary, seconds=round(time.perf_counter() - start, 1))
-        marker.write_text(json.dumps(summary, indent=2, default=str))
-        done[stage.name] = summary
-        print(f"[demo] {stage.name} done in {summary['seconds']:.0f} s", flush=True)
+        done[stage.name] = run_step(marker, f"stage '{stage.name}'", partial(stage.run, cfg, out, done))
+        print(f"[demo] {stage.name} done in {done[stage.name]['seconds']:.0f} s", flush=True)
     return done
 
 

@@ -31,9 +31,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.steps import finished_step, run_step
 from rlhf.config_args import check_fields
 from rlhf.errors import UserError
 from rlhf.hardware import DtypeName
@@ -640,22 +642,13 @@ class Loop:
             steps_dir.mkdir(parents=True, exist_ok=True)
             for step in STEPS:
                 marker = steps_dir / f"{step}.json"
-                if marker.is_file():
-                    done[step] = json.loads(marker.read_text())
+                earlier = finished_step(marker)
+                if earlier is not None:
+                    done[step] = earlier
                     continue
                 print(f"[loop] round {r}/{cfg.rounds}: {step}", flush=True)
-                started = time.perf_counter()
-                try:
-                    summary = self.run_step(r, step, done)
-                except UserError as exc:
-                    raise UserError(f"round {r}, step '{step}' failed: {exc}") from None
-                except KeyboardInterrupt:
-                    raise
-                except Exception as exc:  # name the step; the traceback goes to the log with --verbose
-                    raise UserError(f"round {r}, step '{step}' failed: {type(exc).__name__}: {exc}") from exc
-                summary = dict(summary, seconds=round(time.perf_counter() - started, 1))
-                marker.write_text(json.dumps(summary, indent=2, default=str))
-                done[step] = summary
+                done[step] = run_step(marker, f"round {r}, step '{step}'",
+                                      partial(self.run_step, r, step, done))
                 if step == "evaluate":
                     self.write_report()
                 if self.after_step is not None:
