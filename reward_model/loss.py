@@ -12,6 +12,7 @@ m * (rank gap) inside the sigmoid, like Llama 2's margin loss (Touvron et al. 20
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,6 +87,33 @@ def ranking_loss(rewards: Tensor, index: PairIndex, margin: float = 0.0) -> tupl
     with torch.no_grad():
         metrics = {"accuracy": (diff > 0).float().mean(), "margin": diff.mean()}
     return loss, metrics
+
+
+def scale_free_loss(diffs: Tensor, weights: Tensor) -> float:
+    """The weighted pair loss at the best scale t >= 0 of the reward differences, min_t sum w * -log sigmoid(t * d)
+    / sum w: how well the rewards order the pairs, whatever their spread (temperature scaling, Guo et al. 2017,
+    "On Calibration of Modern Neural Networks"). Fine-tuning on few pairs soon makes the rewards over-confident,
+    which raises the plain loss on held-back pairs while their order still improves; the reward is normalised after
+    training anyway. log 2 when no scale helps; near 0 when every pair is ordered right."""
+    d, w = diffs.double(), weights.double() / weights.double().sum()
+
+    def loss(log_t: float) -> float:
+        return float((w * -F.logsigmoid(d * 10.0 ** log_t)).sum())
+
+    # convex in t, so unimodal in log t: golden-section search over t in [1e-4, 1e4], and t = 0 (log 2)
+    lo, hi, ratio = -4.0, 4.0, (5 ** 0.5 - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(60):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = loss(b)
+    return min(fa, fb, loss(lo), loss(hi), math.log(2))
 
 
 def pearson(x: Tensor, y: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ import torch
 from reward_model import data as rmdata
 from reward_model.config import RESUME_KEYS, RewardTrainingConfig
 from reward_model.evaluate import evaluate_reward_model
-from reward_model.loss import length_disentangling_loss, ranking_loss
+from reward_model.loss import length_disentangling_loss, ranking_loss, scale_free_loss
 from reward_model.model import (
     Readout,
     RewardModel,
@@ -123,6 +123,7 @@ def load_trained_weights(rm: RewardModel, rm_dir: str) -> None:
 
 MIN_VALIDATION_PROMPTS = 5
 CHECKS_PER_EPOCH = 2  # validation checks: twice per epoch lets one pass over a large set stop half-way
+STOP_METRIC = "val_loss"  # what the checks minimise (a key of `validation_metrics`)
 
 
 def validation_split(examples, fraction: float, seed: int):
@@ -138,22 +139,28 @@ def validation_split(examples, fraction: float, seed: int):
 
 @torch.no_grad()
 def validation_metrics(rm: RewardModel, examples, pad_id: int, weighting: str, margin: float,
-                       batch_rankings: int) -> tuple[float, float]:
-    """(loss, accuracy) of the training loss over validation examples, each batch weighted by its pairs."""
+                       batch_rankings: int) -> dict[str, float]:
+    """Over validation examples: `val_loss`, the training loss (each batch weighted by its pairs);
+    `val_scale_free_loss`, the same at the rewards' best scale (`scale_free_loss`); `val_accuracy`."""
     was_training = rm.training
     rm.eval()
     device = next(rm.parameters()).device
     loss_sum = right = pairs = 0.0
+    diffs, weights = [], []
     try:
         for start in range(0, len(examples), batch_rankings):
             tensors, index = rmdata.collate(examples[start:start + batch_rankings], pad_id, weighting)
-            loss, metrics = ranking_loss(rm(*(t.to(device) for t in tensors)), index, margin)
+            rewards = rm(*(t.to(device) for t in tensors))
+            loss, metrics = ranking_loss(rewards, index, margin)
             loss_sum += loss.item() * index.num_pairs
             right += metrics["accuracy"].item() * index.num_pairs
             pairs += index.num_pairs
+            diffs.append((rewards[index.better.to(device)] - rewards[index.worse.to(device)]).float().cpu())
+            weights.append(index.weight * index.num_pairs)
     finally:
         rm.train(was_training)
-    return loss_sum / pairs, right / pairs
+    return {"val_loss": loss_sum / pairs, "val_scale_free_loss": scale_free_loss(torch.cat(diffs), torch.cat(weights)),
+            "val_accuracy": right / pairs}
 
 
 def length_correlation(prompts: list[str], rewards: list[float], lengths: list[int]) -> float:
@@ -267,15 +274,16 @@ def train_reward_model(config: RewardTrainingConfig, progress: bool = True) -> d
 
     def check(step: int) -> dict[str, float]:
         """One validation check at `step` (steps done): updates the best weights; returns the logged values."""
-        loss, accuracy = validation_metrics(rm, val_examples, tokenizer.pad_token_id, config.pair_weighting,
-                                            config.margin, config.eval_batch_size)
+        metrics = validation_metrics(rm, val_examples, tokenizer.pad_token_id, config.pair_weighting,
+                                     config.margin, config.eval_batch_size)
+        loss = metrics[STOP_METRIC]
         if stopping["best_loss"] is None or loss < stopping["best_loss"]:
             stopping.update(best_step=step, best_loss=loss, checks_since_best=0)
             for name, p in trainable.items():
                 best[name].copy_(p.detach())
         else:
             stopping["checks_since_best"] += 1
-        return {"val_loss": loss, "val_accuracy": accuracy}
+        return metrics
 
     start_tracking(accelerator, "rlhf-reward-model", asdict(config))
     train_log = run.log("train_log.csv", start_step, tracker=accelerator, tracker_prefix="train/")

@@ -21,7 +21,7 @@ from reward_model.readout_search import (
     layer_features,
     prompt_folds,
 )
-from reward_model.train import length_correlation, train_reward_model, validation_metrics, validation_split
+from reward_model.train import STOP_METRIC, length_correlation, train_reward_model, validation_metrics, validation_split
 from rlhf.errors import UserError
 from rlhf.models import load_causal_lm, load_tokenizer
 
@@ -164,10 +164,10 @@ def test_early_stopping_keeps_the_best_validation_check(tiny_model_dir, tmp_path
     summary = train_reward_model(config, progress=False)
     val = summary["validation"]
     frame = pd.read_csv(tmp_path / "rm" / "train_log.csv")
-    checks = frame.dropna(subset=["val_loss"])
-    losses = [val["start"]["val_loss"], *checks["val_loss"]]
+    checks = frame.dropna(subset=[STOP_METRIC])
+    losses = [val["start"][STOP_METRIC], *checks[STOP_METRIC]]
     assert val["best_loss"] == pytest.approx(min(losses))
-    best_step = 0 if val["best_loss"] == losses[0] else int(checks.loc[checks["val_loss"].idxmin(), "step"])
+    best_step = 0 if val["best_loss"] == losses[0] else int(checks.loc[checks[STOP_METRIC].idxmin(), "step"])
     assert val["best_step"] == best_step
     after = [s for s in checks["step"] if s > best_step]  # checks without improvement
     assert val["stopped_early"] and len(after) == config.patience and summary["steps"] == after[-1]
@@ -177,8 +177,8 @@ def test_early_stopping_keeps_the_best_validation_check(tiny_model_dir, tmp_path
     examples = build_examples(find_data(data).train, DataStats())
     tokenize_examples(examples, tok, config.max_length, DataStats())
     _, val_examples = validation_split(examples, config.validation_fraction, config.seed)
-    loss, _ = validation_metrics(rm, val_examples, tok.pad_token_id, "pair", 0.0, 32)
-    assert loss == pytest.approx(val["best_loss"], abs=1e-4)
+    metrics = validation_metrics(rm, val_examples, tok.pad_token_id, "pair", 0.0, 32)
+    assert metrics[STOP_METRIC] == pytest.approx(val["best_loss"], abs=1e-4)
 
 
 def test_readout_flags_are_checked_before_the_model_loads(tmp_path):

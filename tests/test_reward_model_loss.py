@@ -7,7 +7,7 @@ import torch
 
 from reward_model.data import DataStats, build_examples, collate
 from reward_model.evaluate import expected_calibration_error, human_agreement, prompt_bootstrap_interval
-from reward_model.loss import build_pair_index, pairwise_loss, ranking_loss, ranking_pairs
+from reward_model.loss import build_pair_index, pairwise_loss, ranking_loss, ranking_pairs, scale_free_loss
 from reward_model.model import EncodedSample
 from rlhf.records import Pair, RankedCompletion, RankedTask
 
@@ -219,3 +219,19 @@ def test_diagnostics_by_rank_gap_length_and_confidence():
     # confidences sigmoid(|d|): 0.525, 0.953, 0.5, 0.993
     assert d["reliability"] == [{"confidence": "0.5-0.6", "pairs": 2, "accuracy": 0.75},
                                 {"confidence": "0.9-1.0", "pairs": 2, "accuracy": 0.5}]
+
+
+def test_scale_free_loss_is_the_pair_loss_at_the_best_scale():
+    diffs, weights = torch.tensor([2.0, 1.0, -0.5, 3.0, 0.2]), torch.tensor([1.0, 2.0, 1.0, 1.0, 0.5])
+
+    def at(t: float) -> float:
+        return float((weights * pairwise_loss(t * diffs, torch.zeros(5))).sum() / weights.sum())
+
+    brute = min(at(10 ** (k / 1000)) for k in range(-3000, 3001))
+    assert scale_free_loss(diffs, weights) == pytest.approx(brute, abs=1e-6)
+    assert scale_free_loss(diffs, weights) < at(1.0)  # the plain loss is never below it
+    # the same for any spread of the rewards: an over-confident model is not penalised for its scale
+    assert scale_free_loss(100 * diffs, weights) == pytest.approx(scale_free_loss(diffs, weights), abs=1e-6)
+    # no scale helps a symmetric mistake: log 2, as constant rewards give; all pairs right: near 0
+    assert scale_free_loss(torch.tensor([1.0, -1.0]), torch.ones(2)) == pytest.approx(math.log(2))
+    assert scale_free_loss(torch.tensor([0.5, 2.0]), torch.ones(2)) < 1e-3
