@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 
 CANDIDATE_DEPTHS = (1 / 6, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 5 / 6, 1.0)
 """Shares of the depth whose layers are tried (SmolLM2-135M's 30 layers: 5, 8, 10, 15, 20, 25, 30)."""
-L2_GRID = (1e-3, 1e-2, 1e-1)
-"""L2 penalties tried per candidate, on standardised features (per pair: mean loss + l2 * |w|^2)."""
+L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+"""L2 penalties tried per candidate, on standardised features (per pair: mean loss + l2 * |w|^2). A few hundred
+pairs of 576 features often want 1.0 at the middle layers: a grid that stops at 0.1 leaves those layers
+under-regularised, and their inflated cross-validated loss turns the choice away from them."""
 FOLDS = 5
 MAX_SEARCH_RANKINGS = 2000
 """The search reads at most this many rankings (a seeded sample): enough to rank the candidates, and the
