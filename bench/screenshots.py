@@ -76,7 +76,10 @@ def sign_in(page, base: str, name: str) -> None:
     page.fill("#login-username", name)
     page.fill("#login-password", PASSWORD)
     page.press("#login-password", "Enter")
-    page.wait_for_selector(".rk-card", timeout=60_000)
+    page.wait_for_selector("#guide-panel:visible, .rk-layout:visible", timeout=60_000)
+    if page.locator("#guide-ok").is_visible():  # the guidelines come first for a new annotator
+        page.locator("#guide-ok").click()
+    page.wait_for_selector(".rk-card", state="visible", timeout=60_000)
 
 
 def shoot_phone(browser, base: str, out: Path) -> None:
@@ -86,6 +89,7 @@ def shoot_phone(browser, base: str, out: Path) -> None:
     sign_in(page, base, "alice")
     if page.locator(".rk-earlier").evaluate("node => node.open"):
         page.locator(".rk-earlier summary").tap()
+    page.evaluate("document.querySelector('.rk-clear').click()")  # the desktop shot's ranks came back as a draft
     headers = page.locator(".rk-card header")
     headers.nth(1).tap()
     page.locator(".rk-bar-tie").tap()
