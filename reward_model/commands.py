@@ -85,8 +85,8 @@ def run_train(args) -> None:
     print(f"read-out: layer {readout['layer'] or 'last'}, {readout['pool']} ({how})")
     if "validation" in summary:
         v = summary["validation"]
-        print(f"validation ({v['rankings']} rankings): best loss {v['best_loss']:.4f} at epoch {v['best_epoch']}"
-              f"{', stopped early' if v['stopped_early'] else ''}; those weights are kept")
+        print(f"validation ({v['rankings']} rankings): best scale-free loss {v['best_loss']:.4f} at epoch "
+              f"{v['best_epoch']}{', stopped early' if v['stopped_early'] else ''}; those weights are kept")
     print(f"reward's correlation with completion length (within prompts): {summary['length_correlation']:+.3f}")
     print(f"reward bias {summary['reward_bias']:+.4f} (SFT completions now mean 0); "
           f"per-prompt spread of mean reward {summary['per_prompt_mean_std']:.4f}")

@@ -50,8 +50,8 @@ class RewardTrainingConfig:
     # optimisation
     epochs: int = 10
     """At most this many passes over the training rankings; with a validation split (--validation-fraction),
-    training stops earlier once the validation loss has not improved for --patience checks, and the best
-    check's weights are kept."""
+    training stops earlier once the validation loss (at the rewards' best scale: `loss.scale_free_loss`) has not
+    improved for --patience checks, and the best check's weights are kept."""
     validation_fraction: float = 0.1
     """Share of the training prompts held back to choose when to stop (checked twice per epoch; the test split
     is never read). 0, or fewer than 5 validation prompts: train all --epochs and keep the last weights."""

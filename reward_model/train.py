@@ -123,7 +123,7 @@ def load_trained_weights(rm: RewardModel, rm_dir: str) -> None:
 
 MIN_VALIDATION_PROMPTS = 5
 CHECKS_PER_EPOCH = 2  # validation checks: twice per epoch lets one pass over a large set stop half-way
-STOP_METRIC = "val_loss"  # what the checks minimise (a key of `validation_metrics`)
+STOP_METRIC = "val_scale_free_loss"  # what the checks minimise (a key of `validation_metrics`): see `scale_free_loss`
 
 
 def validation_split(examples, fraction: float, seed: int):
