@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -504,6 +505,24 @@ def launch(p):
     return p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
 
 
+@contextmanager
+def browser_page(**page_options):
+    """A headless Chromium page (desktop size unless `page_options` say otherwise) and the list of script errors
+    it raises; the browser closes after the block."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(**(page_options or {"viewport": {"width": 1400, "height": 1000}}))
+            page.set_default_timeout(20_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            yield page, errors
+        finally:
+            browser.close()
+
+
 def sign_in(page, url: str, read_guidelines: bool = True) -> None:
     from playwright.sync_api import expect
 
@@ -523,199 +542,183 @@ def in_view(page, selector: str) -> bool:
 
 
 def test_a_phone_ranks_with_taps_and_the_action_bar(team_server):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, store = team_server
-    with sync_playwright() as p:
-        browser = launch(p)
-        try:
-            page = browser.new_page(viewport=PHONE, is_mobile=True, has_touch=True)
-            page.set_default_timeout(20_000)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(url)
-            page.fill("#login-username", "alice")
-            page.fill("#login-password", PASSWORD)
-            page.press("#login-password", "Enter")
-            # The guidelines first, in view; then the task. A reload does not show them again (read).
-            expect(page.locator("#guide-panel")).to_be_visible(timeout=30_000)
-            assert in_view(page, "#guide-ok")
-            expect(page.locator("#guide-changed")).to_be_hidden()  # (read for the first time)
-            expect(page.locator(".rk-layout")).to_be_hidden()
-            expect(page.locator(".rk-bar")).to_be_hidden()
-            page.locator("#guide-ok").tap()
-            expect(page.locator(".rk-layout")).to_be_visible()
-            page.reload()
-            expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)
-            expect(page.locator("#guide-panel")).to_be_hidden()
-            # Guidelines other than the version read (as after the owner changed the file): shown again, saying so.
-            page.evaluate("localStorage.setItem('rlhf-label-guidelines-read', 'an older version')")
-            page.reload()
-            expect(page.locator("#guide-panel")).to_be_visible(timeout=30_000)
-            expect(page.locator("#guide-changed")).to_have_text("The guidelines changed since you last read them.")
-            expect(page.locator(".rk-layout")).to_be_hidden()
-            page.locator("#guide-ok").tap()
-            expect(page.locator(".rk-layout")).to_be_visible()
-            expect(page.locator("#left")).to_have_text("3 left for you")
+    with browser_page(viewport=PHONE, is_mobile=True, has_touch=True) as (page, errors):
+        page.goto(url)
+        page.fill("#login-username", "alice")
+        page.fill("#login-password", PASSWORD)
+        page.press("#login-password", "Enter")
+        # The guidelines first, in view; then the task. A reload does not show them again (read).
+        expect(page.locator("#guide-panel")).to_be_visible(timeout=30_000)
+        assert in_view(page, "#guide-ok")
+        expect(page.locator("#guide-changed")).to_be_hidden()  # (read for the first time)
+        expect(page.locator(".rk-layout")).to_be_hidden()
+        expect(page.locator(".rk-bar")).to_be_hidden()
+        page.locator("#guide-ok").tap()
+        expect(page.locator(".rk-layout")).to_be_visible()
+        page.reload()
+        expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)
+        expect(page.locator("#guide-panel")).to_be_hidden()
+        # Guidelines other than the version read (as after the owner changed the file): shown again, saying so.
+        page.evaluate("localStorage.setItem('rlhf-label-guidelines-read', 'an older version')")
+        page.reload()
+        expect(page.locator("#guide-panel")).to_be_visible(timeout=30_000)
+        expect(page.locator("#guide-changed")).to_have_text("The guidelines changed since you last read them.")
+        expect(page.locator(".rk-layout")).to_be_hidden()
+        page.locator("#guide-ok").tap()
+        expect(page.locator(".rk-layout")).to_be_visible()
+        expect(page.locator("#left")).to_have_text("3 left for you")
 
-            # No keyboard hints on a touch screen.
-            for hint in (".rk-keys", ".rk-card .rk-key", ".rk-submit kbd"):
-                expect(page.locator(hint).first).to_be_hidden()
-            # Each card fits its column (an unbroken word, a wide code line and a wide table scroll inside),
-            # and nothing is wider than the screen.
-            column = page.locator(".rk-completions").bounding_box()
-            assert column["x"] >= 0 and column["x"] + column["width"] <= PHONE["width"]
-            for card in page.locator(".rk-card").all():
-                box = card.bounding_box()
-                assert column["x"] - 0.5 <= box["x"] and box["x"] + box["width"] <= column["x"] + column["width"] + 0.5
-                assert card.evaluate("node => node.scrollWidth <= node.clientWidth + 1")
-            assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        # No keyboard hints on a touch screen.
+        for hint in (".rk-keys", ".rk-card .rk-key", ".rk-submit kbd"):
+            expect(page.locator(hint).first).to_be_hidden()
+        # Each card fits its column (an unbroken word, a wide code line and a wide table scroll inside),
+        # and nothing is wider than the screen.
+        column = page.locator(".rk-completions").bounding_box()
+        assert column["x"] >= 0 and column["x"] + column["width"] <= PHONE["width"]
+        for card in page.locator(".rk-card").all():
+            box = card.bounding_box()
+            assert column["x"] - 0.5 <= box["x"] and box["x"] + box["width"] <= column["x"] + column["width"] + 0.5
+            assert card.evaluate("node => node.scrollWidth <= node.clientWidth + 1")
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
 
-            # The action bar stays at the bottom of the screen wherever the page is scrolled.
-            bar = page.locator(".rk-bar")
-            for scroll in (0, 100_000):
-                page.evaluate(f"window.scrollTo(0, {scroll})")
-                box = bar.bounding_box()
-                assert abs(box["y"] + box["height"] - PHONE["height"]) <= 1 and box["width"] == PHONE["width"]
-                for button in (".rk-bar-submit", ".rk-bar-skip", ".rk-bar-tie"):
-                    assert page.locator(button).bounding_box()["height"] >= 44  # a finger's size
-            expect(page.locator(".rk-bar-submit")).to_be_disabled()
+        # The action bar stays at the bottom of the screen wherever the page is scrolled.
+        bar = page.locator(".rk-bar")
+        for scroll in (0, 100_000):
+            page.evaluate(f"window.scrollTo(0, {scroll})")
+            box = bar.bounding_box()
+            assert abs(box["y"] + box["height"] - PHONE["height"]) <= 1 and box["width"] == PHONE["width"]
+            for button in (".rk-bar-submit", ".rk-bar-skip", ".rk-bar-tie"):
+                assert page.locator(button).bounding_box()["height"] >= 44  # a finger's size
+        expect(page.locator(".rk-bar-submit")).to_be_disabled()
 
-            # Ties by tapping: B, then "Tie next" and A (tied with B), then C.
-            page.evaluate("window.scrollTo(0, 0)")
-            ids = shown_ids(page)
-            headers = page.locator(".rk-card header")
-            headers.nth(1).tap()
-            page.locator(".rk-bar-tie").tap()
-            expect(page.locator(".rk-bar-tie")).to_have_attribute("aria-pressed", "true")
-            headers.nth(0).tap()
-            expect(page.locator(".rk-bar-tie")).to_have_attribute("aria-pressed", "false")  # one tie per tap
-            headers.nth(2).tap()
-            assert badges(page) == ["rank 1 (tie)", "rank 1 (tie)", "rank 2"]
-            expect(page.locator(".rk-bar-summary")).to_have_text("B = A > C")
+        # Ties by tapping: B, then "Tie next" and A (tied with B), then C.
+        page.evaluate("window.scrollTo(0, 0)")
+        ids = shown_ids(page)
+        headers = page.locator(".rk-card header")
+        headers.nth(1).tap()
+        page.locator(".rk-bar-tie").tap()
+        expect(page.locator(".rk-bar-tie")).to_have_attribute("aria-pressed", "true")
+        headers.nth(0).tap()
+        expect(page.locator(".rk-bar-tie")).to_have_attribute("aria-pressed", "false")  # one tie per tap
+        headers.nth(2).tap()
+        assert badges(page) == ["rank 1 (tie)", "rank 1 (tie)", "rank 2"]
+        expect(page.locator(".rk-bar-summary")).to_have_text("B = A > C")
 
-            # Submitted from the bottom of the page: the next task opens with its prompt in view.
-            page.evaluate("window.scrollTo(0, 100_000)")
-            first = page.locator(".rk-task-id").text_content()
-            assert not in_view(page, ".rk-prompt")
-            page.locator(".rk-bar-submit").tap()
-            expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
-            expect(page.locator(".rk-task-id")).not_to_have_text(first)
-            page.wait_for_function("() => document.querySelector('.rk-prompt').getBoundingClientRect().top >= 0")
-            assert in_view(page, ".rk-prompt") and in_view(page, ".rk-task-id")
-            expect(page.locator("#left")).to_have_text("2 left for you")
-            second = page.locator(".rk-task-id").text_content()
+        # Submitted from the bottom of the page: the next task opens with its prompt in view.
+        page.evaluate("window.scrollTo(0, 100_000)")
+        first = page.locator(".rk-task-id").text_content()
+        assert not in_view(page, ".rk-prompt")
+        page.locator(".rk-bar-submit").tap()
+        expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+        expect(page.locator(".rk-task-id")).not_to_have_text(first)
+        page.wait_for_function("() => document.querySelector('.rk-prompt').getBoundingClientRect().top >= 0")
+        assert in_view(page, ".rk-prompt") and in_view(page, ".rk-task-id")
+        expect(page.locator("#left")).to_have_text("2 left for you")
+        second = page.locator(".rk-task-id").text_content()
 
-            # Skip from the bar.
-            page.evaluate("window.scrollTo(0, 100_000)")
-            page.locator(".rk-bar-skip").tap()
-            expect(page.locator(".rk-toast")).to_have_text("Task skipped.")
-            expect(page.locator(".rk-task-id")).not_to_have_text(second)
-            expect(page.locator("#left")).to_have_text("1 left for you")
-            assert errors == []
-        finally:
-            browser.close()
+        # Skip from the bar.
+        page.evaluate("window.scrollTo(0, 100_000)")
+        page.locator(".rk-bar-skip").tap()
+        expect(page.locator(".rk-toast")).to_have_text("Task skipped.")
+        expect(page.locator(".rk-task-id")).not_to_have_text(second)
+        expect(page.locator("#left")).to_have_text("1 left for you")
+        assert errors == []
     assert store.get_own_ranking("alice", first).ranks == {ids[1]: 1, ids[0]: 1, ids[2]: 2}
     assert [(e["kind"], e["task_id"]) for e in store.events()] == [("submit", first), ("skip", second)]
 
 
 def test_cards_by_tab_with_visible_focus_and_drops_that_ask(team_server):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, store = team_server
-    with sync_playwright() as p:
-        browser = launch(p)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(20_000)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            sign_in(page, url)
-            ids = shown_ids(page)
-            expect(page.locator(".rk-keys")).to_be_visible()  # a desktop shows the keyboard hints
+    with browser_page() as (page, errors):
+        sign_in(page, url)
+        ids = shown_ids(page)
+        expect(page.locator(".rk-keys")).to_be_visible()  # a desktop shows the keyboard hints
 
-            # Tab reaches every card, and the focused card has a visible focus ring.
-            reached = []
-            for _ in range(40):
-                page.keyboard.press("Tab")
-                focused = page.evaluate("""() => { const n = document.activeElement;
-                    if (!n.classList.contains('rk-card')) return null;
-                    const s = getComputedStyle(n);
-                    return [n.dataset.id, s.outlineStyle, parseFloat(s.outlineWidth)]; }""")
-                if focused:
-                    assert focused[1] == "solid" and focused[2] >= 2
-                    if focused[0] not in reached:
-                        reached.append(focused[0])
-                if len(reached) == len(ids):
-                    break
-            assert reached == ids
-            # Space picks the focused card; Shift+Enter on the next one ties it.
-            def tab_back_to(card_id: str) -> None:
-                for _ in range(20):
-                    if page.evaluate("document.activeElement.dataset.id") == card_id:
-                        return
-                    page.keyboard.press("Shift+Tab")
-                raise AssertionError(f"Shift+Tab never reached {card_id}")
+        # Tab reaches every card, and the focused card has a visible focus ring.
+        reached = []
+        for _ in range(40):
+            page.keyboard.press("Tab")
+            focused = page.evaluate("""() => { const n = document.activeElement;
+                if (!n.classList.contains('rk-card')) return null;
+                const s = getComputedStyle(n);
+                return [n.dataset.id, s.outlineStyle, parseFloat(s.outlineWidth)]; }""")
+            if focused:
+                assert focused[1] == "solid" and focused[2] >= 2
+                if focused[0] not in reached:
+                    reached.append(focused[0])
+            if len(reached) == len(ids):
+                break
+        assert reached == ids
+        # Space picks the focused card; Shift+Enter on the next one ties it.
+        def tab_back_to(card_id: str) -> None:
+            for _ in range(20):
+                if page.evaluate("document.activeElement.dataset.id") == card_id:
+                    return
+                page.keyboard.press("Shift+Tab")
+            raise AssertionError(f"Shift+Tab never reached {card_id}")
 
-            tab_back_to(ids[0])
-            page.keyboard.press("Space")                   # A
-            tab_back_to(ids[0])
-            while page.evaluate("document.activeElement.dataset.id") != ids[1]:
-                page.keyboard.press("Tab")
-            page.keyboard.press("Shift+Enter")             # B, tied with A
-            assert badges(page) == ["rank 1 (tie)", "rank 1 (tie)", ""]
+        tab_back_to(ids[0])
+        page.keyboard.press("Space")                   # A
+        tab_back_to(ids[0])
+        while page.evaluate("document.activeElement.dataset.id") != ids[1]:
+            page.keyboard.press("Tab")
+        page.keyboard.press("Shift+Enter")             # B, tied with A
+        assert badges(page) == ["rank 1 (tie)", "rank 1 (tie)", ""]
 
-            # While dragging, every place between ranks is a drop target of at least 32 px; a drop on a
-            # rank row asks: tie, or a new rank above or below (Esc: nothing changes).
-            cards = page.locator(".rk-card header")
-            drag(page, cards.nth(2), page.locator('.rk-row[data-rank="1"]'))
-            expect(page.locator(".rk-ask")).to_be_visible()
-            assert page.locator(".rk-ask button").all_inner_texts() == [
-                "tie with rank 1", "new rank above", "new rank below", "cancel"]
-            page.keyboard.press("Escape")
-            expect(page.locator(".rk-ask")).to_have_count(0)
-            assert badges(page) == ["rank 1 (tie)", "rank 1 (tie)", ""]
-            box = cards.nth(2).bounding_box()
-            page.mouse.move(box["x"] + 40, box["y"] + 16)
-            page.mouse.down()
-            page.mouse.move(box["x"] + 52, box["y"] + 28, steps=3)
-            page.wait_for_function("() => document.querySelector('.rk-dragging-now .rk-ranking')")
-            targets = page.locator(".rk-ranking .rk-gap, .rk-ranking .rk-row").all()
-            heights = [target.bounding_box()["height"] for target in targets]
-            assert len(heights) == 4 and min(heights) >= 32
-            row = page.locator('.rk-row[data-rank="1"]').bounding_box()
-            page.mouse.move(row["x"] + row["width"] / 2, row["y"] + row["height"] / 2, steps=4)
-            page.mouse.up()
-            page.click(".rk-ask-above")                    # C alone at rank 1, A and B at rank 2
-            assert badges(page) == ["rank 2 (tie)", "rank 2 (tie)", "rank 1"]
-            assert page.locator(".rk-gap").first.bounding_box()["height"] < 32  # thin again at rest
-            drag(page, page.locator('.rk-row[data-rank="2"] .rk-chip').first, page.locator('.rk-row[data-rank="2"]'))
-            assert page.locator(".rk-ask button").all_inner_texts() == ["new rank above", "new rank below", "cancel"]
-            page.click(".rk-ask-below")                    # A out of the tie, below B
-            assert badges(page) == ["rank 3", "rank 2", "rank 1"]
-            drag(page, page.locator('.rk-row[data-rank="3"] .rk-chip'), page.locator('.rk-row[data-rank="1"]'))
-            page.click(".rk-ask-tie")                      # A tied with C
-            assert badges(page) == ["rank 1 (tie)", "rank 2", "rank 1 (tie)"]
+        # While dragging, every place between ranks is a drop target of at least 32 px; a drop on a
+        # rank row asks: tie, or a new rank above or below (Esc: nothing changes).
+        cards = page.locator(".rk-card header")
+        drag(page, cards.nth(2), page.locator('.rk-row[data-rank="1"]'))
+        expect(page.locator(".rk-ask")).to_be_visible()
+        assert page.locator(".rk-ask button").all_inner_texts() == [
+            "tie with rank 1", "new rank above", "new rank below", "cancel"]
+        page.keyboard.press("Escape")
+        expect(page.locator(".rk-ask")).to_have_count(0)
+        assert badges(page) == ["rank 1 (tie)", "rank 1 (tie)", ""]
+        box = cards.nth(2).bounding_box()
+        page.mouse.move(box["x"] + 40, box["y"] + 16)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 52, box["y"] + 28, steps=3)
+        page.wait_for_function("() => document.querySelector('.rk-dragging-now .rk-ranking')")
+        targets = page.locator(".rk-ranking .rk-gap, .rk-ranking .rk-row").all()
+        heights = [target.bounding_box()["height"] for target in targets]
+        assert len(heights) == 4 and min(heights) >= 32
+        row = page.locator('.rk-row[data-rank="1"]').bounding_box()
+        page.mouse.move(row["x"] + row["width"] / 2, row["y"] + row["height"] / 2, steps=4)
+        page.mouse.up()
+        page.click(".rk-ask-above")                    # C alone at rank 1, A and B at rank 2
+        assert badges(page) == ["rank 2 (tie)", "rank 2 (tie)", "rank 1"]
+        assert page.locator(".rk-gap").first.bounding_box()["height"] < 32  # thin again at rest
+        drag(page, page.locator('.rk-row[data-rank="2"] .rk-chip').first, page.locator('.rk-row[data-rank="2"]'))
+        assert page.locator(".rk-ask button").all_inner_texts() == ["new rank above", "new rank below", "cancel"]
+        page.click(".rk-ask-below")                    # A out of the tie, below B
+        assert badges(page) == ["rank 3", "rank 2", "rank 1"]
+        drag(page, page.locator('.rk-row[data-rank="3"] .rk-chip'), page.locator('.rk-row[data-rank="1"]'))
+        page.click(".rk-ask-tie")                      # A tied with C
+        assert badges(page) == ["rank 1 (tie)", "rank 2", "rank 1 (tie)"]
 
-            # A clicked card keeps Enter for submitting.
-            cards.nth(1).click()
-            cards.nth(1).click()                           # (B out and in again: rank 2)
-            assert badges(page) == ["rank 1 (tie)", "rank 2", "rank 1 (tie)"]
-            page.keyboard.press("Enter")
-            expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+        # A clicked card keeps Enter for submitting.
+        cards.nth(1).click()
+        cards.nth(1).click()                           # (B out and in again: rank 2)
+        assert badges(page) == ["rank 1 (tie)", "rank 2", "rank 1 (tie)"]
+        page.keyboard.press("Enter")
+        expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
 
-            # The session ends (signed out everywhere) while a task is open: the answer is refused and a
-            # message links to the sign-in page.
-            store.end_sessions("alice")
-            for key in ("1", "2", "3", "Enter"):
-                page.keyboard.press(key)
-            expect(page.locator(".rk-session")).to_be_visible(timeout=15_000)
-            expect(page.locator(".rk-session")).to_contain_text("Your session has ended")
-            page.click(".rk-session-link")
-            expect(page.locator("#login-form")).to_be_visible()
-            assert errors == []
-        finally:
-            browser.close()
+        # The session ends (signed out everywhere) while a task is open: the answer is refused and a
+        # message links to the sign-in page.
+        store.end_sessions("alice")
+        for key in ("1", "2", "3", "Enter"):
+            page.keyboard.press(key)
+        expect(page.locator(".rk-session")).to_be_visible(timeout=15_000)
+        expect(page.locator(".rk-session")).to_contain_text("Your session has ended")
+        page.click(".rk-session-link")
+        expect(page.locator("#login-form")).to_be_visible()
+        assert errors == []
     first = store.events()[0]["task_id"]
     assert len(store.events()) == 1
     assert store.get_own_ranking("alice", first).ranks == {ids[0]: 1, ids[1]: 2, ids[2]: 1}
@@ -816,107 +819,99 @@ def table_rows(page, selector: str) -> list[list[str]]:
 
 
 def test_the_admin_view_shows_annotators_and_the_most_disagreed_tasks(review_server):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, store = review_server
-    with sync_playwright() as p:
-        browser = launch(p)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(20_000)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(url)
-            page.fill("#login-username", "alice")  # no admin: no admin view
-            page.fill("#login-password", PASSWORD)
-            page.press("#login-password", "Enter")
-            expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)
-            expect(page.locator("#admin")).to_be_hidden()
-            # alice flags her task unsafe (by the keyboard) and comments with markup: stored as given, shown as text.
-            expect(page.locator(".rk-task-id")).to_have_text("open")
-            page.locator('.rk-flag[data-flag="unsafe"]').focus()
-            page.keyboard.press("Space")
-            expect(page.locator('.rk-flag[data-flag="unsafe"]')).to_have_attribute("aria-pressed", "true")
-            page.fill(".rk-comment", EVIL_ID)
-            page.locator(".rk-comment").blur()
-            for key in ("3", "1", "2", "Enter"):
-                page.keyboard.press(key)
-            expect(page.locator(".rk-done")).to_be_visible()
-            mine = store.get_own_ranking("alice", "open")
-            assert (mine.comment, mine.flags) == (EVIL_ID, ("unsafe",))
-            page.click("#sign-out")
-            page.goto(url)
-            page.fill("#login-username", "carol")
-            page.fill("#login-password", PASSWORD)
-            page.press("#login-password", "Enter")
-            expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)
-            page.locator("#admin button.label-wrap").click()
-            expect(page.locator("#admin-annotators .virtual-row[role=row]")).to_have_count(4)
-            rows = {row[0]: row[1:3] for row in table_rows(page, "#admin-annotators")}
-            assert rows == {"ann1": ["2", "0"], "ann2": ["2", "0"], "alice": ["1", "0"], "carol": ["0", "0"]}
-            # Comments and flags, newest first, the comments as text.
-            assert table_rows(page, "#admin-notes") == [["open", "alice", "ranked", "unsafe", EVIL_ID],
-                                                        [EVIL_ID, "ann2", "ranked", "off-topic", "see <b>B</b>"]]
-            # The reversed task first; the hostile task id is shown as text.
-            disagreed = table_rows(page, "#admin-disagreed")
-            assert [row[0] for row in disagreed] == ["calm", EVIL_ID]
-            page.locator("#admin-review-pick input").click()
-            page.locator("ul[role=listbox] li[role=option]").nth(1).click()
-            expect(page.locator("#admin-review-rankings .virtual-row[role=row]")).to_have_count(2)
-            assert table_rows(page, "#admin-review-rankings") == [["ann1", "A > B > C", "", ""],
-                                                                  ["ann2", "A > C > B", "off-topic", "see <b>B</b>"]]
-            assert [row[2] for row in table_rows(page, "#admin-review-legend")] == [
-                f"{EVIL_ID} answer {i}" for i in range(3)]
-            expect(page.locator("#admin-review-status textarea")).to_have_value("Not a gold question. Not resolved.")
-            # The picker's list fades out after a pick: measure once it is gone, not mid-fade.
-            expect(page.locator("ul[role=listbox]")).to_have_count(0)
-            texts = page.evaluate(CONTRAST)  # the admin view's text is as legible as the ranker's
-            assert len(texts) > 50 and [t for t in texts if "unknown" in t or t["ratio"] < 4.5] == []
+    with browser_page() as (page, errors):
+        page.goto(url)
+        page.fill("#login-username", "alice")  # no admin: no admin view
+        page.fill("#login-password", PASSWORD)
+        page.press("#login-password", "Enter")
+        expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)
+        expect(page.locator("#admin")).to_be_hidden()
+        # alice flags her task unsafe (by the keyboard) and comments with markup: stored as given, shown as text.
+        expect(page.locator(".rk-task-id")).to_have_text("open")
+        page.locator('.rk-flag[data-flag="unsafe"]').focus()
+        page.keyboard.press("Space")
+        expect(page.locator('.rk-flag[data-flag="unsafe"]')).to_have_attribute("aria-pressed", "true")
+        page.fill(".rk-comment", EVIL_ID)
+        page.locator(".rk-comment").blur()
+        for key in ("3", "1", "2", "Enter"):
+            page.keyboard.press(key)
+        expect(page.locator(".rk-done")).to_be_visible()
+        mine = store.get_own_ranking("alice", "open")
+        assert (mine.comment, mine.flags) == (EVIL_ID, ("unsafe",))
+        page.click("#sign-out")
+        page.goto(url)
+        page.fill("#login-username", "carol")
+        page.fill("#login-password", PASSWORD)
+        page.press("#login-password", "Enter")
+        expect(page.locator(".rk-layout")).to_be_visible(timeout=30_000)
+        page.locator("#admin button.label-wrap").click()
+        expect(page.locator("#admin-annotators .virtual-row[role=row]")).to_have_count(4)
+        rows = {row[0]: row[1:3] for row in table_rows(page, "#admin-annotators")}
+        assert rows == {"ann1": ["2", "0"], "ann2": ["2", "0"], "alice": ["1", "0"], "carol": ["0", "0"]}
+        # Comments and flags, newest first, the comments as text.
+        assert table_rows(page, "#admin-notes") == [["open", "alice", "ranked", "unsafe", EVIL_ID],
+                                                    [EVIL_ID, "ann2", "ranked", "off-topic", "see <b>B</b>"]]
+        # The reversed task first; the hostile task id is shown as text.
+        disagreed = table_rows(page, "#admin-disagreed")
+        assert [row[0] for row in disagreed] == ["calm", EVIL_ID]
+        page.locator("#admin-review-pick input").click()
+        page.locator("ul[role=listbox] li[role=option]").nth(1).click()
+        expect(page.locator("#admin-review-rankings .virtual-row[role=row]")).to_have_count(2)
+        assert table_rows(page, "#admin-review-rankings") == [["ann1", "A > B > C", "", ""],
+                                                              ["ann2", "A > C > B", "off-topic", "see <b>B</b>"]]
+        assert [row[2] for row in table_rows(page, "#admin-review-legend")] == [
+            f"{EVIL_ID} answer {i}" for i in range(3)]
+        expect(page.locator("#admin-review-status textarea")).to_have_value("Not a gold question. Not resolved.")
+        # The picker's list fades out after a pick: measure once it is gone, not mid-fade.
+        expect(page.locator("ul[role=listbox]")).to_have_count(0)
+        texts = page.evaluate(CONTRAST)  # the admin view's text is as legible as the ranker's
+        assert len(texts) > 50 and [t for t in texts if "unknown" in t or t["ratio"] < 4.5] == []
 
-            # A resolved ranking, typed as labels (a wrong one is refused with a reason, nothing stored).
-            page.fill("#admin-resolve-text textarea", "C > A > D")
-            page.click("#admin-resolve")
-            expect(page.locator("#admin-review-status textarea")).to_have_value(
-                "no completion is labelled 'D' (the labels: A, B, C)")
-            assert store.resolutions() == {}
-            page.fill("#admin-resolve-text textarea", "C > a = B")
-            page.click("#admin-resolve")
-            expect(page.locator("#admin-review-status textarea")).to_have_value(
-                "Saved. Not a gold question. Resolved: C > A = B (by carol).")
-            assert store.resolutions()[EVIL_ID][:2] == (
-                {f"{EVIL_ID}-2": 1, f"{EVIL_ID}-0": 2, f"{EVIL_ID}-1": 2}, "carol")
-            page.click("#admin-refresh")
-            expect(page.locator("#admin-disagreed")).to_contain_text("carol")
-            page.click("#admin-unresolve")
-            expect(page.locator("#admin-review-status textarea")).to_have_value(
-                "Saved. Not a gold question. Not resolved.")
-            assert store.resolutions() == {}
+        # A resolved ranking, typed as labels (a wrong one is refused with a reason, nothing stored).
+        page.fill("#admin-resolve-text textarea", "C > A > D")
+        page.click("#admin-resolve")
+        expect(page.locator("#admin-review-status textarea")).to_have_value(
+            "no completion is labelled 'D' (the labels: A, B, C)")
+        assert store.resolutions() == {}
+        page.fill("#admin-resolve-text textarea", "C > a = B")
+        page.click("#admin-resolve")
+        expect(page.locator("#admin-review-status textarea")).to_have_value(
+            "Saved. Not a gold question. Resolved: C > A = B (by carol).")
+        assert store.resolutions()[EVIL_ID][:2] == (
+            {f"{EVIL_ID}-2": 1, f"{EVIL_ID}-0": 2, f"{EVIL_ID}-1": 2}, "carol")
+        page.click("#admin-refresh")
+        expect(page.locator("#admin-disagreed")).to_contain_text("carol")
+        page.click("#admin-unresolve")
+        expect(page.locator("#admin-review-status textarea")).to_have_value(
+            "Saved. Not a gold question. Not resolved.")
+        assert store.resolutions() == {}
 
-            # ann1's ranking becomes the task's gold answer: ann2 (one pair of three the other way) is flagged.
-            page.locator("#admin-gold-from input").click()
-            page.locator("ul[role=listbox] li[role=option]", has_text="ann1").click()
-            page.click("#admin-make-gold")
-            expect(page.locator("#admin-review-status textarea")).to_have_value(
-                "Saved. Gold question: A > B > C (the ranking of ann1). Not resolved.")
-            page.click("#admin-refresh")
-            columns = page.eval_on_selector_all("#admin-annotators [role=columnheader]",
-                                                "cells => cells.map((c) => c.innerText.trim())")
-            expect(page.locator("#admin-annotators")).to_contain_text("0.667")
-            rows = {row[0]: dict(zip(columns, row)) for row in table_rows(page, "#admin-annotators")}
-            assert (rows["ann2"]["gold_tasks"], rows["ann2"]["gold_accuracy"], rows["ann2"]["flagged"]) == (
-                "1", "0.667", "true")
-            assert rows["ann1"]["gold_tasks"] == "0"
-            assert store.gold_answers()[EVIL_ID] == ({f"{EVIL_ID}-0": 1, f"{EVIL_ID}-1": 2, f"{EVIL_ID}-2": 3},
-                                                     "ann1")
-            page.click("#admin-drop-gold")
-            expect(page.locator("#admin-review-status textarea")).to_have_value(
-                "Saved. Not a gold question. Not resolved.")
-            assert store.gold_answers() == {}
-            assert page.locator("#admin img, #admin script").count() == 0
-            assert page.evaluate("typeof window.__pwned") == "undefined"
-            assert errors == []
-        finally:
-            browser.close()
+        # ann1's ranking becomes the task's gold answer: ann2 (one pair of three the other way) is flagged.
+        page.locator("#admin-gold-from input").click()
+        page.locator("ul[role=listbox] li[role=option]", has_text="ann1").click()
+        page.click("#admin-make-gold")
+        expect(page.locator("#admin-review-status textarea")).to_have_value(
+            "Saved. Gold question: A > B > C (the ranking of ann1). Not resolved.")
+        page.click("#admin-refresh")
+        columns = page.eval_on_selector_all("#admin-annotators [role=columnheader]",
+                                            "cells => cells.map((c) => c.innerText.trim())")
+        expect(page.locator("#admin-annotators")).to_contain_text("0.667")
+        rows = {row[0]: dict(zip(columns, row)) for row in table_rows(page, "#admin-annotators")}
+        assert (rows["ann2"]["gold_tasks"], rows["ann2"]["gold_accuracy"], rows["ann2"]["flagged"]) == (
+            "1", "0.667", "true")
+        assert rows["ann1"]["gold_tasks"] == "0"
+        assert store.gold_answers()[EVIL_ID] == ({f"{EVIL_ID}-0": 1, f"{EVIL_ID}-1": 2, f"{EVIL_ID}-2": 3},
+                                                 "ann1")
+        page.click("#admin-drop-gold")
+        expect(page.locator("#admin-review-status textarea")).to_have_value(
+            "Saved. Not a gold question. Not resolved.")
+        assert store.gold_answers() == {}
+        assert page.locator("#admin img, #admin script").count() == 0
+        assert page.evaluate("typeof window.__pwned") == "undefined"
+        assert errors == []
 
 
 def drafts_in(page, expected: dict[str, list]) -> bool:
@@ -932,129 +927,113 @@ def drafts_in(page, expected: dict[str, list]) -> bool:
 
 
 def test_a_half_ranked_task_comes_back_after_a_reload_and_a_new_sign_in(team_server):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, store = team_server
-    with sync_playwright() as p:
-        browser = launch(p)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(20_000)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            sign_in(page, url)
-            first = page.locator(".rk-task-id").text_content()
-            ids = shown_ids(page)
-            page.keyboard.press("2")
-            page.keyboard.press("Shift+1")                 # A tied with B; C not ranked yet
-            expect(page.locator(".rk-badge").nth(0)).to_have_text("rank 1 (tie)")
-            assert drafts_in(page, {f"alice/{first}": [[ids[1], ids[0]]]})
-            for _ in range(100):  # the server keeps it too, shortly after the last change
-                if store.draft("alice", first) == {ids[1]: 1, ids[0]: 1}:
-                    break
-                page.wait_for_timeout(100)
-            assert store.draft("alice", first) == {ids[1]: 1, ids[0]: 1}
+    with browser_page() as (page, errors):
+        sign_in(page, url)
+        first = page.locator(".rk-task-id").text_content()
+        ids = shown_ids(page)
+        page.keyboard.press("2")
+        page.keyboard.press("Shift+1")                 # A tied with B; C not ranked yet
+        expect(page.locator(".rk-badge").nth(0)).to_have_text("rank 1 (tie)")
+        assert drafts_in(page, {f"alice/{first}": [[ids[1], ids[0]]]})
+        for _ in range(100):  # the server keeps it too, shortly after the last change
+            if store.draft("alice", first) == {ids[1]: 1, ids[0]: 1}:
+                break
+            page.wait_for_timeout(100)
+        assert store.draft("alice", first) == {ids[1]: 1, ids[0]: 1}
 
-            # Another browser (another device, nothing stored there): the server's draft comes back.
-            other = browser.new_context(viewport={"width": 1400, "height": 1000})
-            other_page = other.new_page()
-            sign_in(other_page, url)
-            expect(other_page.locator(".rk-toast")).to_have_text("Your unsent ranking of this task is back.")
-            expect(other_page.locator(".rk-task-id")).to_have_text(first)
-            assert badges(other_page) == ["rank 1 (tie)", "rank 1 (tie)", ""]
-            other.close()
+        # Another browser (another device, nothing stored there): the server's draft comes back.
+        other = page.context.browser.new_context(viewport={"width": 1400, "height": 1000})
+        other_page = other.new_page()
+        sign_in(other_page, url)
+        expect(other_page.locator(".rk-toast")).to_have_text("Your unsent ranking of this task is back.")
+        expect(other_page.locator(".rk-task-id")).to_have_text(first)
+        assert badges(other_page) == ["rank 1 (tie)", "rank 1 (tie)", ""]
+        other.close()
 
-            page.reload()                                  # a reload: the same task, the same half ranking
-            expect(page.locator(".rk-toast")).to_have_text("Your unsent ranking of this task is back.",
-                                                           timeout=30_000)
-            expect(page.locator(".rk-task-id")).to_have_text(first)
-            assert badges(page) == ["rank 1 (tie)", "rank 1 (tie)", ""]
-            page.keyboard.press("u")                       # undo goes back to how the task opened
-            assert badges(page) == ["", "", ""]
-            assert drafts_in(page, {})
-            page.keyboard.press("2")
-            page.keyboard.press("1")
+        page.reload()                                  # a reload: the same task, the same half ranking
+        expect(page.locator(".rk-toast")).to_have_text("Your unsent ranking of this task is back.",
+                                                       timeout=30_000)
+        expect(page.locator(".rk-task-id")).to_have_text(first)
+        assert badges(page) == ["rank 1 (tie)", "rank 1 (tie)", ""]
+        page.keyboard.press("u")                       # undo goes back to how the task opened
+        assert badges(page) == ["", "", ""]
+        assert drafts_in(page, {})
+        page.keyboard.press("2")
+        page.keyboard.press("1")
 
-            # The session ends: the answer is not sent, the draft stays; after signing in again it is back.
-            store.end_sessions("alice")
-            page.keyboard.press("3")
-            page.keyboard.press("Enter")
-            expect(page.locator(".rk-session")).to_be_visible(timeout=15_000)
-            assert drafts_in(page, {f"alice/{first}": [[ids[1]], [ids[0]], [ids[2]]]})
-            page.click(".rk-session-link")
-            page.fill("#login-username", "alice")
-            page.fill("#login-password", PASSWORD)
-            page.press("#login-password", "Enter")
-            expect(page.locator(".rk-toast")).to_have_text("Your unsent ranking of this task is back.",
-                                                           timeout=30_000)
-            expect(page.locator(".rk-task-id")).to_have_text(first)
-            assert badges(page) == ["rank 2", "rank 1", "rank 3"]
-            page.keyboard.press("Enter")
-            expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
-            expect(page.locator(".rk-task-id")).not_to_have_text(first)
-            assert drafts_in(page, {})  # stored: the draft is gone
-            assert store.draft("alice", first) is None
-            assert errors == []
-        finally:
-            browser.close()
+        # The session ends: the answer is not sent, the draft stays; after signing in again it is back.
+        store.end_sessions("alice")
+        page.keyboard.press("3")
+        page.keyboard.press("Enter")
+        expect(page.locator(".rk-session")).to_be_visible(timeout=15_000)
+        assert drafts_in(page, {f"alice/{first}": [[ids[1]], [ids[0]], [ids[2]]]})
+        page.click(".rk-session-link")
+        page.fill("#login-username", "alice")
+        page.fill("#login-password", PASSWORD)
+        page.press("#login-password", "Enter")
+        expect(page.locator(".rk-toast")).to_have_text("Your unsent ranking of this task is back.",
+                                                       timeout=30_000)
+        expect(page.locator(".rk-task-id")).to_have_text(first)
+        assert badges(page) == ["rank 2", "rank 1", "rank 3"]
+        page.keyboard.press("Enter")
+        expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+        expect(page.locator(".rk-task-id")).not_to_have_text(first)
+        assert drafts_in(page, {})  # stored: the draft is gone
+        assert store.draft("alice", first) is None
+        assert errors == []
     assert store.get_own_ranking("alice", first).ranks == {ids[1]: 1, ids[0]: 2, ids[2]: 3}
 
 
 def test_undo_the_last_submit_and_the_last_skip(team_server):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, store = team_server
-    with sync_playwright() as p:
-        browser = launch(p)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(20_000)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            sign_in(page, url)
-            undo = page.locator(".rk-undo-answer")
-            expect(undo).to_be_hidden()
-            first = page.locator(".rk-task-id").text_content()
-            ids = shown_ids(page)
-            for key in ("1", "2", "3", "Enter"):
-                page.keyboard.press(key)
-            expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
-            expect(page.locator(".rk-task-id")).not_to_have_text(first)
-            # Undo: the task opens again with the stored ranking; changed and submitted, it is an edit.
-            undo.click()
-            expect(page.locator(".rk-task-id")).to_have_text(first)
-            expect(page.locator(".rk-banner")).to_be_visible()
-            assert badges(page) == ["rank 1", "rank 2", "rank 3"]
-            expect(undo).to_be_hidden()
-            for key in ("Escape", "3", "2", "1", "Enter"):
-                page.keyboard.press(key)
-            expect(page.locator(".rk-toast")).to_have_text("Ranking updated.")
-            second = page.locator(".rk-task-id").text_content()
-            assert second != first
+    with browser_page() as (page, errors):
+        sign_in(page, url)
+        undo = page.locator(".rk-undo-answer")
+        expect(undo).to_be_hidden()
+        first = page.locator(".rk-task-id").text_content()
+        ids = shown_ids(page)
+        for key in ("1", "2", "3", "Enter"):
+            page.keyboard.press(key)
+        expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+        expect(page.locator(".rk-task-id")).not_to_have_text(first)
+        # Undo: the task opens again with the stored ranking; changed and submitted, it is an edit.
+        undo.click()
+        expect(page.locator(".rk-task-id")).to_have_text(first)
+        expect(page.locator(".rk-banner")).to_be_visible()
+        assert badges(page) == ["rank 1", "rank 2", "rank 3"]
+        expect(undo).to_be_hidden()
+        for key in ("Escape", "3", "2", "1", "Enter"):
+            page.keyboard.press(key)
+        expect(page.locator(".rk-toast")).to_have_text("Ranking updated.")
+        second = page.locator(".rk-task-id").text_content()
+        assert second != first
 
-            # Undo a skip flagged broken-prompt: the task opens again with its reason and flag, and can be ranked.
-            page.click('.rk-flag[data-flag="broken-prompt"]')
-            page.keyboard.press("s")
-            page.keyboard.type("the prompt is cut off")
-            page.keyboard.press("Enter")
-            expect(page.locator(".rk-toast")).to_have_text("Task skipped.")
-            expect(page.locator(".rk-task-id")).not_to_have_text(second)
-            expect(page.locator(".rk-comment")).to_have_value("")  # the next task: no comment, no flag
-            expect(page.locator('.rk-flag[aria-pressed="true"]')).to_have_count(0)
-            undo.click()
-            expect(page.locator(".rk-task-id")).to_have_text(second)
-            expect(page.locator(".rk-comment")).to_have_value("the prompt is cut off")
-            expect(page.locator('.rk-flag[data-flag="broken-prompt"]')).to_have_attribute("aria-pressed", "true")
-            second_ids = shown_ids(page)
-            for key in ("2", "1", "3", "Enter"):
-                page.keyboard.press(key)
-            expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
-            # The offer lasts a short while only.
-            expect(undo).to_be_visible()
-            expect(undo).to_be_hidden(timeout=15_000)
-            assert errors == []
-        finally:
-            browser.close()
+        # Undo a skip flagged broken-prompt: the task opens again with its reason and flag, and can be ranked.
+        page.click('.rk-flag[data-flag="broken-prompt"]')
+        page.keyboard.press("s")
+        page.keyboard.type("the prompt is cut off")
+        page.keyboard.press("Enter")
+        expect(page.locator(".rk-toast")).to_have_text("Task skipped.")
+        expect(page.locator(".rk-task-id")).not_to_have_text(second)
+        expect(page.locator(".rk-comment")).to_have_value("")  # the next task: no comment, no flag
+        expect(page.locator('.rk-flag[aria-pressed="true"]')).to_have_count(0)
+        undo.click()
+        expect(page.locator(".rk-task-id")).to_have_text(second)
+        expect(page.locator(".rk-comment")).to_have_value("the prompt is cut off")
+        expect(page.locator('.rk-flag[data-flag="broken-prompt"]')).to_have_attribute("aria-pressed", "true")
+        second_ids = shown_ids(page)
+        for key in ("2", "1", "3", "Enter"):
+            page.keyboard.press(key)
+        expect(page.locator(".rk-toast")).to_have_text("Ranking saved.")
+        # The offer lasts a short while only.
+        expect(undo).to_be_visible()
+        expect(undo).to_be_hidden(timeout=15_000)
+        assert errors == []
     assert [(e["kind"], e["task_id"]) for e in store.events()] == [
         ("submit", first), ("edit", first), ("skip", second), ("submit", second)]
     assert store.get_own_ranking("alice", first).ranks == {ids[2]: 1, ids[1]: 2, ids[0]: 3}
