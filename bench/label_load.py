@@ -17,12 +17,14 @@ Targets: submit p95 < 200 ms, 0 missing, 0 duplicates, 0 tasks past the overlap.
 Hostile clients run beside the honest ones (--hoarders, --odd): a hoarder takes a task and skips it, reopens
 every task it skipped from its history, and takes the next, again and again (the way one annotator once held
 every place); an odd client sends Gradio's routes and the API odd bodies (unknown fn_index, empty session
-hash, direct API calls, a ranking that repeats a completion id). Also checked: 0 answers 5xx to anyone, and
+hash, direct API calls, a ranking that repeats a completion id); neither waits out a 429 (the server's
+per-annotator request budget, `rlhf label --rate-limit`), as honest clients do. Also checked: 0 answers 5xx
+to anyone, and
 no honest annotator finds an empty queue while a task they have not answered has a place that no honest
 annotator holds, beyond the --max-held places each hoarder may hold.
 
     .venv/bin/python bench/label_load.py [--backends sqlite postgresql] [--clients 200] [--tasks 2000]
-                                         [--seconds 60] [--think 5] [--overlap 2]
+                                         [--seconds 60] [--think 5] [--overlap 2] [--rate-limit R]
 """
 
 from __future__ import annotations
@@ -97,9 +99,11 @@ def hoarded(url: str, name: str, overlap: int) -> int:
         return sum(taken.get(t, 0) < overlap for t in store.task_ids() if t not in done)
 
 
-def start_server(url: str, overlap: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([*SERVE, "--db", url, "--host", "127.0.0.1", "--port", "0", "--overlap", str(overlap)],
-                            stdout=subprocess.PIPE, text=True)
+def start_server(url: str, overlap: int, rate_limit: float | None = None) -> tuple[subprocess.Popen, str]:
+    """`rate_limit` None: the server's default request budget."""
+    budget = [] if rate_limit is None else ["--rate-limit", str(rate_limit)]
+    proc = subprocess.Popen([*SERVE, "--db", url, "--host", "127.0.0.1", "--port", "0", "--overlap", str(overlap),
+                             *budget], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
     if not match:
@@ -119,13 +123,20 @@ class Annotator:
         self.http = httpx.AsyncClient(timeout=30, transport=httpx.AsyncHTTPTransport(
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)], limits=httpx.Limits(max_connections=1)))
 
-    async def send(self, out: dict, method: str, path: str, **kw) -> tuple[httpx.Response, float]:
+    async def send(self, out: dict, method: str, path: str, *, polite: bool = True,
+                   **kw) -> tuple[httpx.Response, float]:
         """(response, seconds from the first try to the answer): re-sent (same body, so the same request id)
-        after a dropped connection, on the next server, or after a 503, for at most RETRY_SECONDS."""
+        after a dropped connection, on the next server, or after a 503, for at most RETRY_SECONDS; a `polite`
+        client also waits out a 429's Retry-After and sends again."""
         start = time.perf_counter()
         while True:
             try:
                 response = await self.http.request(method, self.bases[self.server] + path, **kw)
+                if response.status_code == 429:
+                    out["429"][polite] += 1
+                    if polite:
+                        await asyncio.sleep(float(response.headers.get("retry-after", "1")))
+                        continue
                 if response.status_code != 503:
                     return response, time.perf_counter() - start
                 out["retries_503"] += 1
@@ -176,15 +187,16 @@ async def hoard(who: Annotator, deadline: float, out: dict) -> None:
     """Take a task and skip it, reopen every task skipped so far, take the next: over and over."""
     skipped: list[str] = []
     while time.monotonic() < deadline:
-        response, _ = await who.send(out, "GET", "/api/next")
+        response, _ = await who.send(out, "GET", "/api/next", polite=False)
         count_status(out, response)
         task = response.json().get("task") if response.status_code == 200 else None
         if task is not None:
-            response, _ = await who.send(out, "POST", "/api/skip", json={"task_id": task["id"]})
+            response, _ = await who.send(out, "POST", "/api/skip", json={"task_id": task["id"]}, polite=False)
             count_status(out, response)
-            skipped.append(task["id"])
+            if response.status_code == 200:
+                skipped.append(task["id"])
         for task_id in skipped[-20:]:
-            response, _ = await who.send(out, "GET", "/api/task", params={"id": task_id})
+            response, _ = await who.send(out, "GET", "/api/task", params={"id": task_id}, polite=False)
             count_status(out, response)
         await asyncio.sleep(0.05)
 
@@ -216,6 +228,7 @@ async def send_odd(who: Annotator, deadline: float, out: dict) -> None:
                                               headers={"content-type": "application/json"}, timeout=5)
             count_status(out, response)
             out["odd"] += 1
+            out["429"][False] += response.status_code == 429
         except httpx.TimeoutException:
             pass  # a stream that stays open (answered 200): nothing to count
         except httpx.TransportError:
@@ -282,19 +295,21 @@ def summarize(out: dict, elapsed: float, checked: dict) -> dict:
             "retries": f"{out['retries_dropped']} dropped / {out['retries_503']} x 503",
             "errors": len(out["errors"]), "faults": out["faults"], "requests": out["requests"],
             "5xx": len(out["5xx"]), "odd": out["odd"], "honest_empty": out["honest_empty"],
-            "hoarded": out["hoarded"], "hoard_bound": out["hoard_bound"], **checked}
+            "hoarded": out["hoarded"], "hoard_bound": out["hoard_bound"], "429_honest": out["429"][True],
+            "429_hostile": out["429"][False], **checked}
 
 
 def new_out(url: str, overlap: int, hoard_bound: int) -> dict:
     return {"next": [], "submit": [], "acked": [], "errors": [], "faults": [], "retries_dropped": 0,
-            "retries_503": 0, "requests": 0, "5xx": [], "odd": 0, "honest_empty": 0, "hoarded": 0, "url": url,
+            "retries_503": 0, "429": {True: 0, False: 0},
+            "requests": 0, "5xx": [], "odd": 0, "honest_empty": 0, "hoarded": 0, "url": url,
             "overlap": overlap, "hoard_bound": hoard_bound}
 
 
 def bench_sqlite(args, tmp: Path) -> dict:
     url = str(tmp / "labels.db")
     names = make_store(url, args.tasks, args.k, args.clients, random.Random(0), hostile_names(args))
-    proc, base = start_server(url, args.overlap)
+    proc, base = start_server(url, args.overlap, args.rate_limit)
     out = new_out(url, args.overlap, args.hoarders * MAX_HELD)
     try:
         elapsed = asyncio.run(run_clients(names, [base], args.seconds, args.think, out, [], hostile_names(args)))
@@ -317,7 +332,7 @@ def bench_postgresql(args) -> dict:
     try:
         url = cluster.new_database()
         names = make_store(url, args.tasks, args.k, args.clients, random.Random(0), hostile_names(args))
-        servers = [start_server(url, args.overlap) for _ in range(args.servers)]
+        servers = [start_server(url, args.overlap, args.rate_limit) for _ in range(args.servers)]
         procs = [proc for proc, _ in servers]
 
         def kill_first_server() -> None:
@@ -362,6 +377,8 @@ def main() -> None:
                         help="mean seconds each client pauses before a task (uniform 0.5x-1.5x; default 5, far "
                              "quicker than a person reading K completions); 0 = no pause, saturation")
     parser.add_argument("--overlap", type=int, default=2, help="--overlap of the servers (default 2)")
+    parser.add_argument("--rate-limit", type=float, default=None,
+                        help="the servers' --rate-limit (default: theirs); 0 with --think 0 to measure saturation")
     parser.add_argument("--servers", type=int, default=2, help="app servers on the PostgreSQL database (default 2)")
     args = parser.parse_args()
 
@@ -389,6 +406,8 @@ def main() -> None:
         ("tasks past the overlap", lambda r: str(r["over_overlap"])),
         ("other errors", lambda r: str(r["errors"])),
         ("requests answered 5xx", lambda r: f"{r['5xx']} of {r['requests']} ({r['odd']} odd)"),
+        ("429s (request budget spent): honest, waited out / hostile",
+         lambda r: f"{r['429_honest']} / {r['429_hostile']}"),
         ("honest empty queues / most places only hoarders held then (bound)",
          lambda r: f"{r['honest_empty']} / {r['hoarded']} ({r['hoard_bound']})"),
     ]

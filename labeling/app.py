@@ -18,8 +18,9 @@ get a strict Content-Security-Policy; Gradio pages need inline and evaluated scr
 every foreign origin, plugins and framing, and model output is kept inert by the widget itself (textContent
 only). ASGI middleware (labeling/guards.py) in front of every route, Gradio's included, refuses bodies over
 MAX_BODY_BYTES before reading them, requires a session for every Gradio route and keeps each Gradio page
-session to the annotator who opened it. Failed sign-ins are throttled per account and per client address
-(`labeling.auth.LoginThrottle`).
+session to the annotator who opened it, and gives each signed-in annotator a request budget (`--rate-limit`), so
+one client looping over valid requests cannot slow the others. Failed sign-ins are throttled per account and
+per client address (`labeling.auth.LoginThrottle`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request) at
@@ -30,8 +31,8 @@ from typing import Any, Callable
 
 from labeling import handlers
 from labeling.auth import SESSION_SECONDS, LoginThrottle, Sessions
-from labeling.guards import SIGNED_IN_STATE, BodyLimit, SameOrigin, SignInGate, route_path
-from labeling.handlers import AppSettings, RequestError
+from labeling.guards import SIGNED_IN_STATE, BodyLimit, RequestBudget, SameOrigin, SignInGate, route_path
+from labeling.handlers import REQUEST_BURST, AppSettings, RequestError
 from labeling.store import Conflict, SQLLabelStore, StorageUnavailable, StoreError, UnknownAnnotator, UnknownTask
 from rlhf.errors import UserError
 
@@ -60,6 +61,9 @@ CLOSED_PREFIXES = ("/gradio_api/run/", "/gradio_api/api/", "/gradio_api/call/", 
                    "/gradio_api/undo-vibe-", "/gradio_api/dev/", "/gradio_api/proxy=")
 """Gradio's routes for direct API calls (the UI's page goes through its queue) and its editing, reloading and
 proxying routes: the UI uses none of them, and the direct calls answered odd bodies with a 500."""
+STATIC_PREFIXES = ("/assets/", "/static/", "/auth/", "/theme.css")
+"""Static files (Gradio's scripts, styles and fonts, the sign-in page's): a page load fetches about 70, so they
+spend no request budget."""
 _UNKNOWN = object()
 
 
@@ -128,7 +132,8 @@ def create_app(store: SQLLabelStore, settings: AppSettings, sessions: "Sessions 
     # Middleware, outermost first: security_headers (below), BodyLimit, SameOrigin, CORS, SignInGate, the routes.
     app.add_middleware(SignInGate, annotator_of_token=sessions.annotator, cookie_name=SESSION_COOKIE,
                        open_prefixes=OWN_PATHS, closed_paths=CLOSED_PATHS, closed_prefixes=CLOSED_PREFIXES,
-                       max_body_bytes=MAX_BODY_BYTES, event_ids=event_ids)
+                       max_body_bytes=MAX_BODY_BYTES, event_ids=event_ids, free_prefixes=STATIC_PREFIXES,
+                       budget=RequestBudget(settings.request_rate, REQUEST_BURST) if settings.request_rate else None)
     # No origin may read or call us across origins. (Without a CORS policy of ours, Gradio adds its own,
     # which lets pages served from localhost call the UI's events with the annotator's cookie.)
     app.add_middleware(CORSMiddleware, allow_origins=[])
@@ -196,9 +201,10 @@ def create_app(store: SQLLabelStore, settings: AppSettings, sessions: "Sessions 
     async def call(request: Request, handler: Callable, *args) -> JSONResponse:
         # Store calls block (the database, scrypt): the session lookup and the handler run in the thread pool,
         # not on the event loop.
+        annotator = request.scope.get("state", {}).get(SIGNED_IN_STATE, _UNKNOWN)  # SignInGate's, if it looked
         token = token_of(request)
-        return JSONResponse(await run_in_threadpool(
-            lambda: handler(store, sessions.annotator(token), settings, *args)))
+        return JSONResponse(await run_in_threadpool(lambda: handler(
+            store, sessions.annotator(token) if annotator is _UNKNOWN else annotator, settings, *args)))
 
     @app.get("/login", include_in_schema=False)
     async def login_page():

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from labeling.active import ORDERS, SCORED_ORDERS
-from labeling.handlers import FLAGS, GOLD_RATE
+from labeling.handlers import FLAGS, GOLD_RATE, REQUEST_BURST, REQUEST_RATE
 from labeling.stats import GOLD_THRESHOLD
 from labeling.store.sql import MAX_HELD
 from rlhf.config_args import positive_int
@@ -154,6 +155,11 @@ def add_commands(sub) -> None:
     p.add_argument("--max-held", type=positive_int, default=MAX_HELD,
                    help=f"the most tasks one annotator holds at a time, served and not yet answered (default "
                         f"{MAX_HELD}): nobody can take every place by opening tasks and leaving them")
+    p.add_argument("--rate-limit", type=float, default=REQUEST_RATE, metavar="PER_SECOND",
+                   help=f"requests a second each signed-in annotator may make, beyond a burst of {REQUEST_BURST} "
+                        f"(static files free; default {REQUEST_RATE:g}: a person reading completions makes one "
+                        "every few seconds); past it a 429 with Retry-After, so one client looping over the API "
+                        "cannot slow the others; 0: no limit (a trusted script)")
     p.add_argument("--gold-rate", type=float, default=GOLD_RATE,
                    help=f"share of the tasks served that are gold questions (tasks imported with a known answer, "
                         f"or marked by an admin), blind among the others (default {GOLD_RATE})")
@@ -424,11 +430,13 @@ def run_label(args) -> None:
         raise UserError(f"--port must be 0-65535, got {args.port}")
     if not 0 <= args.gold_rate <= 1:
         raise UserError(f"--gold-rate must be from 0 to 1, got {args.gold_rate}")
+    if not (args.rate_limit >= 0 and math.isfinite(args.rate_limit)):
+        raise UserError(f"--rate-limit must be 0 (no limit) or a number of requests a second, got {args.rate_limit}")
     if not 0 <= args.gold_threshold <= 1:
         raise UserError(f"--gold-threshold must be from 0 to 1, got {args.gold_threshold}")
     settings = AppSettings(overlap=args.overlap, guidelines_html=render_guidelines(args.guidelines),
                            admins=frozenset(args.admin), max_held=args.max_held, gold_rate=args.gold_rate,
-                           gold_threshold=args.gold_threshold, flags=args.flags)
+                           gold_threshold=args.gold_threshold, flags=args.flags, request_rate=args.rate_limit)
     root_path = args.root_path.rstrip("/")
     if root_path and not root_path.startswith("/"):
         raise UserError(f"--root-path must start with '/', got {args.root_path!r}")

@@ -12,15 +12,21 @@
   Gradio identifies a page by a client-chosen `session_hash` and streams that page's
   event output (the annotator's name, history, ranks) to whoever asks for the hash. The gate binds each
   hash to the annotator who first used it and refuses it to anyone else.
+- `RequestBudget` (used by `SignInGate`): each signed-in annotator may make a few requests a second beyond a
+  burst (static files free), so one client flooding the server with valid requests (taking, skipping and
+  reopening tasks in a loop) cannot slow everyone else's; past it, a 429 with Retry-After, before any handler.
 
 Plain ASGI (no FastAPI), so it runs before any route, and answers with one-line JSON errors.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import re
 import threading
+import time
 from collections import OrderedDict
 from typing import Awaitable, Callable, Container, Iterable
 from urllib.parse import parse_qs
@@ -36,6 +42,8 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 MAX_SESSION_HASH_LENGTH = 128
+REFUSAL_PAUSE_SECONDS = 1.0
+"""The longest a request over its annotator's budget waits for its 429."""
 SIGNED_IN_STATE = "rlhf_annotator"
 """Key of the request's state (scope["state"]) where SignInGate leaves the annotator it found."""
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -141,6 +149,28 @@ class BodyLimit:
             await send_error(send, 413, too_large, [(b"connection", b"close")])
 
 
+class Recent:
+    """A mapping that keeps its `max_entries` most recently used keys (thread-safe)."""
+
+    def __init__(self, max_entries: int = 20_000):
+        self._items: OrderedDict[str, str] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+            return self._items.get(key)
+
+    def put(self, key: str, value: str) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._max:
+                self._items.popitem(last=False)
+
+
 class SessionHashes:
     """Which annotator each Gradio session hash belongs to (the first one to use it); at most `max_entries`
     hashes, the least recently used forgotten first (only signed-in annotators can add entries)."""
@@ -163,16 +193,45 @@ class SessionHashes:
             return owner == annotator
 
 
+class RequestBudget:
+    """A token bucket per key (a signed-in annotator): `rate` requests a second, and up to `burst` at once after
+    a pause; at most `max_entries` keys, the least recently used forgotten first (a forgotten key starts full).
+    Kept per server process: each of several app servers on one database grants its own budget."""
+
+    def __init__(self, rate: float, burst: int, *, max_entries: int = 20_000,
+                 clock: Callable[[], float] = time.monotonic):
+        if rate <= 0 or burst < 1:
+            raise ValueError("a request budget needs a rate above 0 and a burst of at least 1")
+        self.rate, self.burst, self._max, self._clock = rate, burst, max_entries, clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, when)
+        self._lock = threading.Lock()
+
+    def spend(self, key: str) -> float:
+        """0.0 if `key` may make a request now (one token taken), else the seconds until it may."""
+        now = self._clock()
+        with self._lock:
+            tokens, when = self._buckets.pop(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - when) * self.rate)
+            wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+            self._buckets[key] = (tokens - 1.0 if wait == 0.0 else tokens, now)
+            while len(self._buckets) > self._max:
+                self._buckets.popitem(last=False)
+            return wait
+
+
 class SignInGate:
     """Every request outside `open_prefixes` needs a signed-in session (else 401; `closed_paths`, and the paths
     under `closed_prefixes`, are 404 for
-    everyone), and a Gradio session hash in the request (query, path or JSON body) must be the annotator's."""
+    everyone), and a Gradio session hash in the request (query, path or JSON body) must be the annotator's.
+    With a `budget`, every request of a signed-in annotator (open prefixes included) but a GET or HEAD under
+    `free_prefixes` (static files: a page load fetches dozens) spends from it, and is a 429 when it is spent."""
 
     def __init__(self, app, *, annotator_of_token: Callable[[str | None], str | None], cookie_name: str,
                  open_prefixes: tuple[str, ...], closed_paths: frozenset[str], max_body_bytes: int,
                  closed_prefixes: tuple[str, ...] = (), event_ids: Container[int] | None = None,
                  upload_paths: frozenset[str] = frozenset({"/gradio_api/upload"}),
-                 session_hashes: SessionHashes | None = None):
+                 session_hashes: SessionHashes | None = None, budget: RequestBudget | None = None,
+                 free_prefixes: tuple[str, ...] = ()):
         """`upload_paths` take other bodies than JSON (Gradio's file uploads, multipart). `event_ids`: the page's
         event handlers (Gradio's fn_index values, filled in once the page is built); a queue/join naming another
         is refused (Gradio's queue looks it up unchecked: a 500)."""
@@ -183,28 +242,63 @@ class SignInGate:
         self.event_ids = event_ids
         self.max_body_bytes = max_body_bytes
         self.session_hashes = session_hashes or SessionHashes()
+        self.budget, self.free_prefixes = budget, free_prefixes
+        self._token_owners = Recent()
 
-    async def _annotator(self, scope: Scope) -> str | None:
+    def _token(self, scope: Scope) -> str | None:
+        cookies = _header(scope, b"cookie")
+        return cookie_parser(b"; ".join(cookies).decode("latin-1")).get(self.cookie_name) if cookies else None
+
+    async def _annotator(self, scope: Scope, token: str | None) -> str | None:
         """The signed-in annotator (looked up in the thread pool: sessions are in the database), left in the
         request's state for the routes."""
-        cookies = _header(scope, b"cookie")
-        token = cookie_parser(b"; ".join(cookies).decode("latin-1")).get(self.cookie_name) if cookies else None
         annotator = await run_in_threadpool(self.annotator_of_token, token) if token else None
         scope.setdefault("state", {})[SIGNED_IN_STATE] = annotator
         return annotator
 
+    def _charged(self, scope: Scope, path: str) -> bool:
+        return (self.budget is not None and scope["type"] == "http"
+                and not (scope["method"] in ("GET", "HEAD") and path.startswith(self.free_prefixes)))
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or route_path(scope).startswith(self.open_prefixes):
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
+        own = path.startswith(self.open_prefixes)
+        token = self._token(scope)
+        charged = self._charged(scope, path) and token is not None
+        if own and not charged:
+            await self.app(scope, receive, send)  # our routes check the session themselves
+            return
+        looked_up = False
         try:
-            annotator = await self._annotator(scope)
+            if charged:
+                # Whose budget: remembered per token, so a request refused for a spent budget costs no database
+                # lookup. (Only the budget trusts this memory; a request let through is looked up below.)
+                owner = self._token_owners.get(token)
+                if owner is None:
+                    owner, looked_up = await self._annotator(scope, token), True
+                    if owner is not None:
+                        self._token_owners.put(token, owner)
+                wait = self.budget.spend(owner) if owner is not None else 0.0
+                if wait:
+                    # Answered after a pause (a sleeping task costs the server nothing), so a client that sends
+                    # again at once, ignoring Retry-After, is slowed to about one refusal a second per connection.
+                    await asyncio.sleep(min(wait, REFUSAL_PAUSE_SECONDS))
+                    await send_error(send, 429, f"too many requests: at most {self.budget.rate:g} a second; "
+                                                f"try again in {math.ceil(wait)} s",
+                                     [(b"retry-after", str(math.ceil(wait)).encode())])
+                    return
+            annotator = scope["state"][SIGNED_IN_STATE] if looked_up else await self._annotator(scope, token)
         except UserError as exc:  # the sessions' database cannot be read (it restarts): try again
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1013})
             else:
                 await send_error(send, 503, str(exc))
+            return
+        if own:
+            await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":  # Gradio serves none to this UI; refuse any without a session
             if annotator is None:

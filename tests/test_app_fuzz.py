@@ -134,7 +134,8 @@ def test_generated_requests_never_get_a_5xx_and_leave_the_store_intact(store):
         return assigned
 
     store.next_task, store.assign_task = recording_next_task, recording_assign_task
-    app = create_app(store, AppSettings(overlap=OVERLAP, admins=frozenset({"alice"})))
+    # No request budget: this one client sends hundreds of requests in a few seconds.
+    app = create_app(store, AppSettings(overlap=OVERLAP, admins=frozenset({"alice"}), request_rate=0))
     # Separate client addresses: the anonymous client's failed sign-ins must not throttle bob's.
     with TestClient(app, client=("10.0.0.1", 1000)) as bob, TestClient(app, client=("10.0.0.2", 1000)) as anonymous:
         bob.post("/api/login", json={"username": "bob", "password": PASSWORD}).raise_for_status()
@@ -239,7 +240,7 @@ def test_every_mounted_route_answers_odd_requests_with_a_4xx_never_a_5xx(tmp_pat
     store.import_tasks([Task.from_dict({"id": t, "prompt": f"prompt {t}", "completions": ["a", "b", "c"]})
                         for t in TASK_IDS[:3]])
     add_annotator(store, "bob", PASSWORD)
-    settings = AppSettings(overlap=OVERLAP)
+    settings = AppSettings(overlap=OVERLAP, request_rate=0)  # no request budget: hundreds of requests a second
     routes = mounted_routes(create_app(store, settings))
     paths = {path for _, path in routes}
     for expected in ("/gradio_api/queue/join", "/gradio_api/run/{api_name}", "/gradio_api/api/{api_name}",

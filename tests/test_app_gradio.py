@@ -3,6 +3,7 @@ for the sign-in page, the API and Gradio; Gradio refuses every request without o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -12,6 +13,7 @@ from labeling import gradio_ui
 from labeling.app import SESSION_COOKIE, create_app
 from labeling.auth import add_annotator
 from labeling.gradio_ui import LabelUI, history_choices, ranker_value, refused_value, topbar_html
+from labeling.guards import RequestBudget
 from labeling.handlers import AppSettings
 from labeling.store import open_store
 from rlhf.records import Task
@@ -238,6 +240,47 @@ def test_a_forged_cookie_is_no_session(client):
     client.cookies.set(SESSION_COOKIE, "forged-token")
     assert client.get("/").status_code == 303
     assert client.get("/config").status_code == 401
+
+
+def test_a_request_budget_refills_at_its_rate_and_refusals_spend_nothing():
+    now = [0.0]
+    budget = RequestBudget(rate=2.0, burst=3, max_entries=2, clock=lambda: now[0])
+    assert [budget.spend("alice") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert budget.spend("alice") == pytest.approx(0.5)
+    assert budget.spend("alice") == pytest.approx(0.5)  # a refused request spends nothing
+    now[0] = 0.5
+    assert budget.spend("alice") == 0.0 and budget.spend("alice") == pytest.approx(0.5)
+    now[0] = 100.0
+    assert [budget.spend("alice") for _ in range(4)] == [0.0, 0.0, 0.0, pytest.approx(0.5)]  # full at the burst
+    assert budget.spend("bob") == 0.0  # each key its own
+    assert budget.spend("carol") == 0.0  # a third key: the least recently used (alice) is forgotten
+    assert [budget.spend("alice") for _ in range(3)] == [0.0, 0.0, 0.0]
+
+
+def test_each_annotator_has_a_request_budget_and_static_files_are_free(store, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import labeling.app
+    import labeling.guards
+
+    monkeypatch.setattr(labeling.app, "REQUEST_BURST", 4)
+    monkeypatch.setattr(labeling.guards, "REFUSAL_PAUSE_SECONDS", 0.05)
+    app = create_app(store, dataclasses.replace(SETTINGS, request_rate=0.01))  # a request each 100 s after 4
+    with TestClient(app) as alice, TestClient(app) as bob:
+        for client, name in ((alice, "alice"), (bob, "bob")):  # signing in without a session spends nothing
+            client.post("/api/login", json={"username": name, "password": PASSWORD}).raise_for_status()
+        task = alice.get("/api/next").json()["task"]
+        assert [alice.get("/api/session").status_code for _ in range(2)] == [200, 200]
+        assert alice.get("/config").status_code == 200  # Gradio's routes spend from the same budget
+        refused = alice.post("/api/rankings", json={"task_id": task["id"], "ranks": ranks_for(task, [1, 2] + [3] * 9)})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "100"
+        assert "too many requests" in refused.json()["error"] and "\n" not in refused.json()["error"]
+        assert store.get_own_ranking("alice", task["id"]) is None  # refused before the handler: nothing stored
+        assert alice.get("/config").status_code == 429
+        assert alice.get("/theme.css").status_code == 200 and alice.get("/auth/login.js").status_code == 200
+        assert bob.get("/api/next").status_code == 200  # another annotator's budget is their own
+        alice.cookies.clear()
+        assert alice.get("/config").status_code == 401  # without a session: the sign-in check, not the budget
 
 
 def test_ui_assets_exist():

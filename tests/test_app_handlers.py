@@ -640,7 +640,7 @@ def label_args(db, **kw):
     return argparse.Namespace(**{"db": str(db), "host": "127.0.0.1", "port": 0, "overlap": 2, "guidelines": None,
                                  "admin": [], "root_path": "", "order": "fewest-rankings", "rm": None,
                                  "pre_rank": None, "seed": 0, "max_held": 3, "gold_rate": 0.1,
-                                 "gold_threshold": 0.7, "flags": ("unsafe",), **kw})
+                                 "gold_threshold": 0.7, "flags": ("unsafe",), "rate_limit": 5.0, **kw})
 
 
 def test_label_command_refuses_missing_or_empty_databases(tmp_path):
@@ -668,6 +668,9 @@ def test_label_command_refuses_bad_options(store, db_url):
         run_label(label_args(db_url, overlap=0))
     with pytest.raises(UserError, match="--root-path must start with '/'"):
         run_label(label_args(db_url, root_path="label"))
+    for rate in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="--rate-limit must be 0"):
+            run_label(label_args(db_url, rate_limit=rate))
 
 
 def test_port_in_use_is_a_one_line_error():
