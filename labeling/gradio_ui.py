@@ -25,7 +25,7 @@ from typing import Any
 from labeling import handlers
 from labeling.auth import is_admin
 from labeling.handlers import AppSettings
-from labeling.store import SQLLabelStore
+from labeling.store import MAX_COMMENT_LENGTH, SQLLabelStore
 from rlhf.errors import UserError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -266,6 +266,12 @@ def widget_script() -> str:
     return "\n".join((STATIC_DIR / name).read_text(encoding="utf-8") for name in WIDGET_SCRIPTS)
 
 
+def ranker_template() -> str:
+    """The ranker's `html_template` (static/ranker.html), with the store's limit on a comment's length."""
+    return (STATIC_DIR / "ranker.html").read_text(encoding="utf-8").replace(
+        'maxlength="MAX_COMMENT_LENGTH"', f'maxlength="{MAX_COMMENT_LENGTH}"')
+
+
 def build_ui(store: SQLLabelStore, settings: AppSettings):
     """The Blocks page. Mount it with `gr.mount_gradio_app(..., auth_dependency=...)` (labeling/app.py)."""
     # Gradio's queue rebuilds a pandas summary of its last (up to 10,000) events after every event, for a
@@ -293,7 +299,7 @@ def build_ui(store: SQLLabelStore, settings: AppSettings):
             gr.Button("I have read them: start", variant="primary", elem_id="guide-ok", scale=0, min_width=220)
         ranker = gr.HTML(
             "", elem_id="ranker", apply_default_css=False, padding=False,
-            html_template=(STATIC_DIR / "ranker.html").read_text(encoding="utf-8"),
+            html_template=ranker_template(),
             js_on_load=widget_script())
         with gr.Accordion("History: your earlier answers (open one to edit it)", open=False, elem_id="history"):
             history = gr.Dropdown(choices=[], value=None, label="Ranked and skipped tasks, newest first",

@@ -15,7 +15,7 @@ from labeling.auth import add_annotator
 from labeling.gradio_ui import LabelUI, history_choices, ranker_value, refused_value, topbar_html
 from labeling.guards import RequestBudget
 from labeling.handlers import AppSettings
-from labeling.store import open_store
+from labeling.store import MAX_COMMENT_LENGTH, open_store
 from rlhf.records import Task
 
 PASSWORD = "correct horse"
@@ -286,9 +286,11 @@ def test_each_annotator_has_a_request_budget_and_static_files_are_free(store, mo
 def test_ui_assets_exist():
     for name in ("ranker.html", "ranker.js", "ranker.css", "login.html", "login.js", "login.css"):
         assert (gradio_ui.STATIC_DIR / name).stat().st_size > 0
-    template = (gradio_ui.STATIC_DIR / "ranker.html").read_text()
+    template = gradio_ui.ranker_template()
     # Gradio evaluates the template as Handlebars and then as a JS template literal: keep it inert.
     assert not any(token in template for token in ("{{", "${", "`", "\\"))
+    # The comment box takes what the store accepts, no more.
+    assert re.findall(r'maxlength="([^"]*)"', template) == [str(MAX_COMMENT_LENGTH)]
 
 
 def test_the_ui_under_a_root_path(store):
