@@ -240,7 +240,7 @@ def add_commands(sub) -> None:
                    help="rankings wanted per task, for the 'complete' count (default 2)")
     p.add_argument("--json", action="store_true", help="print the summary (progress, annotators, agreement) as JSON")
     p.add_argument("--format", choices=["text", "csv", "json"], default="text",
-                   help="text: the report (default); csv or json: the tables annotators, tasks and agreement, "
+                   help="text: the report (default); csv or json: the tables annotators, tasks, agreement and flags, "
                         "printed one after another, or written to --out")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="with --format csv|json: write DIR/annotators, DIR/tasks and DIR/agreement (.csv or .json)")

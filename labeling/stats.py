@@ -122,9 +122,13 @@ def stats_tables(store: SQLLabelStore, overlap: int = 2) -> dict[str, pd.DataFra
     - tasks: one row per ranked task: task_id, rankings, annotators, median_seconds, pairwise_agreement,
       mean_kendall_tau (over the task's annotator pairs; empty with fewer than two rankings);
     - agreement: one row per annotator pair sharing a task: annotator_a, annotator_b, shared_tasks,
-      pairwise_agreement, mean_kendall_tau.
+      pairwise_agreement, mean_kendall_tau;
+    - flags: one row per flag set on a ranking or a skip, most used first: flag, rankings, skips (`flag_counts`).
     """
-    return _tables(store, overlap)[0]
+    tables = _tables(store, overlap)[0]
+    tables["flags"] = pd.DataFrame([{"flag": flag, **counts} for flag, counts in flag_counts(store.notes()).items()],
+                                   columns=["flag", "rankings", "skips"])
+    return tables
 
 
 def _tables(store: SQLLabelStore, overlap: int):

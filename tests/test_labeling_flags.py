@@ -242,11 +242,15 @@ def flagged_store(url):
 
 
 def test_stats_count_each_flag(db_url):
-    from labeling.stats import review_queue
+    from labeling.stats import review_queue, stats_tables
 
     with flagged_store(db_url) as store:
         stats = compute_stats(store, overlap=2)
         review = review_queue(store)  # what an admin reviews (GET /api/admin/review) carries them too
+        flags = stats_tables(store)["flags"]  # `rlhf stats --format csv|json`
+    assert flags.to_dict("records") == [{"flag": "unsafe", "rankings": 2, "skips": 1},
+                                        {"flag": "broken-prompt", "rankings": 0, "skips": 1},
+                                        {"flag": "off-topic", "rankings": 1, "skips": 0}]
     assert [(r["annotator"], r["comment"], r["flags"]) for r in review[0]["rankings"]] == [
         ("a", "<b>no</b>", ["unsafe"]), ("b", None, [])]
     assert stats["flags"] == {"unsafe": {"rankings": 2, "skips": 1}, "broken-prompt": {"rankings": 0, "skips": 1},

@@ -142,11 +142,13 @@ def test_stats_cli_formats(ranked_store, tmp_path, capsys):
 
     assert main(["stats", "--db", db, "--format", "json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed) == {"annotators", "tasks", "agreement"} and len(printed["agreement"]) == 3
+    assert set(printed) == {"annotators", "tasks", "agreement", "flags"} and len(printed["agreement"]) == 3
+    assert printed["flags"] == []  # nobody flagged anything
     assert main(["stats", "--db", db, "--format", "csv"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# annotators\nannotator,ranked,skipped,median_seconds\na,3,0,20.0\n")
     assert "\n# tasks\ntask_id," in out and "\n# agreement\nannotator_a," in out
+    assert out.endswith("\n# flags\nflag,rankings,skips\n")
 
     for flags, message in ((["--out", str(tmp_path / "x")], "--out writes the tables: give --format csv"),
                            (["--json", "--format", "csv"], "--json prints the summary")):
