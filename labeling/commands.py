@@ -243,7 +243,8 @@ def add_commands(sub) -> None:
                    help="text: the report (default); csv or json: the tables annotators, tasks, agreement and flags, "
                         "printed one after another, or written to --out")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="with --format csv|json: write DIR/annotators, DIR/tasks, DIR/agreement and DIR/flags (.csv or .json)")
+                   help="with --format csv|json: write DIR/annotators, DIR/tasks, DIR/agreement and DIR/flags "
+                        "(.csv or .json)")
     p.add_argument("--by", choices=["annotator"], default=None,
                    help="annotator: one table of annotator metrics (rankings, skips, median seconds, gold accuracy "
                         "and flag, leave-one-out agreement, tie and first-shown-first shares) as text, CSV or JSON "
