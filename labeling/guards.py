@@ -170,6 +170,10 @@ class Recent:
             while len(self._items) > self._max:
                 self._items.popitem(last=False)
 
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
 
 class SessionHashes:
     """Which annotator each Gradio session hash belongs to (the first one to use it); at most `max_entries`
@@ -291,6 +295,8 @@ class SignInGate:
                                      [(b"retry-after", str(math.ceil(wait)).encode())])
                     return
             annotator = scope["state"][SIGNED_IN_STATE] if looked_up else await self._annotator(scope, token)
+            if charged and annotator is None:  # an ended session (signed out, expired, account disabled): whoever
+                self._token_owners.forget(token)  # still holds its token spends no one's budget any more
         except UserError as exc:  # the sessions' database cannot be read (it restarts): try again
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1013})

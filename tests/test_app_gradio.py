@@ -283,6 +283,30 @@ def test_each_annotator_has_a_request_budget_and_static_files_are_free(store, mo
         assert alice.get("/config").status_code == 401  # without a session: the sign-in check, not the budget
 
 
+def test_an_ended_session_spends_no_one_s_budget(store, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import labeling.app
+    import labeling.guards
+
+    monkeypatch.setattr(labeling.app, "REQUEST_BURST", 4)
+    monkeypatch.setattr(labeling.guards, "REFUSAL_PAUSE_SECONDS", 0.05)
+    app = create_app(store, dataclasses.replace(SETTINGS, request_rate=0.01))  # a request each 100 s after 4
+    with TestClient(app) as old, TestClient(app) as holder, TestClient(app) as alice:
+        old.post("/api/login", json={"username": "alice", "password": PASSWORD}).raise_for_status()
+        assert old.get("/api/session").status_code == 200  # 1 of alice's 4
+        ended = old.cookies.get(SESSION_COOKIE)
+        assert old.post("/api/logout", json={}).status_code == 200  # 2 of 4
+        # Whoever still holds the ended token (a copied cookie, a shared computer) is signed out, and cannot
+        # keep alice's new sessions at 429 by spending her budget with it.
+        holder.cookies.set(SESSION_COOKIE, ended)
+        assert {holder.get("/api/session").status_code for _ in range(6)} == {401}
+        assert {holder.get("/config").status_code for _ in range(6)} == {401}
+        alice.post("/api/login", json={"username": "alice", "password": PASSWORD}).raise_for_status()
+        assert alice.get("/api/session").status_code == 200
+        assert alice.get("/api/session").status_code == 429  # her budget still counts her own requests
+
+
 def test_ui_assets_exist():
     for name in ("ranker.html", "ranker.js", "ranker.css", "login.html", "login.js", "login.css"):
         assert (gradio_ui.STATIC_DIR / name).stat().st_size > 0
