@@ -64,6 +64,10 @@ proxying routes: the UI uses none of them, and the direct calls answered odd bod
 STATIC_PREFIXES = ("/assets/", "/static/", "/auth/", "/theme.css")
 """Static files (Gradio's scripts, styles and fonts, the sign-in page's): a page load fetches about 70, so they
 spend no request budget."""
+EVENT_STREAM = "/gradio_api/queue/data"
+"""The stream that carries the answers of a page's events: each event (a queue/join) spends from the budget, and
+its stream, which follows at once, does not. A stream refused after its event was let in loses the answer (the
+ranking stored, the page never told), and Gradio then reloads the page."""
 _UNKNOWN = object()
 
 
@@ -132,7 +136,8 @@ def create_app(store: SQLLabelStore, settings: AppSettings, sessions: "Sessions 
     # Middleware, outermost first: security_headers (below), BodyLimit, SameOrigin, CORS, SignInGate, the routes.
     app.add_middleware(SignInGate, annotator_of_token=sessions.annotator, cookie_name=SESSION_COOKIE,
                        open_prefixes=OWN_PATHS, closed_paths=CLOSED_PATHS, closed_prefixes=CLOSED_PREFIXES,
-                       max_body_bytes=MAX_BODY_BYTES, event_ids=event_ids, free_prefixes=STATIC_PREFIXES,
+                       max_body_bytes=MAX_BODY_BYTES, event_ids=event_ids,
+                       free_prefixes=(*STATIC_PREFIXES, EVENT_STREAM),
                        budget=RequestBudget(settings.request_rate, REQUEST_BURST) if settings.request_rate else None)
     # No origin may read or call us across origins. (Without a CORS policy of ours, Gradio adds its own,
     # which lets pages served from localhost call the UI's events with the annotator's cookie.)

@@ -307,6 +307,26 @@ def test_an_ended_session_spends_no_one_s_budget(store, monkeypatch):
         assert alice.get("/api/session").status_code == 429  # her budget still counts her own requests
 
 
+def test_the_stream_of_an_event_let_in_is_never_refused(store, monkeypatch):
+    import httpx
+    from app_helpers import serving
+
+    import labeling.app
+    import labeling.guards
+
+    # A page's event is a queue/join (spends) and then its answer's stream: refusing the stream after the join
+    # was let in would store the ranking and lose the page's answer (Gradio then reloads the page).
+    monkeypatch.setattr(labeling.app, "REQUEST_BURST", 2)
+    monkeypatch.setattr(labeling.guards, "REFUSAL_PAUSE_SECONDS", 0.05)
+    with serving(store, dataclasses.replace(SETTINGS, request_rate=0.01)) as (host, port), \
+            httpx.Client(base_url=f"http://{host}:{port}") as client:
+        client.post("/api/login", json={"username": "alice", "password": PASSWORD}).raise_for_status()
+        assert [client.get("/api/session").status_code for _ in range(3)] == [200, 200, 429]
+        with client.stream("GET", "/gradio_api/queue/data", params={"session_hash": "page-1"}) as stream:
+            assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+        assert client.post("/gradio_api/queue/join", json={"session_hash": "page-1"}).status_code == 429
+
+
 def test_ui_assets_exist():
     for name in ("ranker.html", "ranker.js", "ranker.css", "login.html", "login.js", "login.css"):
         assert (gradio_ui.STATIC_DIR / name).stat().st_size > 0
