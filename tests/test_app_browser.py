@@ -987,6 +987,49 @@ def test_a_half_ranked_task_comes_back_after_a_reload_and_a_new_sign_in(team_ser
     assert store.get_own_ranking("alice", first).ranks == {ids[1]: 1, ids[0]: 2, ids[2]: 3}
 
 
+def test_a_submit_refused_over_the_request_budget_can_be_sent_again(tmp_path, monkeypatch):
+    """Over the annotator's request budget the submit's event is refused (429, the server's message in Gradio's
+    toast): within seconds the ranker lets the annotator send again, the ranking still on screen, and once the
+    budget refills the same answer is stored, once."""
+    import httpx
+    from playwright.sync_api import expect
+
+    import labeling.guards
+
+    monkeypatch.setattr(labeling.guards, "REFUSAL_PAUSE_SECONDS", 0.05)
+    store = open_store(tmp_path / "labels.db")
+    store.import_tasks([Task.from_dict({"id": f"t{k}", "prompt": f"prompt {k}", "completions": ["a", "b"]})
+                        for k in range(2)])
+    add_annotator(store, "alice", PASSWORD)
+    with serving(store, AppSettings(overlap=1, request_rate=0.2)) as (host, port), \
+            browser_page() as (page, errors), httpx.Client(base_url=f"http://{host}:{port}") as script:
+        sign_in(page, f"http://{host}:{port}/", read_guidelines=False)
+        first = page.locator(".rk-task-id").text_content()
+        ids = shown_ids(page)
+        page.keyboard.press("2")
+        page.keyboard.press("1")
+        for _ in range(100):  # the draft is saved (a budgeted request) before the budget is spent
+            if store.draft("alice", first) == {ids[1]: 1, ids[0]: 2}:
+                break
+            page.wait_for_timeout(100)
+        # The same annotator's script spends the rest of the budget: one request each 5 s from now on.
+        script.post("/api/login", json={"username": "alice", "password": PASSWORD}).raise_for_status()
+        while script.get("/api/session").status_code != 429:
+            pass
+        page.keyboard.press("Enter")
+        expect(page.get_by_text(re.compile("too many requests"))).to_be_visible(timeout=5_000)
+        expect(page.locator(".rk-error")).to_have_text(re.compile("No answer from the server yet"), timeout=8_000)
+        assert store.get_own_ranking("alice", first) is None  # refused before any handler
+        assert badges(page) == ["rank 2", "rank 1"]  # still on screen
+        page.wait_for_timeout(2_500)  # a token again (the watchdog's session check was refused too)
+        page.keyboard.press("Enter")
+        expect(page.locator(".rk-toast")).to_have_text("Ranking saved.", timeout=15_000)
+        assert errors == []
+    assert store.get_own_ranking("alice", first).ranks == {ids[1]: 1, ids[0]: 2}
+    assert [e["kind"] for e in store.events()] == ["submit"]
+    store.close()
+
+
 def test_undo_the_last_submit_and_the_last_skip(team_server):
     from playwright.sync_api import expect
 

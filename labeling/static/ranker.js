@@ -695,8 +695,9 @@ function toggleTie() {
 // ---------- submitting (the Python handlers answer with a new props.value) ----------
 
 // Gradio drops an event whose session has ended (e.g. after a server restart) without telling the widget,
-// so a send that gets no answer checks the session: signed out -> the sign-in page; otherwise, after a
-// longer wait, let the annotator send again (the same request id: the server stores it once).
+// and one the server refused (over the annotator's request budget: Gradio shows the server's message), so a
+// send that gets no answer in 4 s checks the session: signed out -> the sign-in page; otherwise let the
+// annotator send again (the same request id: the server stores it once, also if the first answer comes late).
 let watchdog = null;
 function send(event, data) {
   state.busy = true;
@@ -715,11 +716,9 @@ function send(event, data) {
         return;
       }
     } catch (err) { /* the server is unreachable: say so below */ }
-    watchdog = setTimeout(() => {
-      state.busy = false;
-      showError("No answer from the server yet; your answer may not be saved. Try again.");
-      render();
-    }, 15000);
+    state.busy = false;
+    showError("No answer from the server yet; your answer may not be saved. Try again.");
+    render();
   }, 4000);
 }
 
