@@ -10,7 +10,8 @@ held-out prompts and evaluation seed, so their evaluations are paired by (oracle
 
 - the final oracle score at matched KL: each run's held-out evaluations (every `--eval-every` PPO steps, across the
   rounds) form a curve of oracle score against KL to the SFT model; both arms are read at the smaller of their
-  two final KLs (linear interpolation between evaluations), so neither wins by drifting further;
+  two final KLs, each at the latest point of its curve there (linear between evaluations; the KL of an online
+  run can fall in a later round), so neither wins by drifting further;
 - the final policy's oracle score and KL as they are;
 - the reward model's accuracy on the final policy's samples (K per held-out prompt, ranked by the oracle
   without noise): how well the reward model judges where the policy ends up.
@@ -50,13 +51,15 @@ def trajectory(out: Path, rounds: int) -> list[tuple[float, float]]:
 
 
 def oracle_at(points: list[tuple[float, float]], kl: float) -> float:
-    """The oracle score where the curve first reaches `kl` (linear between evaluations; the last score beyond it)."""
-    for (k0, o0), (k1, o1) in zip(points, points[1:]):
-        if k1 >= kl:
-            if k1 == k0 or kl <= k0:
-                return o1 if kl > k0 else o0
-            return o0 + (o1 - o0) * (kl - k0) / (k1 - k0)
-    return points[-1][1]
+    """The oracle score of the latest policy on the curve at `kl`: from the last evaluation with a KL of at most
+    `kl`, linear to the next one (a curve need not grow in KL: a later round may come back under it)."""
+    last = max((i for i, (k, _) in enumerate(points) if k <= kl), default=None)
+    if last is None:
+        return points[0][1]
+    if last == len(points) - 1:
+        return points[last][1]
+    (k0, o0), (k1, o1) = points[last], points[last + 1]
+    return o0 + (o1 - o0) * (kl - k0) / (k1 - k0)  # k0 <= kl < k1
 
 
 def run_arm(args, oracle: str, seed: int, rounds: int) -> dict:
