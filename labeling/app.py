@@ -68,6 +68,9 @@ EVENT_STREAM = "/gradio_api/queue/data"
 """The stream that carries the answers of a page's events: each event (a queue/join) spends from the budget, and
 its stream, which follows at once, does not. A stream refused after its event was let in loses the answer (the
 ranking stored, the page never told), and Gradio then reloads the page."""
+SIGN_IN_PAGES = ("/login", "/logout")
+"""The sign-in page and the sign-out link spend no request budget: an annotator over it can still sign out, or
+open the page to sign in again."""
 _UNKNOWN = object()
 
 
@@ -137,7 +140,7 @@ def create_app(store: SQLLabelStore, settings: AppSettings, sessions: "Sessions 
     app.add_middleware(SignInGate, annotator_of_token=sessions.annotator, cookie_name=SESSION_COOKIE,
                        open_prefixes=OWN_PATHS, closed_paths=CLOSED_PATHS, closed_prefixes=CLOSED_PREFIXES,
                        max_body_bytes=MAX_BODY_BYTES, event_ids=event_ids,
-                       free_prefixes=(*STATIC_PREFIXES, EVENT_STREAM),
+                       free_prefixes=(*STATIC_PREFIXES, EVENT_STREAM, *SIGN_IN_PAGES),
                        budget=RequestBudget(settings.request_rate, REQUEST_BURST) if settings.request_rate else None)
     # No origin may read or call us across origins. (Without a CORS policy of ours, Gradio adds its own,
     # which lets pages served from localhost call the UI's events with the annotator's cookie.)

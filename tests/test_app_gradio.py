@@ -279,6 +279,9 @@ def test_each_annotator_has_a_request_budget_and_static_files_are_free(store, mo
         assert alice.get("/config").status_code == 429
         assert alice.get("/theme.css").status_code == 200 and alice.get("/auth/login.js").status_code == 200
         assert bob.get("/api/next").status_code == 200  # another annotator's budget is their own
+        assert alice.get("/login").status_code == 200  # over the budget, one can still open the sign-in page
+        signed_out = alice.get("/logout", follow_redirects=False)  # ... and sign out
+        assert signed_out.status_code == 303 and alice.get("/config").status_code == 401
         alice.cookies.clear()
         assert alice.get("/config").status_code == 401  # without a session: the sign-in check, not the budget
 
