@@ -26,11 +26,12 @@ per client address (`labeling.auth.LoginThrottle`).
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request) at
 # definition time, and they are imported inside create_app to keep `rlhf --help` fast.
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
 from labeling import handlers
-from labeling.auth import SESSION_SECONDS, LoginThrottle, Sessions
+from labeling.auth import SESSION_SECONDS, SIGN_IN_BURST, SIGN_IN_RATE, LoginThrottle, Sessions, TooManySignIns
 from labeling.guards import SIGNED_IN_STATE, BodyLimit, RequestBudget, SameOrigin, SignInGate, route_path
 from labeling.handlers import REQUEST_BURST, AppSettings, RequestError
 from labeling.store import Conflict, SQLLabelStore, StorageUnavailable, StoreError, UnknownAnnotator, UnknownTask
@@ -242,12 +243,18 @@ def create_app(store: SQLLabelStore, settings: AppSettings, sessions: "Sessions 
     async def not_here():
         return JSONResponse({"error": "sign in with POST api/login, sign out with POST api/logout"}, status_code=405)
 
+    sign_ins = RequestBudget(SIGN_IN_RATE, SIGN_IN_BURST)  # successful sign-ins per account (failed: `throttle`)
+
     @app.post("/api/login")
     async def api_login(request: Request):
         payload = await body_of(request)
+        name = payload.get("username") if isinstance(payload, dict) else None
+        if isinstance(name, str) and (wait := sign_ins.spend(name, take=False)):
+            raise TooManySignIns(math.ceil(wait))
         address = request.client.host if request.client else ""
         token, info = await run_in_threadpool(lambda: handlers.login(store, sessions, settings, payload,
                                                                      throttle=throttle, address=address))
+        sign_ins.spend(info["annotator"])
         response = JSONResponse(info)
         # HttpOnly: no script reads it; SameSite=Strict: no other site's request carries it; Secure over https
         # (behind a TLS proxy: uvicorn takes the scheme from X-Forwarded-Proto).

@@ -51,6 +51,24 @@ class TooManyAttempts(UserError):
         self.retry_after = retry_after
 
 
+class TooManySignIns(UserError):
+    """Sign-in refused without checking the password: this account signed in too often lately (HTTP 429). Each
+    sign-in costs a scrypt hash (about 50 ms of a core) and a session row, so a script looping over a valid
+    password could otherwise keep the server busy."""
+
+    status = 429
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many sign-ins to this account; try again in {retry_after} s")
+        self.retry_after = retry_after
+
+
+SIGN_IN_RATE = 0.1
+"""Sign-ins a second each account may make (one each 10 s), beyond SIGN_IN_BURST: a person signs in a few
+times a day, a team's scripts a few times a run; kept per app server, like the request budget."""
+SIGN_IN_BURST = 10
+
+
 # ------------------------------------------------------------------------------------------ accounts
 
 def check_annotator_name(name: str) -> str:

@@ -210,14 +210,17 @@ class RequestBudget:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, when)
         self._lock = threading.Lock()
 
-    def spend(self, key: str) -> float:
-        """0.0 if `key` may make a request now (one token taken), else the seconds until it may."""
+    def spend(self, key: str, *, take: bool = True) -> float:
+        """0.0 if `key` may make a request now (one token taken, unless `take` is False: only asking, which keeps
+        nothing about a key it does not know), else the seconds until it may."""
         now = self._clock()
         with self._lock:
+            if not take and key not in self._buckets:
+                return 0.0
             tokens, when = self._buckets.pop(key, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - when) * self.rate)
             wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
-            self._buckets[key] = (tokens - 1.0 if wait == 0.0 else tokens, now)
+            self._buckets[key] = (tokens - 1.0 if wait == 0.0 and take else tokens, now)
             while len(self._buckets) > self._max:
                 self._buckets.popitem(last=False)
             return wait

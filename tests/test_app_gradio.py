@@ -255,6 +255,10 @@ def test_a_request_budget_refills_at_its_rate_and_refusals_spend_nothing():
     assert budget.spend("bob") == 0.0  # each key its own
     assert budget.spend("carol") == 0.0  # a third key: the least recently used (alice) is forgotten
     assert [budget.spend("alice") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert budget.spend("alice", take=False) == pytest.approx(0.5)  # asking: nothing taken
+    now[0] += 0.5
+    assert [budget.spend("alice", take=False) for _ in range(3)] == [0.0, 0.0, 0.0] and budget.spend("alice") == 0.0
+    assert budget.spend("dave" * 1000, take=False) == 0.0 and "dave" * 1000 not in budget._buckets  # kept nothing
 
 
 def test_each_annotator_has_a_request_budget_and_static_files_are_free(store, monkeypatch):

@@ -529,6 +529,23 @@ def check_throttled(client):
     assert client.post("/api/login", json={"username": "bob", "password": PASSWORD}).status_code == 200
 
 
+def test_successful_sign_ins_to_one_account_have_a_budget(store):
+    from fastapi.testclient import TestClient
+
+    from labeling.auth import SIGN_IN_BURST
+
+    # Each sign-in costs a scrypt hash: a script looping over a right password must not keep the server busy.
+    with TestClient(create_app(store, SETTINGS, ui=False)) as client:
+        statuses = [client.post("/api/login", json={"username": "alice", "password": PASSWORD}).status_code
+                    for _ in range(SIGN_IN_BURST + 1)]
+        assert statuses == [200] * SIGN_IN_BURST + [429]
+        refused = client.post("/api/login", json={"username": "alice", "password": "wrong password"})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1  # no password checked
+        assert refused.json() == {"error": f"too many sign-ins to this account; try again in "
+                                           f"{refused.headers['retry-after']} s"}
+        assert client.post("/api/login", json={"username": "bob", "password": PASSWORD}).status_code == 200
+
+
 def test_sign_in_page_and_api_get_a_strict_content_security_policy(client):
     page = client.get("/login")
     assert page.status_code == 200 and 'id="login-form"' in page.text
